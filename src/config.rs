@@ -1,0 +1,98 @@
+//! Command-line arguments (clap) and their validated, typed form.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// dora-serve: one base LLM, many DoRA/LoRA adapters.
+#[derive(Debug, Parser)]
+#[command(name = "dora-serve", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a completion for one prompt, without a server.
+    Generate(GenerateArgs),
+}
+
+/// Serving dtype of the model's weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DTypeArg {
+    pub fn to_candle(self) -> candle_core::DType {
+        match self {
+            DTypeArg::F32 => candle_core::DType::F32,
+            DTypeArg::F16 => candle_core::DType::F16,
+            DTypeArg::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// Where tensors live. `cuda` and `metal` need the matching cargo feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceArg {
+    pub fn open(self) -> candle_core::Result<candle_core::Device> {
+        match self {
+            DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceArg::Cuda => candle_core::Device::new_cuda(0),
+            DeviceArg::Metal => candle_core::Device::new_metal(0),
+        }
+    }
+}
+
+/// Options every command that loads a model shares.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// An HF model folder (config.json, safetensors, tokenizer.json) or a llama .gguf file.
+    #[arg(long, env = "DORA_MODEL")]
+    pub model: PathBuf,
+    /// Serving dtype. f32 is the fast and exact choice on CPU.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt, as raw text (special tokens written in it are recognised).
+    #[arg(long)]
+    pub prompt: String,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling mass in (0, 1]; 1 disables it.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sample among the k most likely tokens only.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Report the log-probability of each generated token and this many alternatives (0–20).
+    #[arg(long)]
+    pub logprobs: Option<usize>,
+    /// Print exactly one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

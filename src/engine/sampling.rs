@@ -1,0 +1,179 @@
+//! Choosing the next token, and the log-probabilities reported alongside it.
+
+use candle_core::{Result, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use serde::Serialize;
+
+/// Per-request sampling settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass; 1 disables it.
+    pub top_p: f64,
+    /// Keep only the `k` most likely tokens; `None` disables it.
+    pub top_k: Option<usize>,
+    /// Seeds this request's own generator: the same seed gives the same tokens whatever else
+    /// runs in the batch.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: None,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Say what is wrong, if anything.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!(
+                "temperature must be a finite number ≥ 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if self.top_k == Some(0) {
+            return Err("top_k must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A request's token chooser, with its own seeded generator.
+pub struct Sampler {
+    inner: LogitsProcessor,
+}
+
+impl Sampler {
+    pub fn new(p: &SamplingParams) -> Self {
+        let t = p.temperature;
+        let top_p = (p.top_p < 1.0).then_some(p.top_p);
+        let sampling = if t <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match (p.top_k, top_p) {
+                (None, None) => Sampling::All { temperature: t },
+                (Some(k), None) => Sampling::TopK { k, temperature: t },
+                (None, Some(p)) => Sampling::TopP { p, temperature: t },
+                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature: t },
+            }
+        };
+        Self {
+            inner: LogitsProcessor::from_sampling(p.seed, sampling),
+        }
+    }
+
+    /// `logits` is one row `[vocab]`, f32.
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
+        self.inner.sample(logits)
+    }
+}
+
+/// One alternative in a top-k log-probability list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+}
+
+/// The chosen token's log-probability and the `k` most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
+}
+
+/// Natural-log probabilities of the full-vocabulary softmax of `logits` at temperature 1 (as
+/// OpenAI reports them, whatever the sampling settings), for `chosen` and the top `k`.
+pub fn logprobs_of(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let lp = |id: usize| (logits[id] as f64 - log_z) as f32;
+    let mut top: Vec<TopLogprob> = Vec::with_capacity(k);
+    if k > 0 {
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        let k = k.min(idx.len());
+        // Ties resolve to the lower id, so the order is deterministic.
+        let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+        idx.sort_by(cmp);
+        top = idx
+            .into_iter()
+            .map(|i| TopLogprob {
+                token_id: i as u32,
+                logprob: lp(i),
+            })
+            .collect();
+    }
+    TokenLogprob {
+        token_id: chosen,
+        logprob: lp(chosen as usize),
+        top,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_a_normalised_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = logprobs_of(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((lp.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        // Ties keep the lower id first.
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.token_id).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        let total: f64 = logits
+            .iter()
+            .enumerate()
+            .map(|(i, _)| (logprobs_of(&logits, i as u32, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_sampling_params_are_named() {
+        let mut p = SamplingParams {
+            temperature: f64::NAN,
+            ..Default::default()
+        };
+        assert!(p.check().unwrap_err().contains("temperature"));
+        p.temperature = 1.0;
+        p.top_p = 0.0;
+        assert!(p.check().unwrap_err().contains("top_p"));
+        p.top_p = 1.0;
+        p.top_k = Some(0);
+        assert!(p.check().unwrap_err().contains("top_k"));
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits = Tensor::new(&[0.1f32, 0.2, 0.3, 0.4, 0.5, 0.0], &candle_core::Device::Cpu).unwrap();
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p);
+            (0..20).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(&p), draw(&p));
+        let other = SamplingParams { seed: 8, ..p.clone() };
+        assert_ne!(draw(&p), draw(&other));
+    }
+}

@@ -1,0 +1,317 @@
+//! Loading a llama-architecture GGUF file: metadata → [`ModelConfig`], every tensor
+//! dequantised to the serving dtype and renamed to HF names with llama.cpp's Q/K row
+//! permutation undone (so adapters trained on the HF checkpoint line up row for row), and the
+//! tokenizer rebuilt from `tokenizer.ggml.*`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::{ModelConfig, RopeScaling};
+use super::tokenizer::GgufBpe;
+use super::{model_id, LoadOptions, LoadedModel, Llama, ModelError, ModelFormat, ModelInfo, Tokenizer};
+
+struct Meta<'a> {
+    md: &'a HashMap<String, Value>,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn err(&self, msg: String) -> ModelError {
+        ModelError::Gguf {
+            path: self.path.to_path_buf(),
+            msg,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.md.get(key)
+    }
+
+    fn usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
+        self.get(key)
+            .map(|v| {
+                v.to_u64()
+                    .or_else(|_| v.to_u32().map(u64::from))
+                    .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
+                    .map(|x| x as usize)
+                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
+            })
+            .transpose()
+    }
+
+    fn req_usize(&self, key: &str) -> Result<usize, ModelError> {
+        self.usize(key)?
+            .ok_or_else(|| self.err(format!("metadata {key} is missing")))
+    }
+
+    fn f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        self.get(key)
+            .map(|v| {
+                v.to_f32()
+                    .map(f64::from)
+                    .or_else(|_| v.to_f64())
+                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
+            })
+            .transpose()
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, ModelError> {
+        self.get(key)
+            .map(|v| v.to_string().cloned().map_err(|e| self.err(format!("metadata {key}: {e}"))))
+            .transpose()
+    }
+
+    fn u32(&self, key: &str) -> Result<Option<u32>, ModelError> {
+        Ok(self.usize(key)?.map(|v| v as u32))
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
+        self.get(key)
+            .map(|v| v.to_bool().map_err(|e| self.err(format!("metadata {key}: {e}"))))
+            .transpose()
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, ModelError> {
+        let v = self
+            .get(key)
+            .ok_or_else(|| self.err(format!("metadata {key} is missing")))?;
+        v.to_vec()
+            .map_err(|e| self.err(format!("metadata {key}: {e}")))?
+            .iter()
+            .map(|s| s.to_string().cloned().map_err(|e| self.err(format!("metadata {key}: {e}"))))
+            .collect()
+    }
+
+    fn ints(&self, key: &str) -> Result<Option<Vec<i64>>, ModelError> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let list = v.to_vec().map_err(|e| self.err(format!("metadata {key}: {e}")))?;
+        list.iter()
+            .map(|x| {
+                x.to_i32()
+                    .map(i64::from)
+                    .or_else(|_| x.to_u32().map(i64::from))
+                    .or_else(|_| x.to_i64())
+                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}
+
+/// The HF name of a GGUF tensor, or `None` when it is not part of a llama model.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let hf = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// Undo llama.cpp's `permute(w, n_head)` of Q/K rows (interleaved rope → HF's rotate-half).
+fn unpermute(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    w.reshape((n_head, out / n_head / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = BufReader::new(File::open(path).map_err(io)?);
+    let content = Content::read(&mut reader).map_err(|e| ModelError::Gguf {
+        path: path.to_path_buf(),
+        msg: format!("not a readable GGUF file: {e}"),
+    })?;
+    let meta = Meta {
+        md: &content.metadata,
+        path,
+    };
+    let arch = meta
+        .string("general.architecture")?
+        .ok_or_else(|| meta.err("metadata general.architecture is missing".into()))?;
+    if arch != "llama" {
+        return Err(ModelError::UnsupportedArchitecture {
+            path: path.display().to_string(),
+            arch,
+        });
+    }
+    let a = |k: &str| format!("llama.{k}");
+    let hidden = meta.req_usize(&a("embedding_length"))?;
+    let heads = meta.req_usize(&a("attention.head_count"))?;
+    let kv_heads = meta.usize(&a("attention.head_count_kv"))?.unwrap_or(heads);
+    let head_dim = match meta.usize(&a("attention.key_length"))? {
+        Some(d) => d,
+        None => meta.usize(&a("rope.dimension_count"))?.unwrap_or(hidden / heads.max(1)),
+    };
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let vocab = match meta.usize(&a("vocab_size"))? {
+        Some(v) => v,
+        None => tokens.len(),
+    };
+    let rope_scaling = match meta.string(&a("rope.scaling.type"))?.as_deref() {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: meta
+                .f64(&a("rope.scaling.factor"))?
+                .ok_or_else(|| meta.err("linear rope scaling without llama.rope.scaling.factor".into()))?,
+        },
+        Some(other) => return Err(meta.err(format!("rope scaling type {other:?} is not supported"))),
+    };
+
+    // Dequantise every tensor to the serving dtype under its HF name.
+    let device = &opts.device;
+    let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
+    let mut rope_freq_factors = None;
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let read = |reader: &mut BufReader<File>| -> candle_core::Result<Tensor> {
+            content.tensor(reader, name, device)?.dequantize(device)
+        };
+        let t = read(&mut reader).map_err(|e| meta.err(format!("tensor {name}: {e}")))?;
+        if name == "rope_freqs.weight" {
+            rope_freq_factors = Some(
+                t.to_dtype(DType::F32)
+                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .map_err(|e| meta.err(format!("tensor {name}: {e}")))?,
+            );
+            continue;
+        }
+        let hf = hf_name(name).ok_or_else(|| {
+            meta.err(format!(
+                "tensor {name:?} is not part of a llama model; refusing to guess what it is"
+            ))
+        })?;
+        let t = if hf.ends_with("q_proj.weight") {
+            unpermute(&t, heads)
+        } else if hf.ends_with("k_proj.weight") {
+            unpermute(&t, kv_heads)
+        } else {
+            Ok(t)
+        }
+        .and_then(|t| t.to_dtype(opts.dtype))
+        .map_err(|e| meta.err(format!("tensor {name}: {e}")))?;
+        tensors.insert(hf, t);
+    }
+
+    let cfg = ModelConfig {
+        hidden_size: hidden,
+        intermediate_size: meta.req_usize(&a("feed_forward_length"))?,
+        vocab_size: vocab,
+        num_hidden_layers: meta.req_usize(&a("block_count"))?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: meta.f64(&a("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        rope_theta: meta.f64(&a("rope.freq_base"))?.unwrap_or(10_000.0),
+        rope_scaling,
+        rope_freq_factors,
+        max_context: meta.req_usize(&a("context_length"))?,
+        tie_word_embeddings: !tensors.contains_key("lm_head.weight"),
+        attention_bias: tensors.contains_key("model.layers.0.self_attn.q_proj.bias"),
+        mlp_bias: tensors.contains_key("model.layers.0.mlp.gate_proj.bias"),
+    }
+    .validate(&path.display().to_string())?;
+
+    let vb = VarBuilder::from_tensors(tensors, opts.dtype, device);
+    let model = Llama::new(&cfg, vb).map_err(|source| ModelError::Weights {
+        path: path.to_path_buf(),
+        source,
+    })?;
+
+    let tokenizer = gguf_tokenizer(&meta, tokens)?;
+    let bos = meta.u32("tokenizer.ggml.bos_token_id")?;
+    let eos: Vec<u32> = meta.u32("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        info: ModelInfo {
+            id: meta
+                .string("general.name")?
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| model_id(path)),
+            path: path.to_path_buf(),
+            format: ModelFormat::Gguf,
+            bos_token_id: bos,
+            eos_token_ids: eos,
+            chat_template: meta.string("tokenizer.chat_template")?,
+        },
+    })
+}
+
+fn gguf_tokenizer(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer, ModelError> {
+    let model = meta
+        .string("tokenizer.ggml.model")?
+        .ok_or_else(|| meta.err("metadata tokenizer.ggml.model is missing".into()))?;
+    if model != "gpt2" {
+        return Err(meta.err(format!(
+            "tokenizer.ggml.model = {model:?} is not supported from GGUF (supported: gpt2, the byte-level BPE); \
+             serve this model from its HF folder instead"
+        )));
+    }
+    let types = meta.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
+    if !types.is_empty() && types.len() != tokens.len() {
+        return Err(meta.err(format!(
+            "tokenizer.ggml.token_type has {} entries for {} tokens",
+            types.len(),
+            tokens.len()
+        )));
+    }
+    let of_type = |ty: i64| -> Vec<u32> {
+        types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == ty)
+            .map(|(i, _)| i as u32)
+            .collect()
+    };
+    let bos = meta.u32("tokenizer.ggml.bos_token_id")?;
+    let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    let parts = GgufBpe {
+        merges: meta.strings("tokenizer.ggml.merges")?,
+        pre: meta.string("tokenizer.ggml.pre")?.unwrap_or_else(|| "default".into()),
+        special: of_type(3),
+        user_defined: of_type(4),
+        prepend_bos: if add_bos { bos } else { None },
+        tokens,
+    };
+    for id in parts.special.iter().chain(&parts.user_defined).chain(&parts.prepend_bos) {
+        if *id as usize >= parts.tokens.len() {
+            return Err(meta.err(format!("token id {id} is outside the vocabulary")));
+        }
+    }
+    Tokenizer::from_gguf_bpe(parts, meta.path)
+}
