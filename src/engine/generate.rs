@@ -58,7 +58,11 @@ fn check(model: &Llama, req: &GenerateRequest) -> Result<(), EngineError> {
     if req.prompt_token_ids.is_empty() {
         return bad("the prompt is empty: give at least one token".into());
     }
-    if let Some(&t) = req.prompt_token_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+    if let Some(&t) = req
+        .prompt_token_ids
+        .iter()
+        .find(|&&t| t as usize >= cfg.vocab_size)
+    {
         return bad(format!(
             "prompt token id {t} is outside the vocabulary (0..{})",
             cfg.vocab_size
@@ -101,7 +105,9 @@ pub fn generate(
 
     let mut first = true;
     loop {
-        let active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+        let active: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].finish.is_none())
+            .collect();
         if active.is_empty() {
             break;
         }
@@ -143,7 +149,8 @@ pub fn generate(
                 continue;
             }
             if let Some(k) = req.logprobs {
-                seq.logprobs.push(logprobs_of(&row.to_vec1::<f32>()?, token, k));
+                seq.logprobs
+                    .push(logprobs_of(&row.to_vec1::<f32>()?, token, k));
             }
             seq.out.push(token);
             seq.next = token;

@@ -64,7 +64,11 @@ impl Sampler {
                 (None, None) => Sampling::All { temperature: t },
                 (Some(k), None) => Sampling::TopK { k, temperature: t },
                 (None, Some(p)) => Sampling::TopP { p, temperature: t },
-                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature: t },
+                (Some(k), Some(p)) => Sampling::TopKThenTopP {
+                    k,
+                    p,
+                    temperature: t,
+                },
             }
         };
         Self {
@@ -162,7 +166,11 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens() {
-        let logits = Tensor::new(&[0.1f32, 0.2, 0.3, 0.4, 0.5, 0.0], &candle_core::Device::Cpu).unwrap();
+        let logits = Tensor::new(
+            &[0.1f32, 0.2, 0.3, 0.4, 0.5, 0.0],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let p = SamplingParams {
             temperature: 1.0,
             seed: 7,
@@ -170,10 +178,15 @@ mod tests {
         };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p);
-            (0..20).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&logits).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(&p), draw(&p));
-        let other = SamplingParams { seed: 8, ..p.clone() };
+        let other = SamplingParams {
+            seed: 8,
+            ..p.clone()
+        };
         assert_ne!(draw(&p), draw(&other));
     }
 }

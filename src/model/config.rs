@@ -194,7 +194,11 @@ impl ModelConfig {
                 high_freq_factor,
                 original_max_position_embeddings,
             } => {
-                let (factor, low, high) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+                let (factor, low, high) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                );
                 let old_ctx = original_max_position_embeddings as f32;
                 let low_wavelen = old_ctx / low;
                 let high_wavelen = old_ctx / high;
@@ -202,7 +206,11 @@ impl ModelConfig {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
                     // transformers: low-frequency bands are divided by `factor`, high ones kept,
                     // and the medium band is interpolated smoothly between the two.
-                    let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
                     let is_medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                     *f = if is_medium {
                         let smooth = (old_ctx / wavelen - low) / (high - low);

@@ -14,7 +14,9 @@ use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::tokenizer::GgufBpe;
-use super::{model_id, LoadOptions, LoadedModel, Llama, ModelError, ModelFormat, ModelInfo, Tokenizer};
+use super::{
+    model_id, Llama, LoadOptions, LoadedModel, ModelError, ModelFormat, ModelInfo, Tokenizer,
+};
 
 struct Meta<'a> {
     md: &'a HashMap<String, Value>,
@@ -63,7 +65,11 @@ impl Meta<'_> {
 
     fn string(&self, key: &str) -> Result<Option<String>, ModelError> {
         self.get(key)
-            .map(|v| v.to_string().cloned().map_err(|e| self.err(format!("metadata {key}: {e}"))))
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
+            })
             .transpose()
     }
 
@@ -73,7 +79,10 @@ impl Meta<'_> {
 
     fn bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
         self.get(key)
-            .map(|v| v.to_bool().map_err(|e| self.err(format!("metadata {key}: {e}"))))
+            .map(|v| {
+                v.to_bool()
+                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
+            })
             .transpose()
     }
 
@@ -84,13 +93,21 @@ impl Meta<'_> {
         v.to_vec()
             .map_err(|e| self.err(format!("metadata {key}: {e}")))?
             .iter()
-            .map(|s| s.to_string().cloned().map_err(|e| self.err(format!("metadata {key}: {e}"))))
+            .map(|s| {
+                s.to_string()
+                    .cloned()
+                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
+            })
             .collect()
     }
 
     fn ints(&self, key: &str) -> Result<Option<Vec<i64>>, ModelError> {
-        let Some(v) = self.get(key) else { return Ok(None) };
-        let list = v.to_vec().map_err(|e| self.err(format!("metadata {key}: {e}")))?;
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let list = v
+            .to_vec()
+            .map_err(|e| self.err(format!("metadata {key}: {e}")))?;
         list.iter()
             .map(|x| {
                 x.to_i32()
@@ -174,7 +191,9 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
     let kv_heads = meta.usize(&a("attention.head_count_kv"))?.unwrap_or(heads);
     let head_dim = match meta.usize(&a("attention.key_length"))? {
         Some(d) => d,
-        None => meta.usize(&a("rope.dimension_count"))?.unwrap_or(hidden / heads.max(1)),
+        None => meta
+            .usize(&a("rope.dimension_count"))?
+            .unwrap_or(hidden / heads.max(1)),
     };
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let vocab = match meta.usize(&a("vocab_size"))? {
@@ -184,11 +203,13 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
     let rope_scaling = match meta.string(&a("rope.scaling.type"))?.as_deref() {
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear {
-            factor: meta
-                .f64(&a("rope.scaling.factor"))?
-                .ok_or_else(|| meta.err("linear rope scaling without llama.rope.scaling.factor".into()))?,
+            factor: meta.f64(&a("rope.scaling.factor"))?.ok_or_else(|| {
+                meta.err("linear rope scaling without llama.rope.scaling.factor".into())
+            })?,
         },
-        Some(other) => return Err(meta.err(format!("rope scaling type {other:?} is not supported"))),
+        Some(other) => {
+            return Err(meta.err(format!("rope scaling type {other:?} is not supported")))
+        }
     };
 
     // Dequantise every tensor to the serving dtype under its HF name.
@@ -235,7 +256,9 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
-        rms_norm_eps: meta.f64(&a("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        rms_norm_eps: meta
+            .f64(&a("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5),
         rope_theta: meta.f64(&a("rope.freq_base"))?.unwrap_or(10_000.0),
         rope_scaling,
         rope_freq_factors,
@@ -254,7 +277,10 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
 
     let tokenizer = gguf_tokenizer(&meta, tokens)?;
     let bos = meta.u32("tokenizer.ggml.bos_token_id")?;
-    let eos: Vec<u32> = meta.u32("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+    let eos: Vec<u32> = meta
+        .u32("tokenizer.ggml.eos_token_id")?
+        .into_iter()
+        .collect();
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -302,13 +328,20 @@ fn gguf_tokenizer(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer, ModelEr
     let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
     let parts = GgufBpe {
         merges: meta.strings("tokenizer.ggml.merges")?,
-        pre: meta.string("tokenizer.ggml.pre")?.unwrap_or_else(|| "default".into()),
+        pre: meta
+            .string("tokenizer.ggml.pre")?
+            .unwrap_or_else(|| "default".into()),
         special: of_type(3),
         user_defined: of_type(4),
         prepend_bos: if add_bos { bos } else { None },
         tokens,
     };
-    for id in parts.special.iter().chain(&parts.user_defined).chain(&parts.prepend_bos) {
+    for id in parts
+        .special
+        .iter()
+        .chain(&parts.user_defined)
+        .chain(&parts.prepend_bos)
+    {
         if *id as usize >= parts.tokens.len() {
             return Err(meta.err(format!("token id {id} is outside the vocabulary")));
         }

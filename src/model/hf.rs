@@ -8,8 +8,8 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::{
-    dedup_push, model_id, read_json, LlamaConfig, LoadOptions, LoadedModel, Llama, ModelError, ModelFormat,
-    ModelInfo, TokenIds, Tokenizer,
+    dedup_push, model_id, read_json, Llama, LlamaConfig, LoadOptions, LoadedModel, ModelError,
+    ModelFormat, ModelInfo, TokenIds, Tokenizer,
 };
 
 /// A special token in `tokenizer_config.json`: a string or an `AddedToken` object.
@@ -113,18 +113,20 @@ pub(super) fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
     let raw: LlamaConfig = read_json(&config_path)?;
     let mut eos = Vec::new();
     dedup_push(&mut eos, raw.eos_token_id.iter().flat_map(|t| t.to_vec()));
-    let mut bos = raw.bos_token_id.as_ref().and_then(|t| t.to_vec().first().copied());
+    let mut bos = raw
+        .bos_token_id
+        .as_ref()
+        .and_then(|t| t.to_vec().first().copied());
     let cfg = raw.into_model_config(&config_path.display().to_string())?;
 
     let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; dora-serve never writes model weights, and
     // replacing a model's files while it is being loaded is outside what we support.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }.map_err(
-        |source| ModelError::Weights {
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }
+        .map_err(|source| ModelError::Weights {
             path: dir.to_path_buf(),
             source,
-        },
-    )?;
+        })?;
     let model = Llama::new(&cfg, vb).map_err(|source| ModelError::Weights {
         path: dir.to_path_buf(),
         source,
@@ -143,18 +145,31 @@ pub(super) fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
         dedup_push(&mut eos, gc.eos_token_id.iter().flat_map(|t| t.to_vec()));
         bos = bos.or(gc.bos_token_id.and_then(|t| t.to_vec().first().copied()));
     }
-    if let Some(id) = tc.eos_token.as_ref().and_then(|t| tokenizer.token_id(t.content())) {
+    if let Some(id) = tc
+        .eos_token
+        .as_ref()
+        .and_then(|t| tokenizer.token_id(t.content()))
+    {
         dedup_push(&mut eos, [id]);
     }
-    bos = bos.or(tc.bos_token.as_ref().and_then(|t| tokenizer.token_id(t.content())));
+    bos = bos.or(tc
+        .bos_token
+        .as_ref()
+        .and_then(|t| tokenizer.token_id(t.content())));
     let chat_template = match tc.chat_template {
         Some(ChatTemplate::One(t)) => Some(t),
-        Some(ChatTemplate::Named(list)) => list.into_iter().find(|t| t.name == "default").map(|t| t.template),
+        Some(ChatTemplate::Named(list)) => list
+            .into_iter()
+            .find(|t| t.name == "default")
+            .map(|t| t.template),
         None => {
             // transformers ≥ 4.43 may write the template to its own file.
             let f = dir.join("chat_template.jinja");
             if f.is_file() {
-                Some(std::fs::read_to_string(&f).map_err(|source| ModelError::Io { path: f, source })?)
+                Some(
+                    std::fs::read_to_string(&f)
+                        .map_err(|source| ModelError::Io { path: f, source })?,
+                )
             } else {
                 None
             }

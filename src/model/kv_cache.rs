@@ -62,7 +62,12 @@ impl KvCache {
 
     /// Append `[num_kv_heads, n, head_dim]` keys and values to `layer`; returns the whole
     /// cached keys and values of that layer, contiguous.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let slot = &mut self.layers[layer];
         let (k, v) = match slot.take() {
             None => (k.contiguous()?, v.contiguous()?),

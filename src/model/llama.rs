@@ -93,7 +93,12 @@ struct Attention {
 
 impl Attention {
     fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
-        let (h, q, kv, b) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.attention_bias);
+        let (h, q, kv, b) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.attention_bias,
+        );
         Ok(Self {
             q_proj: linear(h, q, b, layer, ProjKind::Q, vb.clone())?,
             k_proj: linear(h, kv, b, layer, ProjKind::K, vb.clone())?,
@@ -106,7 +111,13 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, segs: &[Segment], seqs: &mut [SeqInput]) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        segs: &[Segment],
+        seqs: &mut [SeqInput],
+    ) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((1, n, nh, hd))?;
@@ -118,7 +129,10 @@ impl Attention {
         let mut outs = Vec::with_capacity(segs.len());
         for (seg, seq) in segs.iter().zip(seqs.iter_mut()) {
             // [len, heads, hd] → [heads, len, hd]
-            let q = q.narrow(0, seg.start, seg.len)?.transpose(0, 1)?.contiguous()?;
+            let q = q
+                .narrow(0, seg.start, seg.len)?
+                .transpose(0, 1)?
+                .contiguous()?;
             let k = k.narrow(0, seg.start, seg.len)?.transpose(0, 1)?;
             let v = v.narrow(0, seg.start, seg.len)?.transpose(0, 1)?;
             let (k, v) = seq.cache.append(self.layer, &k, &v)?;
@@ -142,7 +156,9 @@ impl Attention {
         let groups = nh / self.num_kv_heads;
         let in_dtype = q.dtype();
         // Scores and softmax in f32 whatever the serving dtype.
-        let q = q.to_dtype(DType::F32)?.reshape((self.num_kv_heads, groups * len, hd))?;
+        let q = q
+            .to_dtype(DType::F32)?
+            .reshape((self.num_kv_heads, groups * len, hd))?;
         let k = k.to_dtype(DType::F32)?;
         let v = v.to_dtype(DType::F32)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -203,7 +219,11 @@ struct DecoderLayer {
 impl DecoderLayer {
     fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
             self_attn: Attention::new(cfg, layer, vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::new(
                 cfg.hidden_size,
@@ -214,7 +234,13 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, segs: &[Segment], seqs: &mut [SeqInput]) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        segs: &[Segment],
+        seqs: &mut [SeqInput],
+    ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let x = (x + self.self_attn.forward(&h, rope, segs, seqs)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
@@ -258,7 +284,9 @@ impl Llama {
     /// Build from checkpoint tensors named as HF names them (`model.layers.N.…`, `lm_head.weight`).
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let m = vb.pp("model");
-        let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed_tokens = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, i, m.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
@@ -266,7 +294,8 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            vb.pp("lm_head").get((cfg.vocab_size, cfg.hidden_size), "weight")?
+            vb.pp("lm_head")
+                .get((cfg.vocab_size, cfg.hidden_size), "weight")?
         };
         Ok(Self {
             lm_head_t: lm_head.t()?.contiguous()?,
@@ -344,8 +373,15 @@ impl Llama {
                     self.cfg.max_context
                 );
             }
-            if let Some(&t) = seq.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-                candle_core::bail!("token id {t} is outside the vocabulary of {}", self.cfg.vocab_size);
+            if let Some(&t) = seq
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                candle_core::bail!(
+                    "token id {t} is outside the vocabulary of {}",
+                    self.cfg.vocab_size
+                );
             }
             segs.push(Segment {
                 start: tokens.len(),

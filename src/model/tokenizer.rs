@@ -70,7 +70,12 @@ impl Tokenizer {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| tok_err(path, format!("merge {m:?} is not two tokens separated by a space")))
+                    .ok_or_else(|| {
+                        tok_err(
+                            path,
+                            format!("merge {m:?} is not two tokens separated by a space"),
+                        )
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match parts.pre.as_str() {
@@ -113,7 +118,9 @@ impl Tokenizer {
             .iter()
             .map(|&i| AddedToken::from(parts.tokens[i as usize].clone(), false))
             .collect();
-        inner.add_special_tokens(special).map_err(|e| tok_err(path, e))?;
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| tok_err(path, e))?;
         inner.add_tokens(added).map_err(|e| tok_err(path, e))?;
         Ok(Self {
             inner,

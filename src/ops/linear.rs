@@ -76,7 +76,12 @@ pub struct AdaptedLinear {
 
 impl AdaptedLinear {
     /// `weight` is `[out, in]` as checkpoints store it; `bias` is `[out]`.
-    pub fn new(weight: &Tensor, bias: Option<Tensor>, layer: usize, kind: ProjKind) -> Result<Self> {
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        layer: usize,
+        kind: ProjKind,
+    ) -> Result<Self> {
         let weight_t = weight.t()?.contiguous()?;
         Ok(Self {
             weight_t,

@@ -1,0 +1,61 @@
+//! Shared helpers: fixture paths, loading, and the expected outputs written by
+//! `tests/fixtures/generate.py`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use dora_serve::model::{self, LoadOptions, LoadedModel};
+use serde::Deserialize;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn load(name: &str) -> LoadedModel {
+    load_as(name, DType::F32)
+}
+
+pub fn load_as(name: &str, dtype: DType) -> LoadedModel {
+    let opts = LoadOptions {
+        dtype,
+        device: Device::Cpu,
+    };
+    model::load(&fixtures().join(name), &opts).unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ExpectedPrompt {
+    pub prompt: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub greedy_token_ids: Vec<u32>,
+}
+
+/// `expected.json`: per reference model, per prompt.
+pub fn expected() -> HashMap<String, Vec<ExpectedPrompt>> {
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).expect("expected.json");
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+/// transformers' f32 logits of the last positions of prompt `i` of model `name`.
+pub fn expected_logits(name: &str, i: usize) -> Tensor {
+    let all = candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)
+        .expect("expected.safetensors");
+    all.get(&format!("{name}.{i}"))
+        .unwrap_or_else(|| panic!("no logits for {name}.{i}"))
+        .clone()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
