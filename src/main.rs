@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use dora_serve::config::{Cli, Command, GenerateArgs, ModelArgs};
-use dora_serve::engine::{generate, GenerateRequest, SamplingParams};
+use dora_serve::engine::{generate_with_stats, GenerateRequest, SamplingParams};
 use dora_serve::model::{self, LoadOptions, LoadedModel};
 
 fn main() -> anyhow::Result<()> {
@@ -67,23 +67,20 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         logprobs: args.logprobs,
         stop_token_ids: loaded.info.eos_token_ids.clone(),
     };
-    let start = Instant::now();
-    let out = generate(&loaded.model, &loaded.tokenizer, std::slice::from_ref(&req))?
-        .pop()
-        .context("generation returned no output")?;
-    let secs = start.elapsed().as_secs_f64();
+    let (mut outs, stats) = generate_with_stats(&loaded.model, &loaded.tokenizer, std::slice::from_ref(&req))?;
+    let out = outs.pop().context("generation returned no output")?;
     if args.json {
         println!("{}", serde_json::to_string(&out)?);
     } else {
         println!("{}{}", args.prompt, out.text);
     }
     eprintln!(
-        "{} prompt tokens, {} generated in {:.2}s ({:.1} tok/s), finish: {:?}",
+        "{} prompt tokens in {:.3}s; {} generated, decode {:.1} tok/s; finish: {}",
         out.prompt_token_ids.len(),
+        stats.prefill_secs,
         out.token_ids.len(),
-        secs,
-        out.token_ids.len() as f64 / secs,
-        out.finish_reason
+        stats.decode_tokens_per_sec(),
+        serde_json::to_string(&out.finish_reason)?.trim_matches('"'),
     );
     Ok(())
 }

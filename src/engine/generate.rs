@@ -40,6 +40,28 @@ pub struct GenerateOutput {
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
+/// Where the time of a [`generate`] call went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerateStats {
+    /// The first step: every prompt prefilled, first tokens sampled.
+    pub prefill_secs: f64,
+    /// All later steps.
+    pub decode_secs: f64,
+    /// Tokens produced by the decode steps, over all sequences.
+    pub decode_tokens: usize,
+}
+
+impl GenerateStats {
+    /// Aggregate decode throughput over all sequences.
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        if self.decode_secs > 0.0 {
+            self.decode_tokens as f64 / self.decode_secs
+        } else {
+            0.0
+        }
+    }
+}
+
 struct Running {
     cache: KvCache,
     sampler: Sampler,
@@ -87,6 +109,16 @@ pub fn generate(
     tokenizer: &Tokenizer,
     reqs: &[GenerateRequest],
 ) -> Result<Vec<GenerateOutput>, EngineError> {
+    generate_with_stats(model, tokenizer, reqs).map(|(out, _)| out)
+}
+
+/// [`generate`], also saying where the time went.
+pub fn generate_with_stats(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    reqs: &[GenerateRequest],
+) -> Result<(Vec<GenerateOutput>, GenerateStats), EngineError> {
+    let mut stats = GenerateStats::default();
     for r in reqs {
         check(model, r)?;
     }
@@ -105,6 +137,8 @@ pub fn generate(
 
     let mut first = true;
     loop {
+        let step_start = std::time::Instant::now();
+        let is_prefill = first;
         let active: Vec<usize> = (0..seqs.len())
             .filter(|&i| seqs[i].finish.is_none())
             .collect();
@@ -158,10 +192,20 @@ pub fn generate(
             if seq.out.len() >= req.max_tokens || seq.cache.len() + 1 >= ctx {
                 seq.finish = Some(FinishReason::Length);
             }
+            if !is_prefill {
+                stats.decode_tokens += 1;
+            }
+        }
+        let secs = step_start.elapsed().as_secs_f64();
+        if is_prefill {
+            stats.prefill_secs += secs;
+        } else {
+            stats.decode_secs += secs;
         }
     }
 
-    seqs.into_iter()
+    let outs = seqs
+        .into_iter()
         .zip(reqs)
         .map(|(s, r)| {
             Ok(GenerateOutput {
@@ -172,5 +216,6 @@ pub fn generate(
                 logprobs: r.logprobs.map(|_| s.logprobs),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    Ok((outs, stats))
 }

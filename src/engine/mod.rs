@@ -5,7 +5,9 @@
 mod generate;
 mod sampling;
 
-pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
+pub use generate::{
+    generate, generate_with_stats, FinishReason, GenerateOutput, GenerateRequest, GenerateStats, MAX_LOGPROBS,
+};
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 
 use crate::model::ModelError;
