@@ -211,7 +211,7 @@ impl ModelConfig {
                     } else {
                         *f
                     };
-                    let is_medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    let is_medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if is_medium {
                         let smooth = (old_ctx / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
