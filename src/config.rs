@@ -14,8 +14,37 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Generate a completion for one prompt, without a server.
+    /// Generate completions without a server (one prompt, several, or a JSONL batch).
     Generate(GenerateArgs),
+    /// Work with adapters.
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdapterCommand {
+    /// Parse and validate an adapter folder against the base model, and print what it holds.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+    pub dir: PathBuf,
+    /// Print the description as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How adapters are applied during generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Adapter terms added per row group; any mix of adapters in one batch.
+    Unmerged,
+    /// Adapters merged into their own weight copies; each adapter's prompts run as one batch.
+    Merged,
 }
 
 /// Serving dtype of the model's weights and activations.
@@ -71,9 +100,21 @@ pub struct ModelArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt, as raw text (special tokens written in it are recognised).
+    /// A prompt, as raw text (special tokens written in it are recognised). Repeatable: all
+    /// prompts run together as one batch.
+    #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
+    pub prompt: Vec<String>,
+    /// An adapter folder for the prompts: once for all of them, or once per --prompt, in
+    /// order (`none` for the base model).
+    #[arg(long, conflicts_with = "batch")]
+    pub adapter: Vec<PathBuf>,
+    /// A JSONL file of {"prompt": "...", "adapter": "FOLDER" | null} lines, run as one batch;
+    /// the output is one JSON object per line, in input order.
     #[arg(long)]
-    pub prompt: String,
+    pub batch: Option<PathBuf>,
+    /// How adapters are applied.
+    #[arg(long, value_enum, default_value_t = ModeArg::Unmerged)]
+    pub mode: ModeArg,
     /// The most tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,

@@ -22,6 +22,7 @@
 //! The forward pass is packed: all sequences' new tokens form one `[tokens, hidden]` matrix
 //! for every projection, and attention runs per sequence against its own cache.
 
+pub mod adapter;
 pub mod config;
 pub mod engine;
 pub mod model;

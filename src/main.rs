@@ -1,11 +1,18 @@
+use std::collections::HashMap;
 use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Parser;
+use serde::Deserialize;
 
-use dora_serve::config::{Cli, Command, GenerateArgs, ModelArgs};
-use dora_serve::engine::{generate_with_stats, GenerateRequest, SamplingParams};
+use dora_serve::adapter::{self, Adapter};
+use dora_serve::config::{
+    AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModeArg, ModelArgs,
+};
+use dora_serve::engine::{generate_with_stats, ApplyMode, GenerateRequest, SamplingParams};
 use dora_serve::model::{self, LoadOptions, LoadedModel};
 
 fn main() -> anyhow::Result<()> {
@@ -18,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Adapter(AdapterCommand::Inspect(args)) => run_inspect(args),
     }
 }
 
@@ -52,35 +60,133 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     Ok(loaded?)
 }
 
-fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     let loaded = load_model(&args.model)?;
-    let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
-    let req = GenerateRequest {
-        prompt_token_ids: prompt_ids,
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-        },
-        logprobs: args.logprobs,
-        stop_token_ids: loaded.info.eos_token_ids.clone(),
-    };
-    let (mut outs, stats) = generate_with_stats(&loaded.model, &loaded.tokenizer, std::slice::from_ref(&req))?;
-    let out = outs.pop().context("generation returned no output")?;
+    let adapter = adapter::load_dir(&args.dir, &loaded.model)
+        .with_context(|| format!("adapter {} is not servable", args.dir.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string(&out)?);
+        println!("{}", serde_json::to_string_pretty(&adapter.info)?);
     } else {
-        println!("{}{}", args.prompt, out.text);
+        println!("adapter: {}", args.dir.display());
+        print!("{}", adapter.info);
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    prompt: String,
+    #[serde(default)]
+    adapter: Option<PathBuf>,
+}
+
+/// (prompt, adapter folder) pairs from `--prompt`/`--adapter` or `--batch`.
+fn prompts_of(args: &GenerateArgs) -> anyhow::Result<Vec<(String, Option<PathBuf>)>> {
+    if let Some(file) = &args.batch {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        return text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                let line: BatchLine = serde_json::from_str(l).with_context(|| {
+                    format!(
+                        "{} line {}: expected {{\"prompt\": \"...\", \"adapter\": \"FOLDER\" | null}}",
+                        file.display(),
+                        i + 1
+                    )
+                })?;
+                Ok((line.prompt, line.adapter))
+            })
+            .collect();
+    }
+    let adapter_of = |p: &PathBuf| (p.as_os_str() != "none").then(|| p.clone());
+    match args.adapter.len() {
+        0 => Ok(args.prompt.iter().map(|p| (p.clone(), None)).collect()),
+        1 => Ok(args.prompt.iter().map(|p| (p.clone(), adapter_of(&args.adapter[0]))).collect()),
+        n if n == args.prompt.len() => Ok(args
+            .prompt
+            .iter()
+            .zip(&args.adapter)
+            .map(|(p, a)| (p.clone(), adapter_of(a)))
+            .collect()),
+        n => bail!(
+            "{n} --adapter for {} --prompt: give one adapter for all prompts, or one per prompt (`none` for the base model)",
+            args.prompt.len()
+        ),
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let prompts = prompts_of(&args)?;
+    if prompts.is_empty() {
+        bail!("no prompts to run");
+    }
+    let loaded = load_model(&args.model)?;
+    let mut adapters: HashMap<PathBuf, Adapter> = HashMap::new();
+    for dir in prompts.iter().filter_map(|(_, a)| a.as_ref()) {
+        if !adapters.contains_key(dir) {
+            let start = Instant::now();
+            let a = adapter::load_dir(dir, &loaded.model)
+                .with_context(|| format!("adapter {} is not servable", dir.display()))?;
+            eprintln!(
+                "adapter {}: {} r{} on {} modules, loaded in {:.3}s",
+                dir.display(),
+                a.info.kind,
+                a.info.r,
+                a.info.modules.len(),
+                start.elapsed().as_secs_f64()
+            );
+            adapters.insert(dir.clone(), a);
+        }
+    }
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    let reqs = prompts
+        .iter()
+        .map(|(prompt, dir)| {
+            Ok(GenerateRequest {
+                prompt_token_ids: loaded.tokenizer.encode(prompt)?,
+                max_tokens: args.max_tokens,
+                sampling: sampling.clone(),
+                logprobs: args.logprobs,
+                stop_token_ids: loaded.info.eos_token_ids.clone(),
+                adapter: dir
+                    .as_ref()
+                    .map(|d| Arc::clone(&adapters[d.as_path()].weights)),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mode = match args.mode {
+        ModeArg::Unmerged => ApplyMode::Unmerged,
+        ModeArg::Merged => ApplyMode::Merged,
+    };
+    let (outs, stats) = generate_with_stats(&loaded.model, &loaded.tokenizer, &reqs, mode)?;
+    for ((prompt, _), out) in prompts.iter().zip(&outs) {
+        if args.json {
+            println!("{}", serde_json::to_string(out)?);
+        } else {
+            println!("{prompt}{}", out.text);
+        }
     }
     eprintln!(
-        "{} prompt tokens in {:.3}s; {} generated, decode {:.1} tok/s; finish: {}",
-        out.prompt_token_ids.len(),
+        "{} sequence(s), {} prompt tokens in {:.3}s; {} generated, decode {:.1} tok/s{}",
+        outs.len(),
+        outs.iter().map(|o| o.prompt_token_ids.len()).sum::<usize>(),
         stats.prefill_secs,
-        out.token_ids.len(),
+        outs.iter().map(|o| o.token_ids.len()).sum::<usize>(),
         stats.decode_tokens_per_sec(),
-        serde_json::to_string(&out.finish_reason)?.trim_matches('"'),
+        if stats.merge_secs > 0.0 {
+            format!("; merging took {:.3}s", stats.merge_secs)
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

@@ -1,11 +1,17 @@
 //! The generation loop: every request's prompt is prefilled in one packed forward, then all
-//! unfinished sequences decode together, one token each per step.
+//! unfinished sequences decode together, one token each per step. Unmerged, one batch mixes
+//! any adapters; merged, each adapter's requests run as their own batch on that adapter's
+//! merged weights, in turn.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Serialize;
 
 use super::sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob};
 use super::EngineError;
 use crate::model::{KvCache, Llama, LogitsFor, SeqInput, Tokenizer};
+use crate::ops::{AdapterWeights, MergedWeights};
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -15,6 +21,16 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the model's context was reached.
     Length,
+}
+
+/// How adapters are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApplyMode {
+    /// Low-rank terms added per row group at every step; any mix of adapters per batch.
+    #[default]
+    Unmerged,
+    /// Each adapter merged into its own copy of the weights it targets; one adapter per batch.
+    Merged,
 }
 
 /// One sequence to generate.
@@ -27,6 +43,8 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Generation stops when one of these is produced (it is not part of the output).
     pub stop_token_ids: Vec<u32>,
+    /// `None` runs the base model.
+    pub adapter: Option<Arc<AdapterWeights>>,
 }
 
 /// The result for one request; `dora-serve generate --json` prints it as is.
@@ -43,12 +61,14 @@ pub struct GenerateOutput {
 /// Where the time of a [`generate`] call went.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GenerateStats {
-    /// The first step: every prompt prefilled, first tokens sampled.
+    /// The first step of each batch: prompts prefilled, first tokens sampled.
     pub prefill_secs: f64,
     /// All later steps.
     pub decode_secs: f64,
     /// Tokens produced by the decode steps, over all sequences.
     pub decode_tokens: usize,
+    /// Time spent merging adapters (merged mode).
+    pub merge_secs: f64,
 }
 
 impl GenerateStats {
@@ -67,8 +87,6 @@ struct Running {
     sampler: Sampler,
     out: Vec<u32>,
     logprobs: Vec<TokenLogprob>,
-    /// The token to feed next (the last one sampled).
-    next: u32,
     finish: Option<FinishReason>,
 }
 
@@ -103,13 +121,14 @@ fn check(model: &Llama, req: &GenerateRequest) -> Result<(), EngineError> {
     req.sampling.check().map_err(EngineError::InvalidRequest)
 }
 
-/// Generate for every request at once, returning outputs in request order.
+/// Generate for every request, returning outputs in request order.
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
     reqs: &[GenerateRequest],
+    mode: ApplyMode,
 ) -> Result<Vec<GenerateOutput>, EngineError> {
-    generate_with_stats(model, tokenizer, reqs).map(|(out, _)| out)
+    generate_with_stats(model, tokenizer, reqs, mode).map(|(out, _)| out)
 }
 
 /// [`generate`], also saying where the time went.
@@ -117,11 +136,62 @@ pub fn generate_with_stats(
     model: &Llama,
     tokenizer: &Tokenizer,
     reqs: &[GenerateRequest],
+    mode: ApplyMode,
 ) -> Result<(Vec<GenerateOutput>, GenerateStats), EngineError> {
-    let mut stats = GenerateStats::default();
     for r in reqs {
         check(model, r)?;
     }
+    let mut stats = GenerateStats::default();
+    let mut outs: Vec<Option<GenerateOutput>> = vec![None; reqs.len()];
+    // Batches as (request indices, merged weights): one mixed batch unmerged; one batch per
+    // adapter (in order of first appearance) merged.
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    match mode {
+        ApplyMode::Unmerged => batches.push((0..reqs.len()).collect()),
+        ApplyMode::Merged => {
+            let mut keys: Vec<Option<u64>> = Vec::new();
+            for (i, r) in reqs.iter().enumerate() {
+                let key = r.adapter.as_ref().map(|a| a.id());
+                match keys.iter().position(|k| *k == key) {
+                    Some(b) => batches[b].push(i),
+                    None => {
+                        keys.push(key);
+                        batches.push(vec![i]);
+                    }
+                }
+            }
+        }
+    }
+    for batch in batches {
+        let merged = match (mode, &reqs[batch[0]].adapter) {
+            (ApplyMode::Merged, Some(adapter)) => {
+                let start = Instant::now();
+                let m = model.merge(adapter)?;
+                stats.merge_secs += start.elapsed().as_secs_f64();
+                Some(m)
+            }
+            _ => None,
+        };
+        let group: Vec<&GenerateRequest> = batch.iter().map(|&i| &reqs[i]).collect();
+        let results = run_batch(model, tokenizer, &group, merged.as_ref(), &mut stats)?;
+        for (i, out) in batch.into_iter().zip(results) {
+            outs[i] = Some(out);
+        }
+    }
+    let outs = outs
+        .into_iter()
+        .map(|o| o.expect("every request ran in a batch"))
+        .collect();
+    Ok((outs, stats))
+}
+
+fn run_batch(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    reqs: &[&GenerateRequest],
+    merged: Option<&MergedWeights>,
+    stats: &mut GenerateStats,
+) -> Result<Vec<GenerateOutput>, EngineError> {
     let ctx = model.config().max_context;
     let mut seqs: Vec<Running> = reqs
         .iter()
@@ -130,53 +200,45 @@ pub fn generate_with_stats(
             sampler: Sampler::new(&r.sampling),
             out: Vec::new(),
             logprobs: Vec::new(),
-            next: 0,
             finish: (r.max_tokens == 0).then_some(FinishReason::Length),
         })
         .collect();
 
-    let mut first = true;
+    let mut prefill = true;
     loop {
-        let step_start = std::time::Instant::now();
-        let is_prefill = first;
-        let active: Vec<usize> = (0..seqs.len())
-            .filter(|&i| seqs[i].finish.is_none())
+        let step_start = Instant::now();
+        let mut active: Vec<(usize, &mut Running)> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.finish.is_none())
             .collect();
         if active.is_empty() {
             break;
         }
+        // Feed the whole prompt first, then the last sampled token.
         let feeds: Vec<Vec<u32>> = active
             .iter()
-            .map(|&i| {
-                if first {
-                    reqs[i].prompt_token_ids.clone()
-                } else {
-                    vec![seqs[i].next]
-                }
+            .map(|(i, s)| match s.out.last() {
+                Some(&t) if !prefill => vec![t],
+                _ => reqs[*i].prompt_token_ids.clone(),
             })
             .collect();
-        first = false;
         let logits = {
-            let mut inputs: Vec<SeqInput> = Vec::with_capacity(active.len());
-            let mut caches: Vec<&mut KvCache> = seqs
+            let mut inputs: Vec<SeqInput> = active
                 .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| active.contains(i))
-                .map(|(_, s)| &mut s.cache)
-                .collect();
-            for (cache, tokens) in caches.drain(..).zip(&feeds) {
-                inputs.push(SeqInput {
+                .zip(&feeds)
+                .map(|((i, s), tokens)| SeqInput {
                     tokens,
-                    cache,
+                    cache: &mut s.cache,
                     logits: LogitsFor::Last,
-                });
-            }
-            model.forward(&mut inputs)?
+                    adapter: reqs[*i].adapter.as_deref(),
+                })
+                .collect();
+            model.forward(&mut inputs, merged)?
         };
-        for (&i, logits) in active.iter().zip(logits) {
+        for ((i, seq), logits) in active.iter_mut().zip(logits) {
+            let req = reqs[*i];
             let row = logits.squeeze(0)?;
-            let seq = &mut seqs[i];
-            let req = &reqs[i];
             let token = seq.sampler.sample(&row)?;
             if req.stop_token_ids.contains(&token) {
                 seq.finish = Some(FinishReason::Stop);
@@ -187,25 +249,24 @@ pub fn generate_with_stats(
                     .push(logprobs_of(&row.to_vec1::<f32>()?, token, k));
             }
             seq.out.push(token);
-            seq.next = token;
+            if !prefill {
+                stats.decode_tokens += 1;
+            }
             // The sequence now holds `cache.len() + 1` tokens; the next feed needs one more position.
             if seq.out.len() >= req.max_tokens || seq.cache.len() + 1 >= ctx {
                 seq.finish = Some(FinishReason::Length);
             }
-            if !is_prefill {
-                stats.decode_tokens += 1;
-            }
         }
         let secs = step_start.elapsed().as_secs_f64();
-        if is_prefill {
+        if prefill {
             stats.prefill_secs += secs;
         } else {
             stats.decode_secs += secs;
         }
+        prefill = false;
     }
 
-    let outs = seqs
-        .into_iter()
+    seqs.into_iter()
         .zip(reqs)
         .map(|(s, r)| {
             Ok(GenerateOutput {
@@ -216,6 +277,5 @@ pub fn generate_with_stats(
                 logprobs: r.logprobs.map(|_| s.logprobs),
             })
         })
-        .collect::<Result<Vec<_>, EngineError>>()?;
-    Ok((outs, stats))
+        .collect()
 }

@@ -6,7 +6,8 @@ mod generate;
 mod sampling;
 
 pub use generate::{
-    generate, generate_with_stats, FinishReason, GenerateOutput, GenerateRequest, GenerateStats, MAX_LOGPROBS,
+    generate, generate_with_stats, ApplyMode, FinishReason, GenerateOutput, GenerateRequest,
+    GenerateStats, MAX_LOGPROBS,
 };
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 

@@ -12,7 +12,9 @@ use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
-use crate::ops::{AdaptedLinear, ProjKind};
+use crate::ops::{
+    AdaptedLinear, AdapterWeights, Apply, BaseLinears, MergedWeights, ProjKind, RowGroup,
+};
 
 /// Which positions of a sequence need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +25,13 @@ pub enum LogitsFor {
     All,
 }
 
-/// One sequence's part of a forward step: its new tokens and its cache.
+/// One sequence's part of a forward step: its new tokens, its cache, and its adapter.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
     pub logits: LogitsFor,
+    /// `None` runs the base model.
+    pub adapter: Option<&'a AdapterWeights>,
 }
 
 /// Where one sequence's tokens sit in the packed batch.
@@ -111,18 +115,13 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        segs: &[Segment],
-        seqs: &mut [SeqInput],
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, seqs: &mut [SeqInput]) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((1, n, nh, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((1, n, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((n, nkv, hd))?;
+        let (rope, segs, apply) = (&step.rope, &step.segs, step.apply);
+        let q = self.q_proj.forward(x, apply)?.reshape((1, n, nh, hd))?;
+        let k = self.k_proj.forward(x, apply)?.reshape((1, n, nkv, hd))?;
+        let v = self.v_proj.forward(x, apply)?.reshape((n, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope_thd(&q, &rope.cos, &rope.sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_thd(&k, &rope.cos, &rope.sin)?.squeeze(0)?;
 
@@ -144,7 +143,7 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        self.o_proj.forward(&y)
+        self.o_proj.forward(&y, apply)
     }
 
     /// Causal attention of `q` `[heads, len, hd]` at absolute position `pos` over the cached
@@ -201,10 +200,10 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+    fn forward(&self, x: &Tensor, apply: Apply) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, apply)?.silu()?;
+        let up = self.up_proj.forward(x, apply)?;
+        self.down_proj.forward(&(gate * up)?, apply)
     }
 }
 
@@ -234,17 +233,11 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        segs: &[Segment],
-        seqs: &mut [SeqInput],
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, seqs: &mut [SeqInput]) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward(&h, rope, segs, seqs)?)?;
+        let x = (x + self.self_attn.forward(&h, step, seqs)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        x + self.mlp.forward(&h)?
+        x + self.mlp.forward(&h, step.apply)?
     }
 
     fn linear(&self, kind: ProjKind) -> &AdaptedLinear {
@@ -264,6 +257,14 @@ impl DecoderLayer {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+}
+
+/// What every layer needs to know about the step: where each sequence's rows are, their
+/// rotary tables, and how adapters apply.
+struct Step<'a> {
+    rope: Rope,
+    segs: Vec<Segment>,
+    apply: Apply<'a>,
 }
 
 /// A llama-family causal language model.
@@ -348,7 +349,15 @@ impl Llama {
     /// Run the new tokens of every sequence through the model in one packed pass, appending
     /// to each sequence's cache. Returns, per sequence, f32 logits `[rows, vocab]`: one row for
     /// [`LogitsFor::Last`], one per new token for [`LogitsFor::All`].
-    pub fn forward(&self, seqs: &mut [SeqInput]) -> Result<Vec<Tensor>> {
+    ///
+    /// Without `merged`, each sequence's adapter applies unmerged to its own rows (any mix of
+    /// adapters). With `merged`, those merged weights serve every row, and every sequence must
+    /// name the adapter they were merged from: a mismatch is an error, never a silent mix-up.
+    pub fn forward(
+        &self,
+        seqs: &mut [SeqInput],
+        merged: Option<&MergedWeights>,
+    ) -> Result<Vec<Tensor>> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut segs = Vec::with_capacity(seqs.len());
@@ -392,12 +401,39 @@ impl Llama {
             positions.extend(pos..pos + len);
         }
         let n = tokens.len();
+        let groups = row_groups(&segs, seqs);
+        let apply = match merged {
+            Some(m) => {
+                if let Some(seq) = seqs
+                    .iter()
+                    .find(|s| s.adapter.map(|a| a.id()) != Some(m.adapter_id()))
+                {
+                    candle_core::bail!(
+                        "merged weights of adapter #{} cannot serve a sequence on {}",
+                        m.adapter_id(),
+                        seq.adapter
+                            .map_or("the base model".to_string(), |a| format!(
+                                "adapter #{}",
+                                a.id()
+                            ))
+                    );
+                }
+                Apply::Merged(m)
+            }
+            None if groups.iter().all(|g| g.adapter.is_none()) => Apply::Base,
+            None => Apply::Rows(&groups),
+        };
         let ids = Tensor::from_vec(tokens, n, &self.device)?;
-        let rope = self.rope(&positions)?;
+        let step = Step {
+            rope: self.rope(&positions)?,
+            segs,
+            apply,
+        };
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, &segs, seqs)?;
+            x = layer.forward(&x, &step, seqs)?;
         }
+        let segs = step.segs;
         for (seq, seg) in seqs.iter_mut().zip(&segs) {
             seq.cache.advance(seg.len);
         }
@@ -438,4 +474,47 @@ impl Llama {
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
     }
+
+    /// Merge `adapter` into new weights for the modules it targets; the base is untouched.
+    pub fn merge(&self, adapter: &AdapterWeights) -> Result<MergedWeights> {
+        let mut merged = MergedWeights::new(adapter.id(), self.layers.len());
+        for (layer, kind, module) in adapter.iter() {
+            let lin = self.layers[layer].linear(kind);
+            merged.insert(layer, kind, lin.merged_weight_t(module)?);
+        }
+        Ok(merged)
+    }
+}
+
+impl BaseLinears for Llama {
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn linear(&self, layer: usize, kind: ProjKind) -> Option<&AdaptedLinear> {
+        Llama::linear(self, layer, kind)
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// Row groups for the unmerged apply: consecutive sequences on the same adapter share one.
+fn row_groups<'a>(segs: &[Segment], seqs: &[SeqInput<'a>]) -> Vec<RowGroup<'a>> {
+    let mut groups: Vec<RowGroup<'a>> = Vec::with_capacity(segs.len());
+    for (seg, seq) in segs.iter().zip(seqs) {
+        let id = seq.adapter.map(|a| a.id());
+        match groups.last_mut() {
+            Some(g) if g.adapter.map(|a| a.id()) == id && g.start + g.len == seg.start => {
+                g.len += seg.len
+            }
+            _ => groups.push(RowGroup {
+                start: seg.start,
+                len: seg.len,
+                adapter: seq.adapter,
+            }),
+        }
+    }
+    groups
 }

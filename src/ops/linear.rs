@@ -6,7 +6,9 @@
 
 use std::fmt;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
+
+use super::lora::{AdapterWeights, LoraModule, MergedWeights};
 
 /// The seven llama projections an adapter may target, named as in HF module paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +65,33 @@ impl fmt::Display for ProjKind {
     }
 }
 
+/// A run of consecutive rows that share an adapter (or none).
+#[derive(Debug, Clone, Copy)]
+pub struct RowGroup<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub adapter: Option<&'a AdapterWeights>,
+}
+
+/// How adapters apply to the rows of one forward step.
+#[derive(Debug, Clone, Copy)]
+pub enum Apply<'a> {
+    /// The base weights alone.
+    Base,
+    /// Unmerged: runs of rows, each with its own adapter or none, covering all rows in order.
+    Rows(&'a [RowGroup<'a>]),
+    /// Merged: one adapter's merged weights serve every row.
+    Merged(&'a MergedWeights),
+}
+
+/// What an adapter needs to know of the base model: its projections.
+pub trait BaseLinears {
+    fn num_layers(&self) -> usize;
+    fn linear(&self, layer: usize, kind: ProjKind) -> Option<&AdaptedLinear>;
+    /// The serving dtype adapter tensors are stored in.
+    fn dtype(&self) -> DType;
+}
+
 /// A linear projection `y = x·Wᵀ + b` of one decoder layer.
 #[derive(Debug, Clone)]
 pub struct AdaptedLinear {
@@ -91,13 +120,81 @@ impl AdaptedLinear {
         })
     }
 
-    /// `x` is `[rows, in]`; returns `[rows, out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight_t)?;
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// `x` is `[rows, in]`; returns `[rows, out]`.
+    ///
+    /// Unmerged, the base matmul runs once for all rows; each adapter group then adds its
+    /// low-rank term and, for DoRA, scales by `g` (the bias is added last and never scaled).
+    pub fn forward<'a>(&self, x: &Tensor, apply: Apply<'a>) -> Result<Tensor> {
+        match apply {
+            Apply::Base => self.add_bias(x.matmul(&self.weight_t)?),
+            Apply::Merged(m) => {
+                let w = m.get(self.layer, self.kind).unwrap_or(&self.weight_t);
+                self.add_bias(x.matmul(w)?)
+            }
+            Apply::Rows(groups) => {
+                let base = x.matmul(&self.weight_t)?;
+                let (layer, kind) = (self.layer, self.kind);
+                let module = |g: &RowGroup<'a>| g.adapter.and_then(|a| a.get(layer, kind));
+                if !groups.iter().any(|g| module(g).is_some()) {
+                    return self.add_bias(base);
+                }
+                let mut pieces = Vec::with_capacity(groups.len());
+                for g in groups {
+                    let rows = base.narrow(0, g.start, g.len)?;
+                    pieces.push(match module(g) {
+                        None => rows,
+                        Some(m) => apply_module(m, &rows, &x.narrow(0, g.start, g.len)?)?,
+                    });
+                }
+                self.add_bias(Tensor::cat(&pieces, 0)?)
+            }
+        }
+    }
+
+    /// The plain reference for unmerged [`forward`](Self::forward): one row at a time, each
+    /// with its own adapter. Slow; kept to test the grouped path against.
+    pub fn forward_reference(
+        &self,
+        x: &Tensor,
+        row_adapters: &[Option<&AdapterWeights>],
+    ) -> Result<Tensor> {
+        let rows = row_adapters
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let xi = x.narrow(0, i, 1)?;
+                let base = xi.matmul(&self.weight_t)?;
+                let y = match a.and_then(|a| a.get(self.layer, self.kind)) {
+                    None => base,
+                    Some(m) => apply_module(m, &base, &xi)?,
+                };
+                self.add_bias(y)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)
+    }
+
+    /// `W'ᵀ = (g ⊙_rows (W0 + s·B·A))ᵀ`, `[in, out]` in the serving dtype, computed in f32.
+    /// The base weight is not touched.
+    pub fn merged_weight_t(&self, m: &LoraModule) -> Result<Tensor> {
+        let w = (self.weight_t.to_dtype(DType::F32)? + m.delta_weight_t()?)?;
+        let w = match m.g() {
+            Some(g) => w.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(0)?)?,
+            None => w,
+        };
+        w.to_dtype(self.weight_t.dtype())
+    }
+
+    /// The base weight transposed, `[in, out]`, as stored.
+    pub fn weight_t(&self) -> &Tensor {
+        &self.weight_t
     }
 
     /// The base weight as `[out, in]` (a transposed view, no copy).
@@ -119,5 +216,14 @@ impl AdaptedLinear {
 
     pub fn kind(&self) -> ProjKind {
         self.kind
+    }
+}
+
+/// `g ⊙ (base + s·(x·Aᵀ)·Bᵀ)` for one group of rows (`g = 1` for plain LoRA).
+fn apply_module(m: &LoraModule, base: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let y = (base + m.delta(x)?)?;
+    match m.g() {
+        Some(g) => y.broadcast_mul(g),
+        None => Ok(y),
     }
 }

@@ -1,5 +1,8 @@
-//! Tensor operations shared by the model: the adapter-ready linear layer.
+//! Tensor operations shared by the model and the adapters: the adapter-ready linear layer,
+//! the grouped LoRA/DoRA apply, merging, and the DoRA norm (each with its reference).
 
 mod linear;
+mod lora;
 
-pub use linear::{AdaptedLinear, ProjKind};
+pub use linear::{AdaptedLinear, Apply, BaseLinears, ProjKind, RowGroup};
+pub use lora::{dora_norm, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights};

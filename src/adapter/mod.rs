@@ -1,0 +1,64 @@
+//! PEFT LoRA/DoRA adapters: configuration, loading and validation against the base model,
+//! and the per-module tensors the model's linear layers apply.
+
+mod config;
+mod load;
+
+use std::path::PathBuf;
+
+pub use config::{AdapterConfig, ModuleSelector};
+pub use load::{
+    load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,
+};
+
+/// Why an adapter cannot be served. Every variant says which field, tensor or module is at
+/// fault and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("{}: {what} is missing", path.display())]
+    MissingFile { path: PathBuf, what: &'static str },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{}: pickle weights are not loaded (they can run code); convert them to safetensors: \
+         python -c \"import torch; from safetensors.torch import save_file; \
+         save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\"",
+        path.display()
+    )]
+    Pickle { path: PathBuf },
+    #[error("adapter_config.json is not valid JSON: {0}")]
+    ConfigJson(String),
+    #[error("adapter_config.json: field {field:?} {msg}")]
+    ConfigField { field: String, msg: String },
+    #[error("adapter_config.json: {field:?} {msg}")]
+    Unsupported { field: String, msg: String },
+    #[error("adapter_model.safetensors is not a valid safetensors file: {0}")]
+    Safetensors(String),
+    #[error("adapter_model.safetensors: tensor {tensor:?}: {msg}")]
+    Tensor { tensor: String, msg: String },
+    #[error("adapter module {module:?}: {msg}")]
+    Module { module: String, msg: String },
+    #[error("adapter computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl AdapterError {
+    /// A stable machine-readable code for API clients.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdapterError::MissingFile { .. } => "adapter_file_missing",
+            AdapterError::Io { .. } => "adapter_io_error",
+            AdapterError::Pickle { .. } => "adapter_pickle_refused",
+            AdapterError::ConfigJson(_) => "adapter_config_invalid_json",
+            AdapterError::ConfigField { .. } => "adapter_config_invalid",
+            AdapterError::Unsupported { .. } => "adapter_unsupported",
+            AdapterError::Safetensors(_) => "adapter_weights_invalid",
+            AdapterError::Tensor { .. } => "adapter_tensor_invalid",
+            AdapterError::Module { .. } => "adapter_module_mismatch",
+            AdapterError::Candle(_) => "adapter_internal_error",
+        }
+    }
+}
