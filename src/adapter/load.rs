@@ -365,17 +365,18 @@ pub fn load_bytes(
                 ))
             }
             (true, Some((key, m))) => {
-                let m =
-                    match m.dims() {
-                        [n] if *n == out_dim => m,
-                        [n, 1] if *n == out_dim => m.squeeze(1)?,
-                        d => return Err(tensor_err(
+                let m = match m.dims() {
+                    [n] if *n == out_dim => m,
+                    [n, 1] if *n == out_dim => m.squeeze(1)?,
+                    d => {
+                        return Err(tensor_err(
                             &key,
                             format!(
                                 "has shape {d:?}, expected [{out_dim}] (out-features of {path})"
                             ),
-                        )),
-                    };
+                        ))
+                    }
+                };
                 let w0_t = lin.weight_t().to_dtype(DType::F32)?;
                 let n = dora_norm(&w0_t, &a, &b, scale)?;
                 let norms = n.to_vec1::<f32>()?;

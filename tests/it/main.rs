@@ -1,5 +1,6 @@
 //! dora-serve's integration tests, one binary.
 
+mod adapters;
 mod cli;
 mod loaders;
 mod parity;

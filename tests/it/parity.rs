@@ -2,7 +2,7 @@
 //! for every loader; and the packed batch against sequences run one at a time.
 
 use candle_core::{DType, Tensor};
-use dora_serve::engine::{generate, FinishReason, GenerateRequest, SamplingParams};
+use dora_serve::engine::{generate, ApplyMode, FinishReason, GenerateRequest, SamplingParams};
 use dora_serve::model::{KvCache, LoadedModel, LogitsFor, SeqInput};
 
 use crate::util::{expected, expected_logits, load, load_as, max_abs_diff};
@@ -21,8 +21,9 @@ fn all_logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
         tokens: ids,
         cache: &mut cache,
         logits: LogitsFor::All,
+        adapter: None,
     }];
-    m.model.forward(&mut input).unwrap().pop().unwrap()
+    m.model.forward(&mut input, None).unwrap().pop().unwrap()
 }
 
 #[test]
@@ -76,12 +77,13 @@ fn greedy_matches_transformers() {
                 sampling: SamplingParams::default(),
                 logprobs: None,
                 stop_token_ids: m.info.eos_token_ids.clone(),
+                adapter: None,
             })
             .collect();
         // All prompts as one batch, and each alone: both must equal transformers.
-        let batched = generate(&m.model, &m.tokenizer, &reqs).unwrap();
+        let batched = generate(&m.model, &m.tokenizer, &reqs, ApplyMode::Unmerged).unwrap();
         for (i, (p, out)) in exp[reference].iter().zip(&batched).enumerate() {
-            let alone = generate(&m.model, &m.tokenizer, &reqs[i..=i])
+            let alone = generate(&m.model, &m.tokenizer, &reqs[i..=i], ApplyMode::Unmerged)
                 .unwrap()
                 .pop()
                 .unwrap();
@@ -122,9 +124,10 @@ fn packed_batch_equals_one_at_a_time() {
             tokens: ids,
             cache,
             logits: LogitsFor::All,
+            adapter: None,
         })
         .collect();
-    let packed = m.model.forward(&mut inputs).unwrap();
+    let packed = m.model.forward(&mut inputs, None).unwrap();
     for (i, (a, b)) in alone.iter().zip(&packed).enumerate() {
         let d = max_abs_diff(a, b);
         assert!(d <= 1e-5, "prompt {i}: packed differs by {d}");
@@ -151,28 +154,32 @@ fn chunked_prefill_and_mixed_steps_match_full_forward() {
             tokens: &a[..a.len() - 1],
             cache: &mut ca,
             logits: LogitsFor::All,
+            adapter: None,
         },
         SeqInput {
             tokens: &b[..split_b],
             cache: &mut cb,
             logits: LogitsFor::All,
+            adapter: None,
         },
     ];
-    let out1 = m.model.forward(&mut step1).unwrap();
+    let out1 = m.model.forward(&mut step1, None).unwrap();
     // Step 2: `a` decodes its last token while `b` prefills the rest.
     let mut step2 = [
         SeqInput {
             tokens: &a[a.len() - 1..],
             cache: &mut ca,
             logits: LogitsFor::Last,
+            adapter: None,
         },
         SeqInput {
             tokens: &b[split_b..],
             cache: &mut cb,
             logits: LogitsFor::All,
+            adapter: None,
         },
     ];
-    let out2 = m.model.forward(&mut step2).unwrap();
+    let out2 = m.model.forward(&mut step2, None).unwrap();
     assert_eq!(ca.len(), a.len());
     assert_eq!(cb.len(), b.len());
     let got_a = Tensor::cat(&[&out1[0], &out2[0]], 0).unwrap();
@@ -210,7 +217,9 @@ fn context_limit_is_enforced() {
             sampling: SamplingParams::default(),
             logprobs: None,
             stop_token_ids: vec![],
+            adapter: None,
         }],
+        ApplyMode::Unmerged,
     )
     .unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
@@ -224,7 +233,9 @@ fn context_limit_is_enforced() {
             sampling: SamplingParams::default(),
             logprobs: None,
             stop_token_ids: vec![],
+            adapter: None,
         }],
+        ApplyMode::Unmerged,
     )
     .unwrap()
     .pop()

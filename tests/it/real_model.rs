@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use dora_serve::engine::{generate, GenerateRequest, SamplingParams};
+use dora_serve::engine::{generate, ApplyMode, GenerateRequest, SamplingParams};
 use dora_serve::model::{self, KvCache, LoadOptions, LogitsFor, SeqInput};
 use serde::Deserialize;
 
@@ -54,10 +54,11 @@ fn smollm2_gguf_matches_transformers() {
             tokens: &p.prompt_token_ids,
             cache: &mut cache,
             logits: LogitsFor::Last,
+            adapter: None,
         }];
         let logits = m
             .model
-            .forward(&mut input)
+            .forward(&mut input, None)
             .unwrap()
             .pop()
             .unwrap()
@@ -78,9 +79,10 @@ fn smollm2_gguf_matches_transformers() {
             sampling: SamplingParams::default(),
             logprobs: None,
             stop_token_ids: m.info.eos_token_ids.clone(),
+            adapter: None,
         });
     }
-    let outs = generate(&m.model, &m.tokenizer, &reqs).unwrap();
+    let outs = generate(&m.model, &m.tokenizer, &reqs, ApplyMode::Unmerged).unwrap();
     for (p, out) in reference.prompts.iter().zip(outs) {
         let mut want = p.greedy_token_ids.clone();
         if want.last() == Some(&2) {
