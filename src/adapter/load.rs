@@ -130,6 +130,8 @@ pub fn load_dir(dir: &Path, base: &dyn BaseLinears) -> Result<Adapter, AdapterEr
         "adapter_config.json",
         "the adapter configuration (adapter_config.json)",
     )?;
+    // Configuration problems first: they are the cheapest to find and usually the first to fix.
+    let cfg = AdapterConfig::parse(&config)?;
     if !dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_model.bin").is_file() {
         return Err(AdapterError::Pickle {
             path: dir.join("adapter_model.bin"),
@@ -143,7 +145,7 @@ pub fn load_dir(dir: &Path, base: &dyn BaseLinears) -> Result<Adapter, AdapterEr
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
-    load_bytes(&name, &config, &weights, base)
+    load_parsed(&name, cfg, &weights, base)
 }
 
 /// The parts of one module found in the file.
@@ -225,7 +227,20 @@ pub fn load_bytes(
     safetensors_bytes: &[u8],
     base: &dyn BaseLinears,
 ) -> Result<Adapter, AdapterError> {
-    let cfg = AdapterConfig::parse(config_json)?;
+    load_parsed(
+        name,
+        AdapterConfig::parse(config_json)?,
+        safetensors_bytes,
+        base,
+    )
+}
+
+fn load_parsed(
+    name: &str,
+    cfg: AdapterConfig,
+    safetensors_bytes: &[u8],
+    base: &dyn BaseLinears,
+) -> Result<Adapter, AdapterError> {
     let st = SafeTensors::deserialize(safetensors_bytes)
         .map_err(|e| AdapterError::Safetensors(e.to_string()))?;
     let num_layers = base.num_layers();

@@ -96,3 +96,186 @@ fn generate_without_logprobs_omits_them_and_reports_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
 }
+
+#[derive(serde::Deserialize)]
+struct AdapterExpected {
+    prompt_token_ids: Vec<Vec<u32>>,
+    adapters: std::collections::HashMap<String, AdapterGreedy>,
+}
+
+#[derive(serde::Deserialize)]
+struct AdapterGreedy {
+    unmerged_greedy: Vec<Vec<u32>>,
+}
+
+fn adapter_expected() -> AdapterExpected {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("adapters/expected.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A JSONL batch mixing adapters and the base model: one output line per input line, in
+/// order, each with its own adapter's tokens, in both modes.
+#[test]
+fn generate_batch_file_mixes_adapters_in_input_order() {
+    let exp = adapter_expected();
+    let base = &expected()["tiny-llama"];
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "def add(a, b):\n    return",
+    ];
+    let rows: Vec<(usize, Option<&str>)> = vec![
+        (0, Some("dora-all-r8")),
+        (1, None),
+        (2, Some("lora-r8")),
+        (1, Some("dora-all-r8")),
+        (0, Some("dora-qv-r4-rslora")),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let batch = tmp.path().join("batch.jsonl");
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|(p, a)| {
+            serde_json::json!({
+                "prompt": prompts[*p],
+                "adapter": a.map(|a| fixtures().join("adapters").join(a)),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&batch, lines.join("\n")).unwrap();
+    for mode in ["unmerged", "merged"] {
+        let out = dora()
+            .args(["generate", "--model"])
+            .arg(fixtures().join("tiny-llama"))
+            .arg("--batch")
+            .arg(&batch)
+            .args(["--max-tokens", "4", "--json", "--mode", mode])
+            .output()
+            .unwrap();
+        let outs = json_lines(&out);
+        assert_eq!(outs.len(), rows.len());
+        for (i, ((p, a), o)) in rows.iter().zip(&outs).enumerate() {
+            let ids: Vec<u32> = serde_json::from_value(o["prompt_token_ids"].clone()).unwrap();
+            assert_eq!(ids, exp.prompt_token_ids[*p], "{mode} line {i}");
+            let got: Vec<u32> = serde_json::from_value(o["token_ids"].clone()).unwrap();
+            let want = match a {
+                Some(a) => exp.adapters[*a].unmerged_greedy[*p][..4].to_vec(),
+                None => base[*p].greedy_token_ids[..4].to_vec(),
+            };
+            assert_eq!(got, want, "{mode} line {i} ({a:?})");
+        }
+    }
+}
+
+#[test]
+fn generate_pairs_adapters_with_prompts() {
+    let exp = adapter_expected();
+    let out = dora()
+        .args(["generate", "--model"])
+        .arg(fixtures().join("tiny-llama"))
+        .args([
+            "--prompt",
+            "The capital of France is",
+            "--prompt",
+            "Once upon a time",
+        ])
+        .arg("--adapter")
+        .arg(fixtures().join("adapters/lora-r8"))
+        .args(["--adapter", "none", "--max-tokens", "3", "--json"])
+        .output()
+        .unwrap();
+    let outs = json_lines(&out);
+    let got: Vec<u32> = serde_json::from_value(outs[0]["token_ids"].clone()).unwrap();
+    assert_eq!(got, exp.adapters["lora-r8"].unmerged_greedy[0][..3]);
+    let got: Vec<u32> = serde_json::from_value(outs[1]["token_ids"].clone()).unwrap();
+    assert_eq!(got, expected()["tiny-llama"][1].greedy_token_ids[..3]);
+
+    let out = dora()
+        .args(["generate", "--model"])
+        .arg(fixtures().join("tiny-llama"))
+        .args([
+            "--prompt",
+            "a",
+            "--prompt",
+            "b",
+            "--prompt",
+            "c",
+            "--adapter",
+            "x",
+            "--adapter",
+            "y",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one per prompt"));
+}
+
+#[test]
+fn adapter_inspect_describes_or_explains() {
+    let out = dora()
+        .args(["adapter", "inspect"])
+        .arg(fixtures().join("adapters/dora-patterns"))
+        .arg("--model")
+        .arg(fixtures().join("tiny-llama"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "type:    dora",
+        "rank:    4",
+        "self_attn.k_proj(r=2",
+        "layer   1:",
+        "bytes loaded",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    let out = dora()
+        .args(["adapter", "inspect", "--json"])
+        .arg(fixtures().join("adapters/lora-r8"))
+        .arg("--model")
+        .arg(fixtures().join("tiny-llama.gguf"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["type"], "lora");
+    assert_eq!(v["modules"].as_array().unwrap().len(), 14);
+    assert!(v["bytes"].as_u64().unwrap() > 0);
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("adapter_config.json"),
+        r#"{"peft_type": "IA3"}"#,
+    )
+    .unwrap();
+    let out = dora()
+        .args(["adapter", "inspect"])
+        .arg(tmp.path())
+        .arg("--model")
+        .arg(fixtures().join("tiny-llama"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("IA3"));
+}
