@@ -3,6 +3,7 @@
 //! scheduler, grows here.)
 
 mod generate;
+pub mod scheduler;
 mod sampling;
 
 pub use generate::{

@@ -455,7 +455,7 @@ impl Llama {
             x.index_select(&idx, 0)?
         };
         let h = self.norm.forward(&picked)?;
-        let logits = h.matmul(&self.lm_head_t)?.to_dtype(DType::F32)?;
+        let logits = crate::ops::small_matmul::matmul(&h, &self.lm_head_t)?.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(segs.len());
         let mut at = 0;
         for (seq, seg) in seqs.iter().zip(&segs) {

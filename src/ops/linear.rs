@@ -9,6 +9,7 @@ use std::fmt;
 use candle_core::{DType, Result, Tensor};
 
 use super::lora::{AdapterWeights, LoraModule, MergedWeights};
+use super::small_matmul::matmul;
 
 /// The seven llama projections an adapter may target, named as in HF module paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,13 +134,13 @@ impl AdaptedLinear {
     /// low-rank term and, for DoRA, scales by `g` (the bias is added last and never scaled).
     pub fn forward<'a>(&self, x: &Tensor, apply: Apply<'a>) -> Result<Tensor> {
         match apply {
-            Apply::Base => self.add_bias(x.matmul(&self.weight_t)?),
+            Apply::Base => self.add_bias(matmul(x, &self.weight_t)?),
             Apply::Merged(m) => {
                 let w = m.get(self.layer, self.kind).unwrap_or(&self.weight_t);
-                self.add_bias(x.matmul(w)?)
+                self.add_bias(matmul(x, w)?)
             }
             Apply::Rows(groups) => {
-                let base = x.matmul(&self.weight_t)?;
+                let base = matmul(x, &self.weight_t)?;
                 let (layer, kind) = (self.layer, self.kind);
                 let module = |g: &RowGroup<'a>| g.adapter.and_then(|a| a.get(layer, kind));
                 if !groups.iter().any(|g| module(g).is_some()) {

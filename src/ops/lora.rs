@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use super::small_matmul::matmul;
 use super::ProjKind;
 
 /// One adapted module, ready for the unmerged path: `A` transposed `[in, r]`, `s·Bᵀ` `[r, out]`
@@ -61,7 +62,7 @@ impl LoraModule {
 
     /// `s·(x·Aᵀ)·Bᵀ` for rows `x` `[n, in]`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.a_t)?.matmul(&self.b_t)
+        matmul(&matmul(x, &self.a_t)?, &self.b_t)
     }
 
     /// `s·B·A` transposed, `[in, out]`, in f32.

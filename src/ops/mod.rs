@@ -3,6 +3,7 @@
 
 mod linear;
 mod lora;
+pub mod small_matmul;
 
 pub use linear::{AdaptedLinear, Apply, BaseLinears, ProjKind, RowGroup};
 pub use lora::{dora_norm, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights};

@@ -1,0 +1,120 @@
+//! Micro-benchmarks of the tensor paths that decide serving speed:
+//! - `small_matmul`: the decode-step kernel against candle's gemm, by row count;
+//! - `adapted_linear`: one SmolLM2-sized projection (576 → 1536) at 1, 8 and 64 rows with
+//!   0, 1, 4 or 8 distinct rank-16 DoRA adapters, unmerged, against merged and base;
+//! - `dora_norm`: the `out·in·r` identity for `g` against forming `W0 + s·B·A`;
+//! - `merge`: merging one module.
+//!
+//! `cargo bench --bench ops` (add a filter such as `small_matmul` to run one group).
+
+use std::hint::black_box;
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use dora_serve::ops::{
+    dora_norm, dora_norm_reference, small_matmul, AdaptedLinear, AdapterWeights, Apply, LoraModule, MergedWeights,
+    ProjKind, RowGroup,
+};
+
+const IN: usize = 576;
+const OUT: usize = 1536;
+
+fn randn(shape: (usize, usize)) -> Tensor {
+    Tensor::randn(0f32, 0.05, shape, &Device::Cpu).unwrap()
+}
+
+fn small_matmul_bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("small_matmul");
+    let w_t = randn((IN, OUT));
+    for rows in [1usize, 2, 4, 8, 16, 32] {
+        let x = randn((rows, IN));
+        g.bench_with_input(BenchmarkId::new("kernel", rows), &rows, |b, _| {
+            b.iter(|| black_box(small_matmul::matmul(&x, &w_t).unwrap()))
+        });
+        g.bench_with_input(BenchmarkId::new("candle_contiguous", rows), &rows, |b, _| {
+            b.iter(|| black_box(x.matmul(&w_t).unwrap()))
+        });
+        let w = w_t.t().unwrap().contiguous().unwrap();
+        g.bench_with_input(BenchmarkId::new("candle_transposed_view", rows), &rows, |b, _| {
+            b.iter(|| black_box(x.matmul(&w.t().unwrap()).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+fn adapter(id: u64, rank: usize, lin: &AdaptedLinear) -> AdapterWeights {
+    let a = randn((rank, IN));
+    let b = randn((OUT, rank));
+    let n = dora_norm(lin.weight_t(), &a, &b, 2.0).unwrap();
+    let g = (Tensor::ones(OUT, DType::F32, &Device::Cpu).unwrap() / n).unwrap();
+    let mut w = AdapterWeights::new(id, 1);
+    w.insert(0, ProjKind::Up, LoraModule::new(&a, &b, 2.0, Some(&g), DType::F32).unwrap());
+    w
+}
+
+fn adapted_linear_bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("adapted_linear");
+    let lin = AdaptedLinear::new(&randn((OUT, IN)), None, 0, ProjKind::Up).unwrap();
+    let adapters: Vec<AdapterWeights> = (0..8).map(|i| adapter(i + 1, 16, &lin)).collect();
+    let mut merged = MergedWeights::new(1, 1);
+    merged.insert(
+        0,
+        ProjKind::Up,
+        lin.merged_weight_t(adapters[0].get(0, ProjKind::Up).unwrap()).unwrap(),
+    );
+    for rows in [1usize, 8, 64] {
+        let x = randn((rows, IN));
+        g.bench_function(BenchmarkId::new("base", rows), |b| {
+            b.iter(|| black_box(lin.forward(&x, Apply::Base).unwrap()))
+        });
+        g.bench_function(BenchmarkId::new("merged", rows), |b| {
+            b.iter(|| black_box(lin.forward(&x, Apply::Merged(&merged)).unwrap()))
+        });
+        for n_adapters in [1usize, 4, 8] {
+            if n_adapters > rows {
+                continue;
+            }
+            let per = rows / n_adapters;
+            let groups: Vec<RowGroup> = (0..n_adapters)
+                .map(|i| RowGroup {
+                    start: i * per,
+                    len: if i + 1 == n_adapters { rows - i * per } else { per },
+                    adapter: Some(&adapters[i]),
+                })
+                .collect();
+            g.bench_function(BenchmarkId::new(format!("unmerged_{n_adapters}_adapters"), rows), |b| {
+                b.iter(|| black_box(lin.forward(&x, Apply::Rows(&groups)).unwrap()))
+            });
+        }
+    }
+    g.finish();
+}
+
+fn dora_norm_bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dora_norm");
+    let w0 = randn((OUT, IN));
+    let w0_t = w0.t().unwrap().contiguous().unwrap();
+    for rank in [8usize, 16, 64] {
+        let a = randn((rank, IN));
+        let b = randn((OUT, rank));
+        g.bench_function(BenchmarkId::new("identity", rank), |bch| {
+            bch.iter(|| black_box(dora_norm(&w0_t, &a, &b, 2.0).unwrap()))
+        });
+        g.bench_function(BenchmarkId::new("direct", rank), |bch| {
+            bch.iter(|| black_box(dora_norm_reference(&w0, &a, &b, 2.0).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+fn merge_bench(c: &mut Criterion) {
+    let lin = AdaptedLinear::new(&randn((OUT, IN)), None, 0, ProjKind::Up).unwrap();
+    let a = adapter(1, 16, &lin);
+    let m = a.get(0, ProjKind::Up).unwrap();
+    c.bench_function("merge/one_module_576x1536_r16", |b| {
+        b.iter(|| black_box(lin.merged_weight_t(m).unwrap()))
+    });
+}
+
+criterion_group!(benches, small_matmul_bench, adapted_linear_bench, dora_norm_bench, merge_bench);
+criterion_main!(benches);
