@@ -12,8 +12,8 @@ use std::hint::black_box;
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dora_serve::ops::{
-    dora_norm, dora_norm_reference, small_matmul, AdaptedLinear, AdapterWeights, Apply, LoraModule, MergedWeights,
-    ProjKind, RowGroup,
+    dora_norm, dora_norm_reference, small_matmul, AdaptedLinear, AdapterWeights, Apply, LoraModule,
+    MergedWeights, ProjKind, RowGroup,
 };
 
 const IN: usize = 576;
@@ -31,13 +31,17 @@ fn small_matmul_bench(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("kernel", rows), &rows, |b, _| {
             b.iter(|| black_box(small_matmul::matmul(&x, &w_t).unwrap()))
         });
-        g.bench_with_input(BenchmarkId::new("candle_contiguous", rows), &rows, |b, _| {
-            b.iter(|| black_box(x.matmul(&w_t).unwrap()))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("candle_contiguous", rows),
+            &rows,
+            |b, _| b.iter(|| black_box(x.matmul(&w_t).unwrap())),
+        );
         let w = w_t.t().unwrap().contiguous().unwrap();
-        g.bench_with_input(BenchmarkId::new("candle_transposed_view", rows), &rows, |b, _| {
-            b.iter(|| black_box(x.matmul(&w.t().unwrap()).unwrap()))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("candle_transposed_view", rows),
+            &rows,
+            |b, _| b.iter(|| black_box(x.matmul(&w.t().unwrap()).unwrap())),
+        );
     }
     g.finish();
 }
@@ -48,7 +52,11 @@ fn adapter(id: u64, rank: usize, lin: &AdaptedLinear) -> AdapterWeights {
     let n = dora_norm(lin.weight_t(), &a, &b, 2.0).unwrap();
     let g = (Tensor::ones(OUT, DType::F32, &Device::Cpu).unwrap() / n).unwrap();
     let mut w = AdapterWeights::new(id, 1);
-    w.insert(0, ProjKind::Up, LoraModule::new(&a, &b, 2.0, Some(&g), DType::F32).unwrap());
+    w.insert(
+        0,
+        ProjKind::Up,
+        LoraModule::new(&a, &b, 2.0, Some(&g), DType::F32).unwrap(),
+    );
     w
 }
 
@@ -60,7 +68,8 @@ fn adapted_linear_bench(c: &mut Criterion) {
     merged.insert(
         0,
         ProjKind::Up,
-        lin.merged_weight_t(adapters[0].get(0, ProjKind::Up).unwrap()).unwrap(),
+        lin.merged_weight_t(adapters[0].get(0, ProjKind::Up).unwrap())
+            .unwrap(),
     );
     for rows in [1usize, 8, 64] {
         let x = randn((rows, IN));
@@ -78,13 +87,18 @@ fn adapted_linear_bench(c: &mut Criterion) {
             let groups: Vec<RowGroup> = (0..n_adapters)
                 .map(|i| RowGroup {
                     start: i * per,
-                    len: if i + 1 == n_adapters { rows - i * per } else { per },
+                    len: if i + 1 == n_adapters {
+                        rows - i * per
+                    } else {
+                        per
+                    },
                     adapter: Some(&adapters[i]),
                 })
                 .collect();
-            g.bench_function(BenchmarkId::new(format!("unmerged_{n_adapters}_adapters"), rows), |b| {
-                b.iter(|| black_box(lin.forward(&x, Apply::Rows(&groups)).unwrap()))
-            });
+            g.bench_function(
+                BenchmarkId::new(format!("unmerged_{n_adapters}_adapters"), rows),
+                |b| b.iter(|| black_box(lin.forward(&x, Apply::Rows(&groups)).unwrap())),
+            );
         }
     }
     g.finish();
@@ -116,5 +130,11 @@ fn merge_bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, small_matmul_bench, adapted_linear_bench, dora_norm_bench, merge_bench);
+criterion_group!(
+    benches,
+    small_matmul_bench,
+    adapted_linear_bench,
+    dora_norm_bench,
+    merge_bench
+);
 criterion_main!(benches);

@@ -43,8 +43,21 @@ pub struct InspectArgs {
 pub enum ModeArg {
     /// Adapter terms added per row group; any mix of adapters in one batch.
     Unmerged,
-    /// Adapters merged into their own weight copies; each adapter's prompts run as one batch.
+    /// Adapters merged into their own weight copies; adapters take turns.
     Merged,
+    /// Merged while one adapter has all running rows, unmerged otherwise.
+    Auto,
+}
+
+impl ModeArg {
+    pub fn policy(self) -> crate::engine::scheduler::ModePolicy {
+        use crate::engine::scheduler::ModePolicy;
+        match self {
+            ModeArg::Unmerged => ModePolicy::Unmerged,
+            ModeArg::Merged => ModePolicy::Merged,
+            ModeArg::Auto => ModePolicy::Auto,
+        }
+    }
 }
 
 /// Serving dtype of the model's weights and activations.

@@ -8,11 +8,12 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
-use dora_serve::adapter::{self, Adapter};
-use dora_serve::config::{
-    AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModeArg, ModelArgs,
+use dora_serve::adapter::{self, Lease};
+use dora_serve::config::{AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs};
+use dora_serve::engine::{
+    AdapterSpec, Engine, EngineConfig, EngineRequest, Event, FinishReason, GenerateOutput,
+    SamplingParams,
 };
-use dora_serve::engine::{generate_with_stats, ApplyMode, GenerateRequest, SamplingParams};
 use dora_serve::model::{self, LoadOptions, LoadedModel};
 
 fn main() -> anyhow::Result<()> {
@@ -125,7 +126,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("no prompts to run");
     }
     let loaded = load_model(&args.model)?;
-    let mut adapters: HashMap<PathBuf, Adapter> = HashMap::new();
+    let mut adapters: HashMap<PathBuf, Lease> = HashMap::new();
     for dir in prompts.iter().filter_map(|(_, a)| a.as_ref()) {
         if !adapters.contains_key(dir) {
             let start = Instant::now();
@@ -139,7 +140,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                 a.info.modules.len(),
                 start.elapsed().as_secs_f64()
             );
-            adapters.insert(dir.clone(), a);
+            adapters.insert(dir.clone(), Arc::new(a));
         }
     }
     let sampling = SamplingParams {
@@ -151,23 +152,80 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let reqs = prompts
         .iter()
         .map(|(prompt, dir)| {
-            Ok(GenerateRequest {
+            Ok(EngineRequest {
                 prompt_token_ids: loaded.tokenizer.encode(prompt)?,
                 max_tokens: args.max_tokens,
                 sampling: sampling.clone(),
                 logprobs: args.logprobs,
-                stop_token_ids: loaded.info.eos_token_ids.clone(),
+                stop_token_ids: Vec::new(),
+                stop_strings: Vec::new(),
+                ignore_eos: false,
                 adapter: dir
                     .as_ref()
-                    .map(|d| Arc::clone(&adapters[d.as_path()].weights)),
+                    .map(|d| AdapterSpec::Loaded(Arc::clone(&adapters[d.as_path()]))),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mode = match args.mode {
-        ModeArg::Unmerged => ApplyMode::Unmerged,
-        ModeArg::Merged => ApplyMode::Merged,
-    };
-    let (outs, stats) = generate_with_stats(&loaded.model, &loaded.tokenizer, &reqs, mode)?;
+    // One batch: every prompt runs at once, prompts prefilled together.
+    let total_prompt: usize = reqs.iter().map(|r| r.prompt_token_ids.len()).sum();
+    let engine = Engine::start(
+        loaded,
+        EngineConfig {
+            max_running: reqs.len(),
+            max_step_tokens: total_prompt.max(reqs.len()),
+            max_queued: reqs.len(),
+            mode: args.mode.policy(),
+            merge_after: 0,
+            ..EngineConfig::default()
+        },
+    );
+    let start = Instant::now();
+    let streams = reqs
+        .iter()
+        .map(|r| engine.submit(r.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut outs = Vec::with_capacity(streams.len());
+    let mut first_token_at: Option<Instant> = None;
+    for (req, mut stream) in reqs.into_iter().zip(streams) {
+        let mut out = GenerateOutput {
+            prompt_token_ids: req.prompt_token_ids,
+            token_ids: Vec::new(),
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            logprobs: req.logprobs.map(|_| Vec::new()),
+        };
+        while let Some(event) = stream.blocking_next() {
+            match event {
+                Event::Token {
+                    token_id,
+                    text,
+                    logprob,
+                } => {
+                    // Prompts are prefilled in one step, so the first token to arrive marks
+                    // the start of decoding for every sequence.
+                    first_token_at.get_or_insert_with(Instant::now);
+                    out.token_ids.push(token_id);
+                    out.text.push_str(&text);
+                    if let (Some(lps), Some(lp)) = (out.logprobs.as_mut(), logprob) {
+                        lps.push(lp);
+                    }
+                }
+                Event::Done {
+                    finish_reason,
+                    text,
+                    ..
+                } => {
+                    out.text.push_str(&text);
+                    out.finish_reason = finish_reason;
+                    break;
+                }
+                Event::Error(e) => return Err(e.into()),
+            }
+        }
+        outs.push(out);
+    }
+    let end = Instant::now();
+    engine.shutdown();
     for ((prompt, _), out) in prompts.iter().zip(&outs) {
         if args.json {
             println!("{}", serde_json::to_string(out)?);
@@ -175,18 +233,20 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             println!("{prompt}{}", out.text);
         }
     }
+    let generated: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+    let decode_tokens = generated.saturating_sub(outs.len());
+    let decode_secs = first_token_at.map_or(0.0, |t| (end - t).as_secs_f64());
     eprintln!(
-        "{} sequence(s), {} prompt tokens in {:.3}s; {} generated, decode {:.1} tok/s{}",
+        "{} sequence(s), {} prompt tokens; {} generated in {:.2}s; decode {:.1} tok/s",
         outs.len(),
-        outs.iter().map(|o| o.prompt_token_ids.len()).sum::<usize>(),
-        stats.prefill_secs,
-        outs.iter().map(|o| o.token_ids.len()).sum::<usize>(),
-        stats.decode_tokens_per_sec(),
-        if stats.merge_secs > 0.0 {
-            format!("; merging took {:.3}s", stats.merge_secs)
+        total_prompt,
+        generated,
+        (end - start).as_secs_f64(),
+        if decode_secs > 0.0 {
+            decode_tokens as f64 / decode_secs
         } else {
-            String::new()
-        }
+            0.0
+        },
     );
     Ok(())
 }

@@ -1,15 +1,26 @@
 //! PEFT LoRA/DoRA adapters: configuration, loading and validation against the base model,
 //! and the per-module tensors the model's linear layers apply.
 
+pub mod cache;
 mod config;
 mod load;
 
 use std::path::PathBuf;
 
+pub use cache::{AdapterCache, CacheStats, Lease};
 pub use config::{AdapterConfig, ModuleSelector};
 pub use load::{
     load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,
 };
+
+/// Whether `name` is a valid adapter name: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` (so it is
+/// always one plain path component of the store).
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
 
 /// Why an adapter cannot be served. Every variant says which field, tensor or module is at
 /// fault and what to do about it.

@@ -3,25 +3,62 @@
 //! scheduler, grows here.)
 
 mod generate;
-pub mod scheduler;
 mod sampling;
+pub mod scheduler;
+mod text;
+mod worker;
 
 pub use generate::{
     generate, generate_with_stats, ApplyMode, FinishReason, GenerateOutput, GenerateRequest,
     GenerateStats, MAX_LOGPROBS,
 };
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
+pub use worker::{
+    AdapterSpec, AdapterVersion, Engine, EngineConfig, EngineRequest, EngineStats, Event,
+    EventStream,
+};
 
 use crate::model::ModelError;
 
 /// Errors of generation.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// The request cannot be served as given; the message says what to change.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error("model: {0}")]
-    Candle(#[from] candle_core::Error),
+    #[error(
+        "the prompt has {prompt} tokens and max_tokens is {max_tokens}, but the model's context is {context} tokens: \
+         shorten the prompt or lower max_tokens"
+    )]
+    ContextLength {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("the server is at capacity: the request queue is full; retry later")]
+    Overloaded,
+    #[error("adapter {0:?} is not in the adapter store")]
+    AdapterNotFound(String),
+    #[error("adapter {name:?} failed to load: {msg}")]
+    AdapterLoad {
+        name: String,
+        code: &'static str,
+        msg: String,
+    },
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ModelError> for EngineError {
+    fn from(e: ModelError) -> Self {
+        EngineError::Internal(e.to_string())
+    }
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Internal(e.to_string())
+    }
 }

@@ -82,7 +82,10 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        assert!(cfg.max_running > 0 && cfg.max_step_tokens > 0, "validated by the config");
+        assert!(
+            cfg.max_running > 0 && cfg.max_step_tokens > 0,
+            "validated by the config"
+        );
         Self {
             cfg,
             single_adapter_steps: 0,
@@ -126,7 +129,9 @@ impl Scheduler {
                     self.single_adapter_steps = 0;
                 }
                 match keys.iter().next() {
-                    Some(&key) if keys.len() == 1 && self.single_adapter_steps > self.cfg.merge_after => {
+                    Some(&key)
+                        if keys.len() == 1 && self.single_adapter_steps > self.cfg.merge_after =>
+                    {
                         StepApply::Merged(key)
                     }
                     _ => StepApply::Unmerged,
@@ -142,7 +147,8 @@ impl Scheduler {
         // 3. Tokens: every decoding row gets its one token first (cheap, and latency-critical),
         // then prompts are fed in chunks, oldest first, while the step budget lasts.
         let mut budget = self.cfg.max_step_tokens;
-        let (decoding, prefilling): (Vec<&Running>, Vec<&Running>) = eligible.partition(|c| c.pending_prompt == 0);
+        let (decoding, prefilling): (Vec<&Running>, Vec<&Running>) =
+            eligible.partition(|c| c.pending_prompt == 0);
         for c in decoding {
             if budget == 0 {
                 break;
@@ -159,7 +165,8 @@ impl Scheduler {
             budget -= n;
         }
         // Admit only what runs now, so nothing sits admitted without being fed.
-        plan.admit.retain(|id| plan.rows.iter().any(|(r, _)| r == id));
+        plan.admit
+            .retain(|id| plan.rows.iter().any(|(r, _)| r == id));
         plan
     }
 
@@ -242,7 +249,12 @@ mod tests {
                 vec![(1, 1), (2, 1), (3, 1), (4, 2)],
             ),
             // A budget spent on an earlier prompt leaves a later admission waiting.
-            (vec![], vec![wait(1, None, 10), wait(2, None, 3)], vec![1], vec![(1, 10)]),
+            (
+                vec![],
+                vec![wait(1, None, 10), wait(2, None, 3)],
+                vec![1],
+                vec![(1, 10)],
+            ),
             // A prompt half fed continues.
             (vec![run(1, None, 3)], vec![], vec![], vec![(1, 3)]),
         ];
@@ -265,13 +277,23 @@ mod tests {
     #[test]
     fn merged_gives_adapters_turns_without_starving_any() {
         let mut s = Scheduler::new(cfg(ModePolicy::Merged));
-        let running = [run(1, Some(1), 0), run(2, Some(2), 0), run(3, None, 0), run(4, Some(1), 0)];
+        let running = [
+            run(1, Some(1), 0),
+            run(2, Some(2), 0),
+            run(3, None, 0),
+            run(4, Some(1), 0),
+        ];
         let mut served = Vec::new();
         for _ in 0..6 {
             let plan = s.plan(&running, &[]);
-            let Some(StepApply::Merged(k)) = plan.apply else { panic!("merged mode") };
+            let Some(StepApply::Merged(k)) = plan.apply else {
+                panic!("merged mode")
+            };
             // Only that group's rows run.
-            assert!(plan.rows.iter().all(|(id, _)| running.iter().any(|r| r.id == *id && r.adapter == k)));
+            assert!(plan
+                .rows
+                .iter()
+                .all(|(id, _)| running.iter().any(|r| r.id == *id && r.adapter == k)));
             served.push(k);
         }
         // Turns of 2 steps each, every group served.

@@ -69,12 +69,25 @@ fn small_m(x: &Tensor, w_t: &Tensor) -> Result<Option<Tensor>> {
             y[r * n + c0..r * n + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
         }
     }
-    Ok(Some(Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu)?))
+    Ok(Some(Tensor::from_vec(
+        y,
+        (m, n),
+        &candle_core::Device::Cpu,
+    )?))
 }
 
 /// Accumulate `acc[r, j] = Σ_k x[r, k] · w[k, c0 + j]` for `j < width`.
 #[allow(clippy::too_many_arguments)]
-fn kernel(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, c0: usize, width: usize, acc: &mut [f32]) {
+fn kernel(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    c0: usize,
+    width: usize,
+    acc: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if fma_available() {
@@ -95,7 +108,16 @@ fn fma_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx2(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, c0: usize, width: usize, acc: &mut [f32]) {
+unsafe fn kernel_avx2(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    c0: usize,
+    width: usize,
+    acc: &mut [f32],
+) {
     // The same loop as `kernel_plain`: compiled with AVX2/FMA enabled, `mul_add` over
     // contiguous slices vectorises to fused multiply-adds.
     kernel_plain(x, w, m, k, n, c0, width, acc)
@@ -103,7 +125,16 @@ unsafe fn kernel_avx2(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, c0: us
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn kernel_plain(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, c0: usize, width: usize, acc: &mut [f32]) {
+fn kernel_plain(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    c0: usize,
+    width: usize,
+    acc: &mut [f32],
+) {
     for kk in 0..k {
         let w_row = &w[kk * n + c0..kk * n + c0 + width];
         for r in 0..m {
@@ -123,7 +154,13 @@ mod tests {
 
     #[test]
     fn equals_candle_matmul_for_every_small_shape() {
-        for (m, k, n) in [(1, 32, 64), (3, 64, 700), (8, 576, 1536), (16, 17, 5), (2, 1, 1)] {
+        for (m, k, n) in [
+            (1, 32, 64),
+            (3, 64, 700),
+            (8, 576, 1536),
+            (16, 17, 5),
+            (2, 1, 1),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
             let w = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu).unwrap();
             let fast = small_m(&x, &w).unwrap().expect("kernel applies");
@@ -148,10 +185,14 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (8, 4), &Device::Cpu).unwrap();
         assert!(small_m(&x, &w).unwrap().is_none());
         let x16 = x.narrow(0, 0, 2).unwrap().to_dtype(DType::F16).unwrap();
-        assert!(small_m(&x16, &w.to_dtype(DType::F16).unwrap()).unwrap().is_none());
+        assert!(small_m(&x16, &w.to_dtype(DType::F16).unwrap())
+            .unwrap()
+            .is_none());
         // A transposed (non-contiguous) weight view is left to candle too.
         let wt = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
-        assert!(small_m(&x.narrow(0, 0, 2).unwrap(), &wt.t().unwrap()).unwrap().is_none());
+        assert!(small_m(&x.narrow(0, 0, 2).unwrap(), &wt.t().unwrap())
+            .unwrap()
+            .is_none());
         assert_eq!(matmul(&x, &w).unwrap().dims(), &[MAX_ROWS + 1, 4]);
     }
 }

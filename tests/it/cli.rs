@@ -159,7 +159,7 @@ fn generate_batch_file_mixes_adapters_in_input_order() {
         })
         .collect();
     std::fs::write(&batch, lines.join("\n")).unwrap();
-    for mode in ["unmerged", "merged"] {
+    for mode in ["unmerged", "merged", "auto"] {
         let out = dora()
             .args(["generate", "--model"])
             .arg(fixtures().join("tiny-llama"))

@@ -1,0 +1,791 @@
+//! The serving engine: one worker thread owns the model's KV caches, the adapter caches and
+//! every running sequence; the rest of the program holds a cloneable [`Engine`] handle.
+//!
+//! Each step, the [`Scheduler`] picks rows (new requests join at step boundaries, finished
+//! ones leave), the model runs them in one packed forward (unmerged, or on one adapter's merged
+//! weights), and tokens stream back per request. Cold adapters load on their own threads, so a
+//! load never stalls decoding; concurrent requests for one cold adapter share one load.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob};
+use super::scheduler::{
+    ModePolicy, Plan, Running, Scheduler, SchedulerConfig, SeqId, StepApply, Waiting,
+};
+use super::text::TextState;
+use super::{EngineError, FinishReason, MAX_LOGPROBS};
+use crate::adapter::{self, AdapterCache, CacheStats, Lease};
+use crate::model::{KvCache, Llama, LoadedModel, LogitsFor, ModelInfo, SeqInput, Tokenizer};
+use crate::ops::MergedWeights;
+
+/// Engine limits and policies (validated by the caller's config).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_running: usize,
+    pub max_step_tokens: usize,
+    pub max_queued: usize,
+    pub mode: ModePolicy,
+    /// `auto`: single-adapter steps before merging.
+    pub merge_after: usize,
+    /// `merged`: steps per adapter turn.
+    pub turn_steps: usize,
+    pub adapter_cache_bytes: usize,
+    pub merged_cache_bytes: usize,
+    /// The adapter store: adapter `NAME` lives in `adapters_dir/NAME`.
+    pub adapters_dir: PathBuf,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 16,
+            max_step_tokens: 512,
+            max_queued: 256,
+            mode: ModePolicy::Unmerged,
+            merge_after: 8,
+            turn_steps: 32,
+            adapter_cache_bytes: 1 << 30,
+            merged_cache_bytes: 2 << 30,
+            adapters_dir: PathBuf::from("adapters"),
+        }
+    }
+}
+
+/// Which adapter a request runs on.
+#[derive(Debug, Clone)]
+pub enum AdapterSpec {
+    /// A name in the adapter store, resolved (and loaded if cold) by the engine.
+    Named(String),
+    /// An adapter the caller loaded itself (the CLI's folders).
+    Loaded(Lease),
+}
+
+/// A request to the engine.
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    pub prompt_token_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub logprobs: Option<usize>,
+    /// Extra stop ids besides the model's end-of-sequence ids.
+    pub stop_token_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    /// Do not stop at end-of-sequence ids (fixed-length benchmark runs).
+    pub ignore_eos: bool,
+    pub adapter: Option<AdapterSpec>,
+}
+
+/// Which adapter version served a request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdapterVersion {
+    pub name: String,
+    /// Unique per load: a replaced adapter gets a new one.
+    pub version: u64,
+}
+
+/// What a request's stream yields.
+#[derive(Debug)]
+pub enum Event {
+    Token {
+        token_id: u32,
+        /// Text that became final with this token (may be empty, or span several tokens).
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        adapter: Option<AdapterVersion>,
+        /// Any text still held back (end of generation).
+        text: String,
+    },
+    Error(EngineError),
+}
+
+/// A request's events; dropping it cancels the request.
+pub struct EventStream {
+    rx: UnboundedReceiver<Event>,
+}
+
+impl EventStream {
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// For synchronous callers (not from inside an async runtime).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+}
+
+/// A snapshot of the engine for metrics and tests.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub loading: usize,
+    pub kv_bytes: usize,
+    pub steps_unmerged: u64,
+    pub steps_merged: u64,
+    pub tokens_generated: u64,
+    pub prompt_tokens: u64,
+    pub adapter_cache: CacheStats,
+    pub merged_bytes: usize,
+    pub merges: u64,
+    pub running_adapters: Vec<String>,
+    pub waiting_adapters: Vec<String>,
+}
+
+enum Command {
+    Submit(Box<EngineRequest>, UnboundedSender<Event>),
+    Loaded {
+        name: String,
+        result: Result<adapter::Adapter, adapter::AdapterError>,
+        secs: f64,
+    },
+    Invalidate(String),
+    Shutdown,
+}
+
+/// The cloneable handle to the engine.
+#[derive(Clone)]
+pub struct Engine {
+    tx: Sender<Command>,
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+    stats: Arc<Mutex<EngineStats>>,
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    info: Arc<ModelInfo>,
+}
+
+impl Engine {
+    /// Start the worker thread on `loaded`.
+    pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Engine {
+        let (tx, rx) = mpsc::channel();
+        let model = Arc::new(loaded.model);
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let info = Arc::new(loaded.info);
+        let engine = Engine {
+            tx: tx.clone(),
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queued: cfg.max_queued,
+            stats: Arc::new(Mutex::new(EngineStats::default())),
+            model: Arc::clone(&model),
+            tokenizer: Arc::clone(&tokenizer),
+            info: Arc::clone(&info),
+        };
+        let worker = Worker {
+            sched: Scheduler::new(SchedulerConfig {
+                max_running: cfg.max_running,
+                max_step_tokens: cfg.max_step_tokens,
+                mode: cfg.mode,
+                merge_after: cfg.merge_after,
+                turn_steps: cfg.turn_steps,
+            }),
+            cache: AdapterCache::new(cfg.adapter_cache_bytes),
+            merged: MergedCache::new(cfg.merged_cache_bytes),
+            cfg,
+            model,
+            tokenizer,
+            eos: info.eos_token_ids.clone(),
+            tx,
+            rx,
+            queued: Arc::clone(&engine.queued),
+            stats_out: Arc::clone(&engine.stats),
+            seqs: HashMap::new(),
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            loading: HashMap::new(),
+            counters: EngineStats::default(),
+        };
+        std::thread::Builder::new()
+            .name("dora-engine".into())
+            .spawn(move || worker.run())
+            .expect("spawning the engine thread");
+        engine
+    }
+
+    /// Queue a request. Fails at once when the queue is full (`Overloaded`) or the request is
+    /// invalid; everything else (unknown adapter, load failure) arrives as an `Error` event.
+    pub fn submit(&self, req: EngineRequest) -> Result<EventStream, EngineError> {
+        self.check(&req)?;
+        // Reserve a queue slot, or refuse: memory stays bounded under any load.
+        let mut cur = self.queued.load(Ordering::Acquire);
+        loop {
+            if cur >= self.max_queued {
+                return Err(EngineError::Overloaded);
+            }
+            match self
+                .queued
+                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        let (etx, erx) = unbounded_channel();
+        if self.tx.send(Command::Submit(Box::new(req), etx)).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(EventStream { rx: erx })
+    }
+
+    fn check(&self, req: &EngineRequest) -> Result<(), EngineError> {
+        let cfg = self.model.config();
+        let bad = |m: String| Err(EngineError::InvalidRequest(m));
+        if req.prompt_token_ids.is_empty() {
+            return bad("the prompt is empty: give at least one token".into());
+        }
+        if let Some(&t) = req
+            .prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
+            return bad(format!(
+                "prompt token id {t} is outside the vocabulary (0..{})",
+                cfg.vocab_size
+            ));
+        }
+        if req.prompt_token_ids.len() + req.max_tokens.max(1) > cfg.max_context {
+            return Err(EngineError::ContextLength {
+                prompt: req.prompt_token_ids.len(),
+                max_tokens: req.max_tokens,
+                context: cfg.max_context,
+            });
+        }
+        if req.logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
+            return bad(format!("logprobs must be at most {MAX_LOGPROBS}"));
+        }
+        if req.stop_strings.iter().any(String::is_empty) {
+            return bad("stop strings must not be empty".into());
+        }
+        req.sampling.check().map_err(EngineError::InvalidRequest)
+    }
+
+    /// Forget a loaded adapter (deleted or replaced in the store): running requests finish on
+    /// the version they hold; new requests load the store's current version.
+    pub fn invalidate_adapter(&self, name: &str) {
+        let _ = self.tx.send(Command::Invalidate(name.to_string()));
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn model(&self) -> &Arc<Llama> {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Stop the worker after the current step; in-flight requests get an error.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}
+
+/// Merged weights by adapter instance, LRU under a byte budget.
+struct MergedCache {
+    budget: usize,
+    entries: HashMap<u64, (Arc<MergedWeights>, u64)>,
+    clock: u64,
+    merges: u64,
+}
+
+impl MergedCache {
+    fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            entries: HashMap::new(),
+            clock: 0,
+            merges: 0,
+        }
+    }
+
+    fn get_or_merge(
+        &mut self,
+        lease: &Lease,
+        model: &Llama,
+    ) -> candle_core::Result<Arc<MergedWeights>> {
+        self.clock += 1;
+        let id = lease.weights.id();
+        if let Some((m, used)) = self.entries.get_mut(&id) {
+            *used = self.clock;
+            return Ok(Arc::clone(m));
+        }
+        let m = Arc::new(model.merge(&lease.weights)?);
+        self.merges += 1;
+        self.entries.insert(id, (Arc::clone(&m), self.clock));
+        // Keep the one in use even when it alone exceeds the budget.
+        while self.bytes() > self.budget && self.entries.len() > 1 {
+            let victim = self
+                .entries
+                .iter()
+                .filter(|(k, _)| **k != id)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k);
+            match victim {
+                Some(k) => {
+                    self.entries.remove(&k);
+                }
+                None => break,
+            }
+        }
+        Ok(m)
+    }
+
+    fn bytes(&self) -> usize {
+        self.entries.values().map(|(m, _)| m.bytes()).sum()
+    }
+}
+
+struct Seq {
+    req: EngineRequest,
+    events: UnboundedSender<Event>,
+    lease: Option<Lease>,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Prompt tokens fed so far.
+    fed: usize,
+    out: Vec<u32>,
+    text: TextState,
+    /// Counted in the handle's queue until admitted.
+    queued: bool,
+}
+
+impl Seq {
+    fn adapter_name(&self) -> Option<String> {
+        match &self.req.adapter {
+            Some(AdapterSpec::Named(n)) => Some(n.clone()),
+            Some(AdapterSpec::Loaded(l)) => Some(l.name.clone()),
+            None => None,
+        }
+    }
+}
+
+struct Worker {
+    cfg: EngineConfig,
+    sched: Scheduler,
+    cache: AdapterCache,
+    merged: MergedCache,
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    eos: Vec<u32>,
+    tx: Sender<Command>,
+    rx: Receiver<Command>,
+    queued: Arc<AtomicUsize>,
+    stats_out: Arc<Mutex<EngineStats>>,
+    seqs: HashMap<SeqId, Seq>,
+    /// Admitted sequences, in admission order.
+    running: Vec<SeqId>,
+    /// Sequences whose adapter is ready, in arrival order.
+    waiting: VecDeque<SeqId>,
+    /// Adapter name → sequences waiting for its load.
+    loading: HashMap<String, Vec<SeqId>>,
+    counters: EngineStats,
+}
+
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            // Block only when there is nothing to step.
+            let idle = self.running.is_empty() && self.waiting.is_empty();
+            let first = if idle {
+                match self.rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.publish();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                None
+            };
+            let cmds: Vec<Command> = first.into_iter().chain(self.rx.try_iter()).collect();
+            for cmd in cmds {
+                if !self.handle(cmd) {
+                    self.fail_all(EngineError::ShuttingDown);
+                    self.publish();
+                    return;
+                }
+            }
+            self.drop_cancelled();
+            if let Err(e) = self.step() {
+                // A failed forward fails the sequences it ran; the engine keeps serving.
+                tracing::error!("engine step failed: {e}");
+                let ids: Vec<SeqId> = self.running.clone();
+                for id in ids {
+                    self.finish_with_error(id, EngineError::Internal(e.to_string()));
+                }
+            }
+            self.publish();
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(req, events) => self.submit(*req, events),
+            Command::Loaded { name, result, secs } => self.loaded(name, result, secs),
+            Command::Invalidate(name) => {
+                self.cache.remove(&name);
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn submit(&mut self, req: EngineRequest, events: UnboundedSender<Event>) {
+        let id = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
+        let seq = Seq {
+            sampler: Sampler::new(&req.sampling),
+            cache: self.model.new_cache(),
+            lease: None,
+            fed: 0,
+            out: Vec::new(),
+            text: TextState::default(),
+            queued: true,
+            events,
+            req,
+        };
+        let spec = seq.req.adapter.clone();
+        self.seqs.insert(id, seq);
+        match spec {
+            None => self.waiting.push_back(id),
+            Some(AdapterSpec::Loaded(lease)) => {
+                self.seqs.get_mut(&id).expect("just inserted").lease = Some(lease);
+                self.waiting.push_back(id);
+            }
+            Some(AdapterSpec::Named(name)) => {
+                if let Some(lease) = self.cache.get(&name) {
+                    self.seqs.get_mut(&id).expect("just inserted").lease = Some(lease);
+                    self.waiting.push_back(id);
+                } else if let Some(waiters) = self.loading.get_mut(&name) {
+                    waiters.push(id);
+                } else {
+                    let dir = self.cfg.adapters_dir.join(&name);
+                    if !crate::adapter::valid_name(&name) || !dir.is_dir() {
+                        self.finish_with_error(id, EngineError::AdapterNotFound(name));
+                        return;
+                    }
+                    self.loading.insert(name.clone(), vec![id]);
+                    let (model, tx) = (Arc::clone(&self.model), self.tx.clone());
+                    std::thread::spawn(move || {
+                        let start = Instant::now();
+                        let result = adapter::load_dir(&dir, &*model).map(|mut a| {
+                            a.name = name.clone();
+                            a
+                        });
+                        let secs = start.elapsed().as_secs_f64();
+                        let _ = tx.send(Command::Loaded { name, result, secs });
+                    });
+                }
+            }
+        }
+    }
+
+    fn loaded(
+        &mut self,
+        name: String,
+        result: Result<adapter::Adapter, adapter::AdapterError>,
+        secs: f64,
+    ) {
+        let waiters = self.loading.remove(&name).unwrap_or_default();
+        match result {
+            Ok(a) => {
+                let lease = self.cache.insert(a, secs);
+                for id in waiters {
+                    if let Some(seq) = self.seqs.get_mut(&id) {
+                        seq.lease = Some(Arc::clone(&lease));
+                        self.waiting.push_back(id);
+                    }
+                }
+                drop(lease);
+                self.cache.evict_to_budget();
+            }
+            Err(e) => {
+                self.cache.record_load_failure();
+                let msg = e.to_string();
+                let code = e.code();
+                for id in waiters {
+                    self.finish_with_error(
+                        id,
+                        EngineError::AdapterLoad {
+                            name: name.clone(),
+                            code,
+                            msg: msg.clone(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Requests whose client went away stop now and free their memory.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.remove(id);
+        }
+    }
+
+    fn remove(&mut self, id: SeqId) -> Option<Seq> {
+        let seq = self.seqs.remove(&id)?;
+        if seq.queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.running.retain(|r| *r != id);
+        self.waiting.retain(|r| *r != id);
+        for waiters in self.loading.values_mut() {
+            waiters.retain(|r| *r != id);
+        }
+        Some(seq)
+    }
+
+    fn finish_with_error(&mut self, id: SeqId, e: EngineError) {
+        if let Some(seq) = self.remove(id) {
+            let _ = seq.events.send(Event::Error(e));
+            drop(seq);
+            self.cache.evict_to_budget();
+        }
+    }
+
+    fn fail_all(&mut self, e: EngineError) {
+        let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+        for id in ids {
+            self.finish_with_error(id, e.clone());
+        }
+    }
+
+    fn step(&mut self) -> Result<(), EngineError> {
+        let key = |s: &Seq| s.lease.as_ref().map(|l| l.weights.id());
+        let running: Vec<Running> = self
+            .running
+            .iter()
+            .map(|id| {
+                let s = &self.seqs[id];
+                Running {
+                    id: *id,
+                    adapter: key(s),
+                    pending_prompt: s.req.prompt_token_ids.len() - s.fed,
+                }
+            })
+            .collect();
+        let waiting: Vec<Waiting> = self
+            .waiting
+            .iter()
+            .map(|id| {
+                let s = &self.seqs[id];
+                Waiting {
+                    id: *id,
+                    adapter: key(s),
+                    prompt_len: s.req.prompt_token_ids.len(),
+                }
+            })
+            .collect();
+        let Plan { admit, rows, apply } = self.sched.plan(&running, &waiting);
+        for id in &admit {
+            self.waiting.retain(|w| w != id);
+            self.running.push(*id);
+            if let Some(s) = self.seqs.get_mut(id) {
+                s.queued = false;
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let Some(apply) = apply else { return Ok(()) };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let merged = match apply {
+            StepApply::Unmerged => {
+                self.counters.steps_unmerged += 1;
+                None
+            }
+            StepApply::Merged(None) => {
+                self.counters.steps_merged += 1;
+                None
+            }
+            StepApply::Merged(Some(_)) => {
+                self.counters.steps_merged += 1;
+                let lease = self.seqs[&rows[0].0]
+                    .lease
+                    .clone()
+                    .expect("merged rows have an adapter");
+                Some(self.merged.get_or_merge(&lease, &self.model)?)
+            }
+        };
+
+        // Gather each row's tokens, then run them together.
+        let feeds: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|(id, n)| {
+                let s = &self.seqs[id];
+                let plen = s.req.prompt_token_ids.len();
+                if s.fed < plen {
+                    s.req.prompt_token_ids[s.fed..s.fed + n].to_vec()
+                } else {
+                    vec![*s.out.last().expect("a decoding sequence has output")]
+                }
+            })
+            .collect();
+        let mut seqs: Vec<(SeqId, Seq)> = rows
+            .iter()
+            .map(|(id, _)| (*id, self.seqs.remove(id).expect("planned")))
+            .collect();
+        let result = {
+            let mut inputs: Vec<SeqInput> = seqs
+                .iter_mut()
+                .zip(&feeds)
+                .map(|((_, s), tokens)| SeqInput {
+                    tokens,
+                    cache: &mut s.cache,
+                    logits: LogitsFor::Last,
+                    adapter: s.lease.as_ref().map(|l| &*l.weights),
+                })
+                .collect();
+            self.model.forward(&mut inputs, merged.as_deref())
+        };
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for (id, s) in seqs {
+                    self.seqs.insert(id, s);
+                }
+                return Err(e.into());
+            }
+        };
+        let mut finished = Vec::new();
+        for (((id, mut s), logits), tokens) in seqs.into_iter().zip(logits).zip(&feeds) {
+            let plen = s.req.prompt_token_ids.len();
+            let prefilling = s.fed < plen;
+            if prefilling {
+                s.fed += tokens.len();
+                self.counters.prompt_tokens += tokens.len() as u64;
+                if s.fed < plen {
+                    self.seqs.insert(id, s);
+                    continue;
+                }
+            }
+            match self.sample(&mut s, &logits) {
+                Ok(Some(reason)) => finished.push((id, s, reason)),
+                Ok(None) => {
+                    self.seqs.insert(id, s);
+                }
+                Err(e) => {
+                    let _ = s.events.send(Event::Error(e));
+                    self.running.retain(|r| *r != id);
+                }
+            }
+        }
+        for (id, mut s, reason) in finished {
+            self.running.retain(|r| *r != id);
+            let text = s.text.flush();
+            let _ = s.events.send(Event::Done {
+                finish_reason: reason,
+                prompt_tokens: plen_of(&s),
+                completion_tokens: s.out.len(),
+                adapter: s.lease.as_ref().map(|l| AdapterVersion {
+                    name: l.name.clone(),
+                    version: l.weights.id(),
+                }),
+                text,
+            });
+        }
+        self.cache.evict_to_budget();
+        Ok(())
+    }
+
+    /// Sample the next token of `s`; `Some(reason)` when it finished.
+    fn sample(
+        &mut self,
+        s: &mut Seq,
+        logits: &candle_core::Tensor,
+    ) -> Result<Option<FinishReason>, EngineError> {
+        let row = logits.squeeze(0)?;
+        let token = s.sampler.sample(&row)?;
+        let stop_id = s.req.stop_token_ids.contains(&token)
+            || (!s.req.ignore_eos && self.eos.contains(&token));
+        if stop_id {
+            return Ok(Some(FinishReason::Stop));
+        }
+        let logprob = match s.req.logprobs {
+            Some(k) => Some(logprobs_of(&row.to_vec1::<f32>()?, token, k)),
+            None => None,
+        };
+        s.out.push(token);
+        self.counters.tokens_generated += 1;
+        let step = s.text.push(&self.tokenizer, &s.out, &s.req.stop_strings)?;
+        let _ = s.events.send(Event::Token {
+            token_id: token,
+            text: step.delta,
+            logprob,
+        });
+        if step.stopped {
+            return Ok(Some(FinishReason::Stop));
+        }
+        let ctx = self.model.config().max_context;
+        if s.out.len() >= s.req.max_tokens || s.cache.len() + 1 >= ctx {
+            return Ok(Some(FinishReason::Length));
+        }
+        Ok(None)
+    }
+
+    fn publish(&mut self) {
+        let names = |ids: &mut dyn Iterator<Item = &SeqId>| {
+            let mut v: Vec<String> = ids
+                .filter_map(|id| self.seqs.get(id))
+                .filter_map(Seq::adapter_name)
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let mut stats = self.counters.clone();
+        stats.running = self.running.len();
+        stats.waiting = self.waiting.len() + self.loading.values().map(Vec::len).sum::<usize>();
+        stats.loading = self.loading.len();
+        stats.kv_bytes = self.seqs.values().map(|s| s.cache.bytes()).sum();
+        stats.adapter_cache = self.cache.stats();
+        stats.merged_bytes = self.merged.bytes();
+        stats.merges = self.merged.merges;
+        stats.running_adapters = names(&mut self.running.iter());
+        let waiting_ids: Vec<SeqId> = self
+            .waiting
+            .iter()
+            .copied()
+            .chain(self.loading.values().flatten().copied())
+            .collect();
+        stats.waiting_adapters = names(&mut waiting_ids.iter());
+        if let Ok(mut out) = self.stats_out.lock() {
+            *out = stats;
+        }
+    }
+}
+
+fn plen_of(s: &Seq) -> usize {
+    s.req.prompt_token_ids.len()
+}
