@@ -2,6 +2,7 @@
 
 mod adapters;
 mod cli;
+mod engine;
 mod loaders;
 mod parity;
 mod real_model;

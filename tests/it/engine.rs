@@ -1,0 +1,544 @@
+//! The serving engine: concurrent requests equal requests run alone in every mode and arrival
+//! order; the adapter cache keeps its budget and leases; cancellation and overload behave.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dora_serve::engine::scheduler::ModePolicy;
+use dora_serve::engine::{
+    generate, AdapterSpec, ApplyMode, Engine, EngineConfig, EngineError, EngineRequest, Event,
+    EventStream, FinishReason, GenerateRequest, SamplingParams,
+};
+
+use crate::util::{fixtures, load};
+
+const NAMES: [&str; 6] = [
+    "dora-all-r8",
+    "dora-qv-r4-rslora",
+    "dora-patterns",
+    "lora-r8",
+    "dora-layer1",
+    "dora-regex",
+];
+
+/// An adapter store holding copies of the fixture adapters (so tests can break or replace them).
+fn store() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in NAMES {
+        copy_dir(
+            &fixtures().join("adapters").join(name),
+            &dir.path().join(name),
+        );
+    }
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn engine(store: &Path, mode: ModePolicy, cfg: impl FnOnce(&mut EngineConfig)) -> Engine {
+    let mut c = EngineConfig {
+        max_running: 8,
+        max_step_tokens: 24,
+        max_queued: 64,
+        mode,
+        merge_after: 2,
+        turn_steps: 3,
+        adapters_dir: store.to_path_buf(),
+        ..EngineConfig::default()
+    };
+    cfg(&mut c);
+    Engine::start(load("tiny-llama"), c)
+}
+
+fn request(
+    prompt: &[u32],
+    adapter: Option<&str>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> EngineRequest {
+    EngineRequest {
+        prompt_token_ids: prompt.to_vec(),
+        max_tokens,
+        sampling,
+        logprobs: None,
+        stop_token_ids: vec![],
+        stop_strings: vec![],
+        ignore_eos: false,
+        adapter: adapter.map(|a| AdapterSpec::Named(a.to_string())),
+    }
+}
+
+#[derive(Debug)]
+struct Outcome {
+    tokens: Vec<u32>,
+    text: String,
+    finish: Result<FinishReason, String>,
+    version: Option<u64>,
+}
+
+fn collect(mut s: EventStream) -> Outcome {
+    let mut o = Outcome {
+        tokens: vec![],
+        text: String::new(),
+        finish: Err("no end".into()),
+        version: None,
+    };
+    while let Some(e) = s.blocking_next() {
+        match e {
+            Event::Token { token_id, text, .. } => {
+                o.tokens.push(token_id);
+                o.text.push_str(&text);
+            }
+            Event::Done {
+                finish_reason,
+                text,
+                adapter,
+                ..
+            } => {
+                o.text.push_str(&text);
+                o.finish = Ok(finish_reason);
+                o.version = adapter.map(|a| a.version);
+                break;
+            }
+            Event::Error(e) => {
+                o.finish = Err(e.to_string());
+                break;
+            }
+        }
+    }
+    o
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    let m = load("tiny-llama");
+    [
+        "The capital of France is",
+        "Once upon a time",
+        "def add(a, b):\n    return",
+        "Unicode: café 日本語 🙂",
+    ]
+    .iter()
+    .map(|p| m.tokenizer.encode(p).unwrap())
+    .collect()
+}
+
+/// What each (prompt, adapter) gives alone, by the plain reference loop.
+fn alone(
+    prompt: &[u32],
+    adapter: Option<&str>,
+    max_tokens: usize,
+    sampling: &SamplingParams,
+) -> Vec<u32> {
+    let m = load("tiny-llama");
+    let weights = adapter.map(|a| {
+        let ad =
+            dora_serve::adapter::load_dir(&fixtures().join("adapters").join(a), &m.model).unwrap();
+        Arc::clone(&ad.weights)
+    });
+    let req = GenerateRequest {
+        prompt_token_ids: prompt.to_vec(),
+        max_tokens,
+        sampling: sampling.clone(),
+        logprobs: None,
+        stop_token_ids: m.info.eos_token_ids.clone(),
+        adapter: weights,
+    };
+    generate(&m.model, &m.tokenizer, &[req], ApplyMode::Unmerged).unwrap()[0]
+        .token_ids
+        .clone()
+}
+
+#[test]
+fn concurrent_requests_equal_alone_in_every_mode_and_order() {
+    let ps = prompts();
+    let work: Vec<(usize, Option<&str>)> = vec![
+        (0, Some("dora-all-r8")),
+        (1, None),
+        (2, Some("lora-r8")),
+        (3, Some("dora-all-r8")),
+        (1, Some("dora-qv-r4-rslora")),
+        (0, Some("dora-patterns")),
+        (2, None),
+        (3, Some("dora-layer1")),
+        (1, Some("dora-all-r8")),
+        (0, Some("dora-regex")),
+    ];
+    let greedy = SamplingParams::default();
+    let seeded = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: 1234,
+        ..Default::default()
+    };
+    let want: Vec<(Vec<u32>, Vec<u32>)> = work
+        .iter()
+        .map(|(p, a)| {
+            (
+                alone(&ps[*p], *a, 7, &greedy),
+                alone(&ps[*p], *a, 7, &seeded),
+            )
+        })
+        .collect();
+    let s = store();
+    for mode in [ModePolicy::Unmerged, ModePolicy::Merged, ModePolicy::Auto] {
+        for order in 0..3 {
+            let e = engine(s.path(), mode, |_| {});
+            let mut idx: Vec<usize> = (0..work.len()).collect();
+            match order {
+                1 => idx.reverse(),
+                2 => idx.sort_by_key(|i| (i * 7) % work.len()),
+                _ => {}
+            }
+            // Half submitted at once, the rest trickling in while the first ones run.
+            let mut streams = Vec::new();
+            for (n, &i) in idx.iter().enumerate() {
+                let (p, a) = work[i];
+                let sampling = if n % 2 == 0 { &greedy } else { &seeded };
+                streams.push((
+                    i,
+                    n % 2,
+                    e.submit(request(&ps[p], a, 7, sampling.clone())).unwrap(),
+                ));
+                if n >= work.len() / 2 {
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            }
+            for (i, kind, stream) in streams {
+                let out = collect(stream);
+                let expect = if kind == 0 { &want[i].0 } else { &want[i].1 };
+                assert_eq!(
+                    &out.tokens, expect,
+                    "{mode:?} order {order} request {i} ({:?})",
+                    work[i]
+                );
+            }
+            let st = e.stats();
+            match mode {
+                ModePolicy::Unmerged => assert_eq!(st.steps_merged, 0),
+                ModePolicy::Merged => assert_eq!(st.steps_unmerged, 0),
+                ModePolicy::Auto => {}
+            }
+            e.shutdown();
+        }
+    }
+}
+
+#[test]
+fn stop_strings_and_eos_and_length() {
+    let ps = prompts();
+    let s = store();
+    let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
+    let full = collect(
+        e.submit(request(&ps[0], None, 12, SamplingParams::default()))
+            .unwrap(),
+    );
+    assert_eq!(full.finish, Ok(FinishReason::Length));
+    assert_eq!(full.tokens.len(), 12);
+    // Stop at a string that the greedy text contains: the text ends right before it.
+    let chars: Vec<char> = full.text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let mut r = request(&ps[0], None, 12, SamplingParams::default());
+    r.stop_strings = vec![stop.clone()];
+    let cut = collect(e.submit(r).unwrap());
+    assert_eq!(cut.finish, Ok(FinishReason::Stop));
+    assert_eq!(cut.text, full.text[..full.text.find(&stop).unwrap()]);
+    // A stop token id.
+    let mut r = request(&ps[0], None, 12, SamplingParams::default());
+    r.stop_token_ids = vec![full.tokens[3]];
+    let cut = collect(e.submit(r).unwrap());
+    assert_eq!(cut.finish, Ok(FinishReason::Stop));
+    assert_eq!(
+        cut.tokens,
+        full.tokens[..full
+            .tokens
+            .iter()
+            .position(|t| *t == full.tokens[3])
+            .unwrap()]
+    );
+}
+
+#[test]
+fn unknown_and_broken_adapters_fail_only_their_requests() {
+    let ps = prompts();
+    let s = store();
+    // Break one adapter in the store.
+    std::fs::write(
+        s.path().join("lora-r8/adapter_model.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
+    let good = e
+        .submit(request(
+            &ps[0],
+            Some("dora-all-r8"),
+            5,
+            SamplingParams::default(),
+        ))
+        .unwrap();
+    let broken: Vec<EventStream> = (0..3)
+        .map(|_| {
+            e.submit(request(
+                &ps[1],
+                Some("lora-r8"),
+                5,
+                SamplingParams::default(),
+            ))
+            .unwrap()
+        })
+        .collect();
+    let missing = e
+        .submit(request(&ps[1], Some("nope"), 5, SamplingParams::default()))
+        .unwrap();
+    let escape = e
+        .submit(request(
+            &ps[1],
+            Some("../adapters"),
+            5,
+            SamplingParams::default(),
+        ))
+        .unwrap();
+    let base = e
+        .submit(request(&ps[2], None, 5, SamplingParams::default()))
+        .unwrap();
+    assert_eq!(collect(good).tokens.len(), 5);
+    for b in broken {
+        let err = collect(b).finish.unwrap_err();
+        assert!(
+            err.contains("lora-r8") && err.contains("safetensors"),
+            "{err}"
+        );
+    }
+    assert!(collect(missing)
+        .finish
+        .unwrap_err()
+        .contains("not in the adapter store"));
+    assert!(collect(escape)
+        .finish
+        .unwrap_err()
+        .contains("not in the adapter store"));
+    assert_eq!(collect(base).tokens.len(), 5);
+    let st = e.stats();
+    assert_eq!(
+        st.adapter_cache.load_failures, 1,
+        "one load for three requests"
+    );
+}
+
+#[test]
+fn one_load_for_many_concurrent_first_requests() {
+    let ps = prompts();
+    let s = store();
+    let e = engine(s.path(), ModePolicy::Unmerged, |c| {
+        c.max_running = 32;
+        c.max_step_tokens = 512;
+    });
+    let streams: Vec<EventStream> = (0..32)
+        .map(|i| {
+            e.submit(request(
+                &ps[i % 4],
+                Some("dora-patterns"),
+                3,
+                SamplingParams::default(),
+            ))
+            .unwrap()
+        })
+        .collect();
+    let versions: Vec<Option<u64>> = streams.into_iter().map(|s| collect(s).version).collect();
+    assert!(versions.iter().all(|v| v.is_some() && *v == versions[0]));
+    let st = e.stats();
+    assert_eq!(
+        st.adapter_cache.loads, 1,
+        "one load for 32 requests: {st:?}"
+    );
+    assert_eq!(st.adapter_cache.hits + st.adapter_cache.misses, 32);
+}
+
+#[test]
+fn cache_budget_holds_except_for_leased_adapters() {
+    let ps = prompts();
+    let s = store();
+    let m = load("tiny-llama");
+    let sizes: Vec<usize> = NAMES
+        .iter()
+        .map(|n| {
+            dora_serve::adapter::load_dir(&s.path().join(n), &m.model)
+                .unwrap()
+                .info
+                .bytes
+        })
+        .collect();
+    let mut two_largest = sizes.clone();
+    two_largest.sort_unstable();
+    let budget = two_largest[4] + two_largest[5];
+    let e = engine(s.path(), ModePolicy::Unmerged, |c| {
+        c.adapter_cache_bytes = budget;
+        c.max_running = 3;
+    });
+    for round in 0..3 {
+        let streams: Vec<EventStream> = NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                e.submit(request(
+                    &ps[(i + round) % 4],
+                    Some(n),
+                    4,
+                    SamplingParams::default(),
+                ))
+                .unwrap()
+            })
+            .collect();
+        // While they run, resident bytes stay within budget + what running requests hold.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut outs = Vec::new();
+        for s in streams {
+            let st = e.stats();
+            let leased: usize = st
+                .running_adapters
+                .iter()
+                .map(|n| sizes[NAMES.iter().position(|x| x == n).unwrap()])
+                .sum();
+            assert!(st.adapter_cache.bytes_resident <= budget + leased, "{st:?}");
+            outs.push(collect(s));
+            assert!(Instant::now() < deadline);
+        }
+        assert!(outs.iter().all(|o| o.finish == Ok(FinishReason::Length)));
+        std::thread::sleep(Duration::from_millis(50));
+        let st = e.stats();
+        assert!(
+            st.adapter_cache.bytes_resident <= budget,
+            "idle cache over budget: {st:?}"
+        );
+    }
+    let st = e.stats();
+    assert!(st.adapter_cache.evictions > 0);
+    assert!(
+        st.adapter_cache.loads > 6,
+        "evicted adapters are loaded again"
+    );
+}
+
+#[test]
+fn replaced_adapter_serves_new_requests_with_the_new_version() {
+    let ps = prompts();
+    let s = store();
+    let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
+    let long = e
+        .submit(request(
+            &ps[0],
+            Some("dora-all-r8"),
+            40,
+            SamplingParams::default(),
+        ))
+        .unwrap();
+    let first = collect(
+        e.submit(request(
+            &ps[1],
+            Some("dora-all-r8"),
+            2,
+            SamplingParams::default(),
+        ))
+        .unwrap(),
+    );
+    // Replace the adapter's files with another adapter's, and tell the engine.
+    copy_dir(
+        &fixtures().join("adapters/lora-r8"),
+        &s.path().join("dora-all-r8"),
+    );
+    e.invalidate_adapter("dora-all-r8");
+    let second = collect(
+        e.submit(request(
+            &ps[1],
+            Some("dora-all-r8"),
+            2,
+            SamplingParams::default(),
+        ))
+        .unwrap(),
+    );
+    let long = collect(long);
+    assert_ne!(first.version, second.version);
+    assert_eq!(
+        long.version, first.version,
+        "the running request kept its version"
+    );
+    assert_eq!(
+        long.tokens,
+        alone(&ps[0], Some("dora-all-r8"), 40, &SamplingParams::default())
+    );
+    assert_eq!(
+        second.tokens,
+        alone(&ps[1], Some("lora-r8"), 2, &SamplingParams::default())
+    );
+}
+
+#[test]
+fn cancellation_frees_memory_and_a_full_queue_overloads() {
+    let ps = prompts();
+    let s = store();
+    let e = engine(s.path(), ModePolicy::Unmerged, |c| {
+        c.max_running = 1;
+        c.max_queued = 3;
+    });
+    let mut running = e
+        .submit(request(&ps[0], None, 200, SamplingParams::default()))
+        .unwrap();
+    // Wait until it is decoding and holds KV memory.
+    assert!(matches!(running.blocking_next(), Some(Event::Token { .. })));
+    assert!(e.stats().kv_bytes > 0 || e.stats().running == 1);
+    let q1 = e
+        .submit(request(&ps[1], None, 2, SamplingParams::default()))
+        .unwrap();
+    let q2 = e
+        .submit(request(&ps[1], None, 2, SamplingParams::default()))
+        .unwrap();
+    // One running (out of the queue) + two queued: one more slot, then overloaded.
+    let q3 = e
+        .submit(request(&ps[1], None, 2, SamplingParams::default()))
+        .unwrap();
+    match e.submit(request(&ps[1], None, 2, SamplingParams::default())) {
+        Err(EngineError::Overloaded) => {}
+        other => panic!("expected Overloaded, got {:?}", other.map(|_| ())),
+    }
+    drop(running);
+    for q in [q1, q2, q3] {
+        assert_eq!(collect(q).finish, Ok(FinishReason::Length));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let st = e.stats();
+    assert_eq!(st.running, 0);
+    assert_eq!(
+        st.kv_bytes, 0,
+        "cancelled and finished sequences hold no KV memory"
+    );
+    assert!(
+        st.tokens_generated < 100,
+        "the cancelled request stopped early"
+    );
+    // The queue is free again.
+    assert!(e
+        .submit(request(&ps[1], None, 1, SamplingParams::default()))
+        .is_ok());
+}
+
+#[test]
+fn invalid_requests_are_refused_at_submit() {
+    let s = store();
+    let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
+    let err = |r: EngineRequest| e.submit(r).err().expect("refused").to_string();
+    assert!(err(request(&[], None, 4, SamplingParams::default())).contains("empty"));
+    assert!(err(request(&[99_999], None, 4, SamplingParams::default())).contains("vocabulary"));
+    assert!(err(request(&[5; 10], None, 1_000, SamplingParams::default())).contains("context"));
+    let hot = SamplingParams {
+        temperature: f64::NAN,
+        ..Default::default()
+    };
+    assert!(err(request(&[5], None, 4, hot)).contains("temperature"));
+}
