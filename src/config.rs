@@ -25,6 +25,32 @@ pub enum Command {
 pub enum AdapterCommand {
     /// Parse and validate an adapter folder against the base model, and print what it holds.
     Inspect(InspectArgs),
+    /// Write random PEFT-format adapters for the base model (for benchmarks and load tests).
+    Random(RandomArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RandomArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Folder to write into; with --count N, adapters go to OUT-0 … OUT-(N-1).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// lora_alpha (default: 2 × rank).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Comma-separated projections, e.g. q_proj,v_proj (default: all seven).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    pub targets: Vec<String>,
+    /// Plain LoRA instead of DoRA.
+    #[arg(long)]
+    pub lora: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -126,8 +152,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub batch: Option<PathBuf>,
     /// How adapters are applied.
-    #[arg(long, value_enum, default_value_t = ModeArg::Unmerged)]
+    #[arg(long, visible_alias = "adapter-mode", value_enum, default_value_t = ModeArg::Unmerged)]
     pub mode: ModeArg,
+    /// Keep generating past end-of-sequence tokens (fixed-length runs for benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// The most tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,

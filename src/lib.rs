@@ -6,18 +6,31 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: `main → config → engine → model → ops → candle`.
+//! Dependencies point one way: `main → config → engine → { model, adapter } → ops → candle`.
+//! `model` and `adapter` do not import each other: adapters see the base model only through
+//! [`ops::BaseLinears`], and the model sees adapters only as [`ops::AdapterWeights`].
 //!
-//! - [`config`] — raw CLI arguments (clap) and the typed choices they turn into (dtype,
-//!   device).
-//! - [`engine`] — generation on top of the model: sampling with per-request seeds,
-//!   OpenAI-style log-probabilities, and the packed, batched generation loop.
+//! - [`config`] — raw CLI arguments (clap) and the typed choices they turn into.
+//! - [`engine`] — the serving engine: an [`engine::Engine`] handle to one worker thread that
+//!   owns every sequence's KV cache and the adapter caches, runs continuous batching under the
+//!   pure [`engine::scheduler`] (admission, chunked prefill under a token budget, apply mode:
+//!   unmerged, merged in turns, or auto with hysteresis), loads cold adapters off-thread (one
+//!   load per adapter however many requests wait), streams tokens with stop strings, and
+//!   cancels on drop. Also sampling (per-request seeds), OpenAI-style log-probabilities, and
+//!   [`engine::generate`], the plain reference generation loop.
+//! - [`adapter`] — PEFT LoRA/DoRA adapters: `adapter_config.json` (every field understood,
+//!   harmless, or refused by name), `adapter_model.safetensors` (every tensor must map to a
+//!   targeted module of the base, with the config's rank), `g = m/‖W0 + s·B·A‖` precomputed at
+//!   load, the byte-budgeted LRU [`adapter::AdapterCache`] whose `Arc` leases pin adapters in
+//!   use, and random adapters for benchmarks.
 //! - [`model`] — the llama-family decoder (candle style: serde `Config` with HF names,
 //!   `new(cfg, vb)`), its per-sequence KV cache, the HF-folder and GGUF loaders (GGUF tensors
 //!   are dequantised and llama.cpp's Q/K permutation undone, so weights are in HF layout), and
 //!   the tokenizer (HF `tokenizer.json`, or a byte-level BPE rebuilt from GGUF metadata).
 //! - [`ops`] — [`ops::AdaptedLinear`], the one linear type of every projection, keyed by
-//!   `(layer, ProjKind)`; adapters attach there, never by copying the model.
+//!   `(layer, ProjKind)`: base, unmerged grouped LoRA/DoRA (`y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b`
+//!   per row group) and merged weights, each with a plain reference beside it; the DoRA norm
+//!   identity and its direct reference; the small-row f32 matmul kernel for decode steps.
 //!
 //! The forward pass is packed: all sequences' new tokens form one `[tokens, hidden]` matrix
 //! for every projection, and attention runs per sequence against its own cache.

@@ -8,8 +8,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
-use dora_serve::adapter::{self, Lease};
-use dora_serve::config::{AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs};
+use dora_serve::adapter::{self, Lease, SynthSpec};
+use dora_serve::ops::ProjKind;
+use dora_serve::config::{AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs, RandomArgs};
 use dora_serve::engine::{
     AdapterSpec, Engine, EngineConfig, EngineRequest, Event, FinishReason, GenerateOutput,
     SamplingParams,
@@ -27,6 +28,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Adapter(AdapterCommand::Inspect(args)) => run_inspect(args),
+        Command::Adapter(AdapterCommand::Random(args)) => run_random(args),
     }
 }
 
@@ -70,6 +72,36 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     } else {
         println!("adapter: {}", args.dir.display());
         print!("{}", adapter.info);
+    }
+    Ok(())
+}
+
+fn run_random(args: RandomArgs) -> anyhow::Result<()> {
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| ProjKind::from_module_name(t).with_context(|| format!("unknown projection {t:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.rank == 0 || args.count == 0 {
+        bail!("--rank and --count must be positive");
+    }
+    let loaded = load_model(&args.model)?;
+    for i in 0..args.count {
+        let dir = if args.count == 1 {
+            args.out.clone()
+        } else {
+            PathBuf::from(format!("{}-{i}", args.out.display()))
+        };
+        let spec = SynthSpec {
+            rank: args.rank,
+            alpha: args.alpha.unwrap_or(2.0 * args.rank as f64),
+            targets: targets.clone(),
+            dora: !args.lora,
+            seed: args.seed + i as u64,
+        };
+        adapter::write_random_adapter(&dir, &loaded.model, &spec)?;
+        let a = adapter::load_dir(&dir, &loaded.model)?;
+        eprintln!("wrote {} ({} r{}, {} bytes loaded)", dir.display(), a.info.kind, a.info.r, a.info.bytes);
     }
     Ok(())
 }
@@ -159,7 +191,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                 logprobs: args.logprobs,
                 stop_token_ids: Vec::new(),
                 stop_strings: Vec::new(),
-                ignore_eos: false,
+                ignore_eos: args.ignore_eos,
                 adapter: dir
                     .as_ref()
                     .map(|d| AdapterSpec::Loaded(Arc::clone(&adapters[d.as_path()]))),

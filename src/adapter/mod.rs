@@ -4,11 +4,13 @@
 pub mod cache;
 mod config;
 mod load;
+mod synth;
 
 use std::path::PathBuf;
 
 pub use cache::{AdapterCache, CacheStats, Lease};
 pub use config::{AdapterConfig, ModuleSelector};
+pub use synth::{write_random_adapter, SynthSpec};
 pub use load::{
     load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,
 };
