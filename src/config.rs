@@ -44,7 +44,11 @@ pub struct RandomArgs {
     #[arg(long)]
     pub alpha: Option<f64>,
     /// Comma-separated projections, e.g. q_proj,v_proj (default: all seven).
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
     pub targets: Vec<String>,
     /// Plain LoRA instead of DoRA.
     #[arg(long)]

@@ -9,13 +9,15 @@ use clap::Parser;
 use serde::Deserialize;
 
 use dora_serve::adapter::{self, Lease, SynthSpec};
-use dora_serve::ops::ProjKind;
-use dora_serve::config::{AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs, RandomArgs};
+use dora_serve::config::{
+    AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs, RandomArgs,
+};
 use dora_serve::engine::{
     AdapterSpec, Engine, EngineConfig, EngineRequest, Event, FinishReason, GenerateOutput,
     SamplingParams,
 };
 use dora_serve::model::{self, LoadOptions, LoadedModel};
+use dora_serve::ops::ProjKind;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -101,7 +103,13 @@ fn run_random(args: RandomArgs) -> anyhow::Result<()> {
         };
         adapter::write_random_adapter(&dir, &loaded.model, &spec)?;
         let a = adapter::load_dir(&dir, &loaded.model)?;
-        eprintln!("wrote {} ({} r{}, {} bytes loaded)", dir.display(), a.info.kind, a.info.r, a.info.bytes);
+        eprintln!(
+            "wrote {} ({} r{}, {} bytes loaded)",
+            dir.display(),
+            a.info.kind,
+            a.info.r,
+            a.info.bytes
+        );
     }
     Ok(())
 }
@@ -180,6 +188,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         top_p: args.top_p,
         top_k: args.top_k,
         seed: args.seed,
+        ..SamplingParams::default()
     };
     let reqs = prompts
         .iter()
@@ -192,6 +201,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                 stop_token_ids: Vec::new(),
                 stop_strings: Vec::new(),
                 ignore_eos: args.ignore_eos,
+                prompt_logprobs: None,
                 adapter: dir
                     .as_ref()
                     .map(|d| AdapterSpec::Loaded(Arc::clone(&adapters[d.as_path()]))),
@@ -252,6 +262,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                     break;
                 }
                 Event::Error(e) => return Err(e.into()),
+                Event::PromptLogprobs(_) => {}
             }
         }
         outs.push(out);

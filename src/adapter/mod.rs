@@ -4,16 +4,18 @@
 pub mod cache;
 mod config;
 mod load;
+pub mod store;
 mod synth;
 
 use std::path::PathBuf;
 
 pub use cache::{AdapterCache, CacheStats, Lease};
 pub use config::{AdapterConfig, ModuleSelector};
-pub use synth::{write_random_adapter, SynthSpec};
 pub use load::{
     load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,
 };
+pub use store::{AdapterStore, StoreError};
+pub use synth::{write_random_adapter, SynthSpec};
 
 /// Whether `name` is a valid adapter name: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` (so it is
 /// always one plain path component of the store).

@@ -22,20 +22,29 @@ pub struct SynthSpec {
 /// Write `adapter_config.json` and `adapter_model.safetensors` for a random adapter into `dir`
 /// (created if needed). `lora_B` is random (not PEFT's zero init) so the adapter changes the
 /// output; DoRA magnitudes are the norms of `W0 + s·B·A` moved by a few percent.
-pub fn write_random_adapter(dir: &Path, base: &dyn BaseLinears, spec: &SynthSpec) -> Result<(), AdapterError> {
+pub fn write_random_adapter(
+    dir: &Path,
+    base: &dyn BaseLinears,
+    spec: &SynthSpec,
+) -> Result<(), AdapterError> {
     let io = |source| AdapterError::Io {
         path: dir.to_path_buf(),
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let dev = Device::Cpu;
-    let mut rng = spec.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut rng = spec
+        .seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut noise = |shape: (usize, usize), std: f32| -> candle_core::Result<Tensor> {
         // A small LCG keeps the output a function of the seed alone.
         let n = shape.0 * shape.1;
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std * 1.732
             })
             .collect();
@@ -45,12 +54,26 @@ pub fn write_random_adapter(dir: &Path, base: &dyn BaseLinears, spec: &SynthSpec
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for layer in 0..base.num_layers() {
         for &kind in &spec.targets {
-            let Some(lin) = base.linear(layer, kind) else { continue };
-            let prefix = format!("base_model.model.model.layers.{layer}.{}.{}", kind.parent(), kind.module_name());
-            let a = noise((spec.rank, lin.in_dim()), 1.0 / (lin.in_dim() as f32).sqrt())?;
+            let Some(lin) = base.linear(layer, kind) else {
+                continue;
+            };
+            let prefix = format!(
+                "base_model.model.model.layers.{layer}.{}.{}",
+                kind.parent(),
+                kind.module_name()
+            );
+            let a = noise(
+                (spec.rank, lin.in_dim()),
+                1.0 / (lin.in_dim() as f32).sqrt(),
+            )?;
             let b = noise((lin.out_dim(), spec.rank), 0.02)?;
             if spec.dora {
-                let n = dora_norm(&lin.weight_t().to_dtype(DType::F32)?.to_device(&dev)?, &a, &b, scale)?;
+                let n = dora_norm(
+                    &lin.weight_t().to_dtype(DType::F32)?.to_device(&dev)?,
+                    &a,
+                    &b,
+                    scale,
+                )?;
                 let jitter = (noise((1, lin.out_dim()), 0.03)?.squeeze(0)? + 1.0)?;
                 tensors.insert(format!("{prefix}.lora_magnitude_vector"), (n * jitter)?);
             }

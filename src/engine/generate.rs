@@ -239,7 +239,7 @@ fn run_batch(
         for ((i, seq), logits) in active.iter_mut().zip(logits) {
             let req = reqs[*i];
             let row = logits.squeeze(0)?;
-            let token = seq.sampler.sample(&row)?;
+            let token = seq.sampler.sample(&row, &seq.out)?;
             if req.stop_token_ids.contains(&token) {
                 seq.finish = Some(FinishReason::Stop);
                 continue;

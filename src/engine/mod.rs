@@ -14,8 +14,8 @@ pub use generate::{
 };
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 pub use worker::{
-    AdapterSpec, AdapterVersion, Engine, EngineConfig, EngineRequest, EngineStats, Event,
-    EventStream,
+    store_resolver, AdapterResolver, AdapterSpec, AdapterVersion, Engine, EngineConfig,
+    EngineRequest, EngineStats, Event, EventStream,
 };
 
 use crate::model::ModelError;

@@ -16,6 +16,10 @@ pub struct SamplingParams {
     /// Seeds this request's own generator: the same seed gives the same tokens whatever else
     /// runs in the batch.
     pub seed: u64,
+    /// OpenAI's penalties on tokens already generated, in [-2, 2]: `logit -= presence·[count > 0]
+    /// + frequency·count`.
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
 }
 
 impl Default for SamplingParams {
@@ -25,6 +29,8 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: None,
             seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
@@ -44,6 +50,14 @@ impl SamplingParams {
         if self.top_k == Some(0) {
             return Err("top_k must be at least 1".into());
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
         Ok(())
     }
 }
@@ -51,6 +65,8 @@ impl SamplingParams {
 /// A request's token chooser, with its own seeded generator.
 pub struct Sampler {
     inner: LogitsProcessor,
+    presence: f32,
+    frequency: f32,
 }
 
 impl Sampler {
@@ -73,12 +89,29 @@ impl Sampler {
         };
         Self {
             inner: LogitsProcessor::from_sampling(p.seed, sampling),
+            presence: p.presence_penalty as f32,
+            frequency: p.frequency_penalty as f32,
         }
     }
 
-    /// `logits` is one row `[vocab]`, f32.
-    pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
-        self.inner.sample(logits)
+    /// `logits` is one row `[vocab]`, f32; `previous` are the tokens generated so far (for the
+    /// penalties).
+    pub fn sample(&mut self, logits: &Tensor, previous: &[u32]) -> Result<u32> {
+        if (self.presence == 0.0 && self.frequency == 0.0) || previous.is_empty() {
+            return self.inner.sample(logits);
+        }
+        let mut counts: std::collections::HashMap<u32, f32> = std::collections::HashMap::new();
+        for &t in previous {
+            *counts.entry(t).or_default() += 1.0;
+        }
+        let mut v = logits.to_vec1::<f32>()?;
+        for (t, c) in counts {
+            if let Some(l) = v.get_mut(t as usize) {
+                *l -= self.presence + self.frequency * c;
+            }
+        }
+        self.inner
+            .sample(&Tensor::from_vec(v, logits.dims1()?, logits.device())?)
     }
 }
 
@@ -179,7 +212,7 @@ mod tests {
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p);
             (0..20)
-                .map(|_| s.sample(&logits).unwrap())
+                .map(|_| s.sample(&logits, &[]).unwrap())
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(&p), draw(&p));
@@ -188,5 +221,29 @@ mod tests {
             ..p.clone()
         };
         assert_ne!(draw(&p), draw(&other));
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let logits = Tensor::new(&[1.0f32, 0.9, 0.0], &candle_core::Device::Cpu).unwrap();
+        let mut greedy = Sampler::new(&SamplingParams::default());
+        assert_eq!(greedy.sample(&logits, &[0, 0]).unwrap(), 0);
+        let mut s = Sampler::new(&SamplingParams {
+            frequency_penalty: 0.1,
+            ..Default::default()
+        });
+        // 1.0 - 0.1·1 = 0.9 ties with token 1 (argmax keeps the first); two uses drop it below.
+        assert_eq!(s.sample(&logits, &[0, 0]).unwrap(), 1);
+        let mut s = Sampler::new(&SamplingParams {
+            presence_penalty: 0.2,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&logits, &[0]).unwrap(), 1);
+        assert!(SamplingParams {
+            presence_penalty: 2.5,
+            ..Default::default()
+        }
+        .check()
+        .is_err());
     }
 }

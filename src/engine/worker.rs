@@ -26,7 +26,7 @@ use crate::model::{KvCache, Llama, LoadedModel, LogitsFor, ModelInfo, SeqInput, 
 use crate::ops::MergedWeights;
 
 /// Engine limits and policies (validated by the caller's config).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EngineConfig {
     pub max_running: usize,
     pub max_step_tokens: usize,
@@ -38,8 +38,34 @@ pub struct EngineConfig {
     pub turn_steps: usize,
     pub adapter_cache_bytes: usize,
     pub merged_cache_bytes: usize,
-    /// The adapter store: adapter `NAME` lives in `adapters_dir/NAME`.
-    pub adapters_dir: PathBuf,
+    /// Where adapter `NAME` lives (the store's folder, or a registered path); `None`: unknown.
+    pub resolve: AdapterResolver,
+}
+
+/// Maps an adapter name to its folder.
+pub type AdapterResolver = Arc<dyn Fn(&str) -> Option<PathBuf> + Send + Sync>;
+
+/// The plain store layout: `root/NAME`, for valid names whose folder exists.
+pub fn store_resolver(root: PathBuf) -> AdapterResolver {
+    Arc::new(move |name: &str| {
+        let dir = root.join(name);
+        (crate::adapter::valid_name(name) && dir.is_dir()).then_some(dir)
+    })
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("max_running", &self.max_running)
+            .field("max_step_tokens", &self.max_step_tokens)
+            .field("max_queued", &self.max_queued)
+            .field("mode", &self.mode)
+            .field("merge_after", &self.merge_after)
+            .field("turn_steps", &self.turn_steps)
+            .field("adapter_cache_bytes", &self.adapter_cache_bytes)
+            .field("merged_cache_bytes", &self.merged_cache_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for EngineConfig {
@@ -53,7 +79,7 @@ impl Default for EngineConfig {
             turn_steps: 32,
             adapter_cache_bytes: 1 << 30,
             merged_cache_bytes: 2 << 30,
-            adapters_dir: PathBuf::from("adapters"),
+            resolve: store_resolver(PathBuf::from("adapters")),
         }
     }
 }
@@ -80,6 +106,9 @@ pub struct EngineRequest {
     /// Do not stop at end-of-sequence ids (fixed-length benchmark runs).
     pub ignore_eos: bool,
     pub adapter: Option<AdapterSpec>,
+    /// Report log-probabilities of the prompt's tokens (OpenAI's `echo` with `logprobs`), with
+    /// this many alternatives each.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Which adapter version served a request.
@@ -93,6 +122,9 @@ pub struct AdapterVersion {
 /// What a request's stream yields.
 #[derive(Debug)]
 pub enum Event {
+    /// Log-probabilities of prompt tokens 1.. (token 0 has none), when asked for; sent before
+    /// the first token.
+    PromptLogprobs(Vec<TokenLogprob>),
     Token {
         token_id: u32,
         /// Text that became final with this token (may be empty, or span several tokens).
@@ -263,7 +295,11 @@ impl Engine {
                 context: cfg.max_context,
             });
         }
-        if req.logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
+        if req
+            .logprobs
+            .or(req.prompt_logprobs)
+            .is_some_and(|k| k > MAX_LOGPROBS)
+        {
             return bad(format!("logprobs must be at most {MAX_LOGPROBS}"));
         }
         if req.stop_strings.iter().any(String::is_empty) {
@@ -367,6 +403,8 @@ struct Seq {
     text: TextState,
     /// Counted in the handle's queue until admitted.
     queued: bool,
+    /// Prompt log-probabilities gathered over prefill chunks.
+    prompt_lps: Vec<TokenLogprob>,
 }
 
 impl Seq {
@@ -464,6 +502,7 @@ impl Worker {
             out: Vec::new(),
             text: TextState::default(),
             queued: true,
+            prompt_lps: Vec::new(),
             events,
             req,
         };
@@ -482,11 +521,10 @@ impl Worker {
                 } else if let Some(waiters) = self.loading.get_mut(&name) {
                     waiters.push(id);
                 } else {
-                    let dir = self.cfg.adapters_dir.join(&name);
-                    if !crate::adapter::valid_name(&name) || !dir.is_dir() {
+                    let Some(dir) = (self.cfg.resolve)(&name) else {
                         self.finish_with_error(id, EngineError::AdapterNotFound(name));
                         return;
-                    }
+                    };
                     self.loading.insert(name.clone(), vec![id]);
                     let (model, tx) = (Arc::clone(&self.model), self.tx.clone());
                     std::thread::spawn(move || {
@@ -663,7 +701,13 @@ impl Worker {
                 .map(|((_, s), tokens)| SeqInput {
                     tokens,
                     cache: &mut s.cache,
-                    logits: LogitsFor::Last,
+                    logits: if s.req.prompt_logprobs.is_some()
+                        && s.fed < s.req.prompt_token_ids.len()
+                    {
+                        LogitsFor::All
+                    } else {
+                        LogitsFor::Last
+                    },
                     adapter: s.lease.as_ref().map(|l| &*l.weights),
                 })
                 .collect();
@@ -682,6 +726,28 @@ impl Worker {
         for (((id, mut s), logits), tokens) in seqs.into_iter().zip(logits).zip(&feeds) {
             let plen = s.req.prompt_token_ids.len();
             let prefilling = s.fed < plen;
+            let logits = if prefilling && s.req.prompt_logprobs.is_some() {
+                // Row i predicts prompt token fed + i + 1; the last row, past the prompt, is
+                // the first generated token's distribution.
+                let k = s.req.prompt_logprobs.unwrap_or(0);
+                let n = logits.dim(0)?;
+                let lps: Vec<TokenLogprob> = (0..n)
+                    .filter(|i| s.fed + i + 1 < plen)
+                    .map(|i| {
+                        let row = logits.get(i)?.to_vec1::<f32>()?;
+                        Ok(logprobs_of(&row, s.req.prompt_token_ids[s.fed + i + 1], k))
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                s.prompt_lps.extend(lps);
+                if s.fed + tokens.len() >= plen {
+                    let _ = s
+                        .events
+                        .send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_lps)));
+                }
+                logits.narrow(0, n - 1, 1)?
+            } else {
+                logits
+            };
             if prefilling {
                 s.fed += tokens.len();
                 self.counters.prompt_tokens += tokens.len() as u64;
@@ -726,7 +792,7 @@ impl Worker {
         logits: &candle_core::Tensor,
     ) -> Result<Option<FinishReason>, EngineError> {
         let row = logits.squeeze(0)?;
-        let token = s.sampler.sample(&row)?;
+        let token = s.sampler.sample(&row, &s.out)?;
         let stop_id = s.req.stop_token_ids.contains(&token)
             || (!s.req.ignore_eos && self.eos.contains(&token));
         if stop_id {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use dora_serve::engine::scheduler::ModePolicy;
 use dora_serve::engine::{
-    generate, AdapterSpec, ApplyMode, Engine, EngineConfig, EngineError, EngineRequest, Event,
-    EventStream, FinishReason, GenerateRequest, SamplingParams,
+    generate, store_resolver, AdapterSpec, ApplyMode, Engine, EngineConfig, EngineError,
+    EngineRequest, Event, EventStream, FinishReason, GenerateRequest, SamplingParams,
 };
 
 use crate::util::{fixtures, load};
@@ -50,7 +50,7 @@ fn engine(store: &Path, mode: ModePolicy, cfg: impl FnOnce(&mut EngineConfig)) -
         mode,
         merge_after: 2,
         turn_steps: 3,
-        adapters_dir: store.to_path_buf(),
+        resolve: store_resolver(store.to_path_buf()),
         ..EngineConfig::default()
     };
     cfg(&mut c);
@@ -72,6 +72,7 @@ fn request(
         stop_strings: vec![],
         ignore_eos: false,
         adapter: adapter.map(|a| AdapterSpec::Named(a.to_string())),
+        prompt_logprobs: None,
     }
 }
 
@@ -111,6 +112,7 @@ fn collect(mut s: EventStream) -> Outcome {
                 o.finish = Err(e.to_string());
                 break;
             }
+            Event::PromptLogprobs(_) => {}
         }
     }
     o
