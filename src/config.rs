@@ -19,6 +19,79 @@ pub enum Command {
     /// Work with adapters.
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Run the OpenAI-compatible HTTP server.
+    Serve(ServeArgs),
+    /// Print the OpenAPI document (YAML) of the HTTP API.
+    Openapi,
+}
+
+/// Byte sizes: plain numbers or with a KiB/MiB/GiB (or K/M/G) suffix.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let (num, mult) = [
+        ("GiB", 1usize << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ]
+    .iter()
+    .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim(), *m)))
+    .unwrap_or((t, 1));
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a byte size (e.g. 1073741824, 512MiB, 2GiB)"))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The adapter store: adapter NAME is the folder ADAPTERS_DIR/NAME.
+    #[arg(long, env = "DORA_ADAPTERS_DIR", default_value = "adapters")]
+    pub adapters_dir: PathBuf,
+    /// load_lora_adapter paths must lie under this folder (default: the adapters folder).
+    #[arg(long)]
+    pub adapter_root: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The id clients use for the base model (default: the model's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every /v1 route.
+    #[arg(long, env = "DORA_API_KEY")]
+    pub api_key: Option<String>,
+    /// Additionally required for adapter upload, delete, load and unload.
+    #[arg(long, env = "DORA_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    /// Largest accepted request body (adapter uploads included).
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub max_upload_bytes: usize,
+    /// How adapters are applied.
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    pub adapter_mode: ModeArg,
+    /// Byte budget of loaded adapters (LRU; adapters in use may exceed it).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub adapter_cache_bytes: usize,
+    /// Byte budget of merged weight copies (merged and auto modes).
+    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+    pub merged_cache_bytes: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub max_running: usize,
+    /// Tokens per engine step (prefill chunks + decodes).
+    #[arg(long, default_value_t = 512)]
+    pub max_step_tokens: usize,
+    /// Requests waiting beyond the running ones; more get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queued: usize,
+    /// Seconds in-flight requests get to finish on SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
 }
 
 #[derive(Debug, Subcommand)]

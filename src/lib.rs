@@ -38,5 +38,6 @@
 pub mod adapter;
 pub mod config;
 pub mod engine;
+pub mod http;
 pub mod model;
 pub mod ops;

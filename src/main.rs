@@ -8,14 +8,15 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
-use dora_serve::adapter::{self, Lease, SynthSpec};
+use dora_serve::adapter::{self, AdapterStore, Lease, SynthSpec};
 use dora_serve::config::{
-    AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs, RandomArgs,
+    AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs, RandomArgs, ServeArgs,
 };
 use dora_serve::engine::{
     AdapterSpec, Engine, EngineConfig, EngineRequest, Event, FinishReason, GenerateOutput,
     SamplingParams,
 };
+use dora_serve::http::{self, AppState, HttpConfig, Metrics};
 use dora_serve::model::{self, LoadOptions, LoadedModel};
 use dora_serve::ops::ProjKind;
 
@@ -31,6 +32,11 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Adapter(AdapterCommand::Inspect(args)) => run_inspect(args),
         Command::Adapter(AdapterCommand::Random(args)) => run_random(args),
+        Command::Serve(args) => run_serve(args),
+        Command::Openapi => {
+            print!("{}", dora_serve::http::openapi::yaml());
+            Ok(())
+        }
     }
 }
 
@@ -76,6 +82,116 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         print!("{}", adapter.info);
     }
     Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    for (name, v) in [
+        ("--max-running", args.max_running),
+        ("--max-step-tokens", args.max_step_tokens),
+        ("--max-queued", args.max_queued),
+    ] {
+        if v == 0 {
+            bail!("{name} must be positive");
+        }
+    }
+    let store = Arc::new(AdapterStore::open(&args.adapters_dir).with_context(|| {
+        format!(
+            "cannot open the adapter store {}",
+            args.adapters_dir.display()
+        )
+    })?);
+    let loaded = load_model(&args.model)?;
+    // Refuse (with a log line) stored adapters that no longer validate; keep serving the rest.
+    for name in store.list() {
+        if let Err(e) = adapter::load_dir(&store.root().join(&name), &loaded.model) {
+            tracing::warn!(
+                "adapter {name} in the store does not validate and will fail its requests: {e}"
+            );
+            eprintln!("warning: adapter {name} does not validate: {e}");
+        }
+    }
+    let model_id = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| loaded.info.id.clone());
+    let registered = Arc::new(std::sync::RwLock::new(HashMap::new()));
+    let engine = Engine::start(
+        loaded,
+        EngineConfig {
+            max_running: args.max_running,
+            max_step_tokens: args.max_step_tokens,
+            max_queued: args.max_queued,
+            mode: args.adapter_mode.policy(),
+            adapter_cache_bytes: args.adapter_cache_bytes,
+            merged_cache_bytes: args.merged_cache_bytes,
+            resolve: http::resolver(Arc::clone(&store), Arc::clone(&registered)),
+            ..EngineConfig::default()
+        },
+    );
+    let state = AppState {
+        engine: engine.clone(),
+        registered,
+        cfg: Arc::new(HttpConfig {
+            model_id,
+            api_key: args.api_key.clone(),
+            admin_key: args.admin_key.clone(),
+            max_upload_bytes: args.max_upload_bytes,
+            adapter_root: args
+                .adapter_root
+                .clone()
+                .unwrap_or_else(|| store.root().to_path_buf()),
+        }),
+        store,
+        metrics: Arc::new(Metrics::default()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!("dora-serve listening on http://{}", listener.local_addr()?);
+        let grace = std::time::Duration::from_secs(args.shutdown_grace);
+        axum::serve(listener, http::app(state))
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                eprintln!(
+                    "shutting down: no new connections; in-flight requests get {}s",
+                    grace.as_secs()
+                );
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    eprintln!("grace period over; exiting");
+                    std::process::exit(0);
+                });
+            })
+            .await?;
+        engine.shutdown();
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 fn run_random(args: RandomArgs) -> anyhow::Result<()> {

@@ -174,6 +174,12 @@ pub struct EngineStats {
     pub merges: u64,
     pub running_adapters: Vec<String>,
     pub waiting_adapters: Vec<String>,
+    /// Names of the adapters loaded in the cache, and of those with merged weights.
+    pub loaded_adapters: Vec<String>,
+    pub merged_adapters: Vec<String>,
+    pub max_running: usize,
+    /// KV bytes if every running slot held a full context (for a usage fraction).
+    pub kv_capacity_bytes: usize,
 }
 
 enum Command {
@@ -339,7 +345,7 @@ impl Engine {
 /// Merged weights by adapter instance, LRU under a byte budget.
 struct MergedCache {
     budget: usize,
-    entries: HashMap<u64, (Arc<MergedWeights>, u64)>,
+    entries: HashMap<u64, (Arc<MergedWeights>, u64, String)>,
     clock: u64,
     merges: u64,
 }
@@ -361,20 +367,21 @@ impl MergedCache {
     ) -> candle_core::Result<Arc<MergedWeights>> {
         self.clock += 1;
         let id = lease.weights.id();
-        if let Some((m, used)) = self.entries.get_mut(&id) {
+        if let Some((m, used, _)) = self.entries.get_mut(&id) {
             *used = self.clock;
             return Ok(Arc::clone(m));
         }
         let m = Arc::new(model.merge(&lease.weights)?);
         self.merges += 1;
-        self.entries.insert(id, (Arc::clone(&m), self.clock));
+        self.entries
+            .insert(id, (Arc::clone(&m), self.clock, lease.name.clone()));
         // Keep the one in use even when it alone exceeds the budget.
         while self.bytes() > self.budget && self.entries.len() > 1 {
             let victim = self
                 .entries
                 .iter()
                 .filter(|(k, _)| **k != id)
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, (_, used, _))| *used)
                 .map(|(k, _)| *k);
             match victim {
                 Some(k) => {
@@ -387,7 +394,7 @@ impl MergedCache {
     }
 
     fn bytes(&self) -> usize {
-        self.entries.values().map(|(m, _)| m.bytes()).sum()
+        self.entries.values().map(|(m, _, _)| m.bytes()).sum()
     }
 }
 
@@ -838,6 +845,24 @@ impl Worker {
         stats.adapter_cache = self.cache.stats();
         stats.merged_bytes = self.merged.bytes();
         stats.merges = self.merged.merges;
+        stats.loaded_adapters = self.cache.names();
+        let mut merged: Vec<String> = self
+            .merged
+            .entries
+            .values()
+            .map(|(_, _, n)| n.clone())
+            .collect();
+        merged.sort();
+        merged.dedup();
+        stats.merged_adapters = merged;
+        let c = self.model.config();
+        stats.max_running = self.cfg.max_running;
+        stats.kv_capacity_bytes = self.cfg.max_running
+            * c.max_context
+            * 2
+            * c.num_hidden_layers
+            * c.kv_dim()
+            * self.model.dtype().size_in_bytes();
         stats.running_adapters = names(&mut self.running.iter());
         let waiting_ids: Vec<SeqId> = self
             .waiting

@@ -1,0 +1,317 @@
+//! OpenAI-compatible request and response bodies, field for field, plus dora-serve's
+//! additions (`adapter`, `top_k`, `ignore_eos`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `prompt`: a string, strings, token ids, or lists of token ids.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    /// The base model's id, or an adapter's name (vLLM style).
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// dora-serve: sample among the k most likely tokens.
+    pub top_k: Option<u32>,
+    pub n: Option<u32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    /// 0–5 alternatives per token.
+    pub logprobs: Option<u32>,
+    pub echo: Option<bool>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub user: Option<String>,
+    /// dora-serve: the adapter to use; absent or null for the base model.
+    pub adapter: Option<String>,
+    /// dora-serve: keep generating past end-of-sequence tokens (fixed-length benchmarks).
+    pub ignore_eos: Option<bool>,
+    /// Not supported; refused when set.
+    pub best_of: Option<u32>,
+    pub suffix: Option<String>,
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// Legacy completions log-probabilities.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub text: String,
+    pub index: usize,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionResponse {
+    pub id: String,
+    /// `text_completion`
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// dora-serve: the adapter that served the request (null: the base model).
+    pub adapter: Option<String>,
+    /// dora-serve: which load of that adapter served it (changes when it is replaced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_version: Option<u64>,
+}
+
+/// Chat message content: a string, or text parts.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u32>,
+    pub n: Option<u32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub logprobs: Option<bool>,
+    /// 0–20 alternatives per token (with `logprobs: true`).
+    pub top_logprobs: Option<u32>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub user: Option<String>,
+    pub adapter: Option<String>,
+    pub ignore_eos: Option<bool>,
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    pub tools: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatResponse {
+    pub id: String,
+    /// `chat.completion`
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+    pub adapter: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_version: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunk {
+    pub id: String,
+    /// `chat.completion.chunk`
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    pub adapter: Option<String>,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// `model`
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// For adapters: the base model's id.
+    pub parent: Option<String>,
+    /// For adapters: `dora` or `lora`.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// For adapters: `on_disk`, `loaded` or `merged`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    /// `list`
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+/// An adapter in the store.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterDescription {
+    pub name: String,
+    /// `dora` or `lora`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    /// Adapted modules (after target/exclude/layer filters), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modules: Option<usize>,
+    /// Bytes it holds once loaded, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<usize>,
+    /// `on_disk`, `loaded` or `merged`.
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterList {
+    /// `list`
+    pub object: &'static str,
+    pub data: Vec<AdapterDescription>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Deleted {
+    pub name: String,
+    pub deleted: bool,
+}
+
+/// vLLM's `POST /v1/load_lora_adapter`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct LoadLoraRequest {
+    pub lora_name: String,
+    pub lora_path: String,
+}
+
+/// vLLM's `POST /v1/unload_lora_adapter`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct UnloadLoraRequest {
+    pub lora_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+}

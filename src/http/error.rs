@@ -1,0 +1,213 @@
+//! API errors: every cause has an HTTP status and a stable `code`, mapped in one exhaustive
+//! match, and is sent in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::adapter::{AdapterError, StoreError};
+use crate::engine::EngineError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A request field is wrong; `param` names it.
+    #[error("{msg}")]
+    InvalidRequest {
+        msg: String,
+        param: Option<&'static str>,
+    },
+    #[error("the request body is not valid JSON for this endpoint: {0}")]
+    InvalidJson(String),
+    #[error("expected Content-Type: {0}")]
+    UnsupportedMediaType(&'static str),
+    #[error("{0}")]
+    ContextLength(String),
+    #[error("missing or invalid API key: send Authorization: Bearer <key>")]
+    Unauthorized,
+    #[error("this operation needs the admin key: send Authorization: Bearer <admin key>")]
+    Forbidden,
+    #[error("adapter {0:?} does not exist; GET /v1/adapters lists the adapters")]
+    AdapterNotFound(String),
+    #[error("model {0:?} is neither the base model nor an adapter; GET /v1/models lists them")]
+    ModelNotFound(String),
+    #[error("adapter {0:?} already exists; add ?replace=true to replace it")]
+    AdapterExists(String),
+    #[error("{msg}")]
+    AdapterInvalid { code: &'static str, msg: String },
+    #[error("the request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("the server is at capacity; retry after a moment")]
+    Overloaded,
+    #[error("the server is shutting down")]
+    Unavailable,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// OpenAI's error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: String,
+}
+
+impl ApiError {
+    /// (status, type, code) — the one place causes map to HTTP.
+    pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use ApiError::*;
+        match self {
+            InvalidRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
+            InvalidJson(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+            ),
+            UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+            ),
+            ContextLength(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "context_length_exceeded",
+            ),
+            Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
+            ),
+            Forbidden => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "admin_key_required",
+            ),
+            AdapterNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                "adapter_not_found",
+            ),
+            ModelNotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "model_not_found"),
+            AdapterExists(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "adapter_exists",
+            ),
+            AdapterInvalid { code, .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                code,
+            ),
+            PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "payload_too_large",
+            ),
+            Overloaded => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "overloaded",
+            ),
+            Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            ),
+        }
+    }
+
+    pub fn invalid(param: &'static str, msg: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            msg: msg.into(),
+            param: Some(param),
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let (_, kind, code) = self.parts();
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: kind.to_string(),
+                param: match self {
+                    ApiError::InvalidRequest { param, .. } => param.map(str::to_string),
+                    _ => None,
+                },
+                code: code.to_string(),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _, _) = self.parts();
+        if status.is_server_error() {
+            tracing::error!("{self}");
+        }
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if matches!(self, ApiError::Overloaded) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidRequest(msg) => ApiError::InvalidRequest { msg, param: None },
+            e @ EngineError::ContextLength { .. } => ApiError::ContextLength(e.to_string()),
+            EngineError::Overloaded => ApiError::Overloaded,
+            EngineError::AdapterNotFound(name) => ApiError::AdapterNotFound(name),
+            EngineError::AdapterLoad { code, msg, name } => ApiError::AdapterInvalid {
+                code,
+                msg: format!("adapter {name:?} failed to load: {msg}"),
+            },
+            EngineError::ShuttingDown => ApiError::Unavailable,
+            EngineError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<AdapterError> for ApiError {
+    fn from(e: AdapterError) -> Self {
+        match e {
+            AdapterError::Candle(_) | AdapterError::Io { .. } => ApiError::Internal(e.to_string()),
+            e => ApiError::AdapterInvalid {
+                code: e.code(),
+                msg: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::InvalidName(_) => ApiError::invalid("name", e.to_string()),
+            StoreError::Exists(n) => ApiError::AdapterExists(n),
+            StoreError::NotFound(n) => ApiError::AdapterNotFound(n),
+            StoreError::Io { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+}
