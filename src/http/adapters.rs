@@ -106,12 +106,14 @@ pub async fn upload(
             }
             "adapter_config" => config = Some(bytes),
             "adapter_model" => weights = Some(bytes),
-            other => return Err(ApiError::invalid(
-                "body",
-                format!(
+            other => {
+                return Err(ApiError::invalid(
+                    "body",
+                    format!(
                     "unexpected form field {other:?}; send name, adapter_config and adapter_model"
                 ),
-            )),
+                ))
+            }
         }
     }
     let name = name.ok_or_else(|| ApiError::invalid("name", "the form field name is missing"))?;

@@ -3,6 +3,7 @@
 mod adapters;
 mod cli;
 mod engine;
+mod http;
 mod loaders;
 mod parity;
 mod real_model;
