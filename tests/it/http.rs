@@ -510,7 +510,8 @@ async fn bad_uploads_are_refused_and_change_nothing() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    let cases: Vec<(Vec<(&str, Vec<u8>)>, StatusCode, &str)> = vec![
+    type Fields<'a> = Vec<(&'a str, Vec<u8>)>;
+    let cases: Vec<(Fields, StatusCode, &str)> = vec![
         (vec![("name", b"x1".to_vec()), ("adapter_config", b"{nope".to_vec()), ("adapter_model", st_bytes.clone())], StatusCode::UNPROCESSABLE_ENTITY, "adapter_config_invalid_json"),
         (vec![("name", b"x2".to_vec()), ("adapter_config", cfg.clone()), ("adapter_model", st_bytes[..100].to_vec())], StatusCode::UNPROCESSABLE_ENTITY, "adapter_weights_invalid"),
         (vec![("name", b"x3".to_vec()), ("adapter_config", cfg.clone()), ("adapter_model", Vec::new())], StatusCode::UNPROCESSABLE_ENTITY, "adapter_weights_invalid"),
