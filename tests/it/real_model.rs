@@ -91,3 +91,71 @@ fn smollm2_gguf_matches_transformers() {
         assert_eq!(out.token_ids, want, "{:?}", p.prompt);
     }
 }
+
+#[derive(Deserialize)]
+struct AdapterReference {
+    prompts: Vec<String>,
+    adapters: std::collections::HashMap<String, Vec<Vec<u32>>>,
+    base: Vec<Vec<u32>>,
+}
+
+/// The example adapters (trained with PEFT on the HF form of SmolLM2) served from the
+/// GGUF-loaded base, unmerged and merged, against PEFT's greedy answers
+/// (`scripts/train_example_adapters.py`).
+#[test]
+#[ignore = "needs models/ from scripts/fetch-model.sh"]
+fn example_adapters_on_smollm2_match_peft() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let reference: AdapterReference = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/smollm2_adapters_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let m = model::load(
+        &root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+        },
+    )
+    .expect("run scripts/fetch-model.sh first");
+    let mut names: Vec<&String> = reference.adapters.keys().collect();
+    names.sort();
+    for mode in [ApplyMode::Unmerged, ApplyMode::Merged] {
+        // Every (adapter, prompt) pair and the base model in one batch.
+        let mut reqs = Vec::new();
+        let mut want = Vec::new();
+        for name in &names {
+            let a = dora_serve::adapter::load_dir(&root.join("adapters").join(name), &m.model).unwrap();
+            for (p, w) in reference.prompts.iter().zip(&reference.adapters[*name]) {
+                reqs.push(GenerateRequest {
+                    prompt_token_ids: m.tokenizer.encode(p).unwrap(),
+                    max_tokens: w.len(),
+                    sampling: SamplingParams::default(),
+                    logprobs: None,
+                    stop_token_ids: m.info.eos_token_ids.clone(),
+                    adapter: Some(std::sync::Arc::clone(&a.weights)),
+                });
+                want.push((name.to_string(), w.clone()));
+            }
+        }
+        for (p, w) in reference.prompts.iter().zip(&reference.base) {
+            reqs.push(GenerateRequest {
+                prompt_token_ids: m.tokenizer.encode(p).unwrap(),
+                max_tokens: w.len(),
+                sampling: SamplingParams::default(),
+                logprobs: None,
+                stop_token_ids: m.info.eos_token_ids.clone(),
+                adapter: None,
+            });
+            want.push(("base".into(), w.clone()));
+        }
+        let outs = generate(&m.model, &m.tokenizer, &reqs, mode).unwrap();
+        for (i, (out, (name, w))) in outs.iter().zip(&want).enumerate() {
+            let mut w = w.clone();
+            if w.last() == Some(&2) {
+                w.pop();
+            }
+            assert_eq!(out.token_ids, w, "{mode:?} {name} request {i}: {:?}", out.text);
+        }
+    }
+}
