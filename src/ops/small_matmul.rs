@@ -14,8 +14,10 @@ use rayon::prelude::*;
 /// benchmark `small_matmul`).
 pub const MAX_ROWS: usize = 16;
 
-/// Columns per task: 8 rows of accumulators stay within L1.
-const COL_BLOCK: usize = 256;
+/// Up to this many output columns, threads split the inner dimension (each streams one
+/// contiguous slab of the weight into its own full-width accumulators, summed at the end);
+/// wider outputs (the lm_head) split the columns into one wide block per thread.
+const K_SPLIT_MAX_N: usize = 8192;
 
 /// `x` `[m, k]` times `w_t` `[k, n]`, with the kernel when it applies.
 pub fn matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
@@ -34,6 +36,14 @@ fn cpu_f32(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, u
     Some((storage, start))
 }
 
+fn ranges(len: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
+    let step = len.div_ceil(parts).div_ceil(align) * align;
+    (0..len)
+        .step_by(step.max(1))
+        .map(|a| (a, (a + step).min(len)))
+        .collect()
+}
+
 fn small_m(x: &Tensor, w_t: &Tensor) -> Result<Option<Tensor>> {
     let (Ok((m, k)), Ok((k2, n))) = (x.dims2(), w_t.dims2()) else {
         return Ok(None);
@@ -49,26 +59,46 @@ fn small_m(x: &Tensor, w_t: &Tensor) -> Result<Option<Tensor>> {
     };
     let x = &xs.as_slice::<f32>()?[xo..xo + m * k];
     let w = &ws.as_slice::<f32>()?[wo..wo + k * n];
-    let mut blocks: Vec<(usize, Vec<f32>)> = (0..n)
-        .step_by(COL_BLOCK)
-        .map(|c0| (c0, vec![0f32; m * COL_BLOCK.min(n - c0)]))
-        .collect();
-    let run = |(c0, acc): &mut (usize, Vec<f32>)| {
-        let width = acc.len() / m;
-        kernel(x, w, m, k, n, *c0, width, acc);
-    };
-    if blocks.len() > 1 {
-        blocks.par_iter_mut().for_each(run);
-    } else {
-        blocks.iter_mut().for_each(run);
-    }
-    let mut y = vec![0f32; m * n];
-    for (c0, acc) in &blocks {
-        let width = acc.len() / m;
-        for r in 0..m {
-            y[r * n + c0..r * n + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
+    let threads = rayon::current_num_threads().max(1);
+    // Small problems are not worth a thread hand-off.
+    let parallel = threads > 1 && k * n >= 1 << 15;
+    let y = if !parallel {
+        let mut acc = vec![0f32; m * n];
+        kernel(x, w, m, k, n, (0, k), (0, n), &mut acc);
+        acc
+    } else if n <= K_SPLIT_MAX_N {
+        let partials: Vec<Vec<f32>> = ranges(k, threads, 4)
+            .into_par_iter()
+            .map(|kr| {
+                let mut acc = vec![0f32; m * n];
+                kernel(x, w, m, k, n, kr, (0, n), &mut acc);
+                acc
+            })
+            .collect();
+        let mut it = partials.into_iter();
+        let mut y = it.next().unwrap_or_else(|| vec![0f32; m * n]);
+        for p in it {
+            y.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
         }
-    }
+        y
+    } else {
+        let blocks: Vec<((usize, usize), Vec<f32>)> = ranges(n, threads, 16)
+            .into_par_iter()
+            .map(|cr| {
+                let mut acc = vec![0f32; m * (cr.1 - cr.0)];
+                kernel(x, w, m, k, n, (0, k), cr, &mut acc);
+                (cr, acc)
+            })
+            .collect();
+        let mut y = vec![0f32; m * n];
+        for ((c0, c1), acc) in blocks {
+            let width = c1 - c0;
+            for r in 0..m {
+                y[r * n + c0..r * n + c1].copy_from_slice(&acc[r * width..(r + 1) * width]);
+            }
+        }
+        y
+    };
     Ok(Some(Tensor::from_vec(
         y,
         (m, n),
@@ -76,7 +106,7 @@ fn small_m(x: &Tensor, w_t: &Tensor) -> Result<Option<Tensor>> {
     )?))
 }
 
-/// Accumulate `acc[r, j] = Σ_k x[r, k] · w[k, c0 + j]` for `j < width`.
+/// Accumulate `acc[r, j] += Σ_{k0 ≤ kk < k1} x[r, kk] · w[kk, c0 + j]` for `c0 + j < c1`.
 #[allow(clippy::too_many_arguments)]
 fn kernel(
     x: &[f32],
@@ -84,19 +114,19 @@ fn kernel(
     m: usize,
     k: usize,
     n: usize,
-    c0: usize,
-    width: usize,
+    kr: (usize, usize),
+    cr: (usize, usize),
     acc: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if fma_available() {
             // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-            unsafe { kernel_avx2(x, w, m, k, n, c0, width, acc) };
+            unsafe { kernel_avx2(x, w, m, k, n, kr, cr, acc) };
             return;
         }
     }
-    kernel_plain(x, w, m, k, n, c0, width, acc)
+    kernel_plain(x, w, m, k, n, kr, cr, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -114,15 +144,17 @@ unsafe fn kernel_avx2(
     m: usize,
     k: usize,
     n: usize,
-    c0: usize,
-    width: usize,
+    kr: (usize, usize),
+    cr: (usize, usize),
     acc: &mut [f32],
 ) {
     // The same loop as `kernel_plain`: compiled with AVX2/FMA enabled, `mul_add` over
     // contiguous slices vectorises to fused multiply-adds.
-    kernel_plain(x, w, m, k, n, c0, width, acc)
+    kernel_plain(x, w, m, k, n, kr, cr, acc)
 }
 
+/// Four weight rows at a time, so each accumulator is loaded and stored once per four
+/// multiply-adds; the weight streams through once, row after row.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn kernel_plain(
@@ -131,19 +163,39 @@ fn kernel_plain(
     m: usize,
     k: usize,
     n: usize,
-    c0: usize,
-    width: usize,
+    kr: (usize, usize),
+    cr: (usize, usize),
     acc: &mut [f32],
 ) {
-    for kk in 0..k {
-        let w_row = &w[kk * n + c0..kk * n + c0 + width];
+    let (c0, c1) = cr;
+    let width = c1 - c0;
+    let row = |kk: usize| &w[kk * n + c0..kk * n + c1];
+    let mut kk = kr.0;
+    while kk + 4 <= kr.1 {
+        let (w0, w1, w2, w3) = (row(kk), row(kk + 1), row(kk + 2), row(kk + 3));
         for r in 0..m {
-            let a = x[r * k + kk];
+            let xr = &x[r * k + kk..r * k + kk + 4];
+            let (a0, a1, a2, a3) = (xr[0], xr[1], xr[2], xr[3]);
             let out = &mut acc[r * width..(r + 1) * width];
-            for (o, &wv) in out.iter_mut().zip(w_row) {
-                *o = a.mul_add(wv, *o);
+            for j in 0..width {
+                out[j] = a3.mul_add(
+                    w3[j],
+                    a2.mul_add(w2[j], a1.mul_add(w1[j], a0.mul_add(w0[j], out[j]))),
+                );
             }
         }
+        kk += 4;
+    }
+    while kk < kr.1 {
+        let w0 = row(kk);
+        for r in 0..m {
+            let a0 = x[r * k + kk];
+            let out = &mut acc[r * width..(r + 1) * width];
+            for (o, &wv) in out.iter_mut().zip(w0) {
+                *o = a0.mul_add(wv, *o);
+            }
+        }
+        kk += 1;
     }
 }
 

@@ -107,7 +107,8 @@ struct AdapterReference {
 fn example_adapters_on_smollm2_match_peft() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let reference: AdapterReference = serde_json::from_str(
-        &std::fs::read_to_string(root.join("tests/fixtures/smollm2_adapters_reference.json")).unwrap(),
+        &std::fs::read_to_string(root.join("tests/fixtures/smollm2_adapters_reference.json"))
+            .unwrap(),
     )
     .unwrap();
     let m = model::load(
@@ -125,7 +126,8 @@ fn example_adapters_on_smollm2_match_peft() {
         let mut reqs = Vec::new();
         let mut want = Vec::new();
         for name in &names {
-            let a = dora_serve::adapter::load_dir(&root.join("adapters").join(name), &m.model).unwrap();
+            let a =
+                dora_serve::adapter::load_dir(&root.join("adapters").join(name), &m.model).unwrap();
             for (p, w) in reference.prompts.iter().zip(&reference.adapters[*name]) {
                 reqs.push(GenerateRequest {
                     prompt_token_ids: m.tokenizer.encode(p).unwrap(),
@@ -155,7 +157,11 @@ fn example_adapters_on_smollm2_match_peft() {
             if w.last() == Some(&2) {
                 w.pop();
             }
-            assert_eq!(out.token_ids, w, "{mode:?} {name} request {i}: {:?}", out.text);
+            assert_eq!(
+                out.token_ids, w,
+                "{mode:?} {name} request {i}: {:?}",
+                out.text
+            );
         }
     }
 }
