@@ -71,7 +71,7 @@ fn adapted_linear_bench(c: &mut Criterion) {
         lin.merged_weight_t(adapters[0].get(0, ProjKind::Up).unwrap())
             .unwrap(),
     );
-    for rows in [1usize, 8, 64] {
+    for rows in [1usize, 2, 4, 8, 16, 64] {
         let x = randn((rows, IN));
         g.bench_function(BenchmarkId::new("base", rows), |b| {
             b.iter(|| black_box(lin.forward(&x, Apply::Base).unwrap()))

@@ -75,11 +75,22 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     let loaded = load_model(&args.model)?;
     let adapter = adapter::load_dir(&args.dir, &loaded.model)
         .with_context(|| format!("adapter {} is not servable", args.dir.display()))?;
+    // Merging once tells what merged mode costs for this adapter.
+    let start = Instant::now();
+    let merged = loaded.model.merge(&adapter.weights)?;
+    let merge_secs = start.elapsed().as_secs_f64();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&adapter.info)?);
+        let mut v = serde_json::to_value(&adapter.info)?;
+        v["merge_secs"] = merge_secs.into();
+        v["merged_bytes"] = merged.bytes().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("adapter: {}", args.dir.display());
         print!("{}", adapter.info);
+        println!(
+            "merge:   {merge_secs:.3}s, {} bytes of merged weights",
+            merged.bytes()
+        );
     }
     Ok(())
 }

@@ -67,6 +67,7 @@ fn from_loaded(a: &adapter::Adapter) -> AdapterDescription {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UploadQuery {
     /// Replace an existing adapter of the same name.
     pub replace: Option<bool>,
@@ -85,8 +86,8 @@ fn multipart_error(s: &AppState, e: axum::extract::multipart::MultipartError) ->
 
 #[utoipa::path(post, path = "/v1/adapters", params(UploadQuery),
     request_body(content_type = "multipart/form-data", description = "fields: name (text), adapter_config (adapter_config.json), adapter_model (adapter_model.safetensors)"),
-    responses((status = 201, body = AdapterDescription), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
-              (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = AdapterDescription, description = "Created"), (status = 400, body = ErrorBody, description = "Invalid request"), (status = 409, body = ErrorBody, description = "Already exists"),
+              (status = 413, body = ErrorBody, description = "Body too large"), (status = 415, body = ErrorBody, description = "Wrong content type"), (status = 422, body = ErrorBody, description = "The adapter failed validation")))]
 pub async fn upload(
     State(s): State<AppState>,
     Query(q): Query<UploadQuery>,
@@ -155,7 +156,7 @@ pub async fn upload(
     Ok((StatusCode::CREATED, Json(from_loaded(&loaded))))
 }
 
-#[utoipa::path(get, path = "/v1/adapters", responses((status = 200, body = AdapterList)))]
+#[utoipa::path(get, path = "/v1/adapters", responses((status = 200, body = AdapterList, description = "OK")))]
 pub async fn list(State(s): State<AppState>) -> Json<AdapterList> {
     Json(AdapterList {
         object: "list",
@@ -164,7 +165,7 @@ pub async fn list(State(s): State<AppState>) -> Json<AdapterList> {
 }
 
 #[utoipa::path(get, path = "/v1/adapters/{name}", params(("name" = String, Path)),
-    responses((status = 200, body = AdapterDescription), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = AdapterDescription, description = "OK"), (status = 404, body = ErrorBody, description = "Not found")))]
 pub async fn get_one(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -175,7 +176,7 @@ pub async fn get_one(
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}", params(("name" = String, Path)),
-    responses((status = 200, body = Deleted), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Deleted, description = "OK"), (status = 404, body = ErrorBody, description = "Not found")))]
 pub async fn delete(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -205,7 +206,7 @@ pub async fn delete(
 }
 
 #[utoipa::path(post, path = "/v1/load_lora_adapter", request_body = LoadLoraRequest,
-    responses((status = 200, body = AdapterDescription), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = AdapterDescription, description = "OK"), (status = 400, body = ErrorBody, description = "Invalid request"), (status = 409, body = ErrorBody, description = "Already exists"), (status = 422, body = ErrorBody, description = "The adapter failed validation")))]
 pub async fn load_lora(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<LoadLoraRequest>,
@@ -263,7 +264,7 @@ pub async fn load_lora(
 }
 
 #[utoipa::path(post, path = "/v1/unload_lora_adapter", request_body = UnloadLoraRequest,
-    responses((status = 200, body = Deleted), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Deleted, description = "OK"), (status = 404, body = ErrorBody, description = "Not found")))]
 pub async fn unload_lora(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<UnloadLoraRequest>,

@@ -226,7 +226,7 @@ fn finish_str(r: FinishReason) -> String {
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, body = CompletionResponse, description = "JSON, or server-sent events of the same objects ending in [DONE] when stream is true"),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
+              (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
 pub async fn completions(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<CompletionRequest>,
@@ -710,7 +710,7 @@ fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, ApiErro
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
     responses((status = 200, body = ChatResponse, description = "JSON, or server-sent ChatChunk events ending in [DONE] when stream is true"),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
+              (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
 pub async fn chat(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<ChatRequest>,
@@ -993,7 +993,7 @@ pub async fn chat(
     .into_response())
 }
 
-#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList, description = "OK")))]
 pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
     let created = now_secs();
     let mut data = vec![ModelCard {

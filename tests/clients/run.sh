@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Start dora-serve on the tiny fixture model with two fixture adapters, run the official
+# openai client against it, stop the server. Needs a venv with `openai` (PYTHON, default
+# python3) and a built binary (BIN, default target/debug/dora-serve).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python3}
+BIN=${BIN:-target/debug/dora-serve}
+store=$(mktemp -d)
+log=$(mktemp)
+cp -r tests/fixtures/adapters/dora-all-r8 tests/fixtures/adapters/lora-r8 "$store/"
+"$BIN" serve --model tests/fixtures/tiny-llama --adapters-dir "$store" --port 0 --served-model-name tiny-llama 2>"$log" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$store" "$log"' EXIT
+url=""
+for _ in $(seq 1 100); do
+  url=$(sed -n 's/.*listening on \(http:[^ ]*\).*/\1/p' "$log")
+  [ -n "$url" ] && break
+  kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }
+  sleep 0.1
+done
+[ -n "$url" ] || { echo "server did not start"; cat "$log"; exit 1; }
+"$PYTHON" tests/clients/openai_client.py "$url/v1"
