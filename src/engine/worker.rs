@@ -244,6 +244,7 @@ impl Engine {
             waiting: VecDeque::new(),
             loading: HashMap::new(),
             counters: EngineStats::default(),
+            outbox: Vec::new(),
         };
         std::thread::Builder::new()
             .name("dora-engine".into())
@@ -444,6 +445,9 @@ struct Worker {
     /// Adapter name → sequences waiting for its load.
     loading: HashMap<String, Vec<SeqId>>,
     counters: EngineStats,
+    /// Events of this iteration, sent after the stats are published so that a client that
+    /// sees an event also sees the engine state it follows from.
+    outbox: Vec<(UnboundedSender<Event>, Event)>,
 }
 
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
@@ -470,6 +474,7 @@ impl Worker {
                 if !self.handle(cmd) {
                     self.fail_all(EngineError::ShuttingDown);
                     self.publish();
+                    self.flush();
                     return;
                 }
             }
@@ -483,6 +488,13 @@ impl Worker {
                 }
             }
             self.publish();
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        for (tx, ev) in self.outbox.drain(..) {
+            let _ = tx.send(ev);
         }
     }
 
@@ -613,7 +625,7 @@ impl Worker {
 
     fn finish_with_error(&mut self, id: SeqId, e: EngineError) {
         if let Some(seq) = self.remove(id) {
-            let _ = seq.events.send(Event::Error(e));
+            self.outbox.push((seq.events.clone(), Event::Error(e)));
             drop(seq);
             self.cache.evict_to_budget();
         }
@@ -747,9 +759,9 @@ impl Worker {
                     .collect::<candle_core::Result<_>>()?;
                 s.prompt_lps.extend(lps);
                 if s.fed + tokens.len() >= plen {
-                    let _ = s
-                        .events
-                        .send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_lps)));
+                    let lps = std::mem::take(&mut s.prompt_lps);
+                    self.outbox
+                        .push((s.events.clone(), Event::PromptLogprobs(lps)));
                 }
                 logits.narrow(0, n - 1, 1)?
             } else {
@@ -769,7 +781,7 @@ impl Worker {
                     self.seqs.insert(id, s);
                 }
                 Err(e) => {
-                    let _ = s.events.send(Event::Error(e));
+                    self.outbox.push((s.events.clone(), Event::Error(e)));
                     self.running.retain(|r| *r != id);
                 }
             }
@@ -777,16 +789,19 @@ impl Worker {
         for (id, mut s, reason) in finished {
             self.running.retain(|r| *r != id);
             let text = s.text.flush();
-            let _ = s.events.send(Event::Done {
-                finish_reason: reason,
-                prompt_tokens: plen_of(&s),
-                completion_tokens: s.out.len(),
-                adapter: s.lease.as_ref().map(|l| AdapterVersion {
-                    name: l.name.clone(),
-                    version: l.weights.id(),
-                }),
-                text,
-            });
+            self.outbox.push((
+                s.events.clone(),
+                Event::Done {
+                    finish_reason: reason,
+                    prompt_tokens: plen_of(&s),
+                    completion_tokens: s.out.len(),
+                    adapter: s.lease.as_ref().map(|l| AdapterVersion {
+                        name: l.name.clone(),
+                        version: l.weights.id(),
+                    }),
+                    text,
+                },
+            ));
         }
         self.cache.evict_to_budget();
         Ok(())
@@ -812,11 +827,14 @@ impl Worker {
         s.out.push(token);
         self.counters.tokens_generated += 1;
         let step = s.text.push(&self.tokenizer, &s.out, &s.req.stop_strings)?;
-        let _ = s.events.send(Event::Token {
-            token_id: token,
-            text: step.delta,
-            logprob,
-        });
+        self.outbox.push((
+            s.events.clone(),
+            Event::Token {
+                token_id: token,
+                text: step.delta,
+                logprob,
+            },
+        ));
         if step.stopped {
             return Ok(Some(FinishReason::Stop));
         }
