@@ -6,11 +6,16 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: `main → config → engine → { model, adapter } → ops → candle`.
+//! Dependencies point one way: `main → config → http → engine → { model, adapter } → ops → candle`.
 //! `model` and `adapter` do not import each other: adapters see the base model only through
 //! [`ops::BaseLinears`], and the model sees adapters only as [`ops::AdapterWeights`].
 //!
 //! - [`config`] — raw CLI arguments (clap) and the typed choices they turn into.
+//! - [`http`] — the OpenAI-compatible API on axum, built by [`http::app`]: completions and
+//!   chat (JSON or SSE) with an `adapter` field, models, adapter upload (validated, then
+//!   written atomically to the [`adapter::AdapterStore`]) and management, vLLM's load/unload,
+//!   health, Prometheus metrics, and the OpenAPI document generated with utoipa. Errors are
+//!   one enum mapped to status and stable `code` in one match. It never sees a tensor.
 //! - [`engine`] — the serving engine: an [`engine::Engine`] handle to one worker thread that
 //!   owns every sequence's KV cache and the adapter caches, runs continuous batching under the
 //!   pure [`engine::scheduler`] (admission, chunked prefill under a token budget, apply mode:
