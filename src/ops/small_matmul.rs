@@ -153,8 +153,12 @@ unsafe fn kernel_avx2(
     kernel_plain(x, w, m, k, n, kr, cr, acc)
 }
 
+/// Columns per tile when several rows share the weight: their accumulators then stay in L1.
+const ROW_TILE_COLS: usize = 512;
+
 /// Four weight rows at a time, so each accumulator is loaded and stored once per four
-/// multiply-adds; the weight streams through once, row after row.
+/// multiply-adds; the weight streams through once, row after row (one row, all columns) or
+/// tile by tile (several rows).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn kernel_plain(
@@ -167,16 +171,40 @@ fn kernel_plain(
     cr: (usize, usize),
     acc: &mut [f32],
 ) {
-    let (c0, c1) = cr;
-    let width = c1 - c0;
-    let row = |kk: usize| &w[kk * n + c0..kk * n + c1];
+    let width = cr.1 - cr.0;
+    let tile = if m == 1 { width.max(1) } else { ROW_TILE_COLS };
+    let mut t0 = cr.0;
+    while t0 < cr.1 {
+        let t1 = (t0 + tile).min(cr.1);
+        tile_kernel(x, w, m, k, n, kr, (t0, t1), acc, width, t0 - cr.0);
+        t0 = t1;
+    }
+}
+
+/// `acc[r * stride + off + j] += Σ_kk x[r, kk] · w[kk, t0 + j]` for the tile `t0..t1`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_kernel(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    kr: (usize, usize),
+    (t0, t1): (usize, usize),
+    acc: &mut [f32],
+    stride: usize,
+    off: usize,
+) {
+    let width = t1 - t0;
+    let row = |kk: usize| &w[kk * n + t0..kk * n + t1];
     let mut kk = kr.0;
     while kk + 4 <= kr.1 {
         let (w0, w1, w2, w3) = (row(kk), row(kk + 1), row(kk + 2), row(kk + 3));
         for r in 0..m {
             let xr = &x[r * k + kk..r * k + kk + 4];
             let (a0, a1, a2, a3) = (xr[0], xr[1], xr[2], xr[3]);
-            let out = &mut acc[r * width..(r + 1) * width];
+            let out = &mut acc[r * stride + off..r * stride + off + width];
             for j in 0..width {
                 out[j] = a3.mul_add(
                     w3[j],
@@ -190,7 +218,7 @@ fn kernel_plain(
         let w0 = row(kk);
         for r in 0..m {
             let a0 = x[r * k + kk];
-            let out = &mut acc[r * width..(r + 1) * width];
+            let out = &mut acc[r * stride + off..r * stride + off + width];
             for (o, &wv) in out.iter_mut().zip(w0) {
                 *o = a0.mul_add(wv, *o);
             }
