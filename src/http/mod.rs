@@ -3,10 +3,13 @@
 //! Built by [`app`] so tests drive it without a socket; this layer never sees a tensor.
 
 mod adapters;
+mod chat;
 mod completions;
 pub mod dto;
 mod error;
+mod generation;
 mod metrics;
+mod models;
 pub mod openapi;
 
 use std::collections::HashMap;
@@ -103,8 +106,8 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let v1 = Router::new()
         .route("/v1/completions", post(completions::completions))
-        .route("/v1/chat/completions", post(completions::chat))
-        .route("/v1/models", get(completions::models))
+        .route("/v1/chat/completions", post(chat::chat))
+        .route("/v1/models", get(models::models))
         .route("/v1/adapters", get(adapters::list))
         .route("/v1/adapters/{name}", get(adapters::get_one))
         .merge(admin)

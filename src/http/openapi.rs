@@ -15,8 +15,8 @@ use super::error::{ErrorBody, ErrorDetail};
     ),
     paths(
         super::completions::completions,
-        super::completions::chat,
-        super::completions::models,
+        super::chat::chat,
+        super::models::models,
         super::adapters::upload,
         super::adapters::list,
         super::adapters::get_one,
