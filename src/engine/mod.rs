@@ -3,9 +3,11 @@
 //! scheduler, grows here.)
 
 mod generate;
+mod merged_cache;
 mod sampling;
 pub mod scheduler;
 mod text;
+mod types;
 mod worker;
 
 pub use generate::{
@@ -13,10 +15,11 @@ pub use generate::{
     GenerateStats, MAX_LOGPROBS,
 };
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
-pub use worker::{
-    store_resolver, AdapterResolver, AdapterSpec, AdapterVersion, Engine, EngineConfig,
-    EngineRequest, EngineStats, Event, EventStream,
+pub use types::{
+    store_resolver, AdapterResolver, AdapterSpec, AdapterVersion, EngineConfig, EngineRequest,
+    EngineStats, Event, EventStream,
 };
+pub use worker::Engine;
 
 use crate::model::ModelError;
 

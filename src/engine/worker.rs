@@ -7,196 +7,21 @@
 //! load never stalls decoding; concurrent requests for one cold adapter share one load.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
-use super::sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob};
-use super::scheduler::{
-    ModePolicy, Plan, Running, Scheduler, SchedulerConfig, SeqId, StepApply, Waiting,
-};
+use super::merged_cache::MergedCache;
+use super::sampling::{logprobs_of, Sampler, TokenLogprob};
+use super::scheduler::{Plan, Running, Scheduler, SchedulerConfig, SeqId, StepApply, Waiting};
 use super::text::TextState;
+use super::types::*;
 use super::{EngineError, FinishReason, MAX_LOGPROBS};
-use crate::adapter::{self, AdapterCache, CacheStats, Lease};
+use crate::adapter::{self, AdapterCache, Lease};
 use crate::model::{KvCache, Llama, LoadedModel, LogitsFor, ModelInfo, SeqInput, Tokenizer};
-use crate::ops::MergedWeights;
-
-/// Engine limits and policies (validated by the caller's config).
-#[derive(Clone)]
-pub struct EngineConfig {
-    pub max_running: usize,
-    pub max_step_tokens: usize,
-    pub max_queued: usize,
-    pub mode: ModePolicy,
-    /// `auto`: single-adapter steps before merging.
-    pub merge_after: usize,
-    /// `merged`: steps per adapter turn.
-    pub turn_steps: usize,
-    pub adapter_cache_bytes: usize,
-    pub merged_cache_bytes: usize,
-    /// Where adapter `NAME` lives (the store's folder, or a registered path); `None`: unknown.
-    pub resolve: AdapterResolver,
-}
-
-/// Maps an adapter name to its folder.
-pub type AdapterResolver = Arc<dyn Fn(&str) -> Option<PathBuf> + Send + Sync>;
-
-/// The plain store layout: `root/NAME`, for valid names whose folder exists.
-pub fn store_resolver(root: PathBuf) -> AdapterResolver {
-    Arc::new(move |name: &str| {
-        let dir = root.join(name);
-        (crate::adapter::valid_name(name) && dir.is_dir()).then_some(dir)
-    })
-}
-
-impl std::fmt::Debug for EngineConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineConfig")
-            .field("max_running", &self.max_running)
-            .field("max_step_tokens", &self.max_step_tokens)
-            .field("max_queued", &self.max_queued)
-            .field("mode", &self.mode)
-            .field("merge_after", &self.merge_after)
-            .field("turn_steps", &self.turn_steps)
-            .field("adapter_cache_bytes", &self.adapter_cache_bytes)
-            .field("merged_cache_bytes", &self.merged_cache_bytes)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            max_running: 16,
-            max_step_tokens: 512,
-            max_queued: 256,
-            mode: ModePolicy::Unmerged,
-            // Measured on SmolLM2-135M, f32, 2 cores, one r16 all-projection DoRA adapter
-            // (benches/decode.sh, `adapter inspect`): merging takes 0.37 s; a merged step saves
-            // 5.2 ms at 1 sequence (47.2 → 42.0 ms) and 6.2 ms at 8 (104.6 → 98.4 ms). A merge
-            // pays for itself after ~60–70 steps, so auto merges after 64 single-adapter steps
-            // (merged weights are then cached, so later switches back are free).
-            merge_after: 64,
-            turn_steps: 32,
-            adapter_cache_bytes: 1 << 30,
-            merged_cache_bytes: 2 << 30,
-            resolve: store_resolver(PathBuf::from("adapters")),
-        }
-    }
-}
-
-/// Which adapter a request runs on.
-#[derive(Debug, Clone)]
-pub enum AdapterSpec {
-    /// A name in the adapter store, resolved (and loaded if cold) by the engine.
-    Named(String),
-    /// An adapter the caller loaded itself (the CLI's folders).
-    Loaded(Lease),
-}
-
-/// A request to the engine.
-#[derive(Debug, Clone)]
-pub struct EngineRequest {
-    pub prompt_token_ids: Vec<u32>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub logprobs: Option<usize>,
-    /// Extra stop ids besides the model's end-of-sequence ids.
-    pub stop_token_ids: Vec<u32>,
-    pub stop_strings: Vec<String>,
-    /// Do not stop at end-of-sequence ids (fixed-length benchmark runs).
-    pub ignore_eos: bool,
-    pub adapter: Option<AdapterSpec>,
-    /// Report log-probabilities of the prompt's tokens (OpenAI's `echo` with `logprobs`), with
-    /// this many alternatives each.
-    pub prompt_logprobs: Option<usize>,
-}
-
-/// Which adapter version served a request.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct AdapterVersion {
-    pub name: String,
-    /// Unique per load: a replaced adapter gets a new one.
-    pub version: u64,
-}
-
-/// What a request's stream yields.
-#[derive(Debug)]
-pub enum Event {
-    /// Log-probabilities of prompt tokens 1.. (token 0 has none), when asked for; sent before
-    /// the first token.
-    PromptLogprobs(Vec<TokenLogprob>),
-    Token {
-        token_id: u32,
-        /// Text that became final with this token (may be empty, or span several tokens).
-        text: String,
-        logprob: Option<TokenLogprob>,
-    },
-    Done {
-        finish_reason: FinishReason,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-        adapter: Option<AdapterVersion>,
-        /// Any text still held back (end of generation).
-        text: String,
-    },
-    Error(EngineError),
-}
-
-/// A request's events; dropping it cancels the request.
-pub struct EventStream {
-    rx: UnboundedReceiver<Event>,
-}
-
-impl EventStream {
-    pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
-    }
-
-    /// For synchronous callers (not from inside an async runtime).
-    pub fn blocking_next(&mut self) -> Option<Event> {
-        self.rx.blocking_recv()
-    }
-}
-
-/// A snapshot of the engine for metrics and tests.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct EngineStats {
-    pub running: usize,
-    pub waiting: usize,
-    pub loading: usize,
-    pub kv_bytes: usize,
-    pub steps_unmerged: u64,
-    pub steps_merged: u64,
-    pub tokens_generated: u64,
-    pub prompt_tokens: u64,
-    pub adapter_cache: CacheStats,
-    pub merged_bytes: usize,
-    pub merges: u64,
-    pub running_adapters: Vec<String>,
-    pub waiting_adapters: Vec<String>,
-    /// Names of the adapters loaded in the cache, and of those with merged weights.
-    pub loaded_adapters: Vec<String>,
-    pub merged_adapters: Vec<String>,
-    pub max_running: usize,
-    /// KV bytes if every running slot held a full context (for a usage fraction).
-    pub kv_capacity_bytes: usize,
-}
-
-enum Command {
-    Submit(Box<EngineRequest>, UnboundedSender<Event>),
-    Loaded {
-        name: String,
-        result: Result<adapter::Adapter, adapter::AdapterError>,
-        secs: f64,
-    },
-    Invalidate(String),
-    Shutdown,
-}
 
 /// The cloneable handle to the engine.
 #[derive(Clone)]
@@ -345,62 +170,6 @@ impl Engine {
     /// Stop the worker after the current step; in-flight requests get an error.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown);
-    }
-}
-
-/// Merged weights by adapter instance, LRU under a byte budget.
-struct MergedCache {
-    budget: usize,
-    entries: HashMap<u64, (Arc<MergedWeights>, u64, String)>,
-    clock: u64,
-    merges: u64,
-}
-
-impl MergedCache {
-    fn new(budget: usize) -> Self {
-        Self {
-            budget,
-            entries: HashMap::new(),
-            clock: 0,
-            merges: 0,
-        }
-    }
-
-    fn get_or_merge(
-        &mut self,
-        lease: &Lease,
-        model: &Llama,
-    ) -> candle_core::Result<Arc<MergedWeights>> {
-        self.clock += 1;
-        let id = lease.weights.id();
-        if let Some((m, used, _)) = self.entries.get_mut(&id) {
-            *used = self.clock;
-            return Ok(Arc::clone(m));
-        }
-        let m = Arc::new(model.merge(&lease.weights)?);
-        self.merges += 1;
-        self.entries
-            .insert(id, (Arc::clone(&m), self.clock, lease.name.clone()));
-        // Keep the one in use even when it alone exceeds the budget.
-        while self.bytes() > self.budget && self.entries.len() > 1 {
-            let victim = self
-                .entries
-                .iter()
-                .filter(|(k, _)| **k != id)
-                .min_by_key(|(_, (_, used, _))| *used)
-                .map(|(k, _)| *k);
-            match victim {
-                Some(k) => {
-                    self.entries.remove(&k);
-                }
-                None => break,
-            }
-        }
-        Ok(m)
-    }
-
-    fn bytes(&self) -> usize {
-        self.entries.values().map(|(m, _, _)| m.bytes()).sum()
     }
 }
 
