@@ -16,8 +16,8 @@ pub struct SamplingParams {
     /// Seeds this request's own generator: the same seed gives the same tokens whatever else
     /// runs in the batch.
     pub seed: u64,
-    /// OpenAI's penalties on tokens already generated, in [-2, 2]: `logit -= presence·[count > 0]
-    /// + frequency·count`.
+    /// OpenAI's penalties on tokens already generated, in \[-2, 2\]: each generated token's
+    /// logit drops by `presence` once and by `frequency` per occurrence.
     pub presence_penalty: f64,
     pub frequency_penalty: f64,
 }
