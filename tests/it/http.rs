@@ -19,11 +19,20 @@ use crate::util::{expected, fixtures, load};
 
 struct Server {
     app: Router,
+    engine: Engine,
     store: tempfile::TempDir,
     outside: tempfile::TempDir,
 }
 
 fn server_with(keys: (Option<&str>, Option<&str>), max_upload: usize) -> Server {
+    server_full(keys, max_upload, (8, 64))
+}
+
+fn server_full(
+    keys: (Option<&str>, Option<&str>),
+    max_upload: usize,
+    (max_running, max_queued): (usize, usize),
+) -> Server {
     let store_dir = tempfile::tempdir().unwrap();
     for name in ["dora-all-r8", "lora-r8"] {
         let to = store_dir.path().join(name);
@@ -38,16 +47,16 @@ fn server_with(keys: (Option<&str>, Option<&str>), max_upload: usize) -> Server 
     let engine = Engine::start(
         load("tiny-llama"),
         EngineConfig {
-            max_running: 8,
+            max_running,
             max_step_tokens: 256,
-            max_queued: 64,
+            max_queued,
             mode: ModePolicy::Auto,
             resolve: http::resolver(Arc::clone(&store), Arc::clone(&registered)),
             ..EngineConfig::default()
         },
     );
     let state = AppState {
-        engine,
+        engine: engine.clone(),
         store,
         registered,
         cfg: Arc::new(HttpConfig {
@@ -60,6 +69,7 @@ fn server_with(keys: (Option<&str>, Option<&str>), max_upload: usize) -> Server 
         metrics: Arc::new(Metrics::default()),
     };
     Server {
+        engine,
         app: http::app(state),
         store: store_dir,
         outside: tempfile::tempdir().unwrap(),
@@ -736,4 +746,69 @@ async fn end_to_end_over_a_socket() {
         v["choices"][0]["text"],
         decode(&adapter_greedy("dora-all-r8", 0)[..4])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_429_with_retry_after() {
+    let s = server_full((None, None), 1 << 20, (1, 1));
+    // One request running, one queued: the next is refused at once.
+    let app = s.app.clone();
+    let long = tokio::spawn(async move {
+        call(
+            &app,
+            post_json(
+                "/v1/completions",
+                json!({"prompt": PROMPT, "max_tokens": 200, "ignore_eos": true}),
+            ),
+        )
+        .await
+    });
+    while s.engine.stats().running == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let app = s.app.clone();
+    let queued = tokio::spawn(async move {
+        call(
+            &app,
+            post_json(
+                "/v1/completions",
+                json!({"prompt": PROMPT, "max_tokens": 1}),
+            ),
+        )
+        .await
+    });
+    while s.engine.stats().waiting == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let resp = s
+        .app
+        .clone()
+        .oneshot(post_json(
+            "/v1/completions",
+            json!({"prompt": PROMPT, "max_tokens": 1}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        resp.headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["error"]["code"], "overloaded");
+    // Both accepted requests complete normally, and service resumes.
+    assert_eq!(long.await.unwrap().0, StatusCode::OK);
+    assert_eq!(queued.await.unwrap().0, StatusCode::OK);
+    let (st, _, _) = call(
+        &s.app,
+        post_json(
+            "/v1/completions",
+            json!({"prompt": PROMPT, "max_tokens": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
 }
