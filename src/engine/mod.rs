@@ -3,6 +3,7 @@
 //! scheduler, grows here.)
 
 mod generate;
+mod handle;
 mod merged_cache;
 mod sampling;
 pub mod scheduler;
@@ -14,12 +15,12 @@ pub use generate::{
     generate, generate_with_stats, ApplyMode, FinishReason, GenerateOutput, GenerateRequest,
     GenerateStats, MAX_LOGPROBS,
 };
+pub use handle::Engine;
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 pub use types::{
     store_resolver, AdapterResolver, AdapterSpec, AdapterVersion, EngineConfig, EngineRequest,
     EngineStats, Event, EventStream,
 };
-pub use worker::Engine;
 
 use crate::model::ModelError;
 

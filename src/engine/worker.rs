@@ -12,31 +12,19 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::mpsc::UnboundedSender;
 
+use super::handle::Engine;
 use super::merged_cache::MergedCache;
 use super::sampling::{logprobs_of, Sampler, TokenLogprob};
 use super::scheduler::{Plan, Running, Scheduler, SchedulerConfig, SeqId, StepApply, Waiting};
 use super::text::TextState;
 use super::types::*;
-use super::{EngineError, FinishReason, MAX_LOGPROBS};
+use super::{EngineError, FinishReason};
 use crate::adapter::{self, AdapterCache, Lease};
-use crate::model::{KvCache, Llama, LoadedModel, LogitsFor, ModelInfo, SeqInput, Tokenizer};
-
-/// The cloneable handle to the engine.
-#[derive(Clone)]
-pub struct Engine {
-    tx: Sender<Command>,
-    queued: Arc<AtomicUsize>,
-    max_queued: usize,
-    stats: Arc<Mutex<EngineStats>>,
-    model: Arc<Llama>,
-    tokenizer: Arc<Tokenizer>,
-    info: Arc<ModelInfo>,
-}
+use crate::model::{KvCache, Llama, LoadedModel, LogitsFor, SeqInput, Tokenizer};
 
 impl Engine {
-    /// Start the worker thread on `loaded`.
     pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Engine {
         let (tx, rx) = mpsc::channel();
         let model = Arc::new(loaded.model);
@@ -81,95 +69,6 @@ impl Engine {
             .spawn(move || worker.run())
             .expect("spawning the engine thread");
         engine
-    }
-
-    /// Queue a request. Fails at once when the queue is full (`Overloaded`) or the request is
-    /// invalid; everything else (unknown adapter, load failure) arrives as an `Error` event.
-    pub fn submit(&self, req: EngineRequest) -> Result<EventStream, EngineError> {
-        self.check(&req)?;
-        // Reserve a queue slot, or refuse: memory stays bounded under any load.
-        let mut cur = self.queued.load(Ordering::Acquire);
-        loop {
-            if cur >= self.max_queued {
-                return Err(EngineError::Overloaded);
-            }
-            match self
-                .queued
-                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
-        }
-        let (etx, erx) = unbounded_channel();
-        if self.tx.send(Command::Submit(Box::new(req), etx)).is_err() {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(EngineError::ShuttingDown);
-        }
-        Ok(EventStream { rx: erx })
-    }
-
-    fn check(&self, req: &EngineRequest) -> Result<(), EngineError> {
-        let cfg = self.model.config();
-        let bad = |m: String| Err(EngineError::InvalidRequest(m));
-        if req.prompt_token_ids.is_empty() {
-            return bad("the prompt is empty: give at least one token".into());
-        }
-        if let Some(&t) = req
-            .prompt_token_ids
-            .iter()
-            .find(|&&t| t as usize >= cfg.vocab_size)
-        {
-            return bad(format!(
-                "prompt token id {t} is outside the vocabulary (0..{})",
-                cfg.vocab_size
-            ));
-        }
-        if req.prompt_token_ids.len() + req.max_tokens.max(1) > cfg.max_context {
-            return Err(EngineError::ContextLength {
-                prompt: req.prompt_token_ids.len(),
-                max_tokens: req.max_tokens,
-                context: cfg.max_context,
-            });
-        }
-        if req
-            .logprobs
-            .or(req.prompt_logprobs)
-            .is_some_and(|k| k > MAX_LOGPROBS)
-        {
-            return bad(format!("logprobs must be at most {MAX_LOGPROBS}"));
-        }
-        if req.stop_strings.iter().any(String::is_empty) {
-            return bad("stop strings must not be empty".into());
-        }
-        req.sampling.check().map_err(EngineError::InvalidRequest)
-    }
-
-    /// Forget a loaded adapter (deleted or replaced in the store): running requests finish on
-    /// the version they hold; new requests load the store's current version.
-    pub fn invalidate_adapter(&self, name: &str) {
-        let _ = self.tx.send(Command::Invalidate(name.to_string()));
-    }
-
-    pub fn stats(&self) -> EngineStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    pub fn model(&self) -> &Arc<Llama> {
-        &self.model
-    }
-
-    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
-        &self.tokenizer
-    }
-
-    pub fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    /// Stop the worker after the current step; in-flight requests get an error.
-    pub fn shutdown(&self) {
-        let _ = self.tx.send(Command::Shutdown);
     }
 }
 
