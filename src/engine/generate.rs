@@ -92,33 +92,46 @@ struct Running {
 
 pub const MAX_LOGPROBS: usize = 20;
 
-fn check(model: &Llama, req: &GenerateRequest) -> Result<(), EngineError> {
-    let cfg = model.config();
+/// What every request must satisfy, whichever path runs it: a non-empty prompt of in-vocabulary
+/// ids, at most [`MAX_LOGPROBS`] alternatives, valid sampling settings.
+pub(super) fn check_common(
+    vocab_size: usize,
+    prompt: &[u32],
+    logprobs: Option<usize>,
+    sampling: &SamplingParams,
+) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::InvalidRequest(m));
-    if req.prompt_token_ids.is_empty() {
+    if prompt.is_empty() {
         return bad("the prompt is empty: give at least one token".into());
     }
-    if let Some(&t) = req
-        .prompt_token_ids
-        .iter()
-        .find(|&&t| t as usize >= cfg.vocab_size)
-    {
+    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
         return bad(format!(
-            "prompt token id {t} is outside the vocabulary (0..{})",
-            cfg.vocab_size
+            "prompt token id {t} is outside the vocabulary (0..{vocab_size})"
         ));
     }
+    if logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
+        return bad(format!("logprobs must be at most {MAX_LOGPROBS}"));
+    }
+    sampling.check().map_err(EngineError::InvalidRequest)
+}
+
+fn check(model: &Llama, req: &GenerateRequest) -> Result<(), EngineError> {
+    let cfg = model.config();
+    check_common(
+        cfg.vocab_size,
+        &req.prompt_token_ids,
+        req.logprobs,
+        &req.sampling,
+    )?;
+    // The reference loop stops at the context; it only needs room for one new token.
     if req.prompt_token_ids.len() >= cfg.max_context {
-        return bad(format!(
+        return Err(EngineError::InvalidRequest(format!(
             "the prompt has {} tokens; the model's context is {} and must leave room for at least one new token",
             req.prompt_token_ids.len(),
             cfg.max_context
-        ));
+        )));
     }
-    if req.logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
-        return bad(format!("logprobs must be at most {MAX_LOGPROBS}"));
-    }
-    req.sampling.check().map_err(EngineError::InvalidRequest)
+    Ok(())
 }
 
 /// Generate for every request, returning outputs in request order.

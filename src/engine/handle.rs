@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::unbounded_channel;
 
+use super::generate::check_common;
 use super::types::*;
-use super::{EngineError, MAX_LOGPROBS};
+use super::EngineError;
 use crate::model::{Llama, ModelInfo, Tokenizer};
 
 /// The cloneable handle to the engine.
@@ -51,20 +52,13 @@ impl Engine {
 
     fn check(&self, req: &EngineRequest) -> Result<(), EngineError> {
         let cfg = self.model.config();
-        let bad = |m: String| Err(EngineError::InvalidRequest(m));
-        if req.prompt_token_ids.is_empty() {
-            return bad("the prompt is empty: give at least one token".into());
-        }
-        if let Some(&t) = req
-            .prompt_token_ids
-            .iter()
-            .find(|&&t| t as usize >= cfg.vocab_size)
-        {
-            return bad(format!(
-                "prompt token id {t} is outside the vocabulary (0..{})",
-                cfg.vocab_size
-            ));
-        }
+        check_common(
+            cfg.vocab_size,
+            &req.prompt_token_ids,
+            req.logprobs.max(req.prompt_logprobs),
+            &req.sampling,
+        )?;
+        // Like OpenAI and vLLM: the whole request must fit, not be cut short at the context.
         if req.prompt_token_ids.len() + req.max_tokens.max(1) > cfg.max_context {
             return Err(EngineError::ContextLength {
                 prompt: req.prompt_token_ids.len(),
@@ -72,17 +66,12 @@ impl Engine {
                 context: cfg.max_context,
             });
         }
-        if req
-            .logprobs
-            .or(req.prompt_logprobs)
-            .is_some_and(|k| k > MAX_LOGPROBS)
-        {
-            return bad(format!("logprobs must be at most {MAX_LOGPROBS}"));
-        }
         if req.stop_strings.iter().any(String::is_empty) {
-            return bad("stop strings must not be empty".into());
+            return Err(EngineError::InvalidRequest(
+                "stop strings must not be empty".into(),
+            ));
         }
-        req.sampling.check().map_err(EngineError::InvalidRequest)
+        Ok(())
     }
 
     /// Forget a loaded adapter (deleted or replaced in the store): running requests finish on
