@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// Seconds a generation request may run (queueing included) before it ends with
+    /// `request_timeout` and its sequences are cancelled; 0 for no limit.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -16,7 +16,7 @@ use dora_serve::engine::{
     AdapterSpec, Engine, EngineConfig, EngineRequest, Event, FinishReason, GenerateOutput,
     SamplingParams,
 };
-use dora_serve::http::{self, AppState, HttpConfig, Metrics};
+use dora_serve::http::{self, AppState, HttpConfig};
 use dora_serve::model::{self, LoadOptions, LoadedModel};
 use dora_serve::ops::ProjKind;
 
@@ -112,15 +112,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         )
     })?);
     let loaded = load_model(&args.model)?;
-    // Refuse (with a log line) stored adapters that no longer validate; keep serving the rest.
-    for name in store.list() {
-        if let Err(e) = adapter::load_dir(&store.root().join(&name), &loaded.model) {
-            tracing::warn!(
-                "adapter {name} in the store does not validate and will fail its requests: {e}"
-            );
-            eprintln!("warning: adapter {name} does not validate: {e}");
-        }
-    }
     let model_id = args
         .served_model_name
         .clone()
@@ -139,22 +130,26 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             ..EngineConfig::default()
         },
     );
-    let state = AppState {
-        engine: engine.clone(),
+    let adapter_root = args
+        .adapter_root
+        .clone()
+        .unwrap_or_else(|| store.root().to_path_buf());
+    let state = AppState::new(
+        engine.clone(),
+        store,
         registered,
-        cfg: Arc::new(HttpConfig {
+        HttpConfig {
             model_id,
             api_key: args.api_key.clone(),
             admin_key: args.admin_key.clone(),
             max_upload_bytes: args.max_upload_bytes,
-            adapter_root: args
-                .adapter_root
-                .clone()
-                .unwrap_or_else(|| store.root().to_path_buf()),
-        }),
-        store,
-        metrics: Arc::new(Metrics::default()),
-    };
+            adapter_root,
+            request_timeout: (args.request_timeout > 0)
+                .then(|| std::time::Duration::from_secs(args.request_timeout)),
+        },
+    );
+    // Refuse (with a log line) stored adapters that no longer validate; keep serving the rest.
+    state.check_store();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

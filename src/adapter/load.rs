@@ -66,6 +66,26 @@ pub struct AdapterInfo {
     pub bytes: usize,
     /// dtype of the tensors in the file.
     pub file_dtype: String,
+    /// `sha256:<hex>` of the two files (see [`digest`]): names the exact version served.
+    pub digest: String,
+}
+
+/// The content digest of an adapter: SHA-256 over the configuration's length (8 bytes, little
+/// endian), the configuration and the weights, as `sha256:<64 hex digits>`. Stable across
+/// restarts and machines, so a client can tell which upload served its request.
+pub fn digest(config_json: &[u8], safetensors_bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((config_json.len() as u64).to_le_bytes());
+    h.update(config_json);
+    h.update(safetensors_bytes);
+    let out = h.finalize();
+    let mut s = String::with_capacity(7 + 64);
+    s.push_str("sha256:");
+    for b in out {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
 }
 
 impl fmt::Display for AdapterInfo {
@@ -88,6 +108,7 @@ impl fmt::Display for AdapterInfo {
             "weights: {} in the file, {} bytes loaded",
             self.file_dtype, self.bytes
         )?;
+        writeln!(f, "digest:  {}", self.digest)?;
         let mut by_layer: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for m in &self.modules {
             let (r, _, _) = (m.rank, m.alpha, m.scale);
@@ -150,7 +171,8 @@ pub fn load_dir(dir: &Path, base: &dyn BaseLinears) -> Result<Adapter, AdapterEr
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
-    load_parsed(&name, cfg, &weights, base)
+    let digest = digest(&config, &weights);
+    load_parsed(&name, cfg, &weights, digest, base)
 }
 
 /// The parts of one module found in the file.
@@ -236,6 +258,7 @@ pub fn load_bytes(
         name,
         AdapterConfig::parse(config_json)?,
         safetensors_bytes,
+        digest(config_json, safetensors_bytes),
         base,
     )
 }
@@ -244,8 +267,19 @@ fn load_parsed(
     name: &str,
     cfg: AdapterConfig,
     safetensors_bytes: &[u8],
+    digest: String,
     base: &dyn BaseLinears,
 ) -> Result<Adapter, AdapterError> {
+    // torch.save output (a pickle, or a zip holding one) sent in place of safetensors. A
+    // safetensors file's 8-byte header length can begin with the same bytes, but its header
+    // (byte 8 on) is a JSON object.
+    let magic = matches!(safetensors_bytes, [0x80, 2..=5, ..])
+        || safetensors_bytes.starts_with(b"PK\x03\x04");
+    if magic && safetensors_bytes.get(8) != Some(&b'{') {
+        return Err(AdapterError::Pickle {
+            path: "adapter_model.safetensors".into(),
+        });
+    }
     let st = SafeTensors::deserialize(safetensors_bytes)
         .map_err(|e| AdapterError::Safetensors(e.to_string()))?;
     let num_layers = base.num_layers();
@@ -445,6 +479,7 @@ fn load_parsed(
         modules: infos,
         bytes: weights.bytes(),
         file_dtype: file_dtypes.into_iter().collect::<Vec<_>>().join(","),
+        digest,
     };
     Ok(Adapter {
         name: name.to_string(),

@@ -107,6 +107,8 @@ pub struct AdapterVersion {
     pub name: String,
     /// Unique per load: a replaced adapter gets a new one.
     pub version: u64,
+    /// Content digest of the files it was loaded from (`sha256:…`).
+    pub digest: String,
 }
 
 /// What a request's stream yields.

@@ -471,6 +471,7 @@ impl Worker {
                     adapter: s.lease.as_ref().map(|l| AdapterVersion {
                         name: l.name.clone(),
                         version: l.weights.id(),
+                        digest: l.info.digest.clone(),
                     }),
                     text,
                 },

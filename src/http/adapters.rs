@@ -19,7 +19,10 @@ fn describe(s: &AppState, name: &str) -> Option<AdapterDescription> {
     let cfg = std::fs::read(dir.join("adapter_config.json")).ok()?;
     let cfg = AdapterConfig::parse(&cfg).ok();
     let stats = s.engine.stats();
-    let state = if stats.merged_adapters.iter().any(|n| n == name) {
+    let refused = s.refused.read().ok().and_then(|r| r.get(name).cloned());
+    let state = if refused.is_some() {
+        "invalid"
+    } else if stats.merged_adapters.iter().any(|n| n == name) {
         "merged"
     } else if stats.loaded_adapters.iter().any(|n| n == name) {
         "loaded"
@@ -39,6 +42,8 @@ fn describe(s: &AppState, name: &str) -> Option<AdapterDescription> {
         modules: None,
         bytes: None,
         state: state.into(),
+        digest: None,
+        error: refused,
     })
 }
 
@@ -63,6 +68,8 @@ fn from_loaded(a: &adapter::Adapter) -> AdapterDescription {
         modules: Some(a.info.modules.len()),
         bytes: Some(a.info.bytes),
         state: "on_disk".into(),
+        digest: Some(a.info.digest.clone()),
+        error: None,
     }
 }
 
@@ -152,7 +159,7 @@ pub async fn upload(
         r.remove(&name);
     }
     // New requests load the new version; running ones finish on theirs.
-    s.engine.invalidate_adapter(&name);
+    s.forget(&name);
     Ok((StatusCode::CREATED, Json(from_loaded(&loaded))))
 }
 
@@ -198,7 +205,7 @@ pub async fn delete(
             .map_err(|e| ApiError::Internal(e.to_string()))??;
     }
     // In-flight requests keep their lease and finish normally.
-    s.engine.invalidate_adapter(&name);
+    s.forget(&name);
     Ok(Json(Deleted {
         name,
         deleted: true,
@@ -259,7 +266,7 @@ pub async fn load_lora(
     if let Ok(mut r) = s.registered.write() {
         r.insert(req.lora_name.clone(), path);
     }
-    s.engine.invalidate_adapter(&req.lora_name);
+    s.forget(&req.lora_name);
     Ok(Json(from_loaded(&loaded)))
 }
 
@@ -280,7 +287,7 @@ pub async fn unload_lora(
         return Err(ApiError::AdapterNotFound(name));
     }
     // A store adapter stays on disk; it is only dropped from memory.
-    s.engine.invalidate_adapter(&name);
+    s.forget(&name);
     Ok(Json(Deleted {
         name,
         deleted: registered,

@@ -14,7 +14,7 @@ use super::generation::{
     common, finish_str, merged_events, request_id, sse_json, start, token_text, tokenize,
 };
 use super::{now_secs, ApiError, AppState, ErrorBody, JsonBody};
-use crate::engine::{Event, TokenLogprob, MAX_LOGPROBS};
+use crate::engine::{AdapterVersion, Event, TokenLogprob, MAX_LOGPROBS};
 
 /// Render the model's chat template.
 fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
@@ -102,7 +102,7 @@ fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, ApiErro
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
     responses((status = 200, body = ChatResponse, description = "JSON, or server-sent ChatChunk events ending in [DONE] when stream is true"),
-              (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
+              (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 408, body = ErrorBody, description = "The request ran past --request-timeout"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
 pub async fn chat(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<ChatRequest>,
@@ -177,7 +177,9 @@ pub async fn chat(
         let indices: Vec<usize> = choices.iter().map(|c| c.index).collect();
         let chunk = {
             let (id, model, adapter) = (id.clone(), model.clone(), c.adapter.clone());
-            move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatChunk {
+            move |choices: Vec<ChatChunkChoice>,
+                  usage: Option<Usage>,
+                  served: Option<AdapterVersion>| ChatChunk {
                 id: id.clone(),
                 object: "chat.completion.chunk",
                 created,
@@ -185,6 +187,8 @@ pub async fn chat(
                 choices,
                 usage,
                 adapter: adapter.clone(),
+                adapter_version: served.as_ref().map(|v| v.version),
+                adapter_digest: served.map(|v| v.digest),
             }
         };
         // The role first, for every choice, as OpenAI does.
@@ -201,6 +205,7 @@ pub async fn chat(
                         logprobs: None,
                         finish_reason: None,
                     }],
+                    None,
                     None,
                 ))
             })
@@ -227,6 +232,7 @@ pub async fn chat(
                                         completion_tokens: ct,
                                         total_tokens: pt + ct,
                                     }),
+                                    None,
                                 )));
                             }
                             out.push(Ok(SseEvent::default().data("[DONE]")));
@@ -260,6 +266,7 @@ pub async fn chat(
                                         finish_reason: None,
                                     }],
                                     None,
+                                    None,
                                 ))
                             }
                             Event::Done {
@@ -267,7 +274,7 @@ pub async fn chat(
                                 prompt_tokens,
                                 completion_tokens,
                                 text,
-                                ..
+                                adapter,
                             } => {
                                 remaining -= 1;
                                 pt += prompt_tokens;
@@ -288,6 +295,7 @@ pub async fn chat(
                                         finish_reason: Some(finish_str(finish_reason)),
                                     }],
                                     None,
+                                    adapter,
                                 ))
                             }
                             Event::Error(e) => {
@@ -343,7 +351,7 @@ pub async fn chat(
                     finish = Some(finish_str(finish_reason));
                     pt += prompt_tokens;
                     ct += completion_tokens;
-                    version = adapter.map(|a| a.version);
+                    version = adapter;
                     s.metrics.record_tokens(
                         prompt_tokens,
                         completion_tokens,
@@ -380,7 +388,8 @@ pub async fn chat(
             total_tokens: pt + ct,
         },
         adapter: c.adapter,
-        adapter_version: version,
+        adapter_version: version.as_ref().map(|v| v.version),
+        adapter_digest: version.map(|v| v.digest),
     })
     .into_response())
 }

@@ -15,11 +15,11 @@ use super::generation::{
     common, finish_str, merged_events, request_id, sse_json, start, token_text, tokenize, Choice,
 };
 use super::{now_secs, ApiError, AppState, ErrorBody, JsonBody};
-use crate::engine::{Event, TokenLogprob};
+use crate::engine::{AdapterVersion, Event, TokenLogprob};
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, body = CompletionResponse, description = "JSON, or server-sent events of the same objects ending in [DONE] when stream is true"),
-              (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
+              (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 408, body = ErrorBody, description = "The request ran past --request-timeout"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
 pub async fn completions(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<CompletionRequest>,
@@ -144,7 +144,7 @@ pub async fn completions(
                     acc.finish = Some(finish_str(finish_reason));
                     prompt_tokens += p;
                     completion_tokens += n;
-                    version = adapter.map(|a| a.version);
+                    version = adapter;
                     break;
                 }
                 Event::Error(e) => return Err(e.into()),
@@ -174,7 +174,8 @@ pub async fn completions(
             total_tokens: prompt_tokens + completion_tokens,
         }),
         adapter: c.adapter,
-        adapter_version: version,
+        adapter_version: version.as_ref().map(|v| v.version),
+        adapter_digest: version.map(|v| v.digest),
     })
     .into_response())
 }
@@ -285,24 +286,27 @@ fn completion_stream(
             if done {
                 return None;
             }
-            let chunk = |index: usize,
-                         text: String,
-                         lp: Option<CompletionLogprobs>,
-                         finish: Option<String>| CompletionResponse {
-                id: meta.id.clone(),
-                object: "text_completion",
-                created: meta.created,
-                model: meta.model.clone(),
-                choices: vec![CompletionChoice {
-                    text,
-                    index,
-                    logprobs: lp,
-                    finish_reason: finish,
-                }],
-                usage: None,
-                adapter: meta.adapter.clone(),
-                adapter_version: None,
-            };
+            let chunk =
+                |index: usize,
+                 text: String,
+                 lp: Option<CompletionLogprobs>,
+                 finish: Option<String>,
+                 served: Option<AdapterVersion>| CompletionResponse {
+                    id: meta.id.clone(),
+                    object: "text_completion",
+                    created: meta.created,
+                    model: meta.model.clone(),
+                    choices: vec![CompletionChoice {
+                        text,
+                        index,
+                        logprobs: lp,
+                        finish_reason: finish,
+                    }],
+                    usage: None,
+                    adapter: meta.adapter.clone(),
+                    adapter_version: served.as_ref().map(|v| v.version),
+                    adapter_digest: served.map(|v| v.digest),
+                };
             loop {
                 if remaining == 0 {
                     done = true;
@@ -321,6 +325,7 @@ fn completion_stream(
                             }),
                             adapter: meta.adapter.clone(),
                             adapter_version: None,
+                            adapter_digest: None,
                         };
                         out.push(sse_json(&usage));
                     }
@@ -364,14 +369,14 @@ fn completion_stream(
                             )],
                             text_offset: vec![0],
                         });
-                        sse_json(&chunk(index, text, lp, None))
+                        sse_json(&chunk(index, text, lp, None, None))
                     }
                     Event::Done {
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
                         text,
-                        ..
+                        adapter,
                     } => {
                         remaining -= 1;
                         pt += prompt_tokens;
@@ -381,7 +386,13 @@ fn completion_stream(
                             completion_tokens,
                             meta.started.elapsed().as_secs_f64(),
                         );
-                        sse_json(&chunk(index, text, None, Some(finish_str(finish_reason))))
+                        sse_json(&chunk(
+                            index,
+                            text,
+                            None,
+                            Some(finish_str(finish_reason)),
+                            adapter,
+                        ))
                     }
                     Event::Error(e) => {
                         remaining -= 1;

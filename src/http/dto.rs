@@ -110,6 +110,10 @@ pub struct CompletionResponse {
     /// dora-serve: which load of that adapter served it (changes when it is replaced).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter_version: Option<u64>,
+    /// dora-serve: content digest (`sha256:…`) of the adapter files that served it; equals the
+    /// `digest` the upload answered with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_digest: Option<String>,
 }
 
 /// Chat message content: a string, or text parts.
@@ -207,6 +211,8 @@ pub struct ChatResponse {
     pub adapter: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter_version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -236,6 +242,12 @@ pub struct ChatChunk {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
     pub adapter: Option<String>,
+    /// On the chunk that finishes a choice: which load of the adapter served it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_version: Option<u64>,
+    /// On the chunk that finishes a choice: the adapter files' digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_digest: Option<String>,
 }
 
 /// One entry of `GET /v1/models`.
@@ -281,8 +293,15 @@ pub struct AdapterDescription {
     /// Bytes it holds once loaded, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<usize>,
-    /// `on_disk`, `loaded` or `merged`.
+    /// `on_disk`, `loaded`, `merged`, or `invalid` (stored files that do not validate; see
+    /// `error`).
     pub state: String,
+    /// Content digest of the adapter files (`sha256:…`), when known (uploads and loaded ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Why a stored adapter is refused (state `invalid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

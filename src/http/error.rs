@@ -41,6 +41,11 @@ pub enum ApiError {
     Overloaded,
     #[error("the server is shutting down")]
     Unavailable,
+    #[error(
+        "the request did not finish within the server's request timeout of {0} s; \
+         ask for fewer tokens (max_tokens, n) or retry when the server is less busy"
+    )]
+    Timeout(u64),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -125,6 +130,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "shutting_down",
+            ),
+            Timeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout_error",
+                "request_timeout",
             ),
             Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -5,6 +5,7 @@
 mod adapters;
 mod chat;
 mod completions;
+mod deadline;
 pub mod dto;
 mod error;
 mod generation;
@@ -39,6 +40,8 @@ pub struct HttpConfig {
     pub max_upload_bytes: usize,
     /// `load_lora_adapter` paths must lie under this folder.
     pub adapter_root: PathBuf,
+    /// Generation requests that run longer end with `request_timeout` (None: no limit).
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 /// Shared state of every handler.
@@ -50,9 +53,56 @@ pub struct AppState {
     pub registered: Arc<RwLock<HashMap<String, PathBuf>>>,
     pub cfg: Arc<HttpConfig>,
     pub metrics: Arc<Metrics>,
+    /// Stored adapters that failed validation at start-up, with the loader's message; listed as
+    /// `invalid` until they are replaced or deleted. Their requests fail with the same error.
+    pub refused: Arc<RwLock<HashMap<String, String>>>,
 }
 
 impl AppState {
+    pub fn new(
+        engine: Engine,
+        store: Arc<AdapterStore>,
+        registered: Arc<RwLock<HashMap<String, PathBuf>>>,
+        cfg: HttpConfig,
+    ) -> Self {
+        AppState {
+            engine,
+            store,
+            registered,
+            cfg: Arc::new(cfg),
+            metrics: Arc::new(Metrics::default()),
+            refused: Arc::default(),
+        }
+    }
+
+    /// Validate every stored adapter against the base model; those that fail are logged and
+    /// listed as `invalid` (the server keeps serving the rest). Returns the refused names.
+    pub fn check_store(&self) -> Vec<String> {
+        let mut bad = Vec::new();
+        for name in self.store.list() {
+            let dir = self.store.root().join(&name);
+            if let Err(e) = crate::adapter::load_dir(&dir, &**self.engine.model()) {
+                tracing::warn!(
+                    "adapter {name} in the store does not validate and will fail its requests: {e}"
+                );
+                eprintln!("warning: adapter {name} does not validate: {e}");
+                if let Ok(mut r) = self.refused.write() {
+                    r.insert(name.clone(), e.to_string());
+                }
+                bad.push(name);
+            }
+        }
+        bad
+    }
+
+    /// A name was written, replaced or removed: forget what was known about its old files.
+    pub fn forget(&self, name: &str) {
+        if let Ok(mut r) = self.refused.write() {
+            r.remove(name);
+        }
+        self.engine.invalidate_adapter(name);
+    }
+
     /// Where adapter `name` lives: a registered path first, then the store.
     pub fn adapter_dir(&self, name: &str) -> Option<PathBuf> {
         if let Some(p) = self
@@ -104,9 +154,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/load_lora_adapter", post(adapters::load_lora))
         .route("/v1/unload_lora_adapter", post(adapters::unload_lora))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
-    let v1 = Router::new()
+    let generation = Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(chat::chat))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            deadline::enforce,
+        ));
+    let v1 = Router::new()
+        .merge(generation)
         .route("/v1/models", get(models::models))
         .route("/v1/adapters", get(adapters::list))
         .route("/v1/adapters/{name}", get(adapters::get_one))

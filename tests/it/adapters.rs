@@ -13,7 +13,7 @@ use dora_serve::ops::{
 };
 use serde::Deserialize;
 
-use crate::util::{fixtures, load, max_abs_diff};
+use crate::util::{fixture_bytes, fixtures, load, max_abs_diff, safetensors_bytes};
 
 const ADAPTERS: [&str; 6] = [
     "dora-all-r8",
@@ -332,23 +332,6 @@ fn merged_weights_refuse_rows_of_another_adapter() {
 }
 
 // --- Crafted variants of a fixture adapter -------------------------------------------------
-
-fn fixture_bytes(name: &str) -> (serde_json::Value, HashMap<String, Tensor>) {
-    let dir = fixtures().join("adapters").join(name);
-    let cfg =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
-            .unwrap();
-    let tensors =
-        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
-            .unwrap();
-    (cfg, tensors)
-}
-
-fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Vec<u8> {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    candle_core::safetensors::save(tensors, f.path()).unwrap();
-    std::fs::read(f.path()).unwrap()
-}
 
 fn variant(
     m: &LoadedModel,

@@ -59,3 +59,21 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A fixture adapter's configuration and tensors, to edit into crafted variants.
+pub fn fixture_bytes(name: &str) -> (serde_json::Value, HashMap<String, Tensor>) {
+    let dir = fixtures().join("adapters").join(name);
+    let cfg =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    (cfg, tensors)
+}
+
+pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Vec<u8> {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    candle_core::safetensors::save(tensors, f.path()).unwrap();
+    std::fs::read(f.path()).unwrap()
+}

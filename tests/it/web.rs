@@ -1,0 +1,158 @@
+//! Helpers for tests of the HTTP API: a server on the tiny model over a temporary store,
+//! driven through its router (`oneshot`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use dora_serve::adapter::AdapterStore;
+use dora_serve::engine::scheduler::ModePolicy;
+use dora_serve::engine::{Engine, EngineConfig};
+use dora_serve::http::{self, AppState, HttpConfig};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+use crate::util::{fixtures, load};
+
+pub const PROMPT: &str = "The capital of France is";
+
+pub struct Server {
+    pub app: Router,
+    pub engine: Engine,
+    pub store: tempfile::TempDir,
+    pub outside: tempfile::TempDir,
+    pub state: AppState,
+}
+
+pub fn server_with(keys: (Option<&str>, Option<&str>), max_upload: usize) -> Server {
+    server_full(keys, max_upload, (8, 64))
+}
+
+pub fn server_full(
+    keys: (Option<&str>, Option<&str>),
+    max_upload: usize,
+    (max_running, max_queued): (usize, usize),
+) -> Server {
+    let store_dir = tempfile::tempdir().unwrap();
+    for name in ["dora-all-r8", "lora-r8"] {
+        let to = store_dir.path().join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(fixtures().join("adapters").join(name)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let store = Arc::new(AdapterStore::open(store_dir.path()).unwrap());
+    let registered = Arc::new(RwLock::new(HashMap::new()));
+    let engine = Engine::start(
+        load("tiny-llama"),
+        EngineConfig {
+            max_running,
+            max_step_tokens: 256,
+            max_queued,
+            mode: ModePolicy::Auto,
+            resolve: http::resolver(Arc::clone(&store), Arc::clone(&registered)),
+            ..EngineConfig::default()
+        },
+    );
+    let state = AppState::new(
+        engine.clone(),
+        store,
+        registered,
+        HttpConfig {
+            model_id: "tiny-llama".into(),
+            api_key: keys.0.map(str::to_string),
+            admin_key: keys.1.map(str::to_string),
+            max_upload_bytes: max_upload,
+            adapter_root: store_dir.path().to_path_buf(),
+            request_timeout: None,
+        },
+    );
+    Server {
+        engine,
+        app: http::app(state.clone()),
+        state,
+        store: store_dir,
+        outside: tempfile::tempdir().unwrap(),
+    }
+}
+
+pub fn server() -> Server {
+    server_with((None, None), 1 << 20)
+}
+
+pub async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Value, String) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
+}
+
+pub fn post_json(path: &str, body: Value) -> Request<Body> {
+    Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+pub fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+pub fn multipart(fields: &[(&str, &[u8])], path: &str) -> Request<Body> {
+    let boundary = "dora-boundary-7d3c";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n\r\n").as_bytes());
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    Request::post(path)
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Body::from(body))
+        .unwrap()
+}
+
+pub fn fixture_files(name: &str) -> (Vec<u8>, Vec<u8>) {
+    let d = fixtures().join("adapters").join(name);
+    (
+        std::fs::read(d.join("adapter_config.json")).unwrap(),
+        std::fs::read(d.join("adapter_model.safetensors")).unwrap(),
+    )
+}
+
+pub fn adapter_greedy(name: &str, prompt: usize) -> Vec<u32> {
+    let v: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("adapters/expected.json")).unwrap(),
+    )
+    .unwrap();
+    serde_json::from_value(v["adapters"][name]["unmerged_greedy"][prompt].clone()).unwrap()
+}
+
+pub fn decode(ids: &[u32]) -> String {
+    load("tiny-llama").tokenizer.decode(ids, true).unwrap()
+}
+
+pub fn assert_error(status: StatusCode, body: &Value, want_status: StatusCode, code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(body["error"]["type"].is_string());
+}
