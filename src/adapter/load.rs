@@ -144,7 +144,35 @@ pub struct Adapter {
 }
 
 /// Load the adapter in folder `dir` (`adapter_config.json` + `adapter_model.safetensors`).
+///
+/// The store replaces an adapter by renaming a complete new folder into place, so the two files
+/// are read from one folder version: if the folder changed between the reads (its inode
+/// differs), they are read again. A configuration never pairs with another upload's weights.
 pub fn load_dir(dir: &Path, base: &dyn BaseLinears) -> Result<Adapter, AdapterError> {
+    let (config, weights) = read_consistent(dir)?;
+    // Configuration problems first: they are the cheapest to find and usually the first to fix.
+    let cfg = AdapterConfig::parse(&config)?;
+    let Some(weights) = weights else {
+        if dir.join("adapter_model.bin").is_file() {
+            return Err(AdapterError::Pickle {
+                path: dir.join("adapter_model.bin"),
+            });
+        }
+        return Err(AdapterError::MissingFile {
+            path: dir.join("adapter_model.safetensors"),
+            what: "the adapter weights (adapter_model.safetensors)",
+        });
+    };
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let digest = digest(&config, &weights);
+    load_parsed(&name, cfg, &weights, digest, base)
+}
+
+/// Both files of one version of `dir` (the weights `None` when that file is missing).
+fn read_consistent(dir: &Path) -> Result<(Vec<u8>, Option<Vec<u8>>), AdapterError> {
     let read = |name: &str, what: &'static str| {
         let path = dir.join(name);
         if !path.is_file() {
@@ -152,27 +180,45 @@ pub fn load_dir(dir: &Path, base: &dyn BaseLinears) -> Result<Adapter, AdapterEr
         }
         std::fs::read(&path).map_err(|source| AdapterError::Io { path, source })
     };
-    let config = read(
-        "adapter_config.json",
-        "the adapter configuration (adapter_config.json)",
-    )?;
-    // Configuration problems first: they are the cheapest to find and usually the first to fix.
-    let cfg = AdapterConfig::parse(&config)?;
-    if !dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_model.bin").is_file() {
-        return Err(AdapterError::Pickle {
-            path: dir.join("adapter_model.bin"),
-        });
+    let mut attempts = 0;
+    loop {
+        let before = folder_identity(dir);
+        let config = read(
+            "adapter_config.json",
+            "the adapter configuration (adapter_config.json)",
+        )?;
+        let weights = match read(
+            "adapter_model.safetensors",
+            "the adapter weights (adapter_model.safetensors)",
+        ) {
+            Ok(w) => Some(w),
+            Err(AdapterError::MissingFile { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        if before == folder_identity(dir) {
+            return Ok((config, weights));
+        }
+        attempts += 1;
+        if attempts == 8 {
+            return Err(AdapterError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(
+                    "the adapter folder kept being replaced while it was read; retry",
+                ),
+            });
+        }
     }
-    let weights = read(
-        "adapter_model.safetensors",
-        "the adapter weights (adapter_model.safetensors)",
-    )?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "adapter".into());
-    let digest = digest(&config, &weights);
-    load_parsed(&name, cfg, &weights, digest, base)
+}
+
+#[cfg(unix)]
+fn folder_identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn folder_identity(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(dir).ok().and_then(|m| m.created().ok())
 }
 
 /// The parts of one module found in the file.

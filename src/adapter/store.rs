@@ -162,6 +162,14 @@ impl AdapterStore {
             }
             sync_dir(&tmp)?;
             if live.exists() {
+                // Swap in one step where the OS can (readers see the old or the new version,
+                // never no adapter); the old version is then under the temporary name, which
+                // recovery removes if we crash before we do.
+                if exchange(&tmp, &live) {
+                    sync_dir(&self.root)?;
+                    fs::remove_dir_all(&tmp).map_err(self.io(&tmp))?;
+                    return sync_dir(&self.root);
+                }
                 let old = self.root.join(format!("{OLD}{name}-{}", unique()));
                 fs::rename(&live, &old).map_err(self.io(&live))?;
                 fs::rename(&tmp, &live).map_err(self.io(&live))?;
@@ -190,6 +198,37 @@ impl AdapterStore {
         sync_dir(&self.root)?;
         fs::remove_dir_all(&del).map_err(self.io(&del))
     }
+}
+
+/// Atomically exchange two paths (Linux `renameat2(RENAME_EXCHANGE)`); false where the OS or
+/// file system cannot, and the caller falls back to two renames.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(a), Ok(b)) = (
+        CString::new(a.as_os_str().as_bytes()),
+        CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: two valid NUL-terminated paths; the syscall reads them and nothing else.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> bool {
+    false
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

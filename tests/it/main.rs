@@ -7,7 +7,10 @@ mod hostile;
 mod http;
 mod loaders;
 mod parity;
+#[cfg(target_os = "linux")]
+mod process;
 mod props;
 mod real_model;
+mod storms;
 mod util;
 mod web;

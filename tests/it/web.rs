@@ -34,7 +34,16 @@ pub fn server_with(keys: (Option<&str>, Option<&str>), max_upload: usize) -> Ser
 pub fn server_full(
     keys: (Option<&str>, Option<&str>),
     max_upload: usize,
+    limits: (usize, usize),
+) -> Server {
+    server_timeout(keys, max_upload, limits, None)
+}
+
+pub fn server_timeout(
+    keys: (Option<&str>, Option<&str>),
+    max_upload: usize,
     (max_running, max_queued): (usize, usize),
+    request_timeout: Option<std::time::Duration>,
 ) -> Server {
     let store_dir = tempfile::tempdir().unwrap();
     for name in ["dora-all-r8", "lora-r8"] {
@@ -68,7 +77,7 @@ pub fn server_full(
             admin_key: keys.1.map(str::to_string),
             max_upload_bytes: max_upload,
             adapter_root: store_dir.path().to_path_buf(),
-            request_timeout: None,
+            request_timeout,
         },
     );
     Server {
