@@ -9,7 +9,7 @@ venv=${DORA_TEST_VENV:-target/test-venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check openai openapi-spec-validator pyyaml
+"$venv/bin/python" -m pip install -q --disable-pip-version-check openai openapi-spec-validator pyyaml schemathesis
 "$venv/bin/python" - <<'PY'
 import yaml
 from openapi_spec_validator import validate

@@ -63,6 +63,9 @@ impl SamplingParams {
 }
 
 /// A request's token chooser, with its own seeded generator.
+/// Temperatures below this sample greedily.
+const GREEDY_BELOW: f64 = 1e-5;
+
 pub struct Sampler {
     inner: LogitsProcessor,
     presence: f32,
@@ -72,8 +75,13 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(p: &SamplingParams) -> Self {
         let t = p.temperature;
-        let top_p = (p.top_p < 1.0).then_some(p.top_p);
-        let sampling = if t <= 0.0 {
+        // Sampling runs in f32: a top_p that rounds to 0 there would keep no token at all (found
+        // by schemathesis: top_p 5e-324 was a 500). The smallest positive f32 keeps the top one,
+        // which is what top_p → 0 means.
+        let top_p = (p.top_p < 1.0).then_some(p.top_p.max(f32::MIN_POSITIVE as f64));
+        // Likewise logits divided by a temperature this small overflow f32; below it, sampling
+        // is greedy to within rounding anyway (vLLM uses the same 1e-5).
+        let sampling = if t < GREEDY_BELOW {
             Sampling::ArgMax
         } else {
             match (p.top_k, top_p) {
@@ -164,6 +172,31 @@ pub fn logprobs_of(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vanishing_top_p_and_temperature_sample_the_top_token() {
+        let logits = Tensor::new(&[0.5f32, 2.0, 1.0, -1.0], &candle_core::Device::Cpu).unwrap();
+        for (temperature, top_p) in [
+            (1.0, 5e-324),
+            (1.0, 1e-40),
+            (1e-300, 1.0),
+            (5e-324, 0.5),
+            (1e-6, 1.0),
+        ] {
+            let mut s = Sampler::new(&SamplingParams {
+                temperature,
+                top_p,
+                ..SamplingParams::default()
+            });
+            for _ in 0..8 {
+                assert_eq!(
+                    s.sample(&logits, &[]).unwrap(),
+                    1,
+                    "t={temperature} p={top_p}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn logprobs_are_a_normalised_log_softmax() {

@@ -92,14 +92,20 @@ fn multipart_error(s: &AppState, e: axum::extract::multipart::MultipartError) ->
 }
 
 #[utoipa::path(post, path = "/v1/adapters", params(UploadQuery),
-    request_body(content_type = "multipart/form-data", description = "fields: name (text), adapter_config (adapter_config.json), adapter_model (adapter_model.safetensors)"),
+    request_body(content = AdapterUpload, content_type = "multipart/form-data", description = "fields: name (text), adapter_config (adapter_config.json), adapter_model (adapter_model.safetensors)"),
     responses((status = 201, body = AdapterDescription, description = "Created"), (status = 400, body = ErrorBody, description = "Invalid request"), (status = 409, body = ErrorBody, description = "Already exists"),
               (status = 413, body = ErrorBody, description = "Body too large"), (status = 415, body = ErrorBody, description = "Wrong content type"), (status = 422, body = ErrorBody, description = "The adapter failed validation")))]
 pub async fn upload(
     State(s): State<AppState>,
-    Query(q): Query<UploadQuery>,
+    q: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     mp: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<AdapterDescription>), ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::invalid(
+            "replace",
+            format!("{}; use ?replace=true or ?replace=false", e.body_text()),
+        )
+    })?;
     let mut mp = mp.map_err(|_| ApiError::UnsupportedMediaType("multipart/form-data"))?;
     let (mut name, mut config, mut weights) = (None, None, None);
     while let Some(field) = mp.next_field().await.map_err(|e| multipart_error(&s, e))? {
@@ -213,7 +219,7 @@ pub async fn delete(
 }
 
 #[utoipa::path(post, path = "/v1/load_lora_adapter", request_body = LoadLoraRequest,
-    responses((status = 200, body = AdapterDescription, description = "OK"), (status = 400, body = ErrorBody, description = "Invalid request"), (status = 409, body = ErrorBody, description = "Already exists"), (status = 422, body = ErrorBody, description = "The adapter failed validation")))]
+    responses((status = 200, body = AdapterDescription, description = "OK"), (status = 400, body = ErrorBody, description = "Invalid request"), (status = 409, body = ErrorBody, description = "Already exists"), (status = 415, body = ErrorBody, description = "Wrong content type"), (status = 422, body = ErrorBody, description = "The adapter failed validation")))]
 pub async fn load_lora(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<LoadLoraRequest>,
@@ -271,7 +277,7 @@ pub async fn load_lora(
 }
 
 #[utoipa::path(post, path = "/v1/unload_lora_adapter", request_body = UnloadLoraRequest,
-    responses((status = 200, body = Deleted, description = "OK"), (status = 404, body = ErrorBody, description = "Not found")))]
+    responses((status = 200, body = Deleted, description = "OK"), (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 415, body = ErrorBody, description = "Wrong content type")))]
 pub async fn unload_lora(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<UnloadLoraRequest>,

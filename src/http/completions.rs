@@ -19,7 +19,7 @@ use crate::engine::{AdapterVersion, Event, TokenLogprob};
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, body = CompletionResponse, description = "JSON, or server-sent events of the same objects ending in [DONE] when stream is true"),
-              (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 408, body = ErrorBody, description = "The request ran past --request-timeout"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
+              (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 415, body = ErrorBody, description = "Wrong content type"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 408, body = ErrorBody, description = "The request ran past --request-timeout"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
 pub async fn completions(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<CompletionRequest>,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// `prompt`: a string, strings, token ids, or lists of token ids.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -15,6 +15,39 @@ pub enum Prompt {
     Tokens(Vec<u32>),
     TokenLists(Vec<Vec<u32>>),
 }
+
+// Written by hand: the schema says what the handler requires (nothing empty), which the derive
+// cannot express for enum variants.
+impl utoipa::PartialSchema for Prompt {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+        };
+        let ids = || {
+            ArrayBuilder::new()
+                .items(
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .minimum(Some(0)),
+                )
+                .min_items(Some(1))
+        };
+        OneOfBuilder::new()
+            .item(text())
+            .item(ArrayBuilder::new().items(text()).min_items(Some(1)))
+            .item(ids())
+            .item(ArrayBuilder::new().items(ids()).min_items(Some(1)))
+            .description(Some(
+                "a string, strings, token ids, or lists of token ids (none empty)",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Prompt {}
 
 /// `stop`: one string or several.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -45,28 +78,39 @@ pub struct CompletionRequest {
     /// The base model's id, or an adapter's name (vLLM style).
     pub model: Option<String>,
     pub prompt: Prompt,
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
+    #[schema(minimum = 0)]
     pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
     /// dora-serve: sample among the k most likely tokens.
+    #[schema(minimum = 1)]
     pub top_k: Option<u32>,
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub stop: Option<Stop>,
     pub seed: Option<u64>,
     /// 0–5 alternatives per token.
+    #[schema(maximum = 5)]
     pub logprobs: Option<u32>,
     pub echo: Option<bool>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f64>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f64>,
     pub user: Option<String>,
     /// dora-serve: the adapter to use; absent or null for the base model.
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     pub adapter: Option<String>,
     /// dora-serve: keep generating past end-of-sequence tokens (fixed-length benchmarks).
     pub ignore_eos: Option<bool>,
     /// Not supported; refused when set.
+    #[schema(maximum = 1)]
     pub best_of: Option<u32>,
+    #[schema(max_length = 0)]
     pub suffix: Option<String>,
     pub logit_bias: Option<BTreeMap<String, f64>>,
 }
@@ -142,12 +186,19 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatRequest {
     pub model: Option<String>,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
+    #[schema(minimum = 0)]
     pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
+    #[schema(minimum = 1)]
     pub top_k: Option<u32>,
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
@@ -155,10 +206,14 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     pub logprobs: Option<bool>,
     /// 0–20 alternatives per token (with `logprobs: true`).
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f64>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f64>,
     pub user: Option<String>,
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     pub adapter: Option<String>,
     pub ignore_eos: Option<bool>,
     pub logit_bias: Option<BTreeMap<String, f64>>,
@@ -320,14 +375,33 @@ pub struct Deleted {
 /// vLLM's `POST /v1/load_lora_adapter`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct LoadLoraRequest {
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     pub lora_name: String,
+    /// A folder under the server's `--adapter-root` holding the two adapter files.
+    #[schema(min_length = 1)]
     pub lora_path: String,
 }
 
 /// vLLM's `POST /v1/unload_lora_adapter`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct UnloadLoraRequest {
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     pub lora_name: String,
+}
+
+/// The multipart form of `POST /v1/adapters`.
+#[allow(dead_code)] // documentation only: the handler reads the fields one by one
+#[derive(ToSchema)]
+pub struct AdapterUpload {
+    /// The adapter's name: 1–64 characters from A-Z a-z 0-9 . _ - starting with a letter or digit.
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    pub name: String,
+    /// PEFT's adapter_config.json.
+    #[schema(value_type = String, format = Binary)]
+    pub adapter_config: Vec<u8>,
+    /// PEFT's adapter_model.safetensors.
+    #[schema(value_type = String, format = Binary)]
+    pub adapter_model: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

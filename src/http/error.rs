@@ -153,9 +153,22 @@ impl ApiError {
 
     pub fn body(&self) -> ErrorBody {
         let (_, kind, code) = self.parts();
+        let message = match self {
+            // The log has the whole message (with any backtrace); the client gets its first line.
+            ApiError::Internal(m) => format!(
+                "internal error: {}; the server log has the details",
+                m.lines()
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            ),
+            _ => self.to_string(),
+        };
         ErrorBody {
             error: ErrorDetail {
-                message: self.to_string(),
+                message,
                 kind: kind.to_string(),
                 param: match self {
                     ApiError::InvalidRequest { param, .. } => param.map(str::to_string),

@@ -548,6 +548,29 @@ async fn bad_generation_requests_are_refused_by_code_and_hurt_nothing() {
             "{body}: {msg:?} should mention {word:?}"
         );
     }
+    // Found by schemathesis: values that vanish in f32 were a 500. They mean greedy.
+    let greedy = call(
+        &s.app,
+        c(json!({"prompt": PROMPT, "max_tokens": 4, "temperature": 0})),
+    )
+    .await
+    .1;
+    for extreme in [
+        json!({"top_p": 5e-324}),
+        json!({"temperature": 1e-300}),
+        json!({"temperature": 5e-324, "top_p": 1e-40}),
+    ] {
+        let mut b = json!({"prompt": PROMPT, "max_tokens": 4});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extreme.as_object().unwrap().clone());
+        let (st, v, text) = call(&s.app, c(b)).await;
+        assert_eq!(st, StatusCode::OK, "{extreme}: {text}");
+        assert_eq!(
+            v["choices"][0]["text"], greedy["choices"][0]["text"],
+            "{extreme}"
+        );
+    }
     // NaN cannot be written in JSON; the nearest a client can send is a bare token.
     let raw = axum::http::Request::post("/v1/completions")
         .header("content-type", "application/json")
