@@ -15,7 +15,8 @@
 //!   chat (JSON or SSE) with an `adapter` field, models, adapter upload (validated, then
 //!   written atomically to the [`adapter::AdapterStore`]) and management, vLLM's load/unload,
 //!   health, Prometheus metrics, and the OpenAPI document generated with utoipa. Errors are
-//!   one enum mapped to status and stable `code` in one match. It never sees a tensor.
+//!   one enum mapped to status and stable `code` in one match; a deadline layer ends
+//!   generations past `--request-timeout`. It never sees a tensor.
 //! - [`engine`] — the serving engine: an [`engine::Engine`] handle to one worker thread that
 //!   owns every sequence's KV cache and the adapter caches, runs continuous batching under the
 //!   pure [`engine::scheduler`] (admission, chunked prefill under a token budget, apply mode:
@@ -26,8 +27,10 @@
 //! - [`adapter`] — PEFT LoRA/DoRA adapters: `adapter_config.json` (every field understood,
 //!   harmless, or refused by name), `adapter_model.safetensors` (every tensor must map to a
 //!   targeted module of the base, with the config's rank), `g = m/‖W0 + s·B·A‖` precomputed at
-//!   load, the byte-budgeted LRU [`adapter::AdapterCache`] whose `Arc` leases pin adapters in
-//!   use, and random adapters for benchmarks.
+//!   load, a content digest naming each version, the byte-budgeted LRU
+//!   [`adapter::AdapterCache`] whose `Arc` leases pin adapters in use, the crash-safe
+//!   [`adapter::AdapterStore`] (temporary folder, fsync, one-step swap), and random adapters
+//!   for benchmarks.
 //! - [`model`] — the llama-family decoder (candle style: serde `Config` with HF names,
 //!   `new(cfg, vb)`), its per-sequence KV cache, the HF-folder and GGUF loaders (GGUF tensors
 //!   are dequantised and llama.cpp's Q/K permutation undone, so weights are in HF layout), and
