@@ -66,7 +66,7 @@ pub struct AdapterInfo {
     pub bytes: usize,
     /// dtype of the tensors in the file.
     pub file_dtype: String,
-    /// `sha256:<hex>` of the two files (see [`digest`]): names the exact version served.
+    /// `sha256:<hex>` of the two files (see `load::digest`): names the exact version served.
     pub digest: String,
 }
 
