@@ -3,7 +3,10 @@
 //! - `adapted_linear`: one SmolLM2-sized projection (576 → 1536) at 1, 8 and 64 rows with
 //!   0, 1, 4 or 8 distinct rank-16 DoRA adapters, unmerged, against merged and base;
 //! - `dora_norm`: the `out·in·r` identity for `g` against forming `W0 + s·B·A`;
-//! - `merge`: merging one module.
+//! - `merge`: merging one module;
+//! - `adapter`: loading a rank-16 DoRA adapter on all seven projections from disk (parse,
+//!   validate, precompute `g`), merging all of it, and a cache hit — on SmolLM2 when
+//!   `scripts/fetch-model.sh` has fetched it, else on the tiny test model.
 //!
 //! `cargo bench --bench ops` (add a filter such as `small_matmul` to run one group).
 
@@ -130,11 +133,54 @@ fn merge_bench(c: &mut Criterion) {
     });
 }
 
+fn adapter_bench(c: &mut Criterion) {
+    use dora_serve::adapter::{self, AdapterCache, SynthSpec};
+    use dora_serve::model::{self, LoadOptions};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let real = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (path, label) = if real.is_file() {
+        (real, "smollm2")
+    } else {
+        (root.join("tests/fixtures/tiny-llama"), "tiny")
+    };
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: Device::Cpu,
+    };
+    let m = model::load(&path, &opts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SynthSpec {
+        rank: 16,
+        alpha: 32.0,
+        targets: ProjKind::ALL.to_vec(),
+        dora: true,
+        seed: 7,
+    };
+    let a_dir = dir.path().join("a");
+    adapter::write_random_adapter(&a_dir, &m.model, &spec).unwrap();
+    let mut g = c.benchmark_group("adapter");
+    g.sample_size(10);
+    g.bench_function(format!("load_from_disk_r16_all/{label}"), |b| {
+        b.iter(|| black_box(adapter::load_dir(&a_dir, &m.model).unwrap()))
+    });
+    let a = adapter::load_dir(&a_dir, &m.model).unwrap();
+    g.bench_function(format!("merge_whole_r16_all/{label}"), |b| {
+        b.iter(|| black_box(m.model.merge(&a.weights).unwrap()))
+    });
+    let mut cache = AdapterCache::new(1 << 30);
+    cache.insert(a.clone(), 0.0);
+    g.bench_function("cache_hit", |b| {
+        b.iter(|| black_box(cache.get("a").unwrap()))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     small_matmul_bench,
     adapted_linear_bench,
     dora_norm_bench,
-    merge_bench
+    merge_bench,
+    adapter_bench
 );
 criterion_main!(benches);
