@@ -23,6 +23,116 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the OpenAPI document (YAML) of the HTTP API.
     Openapi,
+    /// Load-test a server over HTTP (or one it starts) and report throughput and latency.
+    Bench(BenchArgs),
+}
+
+/// An inclusive range `A:B`, or one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub lo: usize,
+    pub hi: usize,
+}
+
+pub fn parse_range(s: &str) -> Result<Range, String> {
+    let num = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{t:?} is not a whole number"))
+    };
+    let (lo, hi) = match s.split_once(':') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(s)?, num(s)?),
+    };
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: give N or A:B with 1 ≤ A ≤ B"));
+    }
+    Ok(Range { lo, hi })
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The server to drive.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Start a server on this model (on a free port, with a fresh adapter store) instead.
+    #[arg(long)]
+    pub spawn_model: Option<PathBuf>,
+    /// An extra argument for the spawned server (repeatable), e.g. --server-arg=--adapter-mode=merged.
+    #[arg(long, allow_hyphen_values = true)]
+    pub server_arg: Vec<String>,
+    #[arg(long, env = "DORA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// For --make-adapters when the server has an admin key.
+    #[arg(long, hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Closed loop: this many clients, each sending its next request when the last finishes.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Open loop: requests in flight beyond this are not sent (counted as `client_dropped`).
+    #[arg(long, default_value_t = 512)]
+    pub max_inflight: usize,
+    /// Stop sending after this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// Stop after this many requests.
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Requests that start in the first seconds are run but not counted.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Use N adapters from the server's GET /v1/adapters (sorted by name).
+    #[arg(long, default_value_t = 0)]
+    pub adapters: usize,
+    /// Upload N random adapters first (needs --spawn-model or --model for their shapes).
+    #[arg(long, default_value_t = 0)]
+    pub make_adapters: usize,
+    /// Base model for --make-adapters against a running server.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub targets: Vec<String>,
+    /// Made adapters are plain LoRA instead of DoRA.
+    #[arg(long)]
+    pub lora: bool,
+    /// Adapter popularity: Zipf exponent over the adapters (0 = uniform).
+    #[arg(long, default_value_t = 0.0)]
+    pub zipf: f64,
+    /// Fraction of requests on the base model (default: 0 with adapters, else 1).
+    #[arg(long)]
+    pub base_fraction: Option<f64>,
+    /// Prompt length in words (about one token each): N or A:B.
+    #[arg(long, default_value = "32", value_parser = parse_range)]
+    pub prompt_words: Range,
+    /// Output tokens per request: N or A:B (generated to that length: ignore_eos).
+    #[arg(long, default_value = "64", value_parser = parse_range)]
+    pub max_tokens: Range,
+    /// Let requests stop at end-of-sequence instead of running to max_tokens.
+    #[arg(long)]
+    pub allow_eos: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an SVG: latency CDFs and throughput over time.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Print B ÷ A for two JSON reports and exit.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    pub compare: Option<Vec<PathBuf>>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Byte sizes: plain numbers or with a KiB/MiB/GiB (or K/M/G) suffix.

@@ -6,11 +6,15 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: `main → config → http → engine → { model, adapter } → ops → candle`.
+//! Dependencies point one way: `main → config → http → engine → { model, adapter } → ops → candle`
+//! (and `main → bench`, a client of the API).
 //! `model` and `adapter` do not import each other: adapters see the base model only through
 //! [`ops::BaseLinears`], and the model sees adapters only as [`ops::AdapterWeights`].
 //!
 //! - [`config`] — raw CLI arguments (clap) and the typed choices they turn into.
+//! - [`bench`] — `dora-serve bench`, the load generator: an HTTP client of the API (it imports
+//!   no engine code; only `--make-adapters` borrows `model` and `adapter` for shapes), with a
+//!   seeded workload (Zipf adapters, Poisson or closed-loop arrivals), reports and plots.
 //! - [`http`] — the OpenAI-compatible API on axum, built by [`http::app`]: completions and
 //!   chat (JSON or SSE) with an `adapter` field, models, adapter upload (validated, then
 //!   written atomically to the [`adapter::AdapterStore`]) and management, vLLM's load/unload,
@@ -44,6 +48,7 @@
 //! for every projection, and attention runs per sequence against its own cache.
 
 pub mod adapter;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod http;

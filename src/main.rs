@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         Command::Adapter(AdapterCommand::Inspect(args)) => run_inspect(args),
         Command::Adapter(AdapterCommand::Random(args)) => run_random(args),
         Command::Serve(args) => run_serve(args),
+        Command::Bench(args) => dora_serve::bench::run(args),
         Command::Openapi => {
             print!("{}", dora_serve::http::openapi::yaml());
             Ok(())

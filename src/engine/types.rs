@@ -172,6 +172,8 @@ pub struct EngineStats {
     pub max_running: usize,
     /// KV bytes if every running slot held a full context (for a usage fraction).
     pub kv_capacity_bytes: usize,
+    /// The `--adapter-mode`: `unmerged`, `merged` or `auto`.
+    pub mode: &'static str,
 }
 
 pub(super) enum Command {

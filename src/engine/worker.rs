@@ -549,6 +549,11 @@ impl Worker {
         stats.merged_adapters = merged;
         let c = self.model.config();
         stats.max_running = self.cfg.max_running;
+        stats.mode = match self.cfg.mode {
+            crate::engine::scheduler::ModePolicy::Unmerged => "unmerged",
+            crate::engine::scheduler::ModePolicy::Merged => "merged",
+            crate::engine::scheduler::ModePolicy::Auto => "auto",
+        };
         stats.kv_capacity_bytes = self.cfg.max_running
             * c.max_context
             * 2

@@ -212,6 +212,11 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
     }
     let _ = writeln!(
         out,
+        "# TYPE dora_adapter_mode_info gauge\ndora_adapter_mode_info{{mode=\"{}\"}} 1",
+        st.mode
+    );
+    let _ = writeln!(
+        out,
         "# TYPE vllm:lora_requests_info gauge\nvllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
         st.max_running,
         esc(&st.running_adapters.join(",")),

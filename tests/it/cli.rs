@@ -279,3 +279,88 @@ fn adapter_inspect_describes_or_explains() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("IA3"));
 }
+
+#[test]
+fn bench_drives_a_spawned_server_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, svg) = (tmp.path().join("a.json"), tmp.path().join("a.svg"));
+    let out = dora()
+        .args(["bench", "--spawn-model"])
+        .arg(fixtures().join("tiny-llama"))
+        .args([
+            "--make-adapters",
+            "2",
+            "--rank",
+            "4",
+            "--requests",
+            "16",
+            "--concurrency",
+            "4",
+        ])
+        .args([
+            "--warmup",
+            "0",
+            "--max-tokens",
+            "8",
+            "--prompt-words",
+            "4:12",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("output tok/s") && stdout.contains("p99"),
+        "{stdout}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        (r["requests"].as_u64(), r["ok"].as_u64()),
+        (Some(16), Some(16)),
+        "{r}"
+    );
+    assert_eq!(r["errors"], serde_json::json!({}));
+    assert_eq!(r["adapters"], serde_json::json!(["bench-000", "bench-001"]));
+    assert_eq!(r["server"]["mode"], "auto");
+    assert!(
+        r["server"]["adapter_loads"].as_f64().unwrap() >= 1.0,
+        "{}",
+        r["server"]
+    );
+    let records = r["records"].as_array().unwrap();
+    assert!(
+        records
+            .iter()
+            .all(|x| x["output_tokens"] == 8 && x["adapter"].is_string()),
+        "ignore_eos runs every request to max_tokens on an adapter"
+    );
+    assert!(r["ttft_s"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(r["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let cmp = dora()
+        .args(["bench", "--compare"])
+        .arg(&json)
+        .arg(&json)
+        .output()
+        .unwrap();
+    let cmp = String::from_utf8_lossy(&cmp.stdout);
+    assert!(
+        cmp.contains("output tok/s") && cmp.contains("1.000"),
+        "{cmp}"
+    );
+    let bad = dora()
+        .args(["bench", "--rate", "5", "--concurrency", "2"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not both"));
+}
