@@ -35,15 +35,16 @@ run() { # name, then bench arguments
     --duration "$secs" --warmup "$warm" --max-tokens "$tokens" --prompt-words 16 --quiet \
     --json "$out/$name.json" --plot "$out/$name.svg" "$@"
 }
+# Steady state: every scenario but the cold-cache one loads its adapters before the clock.
 run base-1 --concurrency 1
 run base-8 --concurrency 8
 for mode in unmerged merged auto; do
-  run "uniform8-$mode" --concurrency 8 --adapters 8 --server-arg=--adapter-mode=$mode
-  run "hot1-$mode" --concurrency 8 --adapters 1 --server-arg=--adapter-mode=$mode
+  run "uniform8-$mode" --concurrency 8 --adapters 8 --preload --server-arg=--adapter-mode=$mode
+  run "hot1-$mode" --concurrency 8 --adapters 1 --preload --server-arg=--adapter-mode=$mode
 done
 run zipf100-cache8 --concurrency 8 --adapters 100 --zipf 1.0 \
   --server-arg=--adapter-cache-bytes=$((8 * one)) --server-arg=--adapter-mode=auto
-run zipf100-allhot --concurrency 8 --adapters 100 --zipf 1.0 \
+run zipf100-allhot --concurrency 8 --adapters 100 --zipf 1.0 --preload \
   --server-arg=--adapter-cache-bytes=$((101 * one)) --server-arg=--adapter-mode=auto
 
 python3 - "$out" "$secs" "$warm" "$tokens" "$one" <<'PY'

@@ -119,6 +119,10 @@ pub struct BenchArgs {
     /// Let requests stop at end-of-sequence instead of running to max_tokens.
     #[arg(long)]
     pub allow_eos: bool,
+    /// Before the clock starts, send one 1-token request per adapter so that every adapter is
+    /// loaded (steady state; leave it off to measure cold loads).
+    #[arg(long)]
+    pub preload: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write the report as JSON.

@@ -237,6 +237,23 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
         args.prompt_words,
         args.max_tokens,
     )));
+    if args.preload {
+        let t = Instant::now();
+        for a in &adapters {
+            let spec = workload::Spec {
+                adapter: Some(a.clone()),
+                prompt: "warm".into(),
+                max_tokens: 1,
+            };
+            let r = client::send(&client, &url, key, spec, true, t).await;
+            if !r.ok() {
+                bail!("preloading adapter {a}: {}", r.outcome);
+            }
+        }
+        if !args.quiet {
+            eprintln!("preloaded {} adapters in {:.1} s", adapters.len(), t.elapsed().as_secs_f64());
+        }
+    }
     let metrics_url = format!("{url}/metrics");
     let before = report::scrape(&get_text(&client, &metrics_url, key).await?).0;
 
