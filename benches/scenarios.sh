@@ -8,10 +8,13 @@
 # target/scenarios/. Peer figures are added when benches/peers/ has written them.
 #
 #   scripts/fetch-model.sh && cargo build --release && benches/scenarios.sh [SECONDS]
+#   benches/scenarios.sh --report     # only rewrite RESULTS.md (after a peer script ran)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 bin=target/release/dora-serve
+report_only=false
+if [ "${1:-}" = "--report" ]; then report_only=true; shift; fi
 secs=${1:-30}
 warm=${WARMUP:-5}
 tokens=${TOKENS:-64}
@@ -20,6 +23,7 @@ store=target/bench-store
 [ -s "$model" ] || { echo "run scripts/fetch-model.sh first" >&2; exit 1; }
 [ -x "$bin" ] || { echo "run cargo build --release first" >&2; exit 1; }
 mkdir -p "$out"
+if ! $report_only; then
 if [ ! -d "$store/ad-99" ]; then
   rm -rf "$store"; mkdir -p "$store"
   echo "writing 100 random DoRA r16 adapters (all seven projections) to $store"
@@ -46,7 +50,10 @@ run zipf100-cache8 --concurrency 8 --adapters 100 --zipf 1.0 \
   --server-arg=--adapter-cache-bytes=$((8 * one)) --server-arg=--adapter-mode=auto
 run zipf100-allhot --concurrency 8 --adapters 100 --zipf 1.0 --preload \
   --server-arg=--adapter-cache-bytes=$((101 * one)) --server-arg=--adapter-mode=auto
+fi
 
+[ -n "${one:-}" ] || one=$("$bin" adapter inspect "$store/ad-0" --model "$model" --json 2>/dev/null |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])')
 python3 - "$out" "$secs" "$warm" "$tokens" "$one" <<'PY'
 import json, os, platform, subprocess, sys
 out, secs, warm, tokens, one = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
