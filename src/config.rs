@@ -93,17 +93,9 @@ pub struct BenchArgs {
     /// Base model for --make-adapters against a running server.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value_t = 16)]
-    pub rank: usize,
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    )]
-    pub targets: Vec<String>,
-    /// Made adapters are plain LoRA instead of DoRA.
-    #[arg(long)]
-    pub lora: bool,
+    /// The shape of --make-adapters.
+    #[command(flatten)]
+    pub synth: SynthArgs,
     /// Adapter popularity: Zipf exponent over the adapters (0 = uniform).
     #[arg(long, default_value_t = 0.0)]
     pub zipf: f64,
@@ -229,6 +221,15 @@ pub struct RandomArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 1)]
     pub count: usize,
+    #[command(flatten)]
+    pub synth: SynthArgs,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// The shape of random adapters (`adapter random`, `bench --make-adapters`).
+#[derive(Debug, Clone, Args)]
+pub struct SynthArgs {
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
     /// lora_alpha (default: 2 × rank).
@@ -244,8 +245,30 @@ pub struct RandomArgs {
     /// Plain LoRA instead of DoRA.
     #[arg(long)]
     pub lora: bool,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+}
+
+impl SynthArgs {
+    /// The adapter to write with `seed`, or what is wrong with the arguments.
+    pub fn spec(&self, seed: u64) -> Result<crate::adapter::SynthSpec, String> {
+        if self.rank == 0 {
+            return Err("--rank must be positive".into());
+        }
+        let targets = self
+            .targets
+            .iter()
+            .map(|t| {
+                crate::ops::ProjKind::from_module_name(t)
+                    .ok_or_else(|| format!("unknown projection {t:?} in --targets"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::adapter::SynthSpec {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(2.0 * self.rank as f64),
+            targets,
+            dora: !self.lora,
+            seed,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Args)]

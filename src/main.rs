@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
-use dora_serve::adapter::{self, AdapterStore, Lease, SynthSpec};
+use dora_serve::adapter::{self, AdapterStore, Lease};
 use dora_serve::config::{
     AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs, RandomArgs, ServeArgs,
 };
@@ -18,7 +18,6 @@ use dora_serve::engine::{
 };
 use dora_serve::http::{self, AppState, HttpConfig};
 use dora_serve::model::{self, LoadOptions, LoadedModel};
-use dora_serve::ops::ProjKind;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -202,13 +201,9 @@ async fn shutdown_signal() {
 }
 
 fn run_random(args: RandomArgs) -> anyhow::Result<()> {
-    let targets = args
-        .targets
-        .iter()
-        .map(|t| ProjKind::from_module_name(t).with_context(|| format!("unknown projection {t:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    if args.rank == 0 || args.count == 0 {
-        bail!("--rank and --count must be positive");
+    args.synth.spec(0).map_err(anyhow::Error::msg)?;
+    if args.count == 0 {
+        bail!("--count must be positive");
     }
     let loaded = load_model(&args.model)?;
     for i in 0..args.count {
@@ -217,13 +212,10 @@ fn run_random(args: RandomArgs) -> anyhow::Result<()> {
         } else {
             PathBuf::from(format!("{}-{i}", args.out.display()))
         };
-        let spec = SynthSpec {
-            rank: args.rank,
-            alpha: args.alpha.unwrap_or(2.0 * args.rank as f64),
-            targets: targets.clone(),
-            dora: !args.lora,
-            seed: args.seed + i as u64,
-        };
+        let spec = args
+            .synth
+            .spec(args.seed + i as u64)
+            .map_err(anyhow::Error::msg)?;
         adapter::write_random_adapter(&dir, &loaded.model, &spec)?;
         let a = adapter::load_dir(&dir, &loaded.model)?;
         eprintln!(

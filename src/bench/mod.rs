@@ -104,33 +104,21 @@ async fn make_adapters(
     model: &Path,
     args: &BenchArgs,
 ) -> anyhow::Result<Vec<String>> {
-    use crate::adapter::{write_random_adapter, SynthSpec};
     let opts = crate::model::LoadOptions {
         dtype: candle_core::DType::F32,
         device: candle_core::Device::Cpu,
     };
     let loaded = crate::model::load(model, &opts)?;
-    let targets = args
-        .targets
-        .iter()
-        .map(|t| {
-            crate::ops::ProjKind::from_module_name(t)
-                .with_context(|| format!("unknown projection {t:?}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let dir = tempfile::tempdir()?;
     let mut names = Vec::new();
     for i in 0..args.make_adapters {
         let name = format!("bench-{i:03}");
         let d = dir.path().join(&name);
-        let spec = SynthSpec {
-            rank: args.rank,
-            alpha: 2.0 * args.rank as f64,
-            targets: targets.clone(),
-            dora: !args.lora,
-            seed: args.seed.wrapping_add(i as u64),
-        };
-        write_random_adapter(&d, &loaded.model, &spec)?;
+        let spec = args
+            .synth
+            .spec(args.seed.wrapping_add(i as u64))
+            .map_err(anyhow::Error::msg)?;
+        crate::adapter::write_random_adapter(&d, &loaded.model, &spec)?;
         let part = |f: &str| -> anyhow::Result<reqwest::multipart::Part> {
             Ok(reqwest::multipart::Part::bytes(std::fs::read(d.join(f))?).file_name(f.to_string()))
         };
@@ -251,7 +239,11 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         if !args.quiet {
-            eprintln!("preloaded {} adapters in {:.1} s", adapters.len(), t.elapsed().as_secs_f64());
+            eprintln!(
+                "preloaded {} adapters in {:.1} s",
+                adapters.len(),
+                t.elapsed().as_secs_f64()
+            );
         }
     }
     let metrics_url = format!("{url}/metrics");
