@@ -13,8 +13,13 @@ build=${1:-/tmp/llamacpp}
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -s "$model" ] || { echo "run scripts/fetch-model.sh first" >&2; exit 1; }
 mkdir -p "$build"
+if ! command -v cmake >/dev/null; then # cmake from PyPI when the machine has none
+  [ -x "$build/venv/bin/cmake" ] || { python3 -m venv "$build/venv" && "$build/venv/bin/pip" install -q cmake; }
+  export PATH="$build/venv/bin:$PATH"
+fi
 if [ ! -x "$build/bin/llama-batched-bench" ]; then
-  (cd "$build" && python3 -m pip download -q --no-deps --no-binary :all: llama-cpp-python -d src)
+  # Only llama-cpp-python as source: its build tools (cmake, scikit-build-core) come as wheels.
+  (cd "$build" && python3 -m pip download -q --no-deps --no-binary llama-cpp-python llama-cpp-python -d src)
   tar -xzf "$build"/src/llama_cpp_python-*.tar.gz -C "$build"
   tree=$(ls -d "$build"/llama_cpp_python-*/vendor/llama.cpp)
   cmake -S "$tree" -B "$build/cmake" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \

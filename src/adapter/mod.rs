@@ -12,7 +12,7 @@ use std::path::PathBuf;
 pub use cache::{AdapterCache, CacheStats, Lease};
 pub use config::{AdapterConfig, ModuleSelector};
 pub use load::{
-    load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,
+    digest, load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,
 };
 pub use store::{AdapterStore, StoreError};
 pub use synth::{write_random_adapter, SynthSpec};

@@ -380,13 +380,30 @@ async fn load_unload_delete_storms_never_serve_the_wrong_version() {
             _ => panic!("{name}: unexpected answer {a:?}"),
         }
     }
+    // How many land between a delete and the next upload depends on the machine's speed; what
+    // must hold is that answers are exact, and that the name serves once the storm is over.
     assert!(
-        served >= answers.len() / 4,
-        "too few served: {served} of {}: {answers:?}",
+        served > 0,
+        "none of {} requests was served: {answers:?}",
         answers.len()
+    );
+    let last = complete(s.app.clone(), body("storm", 10, false), None).await;
+    let want = digest_of(&s, "storm");
+    assert_eq!(
+        (last.digest.as_deref(), last.text.as_str()),
+        (Some(want.as_str()), refs[&want].as_str())
     );
     let (st, v, _) = call(&s.app, get("/health")).await;
     assert_eq!((st, v["status"].as_str()), (StatusCode::OK, Some("ok")));
+}
+
+/// The digest of the files the store holds for `name`.
+fn digest_of(s: &Server, name: &str) -> String {
+    let d = s.store.path().join(name);
+    dora_serve::adapter::digest(
+        &std::fs::read(d.join("adapter_config.json")).unwrap(),
+        &std::fs::read(d.join("adapter_model.safetensors")).unwrap(),
+    )
 }
 
 async fn settled(s: &Server) -> dora_serve::engine::EngineStats {
