@@ -17,6 +17,25 @@ use super::{now_secs, ApiError, AppState, ErrorBody, JsonBody};
 use crate::engine::{AdapterVersion, Event, TokenLogprob, MAX_LOGPROBS};
 
 /// Render the model's chat template.
+/// One choice of a streamed chat chunk.
+fn delta_choice(
+    index: usize,
+    role: Option<&'static str>,
+    content: String,
+    logprobs: Option<ChatLogprobs>,
+    finish_reason: Option<String>,
+) -> ChatChunkChoice {
+    ChatChunkChoice {
+        index,
+        delta: ChatDelta {
+            role,
+            content: Some(content),
+        },
+        logprobs,
+        finish_reason,
+    }
+}
+
 fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
     let template = s.engine.info().chat_template.clone().ok_or_else(|| {
         ApiError::invalid(
@@ -196,15 +215,13 @@ pub async fn chat(
             .iter()
             .map(|&index| {
                 sse_json(&chunk(
-                    vec![ChatChunkChoice {
+                    vec![delta_choice(
                         index,
-                        delta: ChatDelta {
-                            role: Some("assistant"),
-                            content: Some(String::new()),
-                        },
-                        logprobs: None,
-                        finish_reason: None,
-                    }],
+                        Some("assistant"),
+                        String::new(),
+                        None,
+                        None,
+                    )],
                     None,
                     None,
                 ))
@@ -256,15 +273,7 @@ pub async fn chat(
                                     content: vec![chat_lp(&s, &l)],
                                 });
                                 sse_json(&chunk(
-                                    vec![ChatChunkChoice {
-                                        index,
-                                        delta: ChatDelta {
-                                            role: None,
-                                            content: Some(text),
-                                        },
-                                        logprobs: lp,
-                                        finish_reason: None,
-                                    }],
+                                    vec![delta_choice(index, None, text, lp, None)],
                                     None,
                                     None,
                                 ))
@@ -285,15 +294,13 @@ pub async fn chat(
                                     started.elapsed().as_secs_f64(),
                                 );
                                 sse_json(&chunk(
-                                    vec![ChatChunkChoice {
+                                    vec![delta_choice(
                                         index,
-                                        delta: ChatDelta {
-                                            role: None,
-                                            content: Some(text),
-                                        },
-                                        logprobs: None,
-                                        finish_reason: Some(finish_str(finish_reason)),
-                                    }],
+                                        None,
+                                        text,
+                                        None,
+                                        Some(finish_str(finish_reason)),
+                                    )],
                                     None,
                                     adapter,
                                 ))
