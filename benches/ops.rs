@@ -2,7 +2,7 @@
 //! - `small_matmul`: the decode-step kernel against candle's gemm, by row count;
 //! - `adapted_linear`: one SmolLM2-sized projection (576 → 1536) at 1, 8 and 64 rows with
 //!   0, 1, 4 or 8 distinct rank-16 DoRA adapters, unmerged, against merged and base;
-//! - `dora_norm`: the `out·in·r` identity for `g` against forming `W0 + s·B·A`;
+//! - `dora_norm`: the row-at-a-time norm for `g` against forming `W0 + s·B·A` with tensors;
 //! - `merge`: merging one module;
 //! - `adapter`: loading a rank-16 DoRA adapter on all seven projections from disk (parse,
 //!   validate, precompute `g`), merging all of it, and a cache hit — on SmolLM2 when
@@ -29,17 +29,17 @@ fn randn(shape: (usize, usize)) -> Tensor {
 fn small_matmul_bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("small_matmul");
     let w_t = randn((IN, OUT));
+    let w = w_t.t().unwrap().contiguous().unwrap();
     for rows in [1usize, 2, 4, 8, 16, 32] {
         let x = randn((rows, IN));
         g.bench_with_input(BenchmarkId::new("kernel", rows), &rows, |b, _| {
-            b.iter(|| black_box(small_matmul::matmul(&x, &w_t).unwrap()))
+            b.iter(|| black_box(small_matmul::matmul_t(&x, &w).unwrap()))
         });
         g.bench_with_input(
             BenchmarkId::new("candle_contiguous", rows),
             &rows,
             |b, _| b.iter(|| black_box(x.matmul(&w_t).unwrap())),
         );
-        let w = w_t.t().unwrap().contiguous().unwrap();
         g.bench_with_input(
             BenchmarkId::new("candle_transposed_view", rows),
             &rows,
@@ -52,7 +52,7 @@ fn small_matmul_bench(c: &mut Criterion) {
 fn adapter(id: u64, rank: usize, lin: &AdaptedLinear) -> AdapterWeights {
     let a = randn((rank, IN));
     let b = randn((OUT, rank));
-    let n = dora_norm(lin.weight_t(), &a, &b, 2.0).unwrap();
+    let n = dora_norm(lin.weight(), &a, &b, 2.0).unwrap();
     let g = (Tensor::ones(OUT, DType::F32, &Device::Cpu).unwrap() / n).unwrap();
     let mut w = AdapterWeights::new(id, 1);
     w.insert(
@@ -71,7 +71,7 @@ fn adapted_linear_bench(c: &mut Criterion) {
     merged.insert(
         0,
         ProjKind::Up,
-        lin.merged_weight_t(adapters[0].get(0, ProjKind::Up).unwrap())
+        lin.merged_weight(adapters[0].get(0, ProjKind::Up).unwrap())
             .unwrap(),
     );
     for rows in [1usize, 2, 4, 8, 16, 64] {
@@ -110,14 +110,13 @@ fn adapted_linear_bench(c: &mut Criterion) {
 fn dora_norm_bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("dora_norm");
     let w0 = randn((OUT, IN));
-    let w0_t = w0.t().unwrap().contiguous().unwrap();
     for rank in [8usize, 16, 64] {
         let a = randn((rank, IN));
         let b = randn((OUT, rank));
-        g.bench_function(BenchmarkId::new("identity", rank), |bch| {
-            bch.iter(|| black_box(dora_norm(&w0_t, &a, &b, 2.0).unwrap()))
+        g.bench_function(BenchmarkId::new("rows", rank), |bch| {
+            bch.iter(|| black_box(dora_norm(&w0, &a, &b, 2.0).unwrap()))
         });
-        g.bench_function(BenchmarkId::new("direct", rank), |bch| {
+        g.bench_function(BenchmarkId::new("tensors", rank), |bch| {
             bch.iter(|| black_box(dora_norm_reference(&w0, &a, &b, 2.0).unwrap()))
         });
     }
@@ -129,7 +128,7 @@ fn merge_bench(c: &mut Criterion) {
     let a = adapter(1, 16, &lin);
     let m = a.get(0, ProjKind::Up).unwrap();
     c.bench_function("merge/one_module_576x1536_r16", |b| {
-        b.iter(|| black_box(lin.merged_weight_t(m).unwrap()))
+        b.iter(|| black_box(lin.merged_weight(m).unwrap()))
     });
 }
 

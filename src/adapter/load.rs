@@ -11,12 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 
 use super::{AdapterConfig, AdapterError};
-use crate::ops::{
-    dora_norm, dora_norm_reference, AdapterWeights, BaseLinears, LoraModule, ProjKind,
-};
-
-/// Modules up to this size (64 Mi f32 = 256 MiB of temporary) compute the DoRA norm directly.
-const DIRECT_NORM_MAX_ELEMS: usize = 64 << 20;
+use crate::ops::{dora_norm, AdapterWeights, BaseLinears, LoraModule, ProjKind};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -446,7 +441,7 @@ fn load_parsed(
                 format!("has shape {:?}, expected [{out_dim}, {r}] (out-features of {path}, rank {r} from the config)", b.dims()),
             ));
         }
-        let device = lin.weight_t().device();
+        let device = lin.weight().device();
         let a = a.to_device(device)?;
         let b = b.to_device(device)?;
         let g = match (cfg.use_dora, parts.m) {
@@ -477,15 +472,7 @@ fn load_parsed(
                         ))
                     }
                 };
-                // Both ways of computing ‖W0 + s·B·A‖ are exact; on CPU the direct one measured
-                // faster at SmolLM2 sizes (criterion `dora_norm`: 3.3 vs 4.1 ms at r8, 4.3 vs
-                // 6.8 ms at r64, 576×1536), so the identity is used only for very large modules,
-                // where forming W0 + s·B·A would cost more memory than it saves time.
-                let n = if lin.in_dim() * lin.out_dim() <= DIRECT_NORM_MAX_ELEMS {
-                    dora_norm_reference(&lin.weight()?.to_dtype(DType::F32)?, &a, &b, scale)?
-                } else {
-                    dora_norm(&lin.weight_t().to_dtype(DType::F32)?, &a, &b, scale)?
-                };
+                let n = dora_norm(&lin.weight().to_dtype(DType::F32)?, &a, &b, scale)?;
                 let norms = n.to_vec1::<f32>()?;
                 if let Some(i) = norms.iter().position(|&x| !(x > 0.0 && x.is_finite())) {
                     return Err(module_err(

@@ -69,7 +69,7 @@ pub fn write_random_adapter(
             let b = noise((lin.out_dim(), spec.rank), 0.02)?;
             if spec.dora {
                 let n = dora_norm(
-                    &lin.weight_t().to_dtype(DType::F32)?.to_device(&dev)?,
+                    &lin.weight().to_dtype(DType::F32)?.to_device(&dev)?,
                     &a,
                     &b,
                     scale,

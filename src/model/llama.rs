@@ -273,8 +273,8 @@ pub struct Llama {
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `lm_head` transposed, `[hidden, vocab]` (the embedding's transpose when tied).
-    lm_head_t: Tensor,
+    /// `lm_head`, `[vocab, hidden]` (the embedding itself when tied: no copy).
+    lm_head: Tensor,
     inv_freq: Vec<f32>,
     cfg: ModelConfig,
     device: Device,
@@ -299,7 +299,7 @@ impl Llama {
                 .get((cfg.vocab_size, cfg.hidden_size), "weight")?
         };
         Ok(Self {
-            lm_head_t: lm_head.t()?.contiguous()?,
+            lm_head,
             embed_tokens,
             layers,
             norm,
@@ -455,7 +455,7 @@ impl Llama {
             x.index_select(&idx, 0)?
         };
         let h = self.norm.forward(&picked)?;
-        let logits = crate::ops::small_matmul::matmul(&h, &self.lm_head_t)?.to_dtype(DType::F32)?;
+        let logits = crate::ops::small_matmul::matmul_t(&h, &self.lm_head)?.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(segs.len());
         let mut at = 0;
         for (seq, seg) in seqs.iter().zip(&segs) {
@@ -480,7 +480,7 @@ impl Llama {
         let mut merged = MergedWeights::new(adapter.id(), self.layers.len());
         for (layer, kind, module) in adapter.iter() {
             let lin = self.layers[layer].linear(kind);
-            merged.insert(layer, kind, lin.merged_weight_t(module)?);
+            merged.insert(layer, kind, lin.merged_weight(module)?);
         }
         Ok(merged)
     }

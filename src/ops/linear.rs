@@ -9,7 +9,7 @@ use std::fmt;
 use candle_core::{DType, Result, Tensor};
 
 use super::lora::{AdapterWeights, LoraModule, MergedWeights};
-use super::small_matmul::matmul;
+use super::small_matmul::matmul_t;
 
 /// The seven llama projections an adapter may target, named as in HF module paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,9 +96,9 @@ pub trait BaseLinears {
 /// A linear projection `y = x·Wᵀ + b` of one decoder layer.
 #[derive(Debug, Clone)]
 pub struct AdaptedLinear {
-    /// The base weight transposed and contiguous, `[in, out]`. candle's gemm runs faster on
-    /// this layout than on a transposed view of `[out, in]` at the small row counts of decode.
-    weight_t: Tensor,
+    /// The base weight as checkpoints store it, `[out, in]`, contiguous: the layout the
+    /// small-row kernel streams (each output a dot product over a contiguous row).
+    weight: Tensor,
     bias: Option<Tensor>,
     layer: usize,
     kind: ProjKind,
@@ -112,9 +112,8 @@ impl AdaptedLinear {
         layer: usize,
         kind: ProjKind,
     ) -> Result<Self> {
-        let weight_t = weight.t()?.contiguous()?;
         Ok(Self {
-            weight_t,
+            weight: weight.contiguous()?,
             bias,
             layer,
             kind,
@@ -134,17 +133,24 @@ impl AdaptedLinear {
     /// low-rank term and, for DoRA, scales by `g` (the bias is added last and never scaled).
     pub fn forward<'a>(&self, x: &Tensor, apply: Apply<'a>) -> Result<Tensor> {
         match apply {
-            Apply::Base => self.add_bias(matmul(x, &self.weight_t)?),
+            Apply::Base => self.add_bias(matmul_t(x, &self.weight)?),
             Apply::Merged(m) => {
-                let w = m.get(self.layer, self.kind).unwrap_or(&self.weight_t);
-                self.add_bias(matmul(x, w)?)
+                let w = m.get(self.layer, self.kind).unwrap_or(&self.weight);
+                self.add_bias(matmul_t(x, w)?)
             }
             Apply::Rows(groups) => {
-                let base = matmul(x, &self.weight_t)?;
+                let base = matmul_t(x, &self.weight)?;
                 let (layer, kind) = (self.layer, self.kind);
                 let module = |g: &RowGroup<'a>| g.adapter.and_then(|a| a.get(layer, kind));
                 if !groups.iter().any(|g| module(g).is_some()) {
                     return self.add_bias(base);
+                }
+                let fused: Vec<(usize, usize, &LoraModule)> = groups
+                    .iter()
+                    .filter_map(|g| module(g).map(|m| (g.start, g.len, m)))
+                    .collect();
+                if let Some(y) = super::unmerged::apply(x, &base, &fused)? {
+                    return self.add_bias(y);
                 }
                 let mut pieces = Vec::with_capacity(groups.len());
                 for g in groups {
@@ -171,7 +177,7 @@ impl AdaptedLinear {
             .enumerate()
             .map(|(i, a)| {
                 let xi = x.narrow(0, i, 1)?;
-                let base = xi.matmul(&self.weight_t)?;
+                let base = xi.matmul(&self.weight.t()?)?;
                 let y = match a.and_then(|a| a.get(self.layer, self.kind)) {
                     None => base,
                     Some(m) => apply_module(m, &base, &xi)?,
@@ -182,33 +188,28 @@ impl AdaptedLinear {
         Tensor::cat(&rows, 0)
     }
 
-    /// `W'ᵀ = (g ⊙_rows (W0 + s·B·A))ᵀ`, `[in, out]` in the serving dtype, computed in f32.
+    /// `W' = g ⊙_rows (W0 + s·B·A)`, `[out, in]` in the serving dtype, computed in f32.
     /// The base weight is not touched.
-    pub fn merged_weight_t(&self, m: &LoraModule) -> Result<Tensor> {
-        let w = (self.weight_t.to_dtype(DType::F32)? + m.delta_weight_t()?)?;
+    pub fn merged_weight(&self, m: &LoraModule) -> Result<Tensor> {
+        let w = (self.weight.to_dtype(DType::F32)? + m.delta_weight()?)?;
         let w = match m.g() {
-            Some(g) => w.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(0)?)?,
+            Some(g) => w.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(1)?)?,
             None => w,
         };
-        w.to_dtype(self.weight_t.dtype())
+        w.to_dtype(self.weight.dtype())
     }
 
-    /// The base weight transposed, `[in, out]`, as stored.
-    pub fn weight_t(&self) -> &Tensor {
-        &self.weight_t
-    }
-
-    /// The base weight as `[out, in]` (a transposed view, no copy).
-    pub fn weight(&self) -> Result<Tensor> {
-        self.weight_t.t()
+    /// The base weight, `[out, in]`, as stored.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight_t.dims()[0]
+        self.weight.dims()[1]
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight_t.dims()[1]
+        self.weight.dims()[0]
     }
 
     pub fn layer(&self) -> usize {

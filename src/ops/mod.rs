@@ -3,7 +3,9 @@
 
 mod linear;
 mod lora;
+mod pool;
 pub mod small_matmul;
+mod unmerged;
 
 pub use linear::{AdaptedLinear, Apply, BaseLinears, ProjKind, RowGroup};
 pub use lora::{dora_norm, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights};

@@ -1,29 +1,32 @@
-//! `x·W` for the few rows of a decode step, on the CPU.
+//! `x·Wᵀ` for the few rows of a decode step, on the CPU.
 //!
 //! candle's gemm is built for large matrices: at 1–16 rows it runs far below memory bandwidth
-//! (DESIGN.md §5), and decode is nothing but such matmuls. This kernel streams the weight once,
-//! `[in, out]` row by row, into per-row accumulators held in L1, split over column blocks that
-//! run on rayon's threads. Each output is summed over `k` in order, so results equal a plain
-//! loop's up to float rounding. Anything it does not cover (other devices, dtypes, layouts,
-//! larger row counts) goes to candle's matmul, which stays the reference.
+//! (DESIGN.md §5), and decode is nothing but such matmuls. This kernel keeps the weight as
+//! checkpoints store it, `[out, in]`, so every output is a dot product over a contiguous row.
+//! A register tile of `RO` weight rows × `RR` input rows loads each weight vector once for all
+//! `RR` rows and each input vector once for all `RO` outputs; the weight streams through once
+//! per step in `RO` sequential runs (what hardware prefetchers follow best). Output columns are
+//! split over the threads of [`super::pool`], which write disjoint columns, so no partial sums are combined.
+//! On x86-64 with AVX-512 the tile is written with intrinsics (32 vector registers hold up to
+//! 24 accumulators); elsewhere a portable version of the same tiling is compiled for the best
+//! vector extension present. Anything the kernel does not cover (other devices, dtypes,
+//! layouts, more rows) goes to candle's matmul, which stays the reference.
 
 use candle_core::{DType, Result, Storage, Tensor};
-use rayon::prelude::*;
 
-/// Up to this many rows the kernel beats candle's gemm on this machine (see the criterion
-/// benchmark `small_matmul`).
-pub const MAX_ROWS: usize = 16;
+/// Up to this many rows the kernel beats candle's gemm on this machine (576×1536: 0.97 vs
+/// 1.13 ms at 64 rows, 4.0 vs 2.9 ms at 256; criterion benchmark `small_matmul`); longer
+/// prefill chunks go to candle.
+pub const MAX_ROWS: usize = 64;
 
-/// Up to this many output columns, threads split the inner dimension (each streams one
-/// contiguous slab of the weight into its own full-width accumulators, summed at the end);
-/// wider outputs (the lm_head) split the columns into one wide block per thread.
-const K_SPLIT_MAX_N: usize = 8192;
+/// Below this many weight elements a thread hand-off costs more than it saves.
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
-/// `x` `[m, k]` times `w_t` `[k, n]`, with the kernel when it applies.
-pub fn matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
-    match small_m(x, w_t)? {
+/// `x` `[m, k]` times `w` `[n, k]` transposed: `[m, n]`, with the kernel when it applies.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match small_m(x, w, None)? {
         Some(y) => Ok(y),
-        None => x.matmul(w_t),
+        None => x.matmul(&w.t()?),
     }
 }
 
@@ -36,22 +39,49 @@ fn cpu_f32(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, u
     Some((storage, start))
 }
 
-fn ranges(len: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
-    let step = len.div_ceil(parts).div_ceil(align) * align;
-    (0..len)
-        .step_by(step.max(1))
-        .map(|a| (a, (a + step).min(len)))
-        .collect()
+/// Which implementation of the tile runs (tests force each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
 }
 
-fn small_m(x: &Tensor, w_t: &Tensor) -> Result<Option<Tensor>> {
-    let (Ok((m, k)), Ok((k2, n))) = (x.dims2(), w_t.dims2()) else {
+fn best_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f") {
+                Isa::Avx512
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Isa::Portable
+}
+
+/// A raw output pointer that threads share; each writes only its own columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: threads write disjoint column ranges of one buffer that outlives them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+fn small_m(x: &Tensor, w: &Tensor, isa: Option<Isa>) -> Result<Option<Tensor>> {
+    let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
         return Ok(None);
     };
-    if m == 0 || m > MAX_ROWS || k != k2 {
+    if m == 0 || m > MAX_ROWS || k != k2 || k == 0 {
         return Ok(None);
     }
-    let (Some((xs, xo)), Some((ws, wo))) = (cpu_f32(x), cpu_f32(w_t)) else {
+    let (Some((xs, xo)), Some((ws, wo))) = (cpu_f32(x), cpu_f32(w)) else {
         return Ok(None);
     };
     let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
@@ -59,46 +89,24 @@ fn small_m(x: &Tensor, w_t: &Tensor) -> Result<Option<Tensor>> {
     };
     let x = &xs.as_slice::<f32>()?[xo..xo + m * k];
     let w = &ws.as_slice::<f32>()?[wo..wo + k * n];
+    let isa = isa.unwrap_or_else(best_isa);
+    let mut y = vec![0f32; m * n];
+    let out = Out(y.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
-    // Small problems are not worth a thread hand-off.
-    let parallel = threads > 1 && k * n >= 1 << 15;
-    let y = if !parallel {
-        let mut acc = vec![0f32; m * n];
-        kernel(x, w, m, k, n, (0, k), (0, n), &mut acc);
-        acc
-    } else if n <= K_SPLIT_MAX_N {
-        let partials: Vec<Vec<f32>> = ranges(k, threads, 4)
-            .into_par_iter()
-            .map(|kr| {
-                let mut acc = vec![0f32; m * n];
-                kernel(x, w, m, k, n, kr, (0, n), &mut acc);
-                acc
-            })
-            .collect();
-        let mut it = partials.into_iter();
-        let mut y = it.next().unwrap_or_else(|| vec![0f32; m * n]);
-        for p in it {
-            y.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-        }
-        y
+    if threads > 1 && k * n >= PARALLEL_MIN_ELEMS {
+        // Chunks a multiple of 8 outputs (every tile width divides into 8 or 24 evenly enough),
+        // a few per thread so an uneven core still finishes with the others.
+        let chunk = n.div_ceil(threads * 2).div_ceil(8) * 8;
+        super::pool::run(n.div_ceil(chunk), &|c| {
+            let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
+            // SAFETY: `x` is `[m, k]`, `w` is `[n, k]`, `out` has `m * n` elements and this
+            // call writes only columns `o0..o1`, which no other chunk writes.
+            unsafe { columns(isa, x, m, k, w, o0, o1, out, n) };
+        });
     } else {
-        let blocks: Vec<((usize, usize), Vec<f32>)> = ranges(n, threads, 16)
-            .into_par_iter()
-            .map(|cr| {
-                let mut acc = vec![0f32; m * (cr.1 - cr.0)];
-                kernel(x, w, m, k, n, (0, k), cr, &mut acc);
-                (cr, acc)
-            })
-            .collect();
-        let mut y = vec![0f32; m * n];
-        for ((c0, c1), acc) in blocks {
-            let width = c1 - c0;
-            for r in 0..m {
-                y[r * n + c0..r * n + c1].copy_from_slice(&acc[r * width..(r + 1) * width]);
-            }
-        }
-        y
-    };
+        // SAFETY: as above, one chunk covering every column.
+        unsafe { columns(isa, x, m, k, w, 0, n, out, n) };
+    }
     Ok(Some(Tensor::from_vec(
         y,
         (m, n),
@@ -106,124 +114,240 @@ fn small_m(x: &Tensor, w_t: &Tensor) -> Result<Option<Tensor>> {
     )?))
 }
 
-/// Accumulate `acc[r, j] += Σ_{k0 ≤ kk < k1} x[r, kk] · w[kk, c0 + j]` for `c0 + j < c1`.
+/// Outputs `o0..o1` of all `m` rows: `y[r, o] = Σ_kk x[r, kk] · w[o, kk]`.
+///
+/// # Safety
+/// `x` holds `m * k` values, `w` at least `o1 * k`, `y` points to `m * ldy` writable values
+/// with `o1 <= ldy`.
 #[allow(clippy::too_many_arguments)]
-fn kernel(
+unsafe fn columns(
+    isa: Isa,
     x: &[f32],
-    w: &[f32],
     m: usize,
     k: usize,
-    n: usize,
-    kr: (usize, usize),
-    cr: (usize, usize),
-    acc: &mut [f32],
+    w: &[f32],
+    o0: usize,
+    o1: usize,
+    y: Out,
+    ldy: usize,
 ) {
+    debug_assert!(x.len() >= m * k && w.len() >= o1 * k);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::columns(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => portable::columns_avx2(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
+        Isa::Portable => portable::columns(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
+    }
+}
+
+/// Rows per register tile at most, and the outputs per tile for a given number of rows: at
+/// most 16 accumulators (`RO·RR`), so with the `RO` weight vectors and the input vector they
+/// stay in registers (at 24 the compiler spilled accumulators to the stack every step).
+const MAX_RR: usize = 8;
+
+const fn tile_outputs(rr: usize) -> usize {
+    match rr {
+        1 | 2 => 8,
+        3 => 5,
+        4 => 4,
+        5 | 6 => 3,
+        _ => 2,
+    }
+}
+
+/// The loops shared by both implementations: output tiles of `RO` (chosen from the first row
+/// block, so a tile's weights stay in L1 while every row block uses them), row blocks of up to
+/// [`MAX_RR`] rows, and one-output tiles for what is left over.
+macro_rules! tile_loops {
+    ($micro:ident, $x:expr, $m:expr, $k:expr, $w:expr, $o0:expr, $o1:expr, $y:expr, $ldy:expr) => {{
+        let (x, m, k, w, o0, o1, y, ldy) = ($x, $m, $k, $w, $o0, $o1, $y, $ldy);
+        let ro = tile_outputs(m.min(MAX_RR));
+        let mut o = o0;
+        while o < o1 {
+            let width = if o + ro <= o1 { ro } else { 1 };
+            let mut r = 0;
+            while r < m {
+                let rr = (m - r).min(MAX_RR);
+                let (xp, wp, yp) = (x.add(r * k), w.add(o * k), y.add(r * ldy + o));
+                macro_rules! rows {
+                    ($ro:literal) => {
+                        match rr {
+                            1 => $micro::<$ro, 1>(xp, wp, k, yp, ldy),
+                            2 => $micro::<$ro, 2>(xp, wp, k, yp, ldy),
+                            3 => $micro::<$ro, 3>(xp, wp, k, yp, ldy),
+                            4 => $micro::<$ro, 4>(xp, wp, k, yp, ldy),
+                            5 => $micro::<$ro, 5>(xp, wp, k, yp, ldy),
+                            6 => $micro::<$ro, 6>(xp, wp, k, yp, ldy),
+                            7 => $micro::<$ro, 7>(xp, wp, k, yp, ldy),
+                            _ => $micro::<$ro, 8>(xp, wp, k, yp, ldy),
+                        }
+                    };
+                }
+                match width {
+                    8 => rows!(8),
+                    5 => rows!(5),
+                    4 => rows!(4),
+                    3 => rows!(3),
+                    2 => rows!(2),
+                    _ => rows!(1),
+                }
+                r += rr;
+            }
+            o += width;
+        }
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{tile_outputs, MAX_RR};
+    use std::arch::x86_64::*;
+
+    /// How many tiles ahead of the one being computed the weight is prefetched.
+    const PREFETCH_TILES: usize = 4;
+
+    /// See [`super::columns`].
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn columns(
+        x: *const f32,
+        m: usize,
+        k: usize,
+        w: *const f32,
+        o0: usize,
+        o1: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        tile_loops!(micro, x, m, k, w, o0, o1, y, ldy)
+    }
+
+    /// `y[r * ldy + o] = x[r, ..] · w[o, ..]` for `RO` outputs and `RR` rows, 16 lanes at a
+    /// time; the last partial vector is read with a mask, never past the rows' ends.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // indexing two arrays by the same tile coordinates
+    unsafe fn micro<const RO: usize, const RR: usize>(
+        x: *const f32,
+        w: *const f32,
+        k: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); RR]; RO];
+        // The tile's rows are one contiguous block and the next tiles follow it: fetch the
+        // block `PREFETCH_TILES` ahead, `RO` lines per step, spread over this tile's steps.
+        let ahead = w.wrapping_add(PREFETCH_TILES * RO * k) as *const i8;
+        let mut kk = 0;
+        while kk + 16 <= k {
+            for o in 0..RO {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add((kk / 16 * RO + o) * 64));
+            }
+            let mut wv = [_mm512_setzero_ps(); RO];
+            for (o, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(w.add(o * k + kk));
+            }
+            for r in 0..RR {
+                let xv = _mm512_loadu_ps(x.add(r * k + kk));
+                for o in 0..RO {
+                    acc[o][r] = _mm512_fmadd_ps(wv[o], xv, acc[o][r]);
+                }
+            }
+            kk += 16;
+        }
+        if kk < k {
+            let mask: __mmask16 = ((1u32 << (k - kk)) - 1) as u16;
+            let mut wv = [_mm512_setzero_ps(); RO];
+            for (o, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(mask, w.add(o * k + kk));
+            }
+            for r in 0..RR {
+                let xv = _mm512_maskz_loadu_ps(mask, x.add(r * k + kk));
+                for o in 0..RO {
+                    acc[o][r] = _mm512_fmadd_ps(wv[o], xv, acc[o][r]);
+                }
+            }
+        }
+        for (o, acc) in acc.iter().enumerate() {
+            for (r, a) in acc.iter().enumerate() {
+                *y.add(r * ldy + o) = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
+}
+
+/// The same tiling in plain Rust over 8-lane arrays, which the compiler turns into the vector
+/// instructions of whatever it is compiled for.
+mod portable {
+    use super::{tile_outputs, MAX_RR};
+
+    const L: usize = 8;
+
+    /// See [`super::columns`]; compiled with AVX2 and FMA enabled.
     #[cfg(target_arch = "x86_64")]
-    {
-        if fma_available() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-            unsafe { kernel_avx2(x, w, m, k, n, kr, cr, acc) };
-            return;
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn columns_avx2(
+        x: *const f32,
+        m: usize,
+        k: usize,
+        w: *const f32,
+        o0: usize,
+        o1: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        tile_loops!(micro, x, m, k, w, o0, o1, y, ldy)
+    }
+
+    /// See [`super::columns`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn columns(
+        x: *const f32,
+        m: usize,
+        k: usize,
+        w: *const f32,
+        o0: usize,
+        o1: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        tile_loops!(micro, x, m, k, w, o0, o1, y, ldy)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // indexing two arrays by the same tile coordinates
+    unsafe fn micro<const RO: usize, const RR: usize>(
+        x: *const f32,
+        w: *const f32,
+        k: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        let mut acc = [[[0f32; L]; RR]; RO];
+        let mut kk = 0;
+        while kk + L <= k {
+            for r in 0..RR {
+                let xv = &*(x.add(r * k + kk) as *const [f32; L]);
+                for (o, acc) in acc.iter_mut().enumerate() {
+                    let wv = &*(w.add(o * k + kk) as *const [f32; L]);
+                    for l in 0..L {
+                        acc[r][l] = wv[l].mul_add(xv[l], acc[r][l]);
+                    }
+                }
+            }
+            kk += L;
         }
-    }
-    kernel_plain(x, w, m, k, n, kr, cr, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn fma_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx2(
-    x: &[f32],
-    w: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    kr: (usize, usize),
-    cr: (usize, usize),
-    acc: &mut [f32],
-) {
-    // The same loop as `kernel_plain`: compiled with AVX2/FMA enabled, `mul_add` over
-    // contiguous slices vectorises to fused multiply-adds.
-    kernel_plain(x, w, m, k, n, kr, cr, acc)
-}
-
-/// Columns per tile when several rows share the weight: their accumulators then stay in L1.
-const ROW_TILE_COLS: usize = 512;
-
-/// Four weight rows at a time, so each accumulator is loaded and stored once per four
-/// multiply-adds; the weight streams through once, row after row (one row, all columns) or
-/// tile by tile (several rows).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn kernel_plain(
-    x: &[f32],
-    w: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    kr: (usize, usize),
-    cr: (usize, usize),
-    acc: &mut [f32],
-) {
-    let width = cr.1 - cr.0;
-    let tile = if m == 1 { width.max(1) } else { ROW_TILE_COLS };
-    let mut t0 = cr.0;
-    while t0 < cr.1 {
-        let t1 = (t0 + tile).min(cr.1);
-        tile_kernel(x, w, m, k, n, kr, (t0, t1), acc, width, t0 - cr.0);
-        t0 = t1;
-    }
-}
-
-/// `acc[r * stride + off + j] += Σ_kk x[r, kk] · w[kk, t0 + j]` for the tile `t0..t1`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tile_kernel(
-    x: &[f32],
-    w: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    kr: (usize, usize),
-    (t0, t1): (usize, usize),
-    acc: &mut [f32],
-    stride: usize,
-    off: usize,
-) {
-    let width = t1 - t0;
-    let row = |kk: usize| &w[kk * n + t0..kk * n + t1];
-    let mut kk = kr.0;
-    while kk + 4 <= kr.1 {
-        let (w0, w1, w2, w3) = (row(kk), row(kk + 1), row(kk + 2), row(kk + 3));
-        for r in 0..m {
-            let xr = &x[r * k + kk..r * k + kk + 4];
-            let (a0, a1, a2, a3) = (xr[0], xr[1], xr[2], xr[3]);
-            let out = &mut acc[r * stride + off..r * stride + off + width];
-            for j in 0..width {
-                out[j] = a3.mul_add(
-                    w3[j],
-                    a2.mul_add(w2[j], a1.mul_add(w1[j], a0.mul_add(w0[j], out[j]))),
-                );
+        for (o, acc) in acc.iter().enumerate() {
+            for (r, a) in acc.iter().enumerate() {
+                let mut s = a.iter().sum::<f32>();
+                for t in kk..k {
+                    s = (*w.add(o * k + t)).mul_add(*x.add(r * k + t), s);
+                }
+                *y.add(r * ldy + o) = s;
             }
         }
-        kk += 4;
-    }
-    while kk < kr.1 {
-        let w0 = row(kk);
-        for r in 0..m {
-            let a0 = x[r * k + kk];
-            let out = &mut acc[r * stride + off..r * stride + off + width];
-            for (o, &wv) in out.iter_mut().zip(w0) {
-                *o = a0.mul_add(wv, *o);
-            }
-        }
-        kk += 1;
     }
 }
 
@@ -232,20 +356,65 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
     #[test]
-    fn equals_candle_matmul_for_every_small_shape() {
-        for (m, k, n) in [
-            (1, 32, 64),
-            (3, 64, 700),
-            (8, 576, 1536),
-            (16, 17, 5),
-            (2, 1, 1),
-        ] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu).unwrap();
-            let fast = small_m(&x, &w).unwrap().expect("kernel applies");
-            let reference = x.matmul(&w).unwrap();
-            let diff = (fast - &reference)
+    fn equals_candle_matmul_for_every_small_shape_and_isa() {
+        let mut shapes = vec![(8, 576, 1536), (1, 1536, 576), (16, 576, 4100)];
+        // Every row count (each row-block split) with k around the vector width and output
+        // counts that leave every kind of tail.
+        for m in 1..=MAX_ROWS {
+            for (k, n) in [(1, 1), (15, 7), (16, 9), (17, 25), (33, 13), (70, 50)] {
+                shapes.push((m, k, n));
+            }
+        }
+        for isa in isas() {
+            for &(m, k, n) in &shapes {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+                let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+                let fast = small_m(&x, &w, Some(isa)).unwrap().expect("kernel applies");
+                let reference = x.matmul(&w.t().unwrap()).unwrap();
+                let diff = (fast - &reference)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-4 * (k as f32).sqrt(),
+                    "{isa:?} {m}x{k}x{n}: {diff}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reads_an_offset_view_and_not_past_it() {
+        // A weight that is a contiguous slice of a larger tensor: the kernel must use its
+        // offset and stop at its end.
+        let big = Tensor::randn(0f32, 1.0, (10, 17), &Device::Cpu).unwrap();
+        let w = big.narrow(0, 3, 5).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 17), &Device::Cpu).unwrap();
+        for isa in isas() {
+            let fast = small_m(&x, &w, Some(isa)).unwrap().unwrap();
+            let reference = x.matmul(&w.t().unwrap()).unwrap();
+            let diff = (fast - reference)
                 .unwrap()
                 .abs()
                 .unwrap()
@@ -255,24 +424,30 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(diff <= 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n}: {diff}");
+            assert!(diff < 1e-4, "{isa:?}: {diff}");
         }
     }
 
     #[test]
     fn falls_back_where_it_does_not_apply() {
         let x = Tensor::randn(0f32, 1.0, (MAX_ROWS + 1, 8), &Device::Cpu).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (8, 4), &Device::Cpu).unwrap();
-        assert!(small_m(&x, &w).unwrap().is_none());
+        let w = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
+        assert!(small_m(&x, &w, None).unwrap().is_none());
         let x16 = x.narrow(0, 0, 2).unwrap().to_dtype(DType::F16).unwrap();
-        assert!(small_m(&x16, &w.to_dtype(DType::F16).unwrap())
+        assert!(small_m(&x16, &w.to_dtype(DType::F16).unwrap(), None)
             .unwrap()
             .is_none());
         // A transposed (non-contiguous) weight view is left to candle too.
-        let wt = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
-        assert!(small_m(&x.narrow(0, 0, 2).unwrap(), &wt.t().unwrap())
+        let wt = Tensor::randn(0f32, 1.0, (8, 4), &Device::Cpu).unwrap();
+        assert!(small_m(&x.narrow(0, 0, 2).unwrap(), &wt.t().unwrap(), None)
             .unwrap()
             .is_none());
-        assert_eq!(matmul(&x, &w).unwrap().dims(), &[MAX_ROWS + 1, 4]);
+        assert_eq!(matmul_t(&x, &w).unwrap().dims(), &[MAX_ROWS + 1, 4]);
+        assert_eq!(
+            matmul_t(&x.narrow(0, 0, 2).unwrap(), &wt.t().unwrap())
+                .unwrap()
+                .dims(),
+            &[2, 4]
+        );
     }
 }

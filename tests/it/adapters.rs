@@ -13,7 +13,9 @@ use dora_serve::ops::{
 };
 use serde::Deserialize;
 
-use crate::util::{fixture_bytes, fixtures, load, max_abs_diff, safetensors_bytes};
+use crate::util::{
+    fixture_bytes, fixtures, load, max_abs_diff, rounding_tolerance, safetensors_bytes,
+};
 
 const ADAPTERS: [&str; 6] = [
     "dora-all-r8",
@@ -168,8 +170,9 @@ fn mixed_adapter_batch_equals_one_at_a_time() {
     for (i, (x, y)) in alone.iter().zip(&batched).enumerate() {
         let diff = max_abs_diff(x, y);
         assert!(
-            diff <= 1e-5,
-            "row {i}: batched differs from alone by {diff}"
+            diff <= rounding_tolerance(x),
+            "row {i}: batched differs from alone by {diff} (tolerance {})",
+            rounding_tolerance(x)
         );
     }
     // And the generation loop's mixed batch gives each request its own adapter's tokens.
@@ -258,7 +261,7 @@ fn fast_dora_norm_equals_direct_norm() {
         let w0 = Tensor::randn(0f32, 0.2, (out, inp), &dev).unwrap();
         let a = Tensor::randn(0f32, 0.3, (r, inp), &dev).unwrap();
         let b = Tensor::randn(0f32, 0.2, (out, r), &dev).unwrap();
-        let fast = dora_norm(&w0.t().unwrap().contiguous().unwrap(), &a, &b, s).unwrap();
+        let fast = dora_norm(&w0, &a, &b, s).unwrap();
         let direct = dora_norm_reference(&w0, &a, &b, s).unwrap();
         let rel = (max_abs_diff(&fast, &direct) as f64)
             / direct.max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
@@ -278,7 +281,7 @@ fn merging_never_changes_the_base_weights() {
             m.model
                 .linear(1, k)
                 .unwrap()
-                .weight_t()
+                .weight()
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
@@ -296,7 +299,7 @@ fn merging_never_changes_the_base_weights() {
             .model
             .linear(1, *k)
             .unwrap()
-            .weight_t()
+            .weight()
             .flatten_all()
             .unwrap()
             .to_vec1()

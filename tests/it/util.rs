@@ -46,6 +46,24 @@ pub fn expected_logits(name: &str, i: usize) -> Tensor {
         .clone()
 }
 
+/// What two f32 computations of the same logits may differ by when their matmuls sum in
+/// different orders (the decode kernel in 16-lane partial sums, candle's gemm for packed
+/// prefills longer than the kernel's row limit): differences of a few units in the last place
+/// per matmul, carried through every layer, measured at up to 8 units in the last place of
+/// the largest logit on the tiny fixture; this allows 16.
+pub fn rounding_tolerance(a: &Tensor) -> f32 {
+    let max = a
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    (16.0 * f32::EPSILON * max).max(1e-5)
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     (a - b)
