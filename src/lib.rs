@@ -40,9 +40,13 @@
 //!   are dequantised and llama.cpp's Q/K permutation undone, so weights are in HF layout), and
 //!   the tokenizer (HF `tokenizer.json`, or a byte-level BPE rebuilt from GGUF metadata).
 //! - [`ops`] — [`ops::AdaptedLinear`], the one linear type of every projection, keyed by
-//!   `(layer, ProjKind)`: base, unmerged grouped LoRA/DoRA (`y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b`
-//!   per row group) and merged weights, each with a plain reference beside it; the DoRA norm
-//!   identity and its direct reference; the small-row f32 matmul kernel for decode steps.
+//!   `(layer, ProjKind)`, weights kept `[out, in]` as checkpoints store them: base, unmerged
+//!   grouped LoRA/DoRA (`y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b` per row group, fused over slices
+//!   on the CPU) and merged weights, each with a plain reference beside it; the DoRA norm
+//!   (row by row on the CPU, the identity elsewhere) and its reference; the small-row f32
+//!   matmul kernel for decode steps (AVX-512 register tiles, a portable version of the same
+//!   tiling) and the spinning helper pool it and the unmerged rows run on. The engine thread
+//!   runs inside its own rayon pool, so candle's parallel ops share work with it.
 //!
 //! The forward pass is packed: all sequences' new tokens form one `[tokens, hidden]` matrix
 //! for every projection, and attention runs per sequence against its own cache.

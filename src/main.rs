@@ -162,7 +162,19 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     // Refuse (with a log line) stored adapters that no longer validate; keep serving the rest.
-    state.check_store();
+    // In the background: a full load per adapter would delay listening by ~0.2 s per adapter.
+    let checker = state.clone();
+    std::thread::Builder::new()
+        .name("dora-store-check".into())
+        .spawn(move || {
+            let start = Instant::now();
+            let bad = checker.check_store();
+            tracing::info!(
+                "store checked in {:.1}s: {} adapter(s) refused",
+                start.elapsed().as_secs_f64(),
+                bad.len()
+            );
+        })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -149,7 +149,7 @@ impl AdaptedLinear {
                     .iter()
                     .filter_map(|g| module(g).map(|m| (g.start, g.len, m)))
                     .collect();
-                if let Some(y) = super::unmerged::apply(x, &base, &fused)? {
+                if let Some(y) = super::fused::unmerged(x, &base, &fused)? {
                     return self.add_bias(y);
                 }
                 let mut pieces = Vec::with_capacity(groups.len());
@@ -191,6 +191,15 @@ impl AdaptedLinear {
     /// `W' = g ⊙_rows (W0 + s·B·A)`, `[out, in]` in the serving dtype, computed in f32.
     /// The base weight is not touched.
     pub fn merged_weight(&self, m: &LoraModule) -> Result<Tensor> {
+        if let Some(w) = super::fused::merged(&self.weight, m)? {
+            return Ok(w);
+        }
+        self.merged_weight_reference(m)
+    }
+
+    /// [`merged_weight`](Self::merged_weight) with tensor ops, on any device: the reference
+    /// for the fused CPU path.
+    pub fn merged_weight_reference(&self, m: &LoraModule) -> Result<Tensor> {
         let w = (self.weight.to_dtype(DType::F32)? + m.delta_weight()?)?;
         let w = match m.g() {
             Some(g) => w.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(1)?)?,

@@ -81,99 +81,103 @@ impl LoraModule {
 }
 
 /// `‖W0 + s·B·A‖` per output row, `[out]`, all f32: `w0` `[out, in]`, `a` `[r, in]`, `b`
-/// `[out, r]`.
+/// `[out, r]`, through the identity
+/// `n_i² = ‖W0_i‖² + 2s·B_i·(A·W0_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ`, which never forms `W0 + s·B·A`.
 ///
-/// On the CPU one row of `W0 + s·B·A` at a time is formed in a buffer of `in` floats and its
-/// norm taken, on the calling thread: an adapter load runs beside decoding, and candle's
-/// parallel elementwise ops over whole `[out, in]` temporaries made loads cost 1–3 s while
-/// both cores decoded. Elsewhere the identity
-/// `n_i² = ‖W0_i‖² + 2s·B_i·(A·W0_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ` (no `[out, in]` temporary).
+/// `A·W0ᵀ` is an `r`-row product, the decode kernel's shape: on the CPU it streams `W0` once
+/// in register tiles, and the rest is `O(out·r²)`, summed in f64. criterion `dora_norm` at
+/// 576×1536: 0.56 ms at r16 (forming `W0 + s·B·A` a row at a time took 1.32 ms, with tensor
+/// ops 3.5 ms); a whole SmolLM2 r16 adapter loads in 134 ms (was 224). Adapter loads run beside decoding,
+/// so their cost is decode's loss. [`dora_norm_reference`] forms the matrix as PEFT does.
 pub fn dora_norm(w0: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    if w0.device().is_cpu() && [w0, a, b].iter().all(|t| t.dtype() == DType::F32) {
-        let (out, inp) = w0.dims2()?;
-        let (r, inp2) = a.dims2()?;
-        if b.dims() != [out, r] || inp != inp2 {
-            candle_core::bail!(
-                "dora_norm: shapes {:?} {:?} {:?} do not chain",
-                w0.dims(),
-                a.dims(),
-                b.dims()
-            );
-        }
-        let w0 = w0.flatten_all()?.to_vec1::<f32>()?;
-        let a = a.flatten_all()?.to_vec1::<f32>()?;
-        let b = b.flatten_all()?.to_vec1::<f32>()?;
-        let norms = row_norms(&w0, &a, &b, scale as f32, inp, r);
-        return Tensor::from_vec(norms, out, &candle_core::Device::Cpu);
+    let (out, inp) = w0.dims2()?;
+    let (r, inp2) = a.dims2()?;
+    if b.dims() != [out, r] || inp != inp2 {
+        candle_core::bail!(
+            "dora_norm: shapes {:?} {:?} {:?} do not chain",
+            w0.dims(),
+            a.dims(),
+            b.dims()
+        );
     }
-    let row_sq = w0.sqr()?.sum(1)?; // [out]
-    let wa = w0.matmul(&a.t()?)?; // [out, r] = W0·Aᵀ
-    let cross = (b * &wa)?.sum(1)?;
-    let aat = a.matmul(&a.t()?)?; // [r, r]
-    let quad = (b.matmul(&aat)? * b)?.sum(1)?;
-    let sq = ((row_sq + (cross * (2.0 * scale))?)? + (quad * (scale * scale))?)?;
-    // Rounding can push a zero norm slightly negative.
-    sq.relu()?.sqrt()
+    if !(w0.device().is_cpu() && [w0, a, b].iter().all(|t| t.dtype() == DType::F32)) {
+        let row_sq = w0.sqr()?.sum(1)?; // [out]
+        let wa = w0.matmul(&a.t()?)?; // [out, r] = W0·Aᵀ
+        let cross = (b * &wa)?.sum(1)?;
+        let aat = a.matmul(&a.t()?)?; // [r, r]
+        let quad = (b.matmul(&aat)? * b)?.sum(1)?;
+        let sq = ((row_sq + (cross * (2.0 * scale))?)? + (quad * (scale * scale))?)?;
+        // Rounding can push a zero norm slightly negative.
+        return sq.relu()?.sqrt();
+    }
+    let a = a.contiguous()?;
+    let aw = matmul_t(&a, &w0.contiguous()?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?; // [r, out]
+    let aat = a.matmul(&a.t()?)?.flatten_all()?.to_vec1::<f32>()?; // [r, r]
+    let b = b.flatten_all()?.to_vec1::<f32>()?; // [out, r]
+    let w0 = w0.contiguous()?;
+    let row_sq = match super::cpu::view(&w0) {
+        Some(v) => row_squares(v.values(), inp),
+        None => row_squares(&w0.flatten_all()?.to_vec1::<f32>()?, inp),
+    };
+    let mut t = vec![0f32; r];
+    let mut norms = Vec::with_capacity(out);
+    for (o, bo) in b.chunks_exact(r).enumerate() {
+        // t = B_i·(A·Aᵀ) in f32 (vectorised over l), then the two dot products in f64.
+        t.fill(0.0);
+        for (&bj, m_row) in bo.iter().zip(aat.chunks_exact(r)) {
+            for (tl, &m) in t.iter_mut().zip(m_row) {
+                *tl += bj * m;
+            }
+        }
+        let (mut cross, mut quad) = (0f64, 0f64);
+        for j in 0..r {
+            cross += bo[j] as f64 * aw[j * out + o] as f64;
+            quad += bo[j] as f64 * t[j] as f64;
+        }
+        let sq = row_sq[o] as f64 + 2.0 * scale * cross + scale * scale * quad;
+        norms.push(sq.max(0.0).sqrt() as f32);
+    }
+    Tensor::from_vec(norms, out, &candle_core::Device::Cpu)
 }
 
-fn row_norms(w0: &[f32], a: &[f32], b: &[f32], s: f32, inp: usize, r: usize) -> Vec<f32> {
+/// `Σ_j w[i, j]²` for each row of `w` (`inp` values per row), in 16 partial sums.
+fn row_squares(w: &[f32], inp: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { row_norms_avx512(w0, a, b, s, inp, r) };
+            return unsafe { row_squares_avx512(w, inp) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { row_norms_avx2(w0, a, b, s, inp, r) };
+            return unsafe { row_squares_avx2(w, inp) };
         }
     }
-    row_norms_plain(w0, a, b, s, inp, r)
+    row_squares_plain(w, inp)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn row_norms_avx512(
-    w0: &[f32],
-    a: &[f32],
-    b: &[f32],
-    s: f32,
-    inp: usize,
-    r: usize,
-) -> Vec<f32> {
-    row_norms_plain(w0, a, b, s, inp, r)
+unsafe fn row_squares_avx512(w: &[f32], inp: usize) -> Vec<f32> {
+    row_squares_plain(w, inp)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_norms_avx2(
-    w0: &[f32],
-    a: &[f32],
-    b: &[f32],
-    s: f32,
-    inp: usize,
-    r: usize,
-) -> Vec<f32> {
-    row_norms_plain(w0, a, b, s, inp, r)
+unsafe fn row_squares_avx2(w: &[f32], inp: usize) -> Vec<f32> {
+    row_squares_plain(w, inp)
 }
 
 /// Plain loops, no closures: a closure is compiled as a function of its own, without the
 /// target features of the function it sits in, and its `mul_add` became a libm call.
 #[inline(always)]
-fn row_norms_plain(w0: &[f32], a: &[f32], b: &[f32], s: f32, inp: usize, r: usize) -> Vec<f32> {
-    let mut v = vec![0f32; inp];
-    let mut norms = Vec::with_capacity(b.len() / r.max(1));
-    for (w_row, b_row) in w0.chunks_exact(inp).zip(b.chunks_exact(r)) {
-        v.copy_from_slice(w_row);
-        for (&bj, a_row) in b_row.iter().zip(a.chunks_exact(inp)) {
-            let c = s * bj;
-            for (vi, &ai) in v.iter_mut().zip(a_row) {
-                *vi = c.mul_add(ai, *vi);
-            }
-        }
-        // Sixteen partial sums: vectorisable, and closer to a pairwise sum than one chain.
+fn row_squares_plain(w: &[f32], inp: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(w.len() / inp.max(1));
+    for row in w.chunks_exact(inp) {
         let mut acc = [0f32; 16];
-        let mut chunks = v.chunks_exact(16);
+        let mut chunks = row.chunks_exact(16);
         for c in &mut chunks {
             for l in 0..16 {
                 acc[l] = c[l].mul_add(c[l], acc[l]);
@@ -186,9 +190,9 @@ fn row_norms_plain(w0: &[f32], a: &[f32], b: &[f32], s: f32, inp: usize, r: usiz
         for x in acc {
             sum += x;
         }
-        norms.push(sum.sqrt());
+        out.push(sum);
     }
-    norms
+    out
 }
 
 /// The reference for [`dora_norm`]: form `W0 + s·B·A` and take its row norms. `w0` is `[out, in]`.

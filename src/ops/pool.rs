@@ -21,6 +21,10 @@ use rayon::prelude::*;
 /// of a decode step, far shorter than the time between steps of an idle server.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// Spinning threads offer their core to others this often (a `sched_yield`, which returns at
+/// once when nothing else is runnable).
+const YIELD_EVERY: u32 = 64;
+
 type Job = dyn Fn(usize) + Sync;
 
 /// A job as the helpers see it: the closure with its lifetime erased (see the safety note in
@@ -102,8 +106,16 @@ pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
         s.wake.notify_all();
     }
     work(s, generation, raw, parts);
+    let mut spins = 0u32;
     while s.completed.load(Ordering::Acquire) < parts {
-        std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(YIELD_EVERY) {
+            // A helper may have been descheduled holding a part (another thread of the
+            // process wanted this core): let it, or whoever runs, have the core.
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -139,6 +151,11 @@ fn helper(s: &'static Shared) {
                 break g;
             }
             spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(YIELD_EVERY) {
+                // Spinning must not starve the server's other threads (HTTP, streaming): on
+                // 2 cores a helper that never yielded halved decode speed behind HTTP.
+                std::thread::yield_now();
+            }
             if spins.is_multiple_of(256) && start.elapsed() > SPIN {
                 let guard = s.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleeping.fetch_add(1, Ordering::SeqCst);

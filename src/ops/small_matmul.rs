@@ -12,7 +12,9 @@
 //! vector extension present. Anything the kernel does not cover (other devices, dtypes,
 //! layouts, more rows) goes to candle's matmul, which stays the reference.
 
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{Result, Tensor};
+
+use super::cpu::{view, Out};
 
 /// Up to this many rows the kernel beats candle's gemm on this machine (576×1536: 0.97 vs
 /// 1.13 ms at 64 rows, 4.0 vs 2.9 ms at 256; criterion benchmark `small_matmul`); longer
@@ -28,15 +30,6 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Some(y) => Ok(y),
         None => x.matmul(&w.t()?),
     }
-}
-
-fn cpu_f32(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, usize)> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let (start, _) = layout.contiguous_offsets()?;
-    Some((storage, start))
 }
 
 /// Which implementation of the tile runs (tests force each one).
@@ -67,13 +60,6 @@ fn best_isa() -> Isa {
     Isa::Portable
 }
 
-/// A raw output pointer that threads share; each writes only its own columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: threads write disjoint column ranges of one buffer that outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
 fn small_m(x: &Tensor, w: &Tensor, isa: Option<Isa>) -> Result<Option<Tensor>> {
     let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
         return Ok(None);
@@ -81,14 +67,10 @@ fn small_m(x: &Tensor, w: &Tensor, isa: Option<Isa>) -> Result<Option<Tensor>> {
     if m == 0 || m > MAX_ROWS || k != k2 || k == 0 {
         return Ok(None);
     }
-    let (Some((xs, xo)), Some((ws, wo))) = (cpu_f32(x), cpu_f32(w)) else {
+    let (Some(xv), Some(wv)) = (view(x), view(w)) else {
         return Ok(None);
     };
-    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
-        return Ok(None);
-    };
-    let x = &xs.as_slice::<f32>()?[xo..xo + m * k];
-    let w = &ws.as_slice::<f32>()?[wo..wo + k * n];
+    let (x, w) = (xv.values(), wv.values());
     let isa = isa.unwrap_or_else(best_isa);
     let mut y = vec![0f32; m * n];
     let out = Out(y.as_mut_ptr());
@@ -355,7 +337,7 @@ mod portable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Portable];

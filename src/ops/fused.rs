@@ -1,4 +1,5 @@
-//! The unmerged adapter terms of a decode step, fused, on the CPU.
+//! The adapter math over plain slices on the CPU: the unmerged terms of a decode step, and
+//! merged weights.
 //!
 //! For each run of rows that shares an adapter module, `y = g ⊙ (base + (x·Aᵀ)·(s·Bᵀ))`, in
 //! place on the base output. Written with tensor ops this is five ops per adapter group per
@@ -8,60 +9,18 @@
 //! [`super::AdaptedLinear`] uses the tensor version (`apply_module`) wherever this does not
 //! apply (other devices and dtypes), and as the reference in tests.
 
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{Result, Tensor};
+
+use super::cpu::{view, Out, View};
 
 use super::lora::LoraModule;
 
 /// Below this many multiply-adds the rows run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
-/// The output buffer, shared by the parts that each write their own rows.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: parts write disjoint rows of one buffer that outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Row `row` of `n` values. Taking `self` whole keeps closures from capturing the bare
-    /// pointer field, which is neither `Send` nor `Sync`.
-    ///
-    /// # Safety
-    /// The buffer holds at least `(row + 1) * n` values and no one else uses this row.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row<'a>(self, row: usize, n: usize) -> &'a mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(row * n), n)
-    }
-}
-
-/// A contiguous f32 CPU tensor's values, borrowed for as long as the view lives.
-struct View<G> {
-    guard: G,
-    start: usize,
-    end: usize,
-}
-
-impl<G: std::ops::Deref<Target = Storage>> View<G> {
-    fn values(&self) -> &[f32] {
-        match &*self.guard {
-            Storage::Cpu(cpu) => &cpu.as_slice::<f32>().expect("checked f32")[self.start..self.end],
-            _ => unreachable!("checked CPU"),
-        }
-    }
-}
-
-fn view(t: &Tensor) -> Option<View<impl std::ops::Deref<Target = Storage> + '_>> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() {
-        return None;
-    }
-    let (guard, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    Some(View { guard, start, end })
-}
-
 /// `base` `[m, n]` with each group `(start, len, module)` of rows of `x` `[m, k]` given its
 /// adapter term; `None` where the fused path does not apply (then nothing was computed).
-pub(super) fn apply(
+pub(super) fn unmerged(
     x: &Tensor,
     base: &Tensor,
     groups: &[(usize, usize, &LoraModule)],
@@ -113,7 +72,7 @@ pub(super) fn apply(
         let (v, row) = work[i];
         let (_, _, a, b_t, g) = &views[v];
         // SAFETY: `y` has `m * n` values, `row < m`, and each row is written by one part only.
-        let y_row = unsafe { out.row(row, n) };
+        let y_row = unsafe { out.slice(row * n, n) };
         rows(
             &x[row * k..(row + 1) * k],
             a.values(),
@@ -189,10 +148,123 @@ fn row_plain(x: &[f32], a: &[f32], b_t: &[f32], g: Option<&[f32]>, y: &mut [f32]
     }
 }
 
+/// `W' = g ⊙_rows (W0 + s·B·A)`, `[out, in]`, one output row at a time in one pass (the
+/// tensor version made five passes over whole-matrix temporaries); `None` where it does not
+/// apply. Rows are spread over the kernel pool.
+pub(super) fn merged(w0: &Tensor, module: &LoraModule) -> Result<Option<Tensor>> {
+    let Ok((out, inp)) = w0.dims2() else {
+        return Ok(None);
+    };
+    let (a, b_t, g) = module.parts();
+    let r = module.rank();
+    let (Some(wv), Some(av), Some(bv)) = (view(w0), view(a), view(b_t)) else {
+        return Ok(None);
+    };
+    let gv = match g.map(view) {
+        None => None,
+        Some(Some(g)) => Some(g),
+        Some(None) => return Ok(None),
+    };
+    let (w, a, b_t) = (wv.values(), av.values(), bv.values());
+    let g = gv.as_ref().map(View::values);
+    if a.len() != r * inp || b_t.len() != r * out || g.is_some_and(|g| g.len() != out) {
+        return Ok(None);
+    }
+    let mut y = vec![0f32; out * inp];
+    let dst = Out(y.as_mut_ptr());
+    const ROWS: usize = 64;
+    super::pool::run(out.div_ceil(ROWS), &|part| {
+        for o in part * ROWS..((part + 1) * ROWS).min(out) {
+            // SAFETY: `y` has `out * inp` values and each row belongs to one part.
+            let row = unsafe { dst.slice(o * inp, inp) };
+            merge_row(&w[o * inp..(o + 1) * inp], a, b_t, g, o, out, row);
+        }
+    });
+    Ok(Some(Tensor::from_vec(y, (out, inp), w0.device())?))
+}
+
+fn merge_row(
+    w: &[f32],
+    a: &[f32],
+    b_t: &[f32],
+    g: Option<&[f32]>,
+    o: usize,
+    out: usize,
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { merge_row_avx512(w, a, b_t, g, o, out, y) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { merge_row_avx2(w, a, b_t, g, o, out, y) };
+        }
+    }
+    merge_row_plain(w, a, b_t, g, o, out, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn merge_row_avx512(
+    w: &[f32],
+    a: &[f32],
+    b_t: &[f32],
+    g: Option<&[f32]>,
+    o: usize,
+    out: usize,
+    y: &mut [f32],
+) {
+    merge_row_plain(w, a, b_t, g, o, out, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn merge_row_avx2(
+    w: &[f32],
+    a: &[f32],
+    b_t: &[f32],
+    g: Option<&[f32]>,
+    o: usize,
+    out: usize,
+    y: &mut [f32],
+) {
+    merge_row_plain(w, a, b_t, g, o, out, y)
+}
+
+/// `y = g_o · (w + Σ_j (s·B)[o, j] · A[j, ..])` for output row `o`.
+#[inline(always)]
+fn merge_row_plain(
+    w: &[f32],
+    a: &[f32],
+    b_t: &[f32],
+    g: Option<&[f32]>,
+    o: usize,
+    out: usize,
+    y: &mut [f32],
+) {
+    let inp = w.len();
+    y.copy_from_slice(w);
+    for (j, a_row) in a.chunks_exact(inp).enumerate() {
+        let c = b_t[j * out + o];
+        for (yi, &ai) in y.iter_mut().zip(a_row) {
+            *yi = c.mul_add(ai, *yi);
+        }
+    }
+    if let Some(g) = g {
+        let go = g[o];
+        for yi in y.iter_mut() {
+            *yi *= go;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// Against the tensor formula, in groups large enough to run on the pool and small enough
     /// to run on the caller, DoRA and plain LoRA, with a base row between groups.
@@ -212,7 +284,7 @@ mod tests {
             let base = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
             // Rows 0..a on m1, then one base row, then the rest on m2.
             let groups = [(0, rows[0], &m1), (rows[0] + rows[1], rows[2], &m2)];
-            let fused = apply(&x, &base, &groups)
+            let fused = unmerged(&x, &base, &groups)
                 .unwrap()
                 .expect("applies on CPU f32");
             let mut want = base.to_vec2::<f32>().unwrap();
@@ -236,6 +308,34 @@ mod tests {
                     .fold(0f32, f32::max);
                 assert!(d < 1e-4, "{k}x{n} r{r} row {i}: {d}");
             }
+        }
+    }
+
+    #[test]
+    fn merged_equals_the_tensor_formula() {
+        let dev = Device::Cpu;
+        for (out, inp, r, dora) in [(1536, 576, 16, true), (70, 33, 3, false), (5, 8, 1, true)] {
+            let w0 = Tensor::randn(0f32, 0.1, (out, inp), &dev).unwrap();
+            let a = Tensor::randn(0f32, 0.1, (r, inp), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.1, (out, r), &dev).unwrap();
+            let g = Tensor::rand(0.5f32, 1.5, out, &dev).unwrap();
+            let module = LoraModule::new(&a, &b, 0.7, dora.then_some(&g), DType::F32).unwrap();
+            let got = merged(&w0, &module).unwrap().expect("applies on CPU f32");
+            let mut want = (&w0 + (b.matmul(&a).unwrap() * 0.7).unwrap()).unwrap();
+            if dora {
+                want = want.broadcast_mul(&g.unsqueeze(1).unwrap()).unwrap();
+            }
+            let d = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "{out}x{inp} r{r}: {d}");
         }
     }
 }
