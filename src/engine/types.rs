@@ -61,11 +61,12 @@ impl Default for EngineConfig {
             max_queued: 256,
             mode: ModePolicy::Unmerged,
             // Measured on SmolLM2-135M, f32, 2 cores, one r16 all-projection DoRA adapter
-            // (benches/decode.sh, `adapter inspect`): merging takes 0.37 s; a merged step saves
-            // 5.2 ms at 1 sequence (47.2 → 42.0 ms) and 6.2 ms at 8 (104.6 → 98.4 ms). A merge
-            // pays for itself after ~60–70 steps, so auto merges after 64 single-adapter steps
-            // (merged weights are then cached, so later switches back are free).
-            merge_after: 64,
+            // (criterion `adapter/merge_whole_r16_all`, benches/decode.sh, 2026-11-29): merging
+            // takes 0.24 s; a merged step saves 4.6 ms at 1 sequence (34.4 → 40.8 tok/s, 29.1 →
+            // 24.5 ms) and 6.8 ms at 8 (165.5 → 192.8 tok/s, 48.3 → 41.5 ms). A merge pays for
+            // itself after ~35–52 steps, so auto merges after 48 single-adapter steps (merged
+            // weights are then cached, so later switches back are free).
+            merge_after: 48,
             turn_steps: 32,
             adapter_cache_bytes: 1 << 30,
             merged_cache_bytes: 2 << 30,

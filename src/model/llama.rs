@@ -151,6 +151,12 @@ impl Attention {
     /// reads kv head `h / groups`, as transformers' `repeat_kv`), so no kv copy is made.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize) -> Result<Tensor> {
         let (nh, len, hd) = q.dims3()?;
+        if len == 1 {
+            let scale = 1.0 / (hd as f32).sqrt();
+            if let Some(y) = crate::ops::attention::decode(q, k, v, scale)? {
+                return Ok(y);
+            }
+        }
         let total = k.dim(1)?;
         let groups = nh / self.num_kv_heads;
         let in_dtype = q.dtype();

@@ -1,6 +1,7 @@
 //! Tensor operations shared by the model and the adapters: the adapter-ready linear layer,
 //! the grouped LoRA/DoRA apply, merging, and the DoRA norm (each with its reference).
 
+pub mod attention;
 mod cpu;
 mod fused;
 mod linear;
