@@ -121,16 +121,7 @@ mod tests {
             let att = (qg.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
             let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
             let want = att.matmul(&v).unwrap().reshape((nh, 1, hd)).unwrap();
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::ops::max_abs_diff(&got, &want);
             assert!(d < 1e-5, "len {len}: {d}");
         }
     }

@@ -4,6 +4,38 @@
 
 use candle_core::{DType, Storage, Tensor};
 
+/// `fn $name(args) -> R` that runs `$plain` (an `#[inline(always)]` function of plain loops)
+/// compiled for AVX-512F, else for AVX2 and FMA, else as is, by what the CPU has: the
+/// compiler vectorises the loops for the features of the function they are inlined into.
+/// (Closures inside `$plain` would not inherit them: keep its loops closure-free.)
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $plain:ident) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $plain($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $plain($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $plain($($arg),*)
+        }
+    };
+}
+
 /// A contiguous f32 CPU tensor's values, borrowed for as long as the view lives.
 pub(super) struct View<G> {
     guard: G,

@@ -89,32 +89,9 @@ pub(super) fn unmerged(
     Ok(Some(Tensor::from_vec(y, (m, n), base.device())?))
 }
 
-fn rows(x: &[f32], a: &[f32], b_t: &[f32], g: Option<&[f32]>, y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { row_avx512(x, a, b_t, g, y) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { row_avx2(x, a, b_t, g, y) };
-        }
-    }
-    row_plain(x, a, b_t, g, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn row_avx512(x: &[f32], a: &[f32], b_t: &[f32], g: Option<&[f32]>, y: &mut [f32]) {
-    row_plain(x, a, b_t, g, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(x: &[f32], a: &[f32], b_t: &[f32], g: Option<&[f32]>, y: &mut [f32]) {
-    row_plain(x, a, b_t, g, y)
-}
+simd_dispatch!(
+    fn rows(x: &[f32], a: &[f32], b_t: &[f32], g: Option<&[f32]>, y: &mut [f32]) = row_plain
+);
 
 /// One row: `xa = x·Aᵀ` (`r` dot products over `in`), then `y += xa·(s·Bᵀ)` (`r` passes over
 /// the `out` values), then `y *= g`. Plain loops the compiler vectorises for the features of
@@ -183,56 +160,17 @@ pub(super) fn merged(w0: &Tensor, module: &LoraModule) -> Result<Option<Tensor>>
     Ok(Some(Tensor::from_vec(y, (out, inp), w0.device())?))
 }
 
-fn merge_row(
-    w: &[f32],
-    a: &[f32],
-    b_t: &[f32],
-    g: Option<&[f32]>,
-    o: usize,
-    out: usize,
-    y: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { merge_row_avx512(w, a, b_t, g, o, out, y) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { merge_row_avx2(w, a, b_t, g, o, out, y) };
-        }
-    }
-    merge_row_plain(w, a, b_t, g, o, out, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn merge_row_avx512(
-    w: &[f32],
-    a: &[f32],
-    b_t: &[f32],
-    g: Option<&[f32]>,
-    o: usize,
-    out: usize,
-    y: &mut [f32],
-) {
-    merge_row_plain(w, a, b_t, g, o, out, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn merge_row_avx2(
-    w: &[f32],
-    a: &[f32],
-    b_t: &[f32],
-    g: Option<&[f32]>,
-    o: usize,
-    out: usize,
-    y: &mut [f32],
-) {
-    merge_row_plain(w, a, b_t, g, o, out, y)
-}
+simd_dispatch!(
+    fn merge_row(
+        w: &[f32],
+        a: &[f32],
+        b_t: &[f32],
+        g: Option<&[f32]>,
+        o: usize,
+        out: usize,
+        y: &mut [f32],
+    ) = merge_row_plain
+);
 
 /// `y = g_o · (w + Σ_j (s·B)[o, j] · A[j, ..])` for output row `o`.
 #[inline(always)]
@@ -325,16 +263,7 @@ mod tests {
             if dora {
                 want = want.broadcast_mul(&g.unsqueeze(1).unwrap()).unwrap();
             }
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::ops::max_abs_diff(&got, &want);
             assert!(d < 1e-5, "{out}x{inp} r{r}: {d}");
         }
     }

@@ -142,33 +142,10 @@ pub fn dora_norm(w0: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tens
     Tensor::from_vec(norms, out, &candle_core::Device::Cpu)
 }
 
-/// `Σ_j w[i, j]²` for each row of `w` (`inp` values per row), in 16 partial sums.
-fn row_squares(w: &[f32], inp: usize) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { row_squares_avx512(w, inp) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { row_squares_avx2(w, inp) };
-        }
-    }
-    row_squares_plain(w, inp)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn row_squares_avx512(w: &[f32], inp: usize) -> Vec<f32> {
-    row_squares_plain(w, inp)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_squares_avx2(w: &[f32], inp: usize) -> Vec<f32> {
-    row_squares_plain(w, inp)
-}
+simd_dispatch!(
+    /// `Σ_j w[i, j]²` for each row of `w` (`inp` values per row), in 16 partial sums.
+    fn row_squares(w: &[f32], inp: usize) -> Vec<f32> = row_squares_plain
+);
 
 /// Plain loops, no closures: a closure is compiled as a function of its own, without the
 /// target features of the function it sits in, and its `mul_add` became a libm call.

@@ -369,16 +369,7 @@ mod tests {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
                 let fast = small_m(&x, &w, Some(isa)).unwrap().expect("kernel applies");
                 let reference = x.matmul(&w.t().unwrap()).unwrap();
-                let diff = (fast - &reference)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = crate::ops::max_abs_diff(&fast, &reference);
                 assert!(
                     diff <= 1e-4 * (k as f32).sqrt(),
                     "{isa:?} {m}x{k}x{n}: {diff}"
@@ -397,16 +388,7 @@ mod tests {
         for isa in isas() {
             let fast = small_m(&x, &w, Some(isa)).unwrap().unwrap();
             let reference = x.matmul(&w.t().unwrap()).unwrap();
-            let diff = (fast - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::ops::max_abs_diff(&fast, &reference);
             assert!(diff < 1e-4, "{isa:?}: {diff}");
         }
     }

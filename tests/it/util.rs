@@ -52,30 +52,24 @@ pub fn expected_logits(name: &str, i: usize) -> Tensor {
 /// per matmul, carried through every layer, measured at up to 8 units in the last place of
 /// the largest logit on the tiny fixture; this allows 16.
 pub fn rounding_tolerance(a: &Tensor) -> f32 {
-    let max = a
-        .abs()
+    (16.0 * f32::EPSILON * max_abs(a)).max(1e-5)
+}
+
+/// The largest absolute value in `t`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
         .max(0)
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
-    (16.0 * f32::EPSILON * max).max(1e-5)
+        .unwrap()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 /// A fixture adapter's configuration and tensors, to edit into crafted variants.
