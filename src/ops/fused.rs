@@ -49,6 +49,7 @@ pub(super) fn unmerged(
         if start + len > m
             || a.values().len() != module.rank() * k
             || b_t.values().len() != module.rank() * n
+            || g.as_ref().is_some_and(|g| g.values().len() != n)
         {
             return Ok(None);
         }
