@@ -202,6 +202,14 @@ pub struct ServeArgs {
     /// `request_timeout` and its sequences are cancelled; 0 for no limit.
     #[arg(long, default_value_t = 600)]
     pub request_timeout: u64,
+    /// Test hook (hidden): pause this many milliseconds after every engine step, so that a
+    /// test of the real process can act while a request is still running.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub test_step_delay_ms: u64,
+    /// Test hook (hidden): pause this many milliseconds in the middle of every adapter write
+    /// (between its two files), so that a test can kill the process mid-write.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub test_store_write_pause_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -26,8 +26,11 @@
 //!   pure [`engine::scheduler`] (admission, chunked prefill under a token budget, apply mode:
 //!   unmerged, merged in turns, or auto with hysteresis), loads cold adapters off-thread (one
 //!   load per adapter however many requests wait), streams tokens with stop strings, and
-//!   cancels on drop. Also sampling (per-request seeds), OpenAI-style log-probabilities, and
-//!   [`engine::generate`], the plain reference generation loop.
+//!   cancels on drop. Also sampling (per-request seeds), OpenAI-style log-probabilities,
+//!   [`engine::generate`], the plain reference generation loop, and test hooks: a
+//!   [`engine::StepGate`] that holds every step until a test allows it (and can inject a failed
+//!   step), and a per-step delay, so tests decide when the engine moves instead of racing it.
+//!   Steps are counted by how adapters applied: merged, unmerged, or base-only.
 //! - [`adapter`] — PEFT LoRA/DoRA adapters: `adapter_config.json` (every field understood,
 //!   harmless, or refused by name), `adapter_model.safetensors` (every tensor must map to a
 //!   targeted module of the base, with the config's rank), `g = m/‖W0 + s·B·A‖` precomputed at

@@ -118,12 +118,15 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             bail!("{name} must be positive");
         }
     }
-    let store = Arc::new(AdapterStore::open(&args.adapters_dir).with_context(|| {
+    let store = AdapterStore::open(&args.adapters_dir).with_context(|| {
         format!(
             "cannot open the adapter store {}",
             args.adapters_dir.display()
         )
-    })?);
+    })?;
+    let store = Arc::new(store.with_write_pause(std::time::Duration::from_millis(
+        args.test_store_write_pause_ms,
+    )));
     let loaded = load_model(&args.model)?;
     let model_id = args
         .served_model_name
@@ -140,6 +143,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             adapter_cache_bytes: args.adapter_cache_bytes,
             merged_cache_bytes: args.merged_cache_bytes,
             resolve: http::resolver(Arc::clone(&store), Arc::clone(&registered)),
+            step_delay: std::time::Duration::from_millis(args.test_step_delay_ms),
             ..EngineConfig::default()
         },
     );

@@ -48,6 +48,8 @@ pub struct AdapterStore {
     root: PathBuf,
     /// Serialises writers: concurrent uploads of one name never interleave their renames.
     write_lock: Mutex<()>,
+    /// Test hook: a pause between a write's two files (zero in service).
+    write_pause: std::time::Duration,
 }
 
 impl AdapterStore {
@@ -61,9 +63,17 @@ impl AdapterStore {
         let store = Self {
             root: root.to_path_buf(),
             write_lock: Mutex::new(()),
+            write_pause: std::time::Duration::ZERO,
         };
         store.recover()?;
         Ok(store)
+    }
+
+    /// Test hook: pause this long between the two files of every write, so that a test can
+    /// kill the process while a partial write is on disk.
+    pub fn with_write_pause(mut self, pause: std::time::Duration) -> Self {
+        self.write_pause = pause;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -159,6 +169,9 @@ impl AdapterStore {
                 let mut f = File::create(&p).map_err(self.io(&p))?;
                 f.write_all(bytes).map_err(self.io(&p))?;
                 f.sync_all().map_err(self.io(&p))?;
+                if file == "adapter_config.json" && !self.write_pause.is_zero() {
+                    std::thread::sleep(self.write_pause);
+                }
             }
             sync_dir(&tmp)?;
             if live.exists() {

@@ -48,6 +48,9 @@ pub struct ServerSide {
     pub merges: f64,
     pub steps_merged: f64,
     pub steps_unmerged: f64,
+    /// Steps of base rows only (no adapter applied); reports before this field read 0.
+    #[serde(default)]
+    pub steps_base: f64,
 }
 
 /// Prometheus text → name (labels dropped) → value, plus the mode label.
@@ -91,6 +94,7 @@ impl ServerSide {
             merges: d("dora_merges_total"),
             steps_merged: d("dora_steps_merged_total"),
             steps_unmerged: d("dora_steps_unmerged_total"),
+            steps_base: d("dora_steps_base_total"),
         }
     }
 }
@@ -226,14 +230,15 @@ impl Report {
         let sv = &self.server;
         let _ = writeln!(
             s,
-            "server: cache hit rate {}, {} loads ({:.2} s), {} evictions, {} merges, steps merged/unmerged {}/{}",
+            "server: cache hit rate {}, {} loads ({:.2} s), {} evictions, {} merges, steps merged/unmerged/base-only {}/{}/{}",
             sv.cache_hit_rate.map_or("-".into(), |h| format!("{:.3}", h)),
             sv.adapter_loads,
             sv.adapter_load_seconds,
             sv.evictions,
             sv.merges,
             sv.steps_merged,
-            sv.steps_unmerged
+            sv.steps_unmerged,
+            sv.steps_base
         );
         s
     }

@@ -4,6 +4,7 @@
 
 mod generate;
 mod handle;
+mod hooks;
 mod merged_cache;
 mod sampling;
 pub mod scheduler;
@@ -16,6 +17,7 @@ pub use generate::{
     GenerateStats, MAX_LOGPROBS,
 };
 pub use handle::Engine;
+pub use hooks::StepGate;
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 pub use types::{
     store_resolver, AdapterResolver, AdapterSpec, AdapterVersion, EngineConfig, EngineRequest,

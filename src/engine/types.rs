@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
+use super::hooks::StepGate;
 use super::sampling::{SamplingParams, TokenLogprob};
 use super::scheduler::ModePolicy;
 use super::{EngineError, FinishReason};
@@ -25,6 +27,11 @@ pub struct EngineConfig {
     pub merged_cache_bytes: usize,
     /// Where adapter `NAME` lives (the store's folder, or a registered path); `None`: unknown.
     pub resolve: AdapterResolver,
+    /// Test hook: every step waits for the gate's permit (`None`: steps run freely).
+    pub step_gate: Option<StepGate>,
+    /// Test hook: a pause after each step, so the real process can be made slow enough for a
+    /// test to act while a request runs (the hidden `--test-step-delay-ms`; zero in service).
+    pub step_delay: Duration,
 }
 
 /// Maps an adapter name to its folder.
@@ -49,6 +56,8 @@ impl std::fmt::Debug for EngineConfig {
             .field("turn_steps", &self.turn_steps)
             .field("adapter_cache_bytes", &self.adapter_cache_bytes)
             .field("merged_cache_bytes", &self.merged_cache_bytes)
+            .field("step_gate", &self.step_gate)
+            .field("step_delay", &self.step_delay)
             .finish_non_exhaustive()
     }
 }
@@ -71,6 +80,8 @@ impl Default for EngineConfig {
             adapter_cache_bytes: 1 << 30,
             merged_cache_bytes: 2 << 30,
             resolve: store_resolver(PathBuf::from("adapters")),
+            step_gate: None,
+            step_delay: Duration::ZERO,
         }
     }
 }
@@ -158,8 +169,11 @@ pub struct EngineStats {
     pub waiting: usize,
     pub loading: usize,
     pub kv_bytes: usize,
+    /// Steps with at least one adapter row, by how adapters applied.
     pub steps_unmerged: u64,
     pub steps_merged: u64,
+    /// Steps whose rows all ran on the base model (no adapter to apply either way).
+    pub steps_base: u64,
     pub tokens_generated: u64,
     pub prompt_tokens: u64,
     pub adapter_cache: CacheStats,

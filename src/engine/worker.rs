@@ -161,6 +161,18 @@ impl Worker {
                 }
             }
             self.drop_cancelled();
+            let has_work = !(self.running.is_empty() && self.waiting.is_empty());
+            if has_work {
+                if let Some(gate) = &self.cfg.step_gate {
+                    // Held by a test: go back to the commands (new requests, cancellations)
+                    // and publish, without planning, so the scheduler's state does not move.
+                    if !gate.pass(Duration::from_millis(5)) {
+                        self.publish();
+                        self.flush();
+                        continue;
+                    }
+                }
+            }
             if let Err(e) = self.step() {
                 // A failed forward fails the sequences it ran; the engine keeps serving.
                 tracing::error!("engine step failed: {e}");
@@ -171,6 +183,9 @@ impl Worker {
             }
             self.publish();
             self.flush();
+            if has_work && !self.cfg.step_delay.is_zero() {
+                std::thread::sleep(self.cfg.step_delay);
+            }
         }
     }
 
@@ -359,17 +374,18 @@ impl Worker {
         if rows.is_empty() {
             return Ok(());
         }
+        // A step of base rows only applies no adapter, whatever the mode: counted apart.
+        let base_only = rows.iter().all(|(id, _)| self.seqs[id].lease.is_none());
+        if base_only {
+            self.counters.steps_base += 1;
+        } else if apply == StepApply::Unmerged {
+            self.counters.steps_unmerged += 1;
+        } else {
+            self.counters.steps_merged += 1;
+        }
         let merged = match apply {
-            StepApply::Unmerged => {
-                self.counters.steps_unmerged += 1;
-                None
-            }
-            StepApply::Merged(None) => {
-                self.counters.steps_merged += 1;
-                None
-            }
+            StepApply::Unmerged | StepApply::Merged(None) => None,
             StepApply::Merged(Some(_)) => {
-                self.counters.steps_merged += 1;
                 let lease = self.seqs[&rows[0].0]
                     .lease
                     .clone()
@@ -377,6 +393,10 @@ impl Worker {
                 Some(self.merged.get_or_merge(&lease, &self.model)?)
             }
         };
+
+        if let Some(msg) = self.cfg.step_gate.as_ref().and_then(|g| g.take_fault()) {
+            return Err(EngineError::Internal(msg));
+        }
 
         // Gather each row's tokens, then run them together.
         let feeds: Vec<Vec<u32>> = rows

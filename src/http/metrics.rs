@@ -196,6 +196,7 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
             st.steps_unmerged as f64,
         ),
         ("dora_steps_merged_total", "counter", st.steps_merged as f64),
+        ("dora_steps_base_total", "counter", st.steps_base as f64),
         ("vllm:num_requests_waiting", "gauge", st.waiting as f64),
         ("vllm:num_requests_running", "gauge", st.running as f64),
         (
