@@ -269,7 +269,16 @@ pub async fn load_lora(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     loaded.name = req.lora_name.clone();
-    if let Ok(mut r) = s.registered.write() {
+    {
+        // Check again under the lock, then insert: of two concurrent registrations of one
+        // name, exactly one wins and the other is told the name exists.
+        let mut r = s
+            .registered
+            .write()
+            .map_err(|_| ApiError::Internal("the adapter registry lock is poisoned".into()))?;
+        if r.contains_key(&req.lora_name) || s.store.exists(&req.lora_name) {
+            return Err(ApiError::AdapterExists(req.lora_name));
+        }
         r.insert(req.lora_name.clone(), path);
     }
     s.forget(&req.lora_name);
