@@ -256,6 +256,84 @@ mod tests {
         assert_ne!(draw(&p), draw(&other));
     }
 
+    /// Frequencies of `n` draws from logits whose softmax is exactly `probs`.
+    fn frequencies(probs: &[f64], p: SamplingParams, n: usize) -> Vec<f64> {
+        let logits: Vec<f32> = probs.iter().map(|q| q.ln() as f32).collect();
+        let logits = Tensor::new(logits.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let mut s = Sampler::new(&p);
+        let mut counts = vec![0usize; probs.len()];
+        for _ in 0..n {
+            counts[s.sample(&logits, &[]).unwrap() as usize] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / n as f64).collect()
+    }
+
+    /// Each filter on a hand-made distribution: which tokens it keeps, and that the kept ones
+    /// are drawn in proportion (4,000 seeded draws; ±0.03 is about 4 standard deviations).
+    #[test]
+    fn each_filter_keeps_the_tokens_it_should_in_proportion() {
+        let probs = [0.4, 0.3, 0.2, 0.1];
+        let at = |temperature: f64, top_p: f64, top_k: Option<usize>| SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: 11,
+            ..Default::default()
+        };
+        let close = |got: &[f64], want: &[f64], what: &str| {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 0.03, "{what}: {got:?} vs {want:?}");
+            }
+        };
+        // Temperature 1, no filter: the distribution itself.
+        close(
+            &frequencies(&probs, at(1.0, 1.0, None), 4000),
+            &probs,
+            "plain",
+        );
+        // Temperature 2 flattens it: p^(1/2), renormalised.
+        let sq: Vec<f64> = probs.iter().map(|p: &f64| p.sqrt()).collect();
+        let z: f64 = sq.iter().sum();
+        let flat: Vec<f64> = sq.iter().map(|q| q / z).collect();
+        close(
+            &frequencies(&probs, at(2.0, 1.0, None), 4000),
+            &flat,
+            "temperature 2",
+        );
+        // top_k 3 drops only the least likely token; the rest keep their ratios.
+        close(
+            &frequencies(&probs, at(1.0, 1.0, Some(3)), 4000),
+            &[0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0.0],
+            "top_k 3",
+        );
+        // top_p 0.65: the smallest set whose mass reaches 0.65 is {0, 1} (0.4, then 0.7).
+        close(
+            &frequencies(&probs, at(1.0, 0.65, None), 4000),
+            &[0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0],
+            "top_p 0.65",
+        );
+        // So top_k 3 keeps token 2 and top_p 0.65 does not: swapping them would fail above.
+        // Together, the stricter one decides.
+        close(
+            &frequencies(&probs, at(1.0, 0.65, Some(3)), 4000),
+            &[0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0],
+            "top_k 3 + top_p 0.65",
+        );
+        close(
+            &frequencies(&probs, at(1.0, 0.95, Some(2)), 4000),
+            &[0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0],
+            "top_k 2 + top_p 0.95",
+        );
+        // The degenerate ends keep the top token only.
+        for p in [at(1.0, 1.0, Some(1)), at(1.0, 0.35, None)] {
+            assert_eq!(
+                frequencies(&probs, p.clone(), 200),
+                vec![1.0, 0.0, 0.0, 0.0],
+                "{p:?}"
+            );
+        }
+    }
+
     #[test]
     fn penalties_push_repeated_tokens_down() {
         let logits = Tensor::new(&[1.0f32, 0.9, 0.0], &candle_core::Device::Cpu).unwrap();

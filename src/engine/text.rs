@@ -81,3 +81,81 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     }
     i
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiny fixture's byte-level BPE: characters it never saw are one token per byte.
+    fn tokenizer() -> Tokenizer {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-llama/tokenizer.json");
+        Tokenizer::from_file(&p).expect("the fixture tokenizer")
+    }
+
+    /// Feed `ids` one at a time; the deltas (and what flush adds) in order.
+    fn run(tok: &Tokenizer, ids: &[u32], stops: &[String]) -> (Vec<String>, bool, String) {
+        let mut st = TextState::default();
+        let mut deltas = Vec::new();
+        for n in 1..=ids.len() {
+            let step = st.push(tok, &ids[..n], stops).unwrap();
+            deltas.push(step.delta);
+            if step.stopped {
+                return (deltas, true, st.text);
+            }
+        }
+        deltas.push(st.flush());
+        (deltas, false, st.text)
+    }
+
+    #[test]
+    fn a_character_split_over_tokens_is_held_back_until_whole() {
+        let tok = tokenizer();
+        let ids = tok.encode("a€b").unwrap();
+        // '€' is three bytes the fixture tokenizer never merged: three tokens of its own.
+        let euro = tok.encode("€").unwrap();
+        assert_eq!(
+            euro.len(),
+            3,
+            "the test needs a character split over tokens"
+        );
+        let (deltas, stopped, _) = run(&tok, &ids, &[]);
+        assert!(!stopped);
+        assert!(deltas.iter().all(|d| !d.contains('\u{FFFD}')), "{deltas:?}");
+        assert_eq!(deltas.concat(), "a€b");
+        // Nothing is emitted while only part of the character is there.
+        let at = ids.iter().position(|t| *t == euro[0]).unwrap();
+        assert_eq!(deltas[at], "");
+        assert_eq!(deltas[at + 1], "");
+        assert_eq!(deltas[at + 2], "€");
+    }
+
+    #[test]
+    fn a_possible_stop_string_is_held_back_then_released_or_cut() {
+        let tok = tokenizer();
+        let ids = tok.encode("abcXYd").unwrap();
+        // A stop string that starts like the text but never completes: held, then released.
+        let (deltas, stopped, text) = run(&tok, &ids, &["XYZ".to_string()]);
+        assert!(!stopped);
+        assert_eq!(deltas.concat(), "abcXYd");
+        assert_eq!(text, "abcXYd");
+        // While the text ends in "X" or "XY" (prefixes of "XYZ"), that tail is not emitted.
+        let mut emitted = String::new();
+        for d in &deltas {
+            emitted.push_str(d);
+            assert!(
+                !emitted.ends_with('X') && !emitted.ends_with("XY"),
+                "{deltas:?}"
+            );
+        }
+        // A stop string that completes: the text ends right before it, and nothing of it leaks.
+        let (deltas, stopped, text) = run(&tok, &ids, &["XY".to_string()]);
+        assert!(stopped);
+        assert_eq!(deltas.concat(), "abc");
+        assert_eq!(text, "abc");
+        // The earliest of several stop strings wins.
+        let (deltas, stopped, _) = run(&tok, &ids, &["Yd".to_string(), "cX".to_string()]);
+        assert!(stopped);
+        assert_eq!(deltas.concat(), "ab");
+    }
+}

@@ -101,14 +101,7 @@ pub fn dora_norm(w0: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tens
         );
     }
     if !(w0.device().is_cpu() && [w0, a, b].iter().all(|t| t.dtype() == DType::F32)) {
-        let row_sq = w0.sqr()?.sum(1)?; // [out]
-        let wa = w0.matmul(&a.t()?)?; // [out, r] = W0·Aᵀ
-        let cross = (b * &wa)?.sum(1)?;
-        let aat = a.matmul(&a.t()?)?; // [r, r]
-        let quad = (b.matmul(&aat)? * b)?.sum(1)?;
-        let sq = ((row_sq + (cross * (2.0 * scale))?)? + (quad * (scale * scale))?)?;
-        // Rounding can push a zero norm slightly negative.
-        return sq.relu()?.sqrt();
+        return dora_norm_generic(w0, a, b, scale);
     }
     let a = a.contiguous()?;
     let aw = matmul_t(&a, &w0.contiguous()?)?
@@ -173,6 +166,19 @@ fn row_squares_plain(w: &[f32], inp: usize) -> Vec<f32> {
 }
 
 /// The reference for [`dora_norm`]: form `W0 + s·B·A` and take its row norms. `w0` is `[out, in]`.
+/// [`dora_norm`] in candle tensor ops only, through the same identity: what other devices
+/// and dtypes run (the CPU's f32 path above is row by row).
+pub fn dora_norm_generic(w0: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let row_sq = w0.sqr()?.sum(1)?; // [out]
+    let wa = w0.matmul(&a.t()?)?; // [out, r] = W0·Aᵀ
+    let cross = (b * &wa)?.sum(1)?;
+    let aat = a.matmul(&a.t()?)?; // [r, r]
+    let quad = (b.matmul(&aat)? * b)?.sum(1)?;
+    let sq = ((row_sq + (cross * (2.0 * scale))?)? + (quad * (scale * scale))?)?;
+    // Rounding can push a zero norm slightly negative.
+    sq.relu()?.sqrt()
+}
+
 pub fn dora_norm_reference(w0: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let v = (w0 + (b.matmul(a)? * scale)?)?;
     v.sqr()?.sum(D::Minus1)?.sqrt()

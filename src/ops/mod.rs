@@ -11,7 +11,9 @@ mod pool;
 pub mod small_matmul;
 
 pub use linear::{AdaptedLinear, Apply, BaseLinears, ProjKind, RowGroup};
-pub use lora::{dora_norm, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights};
+pub use lora::{
+    dora_norm, dora_norm_generic, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights,
+};
 
 /// The largest absolute difference between two tensors of one shape (for the unit tests).
 #[cfg(test)]
