@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use dora_serve::engine::scheduler::ModePolicy;
 use dora_serve::engine::{
     generate, store_resolver, AdapterSpec, ApplyMode, Engine, EngineConfig, EngineError,
-    EngineRequest, Event, EventStream, FinishReason, GenerateRequest, SamplingParams,
+    EngineRequest, EngineStats, Event, EventStream, FinishReason, GenerateRequest, SamplingParams,
+    StepGate,
 };
 
 use crate::util::{fixtures, load};
@@ -40,6 +41,43 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// An engine whose steps wait for the returned gate (closed: no step runs until allowed).
+fn gated(
+    store: &Path,
+    mode: ModePolicy,
+    cfg: impl FnOnce(&mut EngineConfig),
+) -> (Engine, StepGate) {
+    let gate = StepGate::closed();
+    let g = gate.clone();
+    let e = engine(store, mode, move |c| {
+        c.step_gate = Some(g);
+        cfg(c)
+    });
+    (e, gate)
+}
+
+/// The engine's stats once `cond` holds (published after each step), or a panic after 60 s.
+fn stats_when(e: &Engine, what: &str, cond: impl Fn(&EngineStats) -> bool) -> EngineStats {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = e.stats();
+        if cond(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Stats once nothing runs or waits.
+fn idle(e: &Engine) -> EngineStats {
+    stats_when(e, "idle", |st| st.running == 0 && st.waiting == 0)
+}
+
+fn steps(st: &EngineStats) -> u64 {
+    st.steps_base + st.steps_merged + st.steps_unmerged
 }
 
 fn engine(store: &Path, mode: ModePolicy, cfg: impl FnOnce(&mut EngineConfig)) -> Engine {
@@ -191,14 +229,15 @@ fn concurrent_requests_equal_alone_in_every_mode_and_order() {
     let s = store();
     for mode in [ModePolicy::Unmerged, ModePolicy::Merged, ModePolicy::Auto] {
         for order in 0..3 {
-            let e = engine(s.path(), mode, |_| {});
+            let (e, gate) = gated(s.path(), mode, |_| {});
             let mut idx: Vec<usize> = (0..work.len()).collect();
             match order {
                 1 => idx.reverse(),
                 2 => idx.sort_by_key(|i| (i * 7) % work.len()),
                 _ => {}
             }
-            // Half submitted at once, the rest trickling in while the first ones run.
+            // Half submitted at once, the rest joining one by one, each after one more step of
+            // those already running (the gate decides, not the machine's speed).
             let mut streams = Vec::new();
             for (n, &i) in idx.iter().enumerate() {
                 let (p, a) = work[i];
@@ -209,9 +248,13 @@ fn concurrent_requests_equal_alone_in_every_mode_and_order() {
                     e.submit(request(&ps[p], a, 7, sampling.clone())).unwrap(),
                 ));
                 if n >= work.len() / 2 {
-                    std::thread::sleep(Duration::from_millis(3));
+                    // (A step runs once some request is ready: cold adapters load off-thread.)
+                    let before = gate.passed();
+                    gate.allow(1);
+                    assert!(gate.wait_passed(before + 1, Duration::from_secs(60)));
                 }
             }
+            gate.open();
             for (i, kind, stream) in streams {
                 let out = collect(stream);
                 let expect = if kind == 0 { &want[i].0 } else { &want[i].1 };
@@ -221,12 +264,13 @@ fn concurrent_requests_equal_alone_in_every_mode_and_order() {
                     work[i]
                 );
             }
-            let st = e.stats();
+            let st = idle(&e);
             match mode {
-                ModePolicy::Unmerged => assert_eq!(st.steps_merged, 0),
-                ModePolicy::Merged => assert_eq!(st.steps_unmerged, 0),
+                ModePolicy::Unmerged => assert_eq!(st.steps_merged, 0, "{st:?}"),
+                ModePolicy::Merged => assert_eq!(st.steps_unmerged, 0, "{st:?}"),
                 ModePolicy::Auto => {}
             }
+            assert!(st.steps_merged + st.steps_unmerged > 0, "{st:?}");
             e.shutdown();
         }
     }
@@ -413,8 +457,7 @@ fn cache_budget_holds_except_for_leased_adapters() {
             assert!(Instant::now() < deadline);
         }
         assert!(outs.iter().all(|o| o.finish == Ok(FinishReason::Length)));
-        std::thread::sleep(Duration::from_millis(50));
-        let st = e.stats();
+        let st = idle(&e);
         assert!(
             st.adapter_cache.bytes_resident <= budget,
             "idle cache over budget: {st:?}"
@@ -432,7 +475,7 @@ fn cache_budget_holds_except_for_leased_adapters() {
 fn replaced_adapter_serves_new_requests_with_the_new_version() {
     let ps = prompts();
     let s = store();
-    let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
+    let (e, gate) = gated(s.path(), ModePolicy::Unmerged, |_| {});
     let long = e
         .submit(request(
             &ps[0],
@@ -441,21 +484,32 @@ fn replaced_adapter_serves_new_requests_with_the_new_version() {
             SamplingParams::default(),
         ))
         .unwrap();
-    let first = collect(
-        e.submit(request(
+    let first = e
+        .submit(request(
             &ps[1],
             Some("dora-all-r8"),
             2,
             SamplingParams::default(),
         ))
-        .unwrap(),
-    );
+        .unwrap();
+    // Step by step until the short request is done; the long one is then still running.
+    let first = std::thread::spawn(move || collect(first));
+    while !first.is_finished() {
+        let before = gate.passed();
+        gate.allow(1);
+        assert!(gate.wait_passed(before + 1, Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let first = first.join().unwrap();
+    assert!(gate.passed() < 10, "{} steps", gate.passed());
     // Replace the adapter's files with another adapter's, and tell the engine.
     copy_dir(
         &fixtures().join("adapters/lora-r8"),
         &s.path().join("dora-all-r8"),
     );
     e.invalidate_adapter("dora-all-r8");
+    assert_eq!(e.stats().running, 1, "the long request is still running");
+    gate.open();
     let second = collect(
         e.submit(request(
             &ps[1],
@@ -485,16 +539,25 @@ fn replaced_adapter_serves_new_requests_with_the_new_version() {
 fn cancellation_frees_memory_and_a_full_queue_overloads() {
     let ps = prompts();
     let s = store();
-    let e = engine(s.path(), ModePolicy::Unmerged, |c| {
+    let (e, gate) = gated(s.path(), ModePolicy::Unmerged, |c| {
         c.max_running = 1;
         c.max_queued = 3;
     });
     let mut running = e
         .submit(request(&ps[0], None, 200, SamplingParams::default()))
         .unwrap();
-    // Wait until it is decoding and holds KV memory.
+    // One step: the prefill, which samples the first token.
+    gate.allow(1);
     assert!(matches!(running.blocking_next(), Some(Event::Token { .. })));
-    assert!(e.stats().kv_bytes > 0 || e.stats().running == 1);
+    // Stats are published before a step's events go out.
+    let st = e.stats();
+    assert_eq!(st.running, 1, "{st:?}");
+    assert!(
+        st.kv_bytes > 0,
+        "a decoding sequence holds KV memory: {st:?}"
+    );
+    assert_eq!(st.tokens_generated, 1, "{st:?}");
+    // The gate holds every further step, so the queue fills deterministically.
     let q1 = e
         .submit(request(&ps[1], None, 2, SamplingParams::default()))
         .unwrap();
@@ -510,24 +573,164 @@ fn cancellation_frees_memory_and_a_full_queue_overloads() {
         other => panic!("expected Overloaded, got {:?}", other.map(|_| ())),
     }
     drop(running);
+    // The worker sees the cancellation between steps, before it asks the gate again.
+    stats_when(&e, "the cancelled sequence gone", |st| {
+        st.running == 0 && st.kv_bytes == 0
+    });
+    gate.open();
     for q in [q1, q2, q3] {
         assert_eq!(collect(q).finish, Ok(FinishReason::Length));
     }
-    std::thread::sleep(Duration::from_millis(50));
-    let st = e.stats();
-    assert_eq!(st.running, 0);
+    let st = idle(&e);
     assert_eq!(
         st.kv_bytes, 0,
         "cancelled and finished sequences hold no KV memory"
     );
-    assert!(
-        st.tokens_generated < 100,
-        "the cancelled request stopped early"
+    assert_eq!(
+        st.tokens_generated,
+        1 + 3 * 2,
+        "the cancelled request made no token after its first: {st:?}"
     );
     // The queue is free again.
     assert!(e
         .submit(request(&ps[1], None, 1, SamplingParams::default()))
         .is_ok());
+}
+
+/// `auto` runs unmerged for `merge_after` single-adapter steps, then merged; a second adapter
+/// switches it back to unmerged at once. Base-only steps are counted apart in every mode.
+#[test]
+fn auto_merges_after_merge_after_single_adapter_steps() {
+    let ps = prompts();
+    let s = store();
+    let (e, gate) = gated(s.path(), ModePolicy::Auto, |c| c.merge_after = 3);
+    let step = |n: u64| {
+        let before = gate.passed();
+        gate.allow(n);
+        assert!(gate.wait_passed(before + n, Duration::from_secs(60)));
+        stats_when(&e, "the step published", |st| steps(st) >= before + n)
+    };
+    let a = e
+        .submit(request(
+            &ps[0],
+            Some("dora-all-r8"),
+            12,
+            SamplingParams::default(),
+        ))
+        .unwrap();
+    // The adapter loads off-thread; the request waits until it is ready.
+    stats_when(&e, "the adapter loaded", |st| {
+        st.waiting == 1 && st.loading == 0
+    });
+    let mut modes = Vec::new();
+    for _ in 0..6 {
+        let st = step(1);
+        modes.push((st.steps_unmerged, st.steps_merged, st.merges));
+    }
+    // Steps 1..=3 are single-adapter steps counted towards merge_after; the 4th merges.
+    assert_eq!(
+        modes,
+        vec![
+            (1, 0, 0),
+            (2, 0, 0),
+            (3, 0, 0),
+            (3, 1, 1),
+            (3, 2, 1),
+            (3, 3, 1)
+        ]
+    );
+    // A second adapter joins: the very next step is unmerged.
+    let b = e
+        .submit(request(
+            &ps[1],
+            Some("lora-r8"),
+            3,
+            SamplingParams::default(),
+        ))
+        .unwrap();
+    stats_when(&e, "the second adapter ready", |st| {
+        st.waiting == 1 && st.loading == 0
+    });
+    let st = step(1);
+    assert_eq!((st.steps_unmerged, st.steps_merged), (4, 3), "{st:?}");
+    gate.open();
+    let (a, b) = (collect(a), collect(b));
+    assert_eq!(
+        a.tokens,
+        alone(&ps[0], Some("dora-all-r8"), 12, &SamplingParams::default())
+    );
+    assert_eq!(
+        b.tokens,
+        alone(&ps[1], Some("lora-r8"), 3, &SamplingParams::default())
+    );
+    let st = idle(&e);
+    assert_eq!(st.steps_base, 0, "every step had an adapter row: {st:?}");
+    // Base requests alone: base-only steps, in every mode, neither merged nor unmerged.
+    for mode in [ModePolicy::Unmerged, ModePolicy::Merged, ModePolicy::Auto] {
+        let e = engine(s.path(), mode, |c| c.merge_after = 0);
+        let outs: Vec<Outcome> = (0..3)
+            .map(|i| {
+                e.submit(request(&ps[i], None, 4, SamplingParams::default()))
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(collect)
+            .collect();
+        assert!(outs.iter().all(|o| o.tokens.len() == 4));
+        let st = idle(&e);
+        assert!(st.steps_base >= 4, "{mode:?}: {st:?}");
+        assert_eq!(
+            (st.steps_merged, st.steps_unmerged, st.merges),
+            (0, 0, 0),
+            "{mode:?}: {st:?}"
+        );
+    }
+}
+
+/// Merged weights live in a byte-budgeted LRU: a budget that holds one copy re-merges when
+/// adapters take turns; one that holds two keeps both. The copy in use may exceed the budget.
+#[test]
+fn merged_cache_keeps_its_budget_and_evicts_the_least_recent() {
+    let ps = prompts();
+    let s = store();
+    let m = load("tiny-llama");
+    let one = {
+        let a = dora_serve::adapter::load_dir(&s.path().join("dora-all-r8"), &m.model).unwrap();
+        m.model.merge(&a.weights).unwrap().bytes()
+    };
+    for (budget, want_merges, want_resident) in [
+        (one + one / 2, 3, 1),
+        (2 * one + one / 2, 2, 2),
+        (one / 2, 3, 1),
+    ] {
+        let e = engine(s.path(), ModePolicy::Merged, |c| {
+            c.merged_cache_bytes = budget
+        });
+        for (i, a) in ["dora-all-r8", "lora-r8", "dora-all-r8"].iter().enumerate() {
+            let out = collect(
+                e.submit(request(&ps[i], Some(a), 3, SamplingParams::default()))
+                    .unwrap(),
+            );
+            assert_eq!(
+                out.tokens,
+                alone(&ps[i], Some(a), 3, &SamplingParams::default())
+            );
+        }
+        let st = idle(&e);
+        assert_eq!(st.merges, want_merges, "budget {budget}: {st:?}");
+        assert_eq!(
+            st.merged_adapters.len(),
+            want_resident,
+            "budget {budget}: {st:?}"
+        );
+        assert!(st.merged_adapters.contains(&"dora-all-r8".to_string()));
+        assert!(
+            st.merged_bytes <= budget.max(one),
+            "budget {budget}: {} bytes merged",
+            st.merged_bytes
+        );
+    }
 }
 
 #[test]

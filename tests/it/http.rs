@@ -44,13 +44,26 @@ async fn completions_match_the_reference_with_and_without_adapters() {
         assert_eq!(v["adapter"], "dora-all-r8");
         assert!(v["adapter_version"].is_u64());
     }
-    // Every prompt form; n choices per prompt.
+    // Every prompt form; n choices per prompt, each the greedy text of its own prompt.
     let ids = base.prompt_token_ids.clone();
-    for (prompt, choices) in [
-        (json!([PROMPT, "Once upon a time"]), 4),
-        (json!(ids), 2),
-        (json!([ids.clone(), ids]), 4),
+    let other = &expected()["tiny-llama"][1];
+    assert_eq!(other.prompt, "Once upon a time");
+    let (t0, t1) = (
+        decode(&base.greedy_token_ids[..2]),
+        decode(&other.greedy_token_ids[..2]),
+    );
+    for (prompt, texts) in [
+        (
+            json!([PROMPT, "Once upon a time"]),
+            vec![&t0, &t0, &t1, &t1],
+        ),
+        (json!(ids), vec![&t0, &t0]),
+        (
+            json!([ids.clone(), other.prompt_token_ids]),
+            vec![&t0, &t0, &t1, &t1],
+        ),
     ] {
+        let choices = texts.len();
         let (st, v, _) = call(
             &s.app,
             post_json(
@@ -63,6 +76,9 @@ async fn completions_match_the_reference_with_and_without_adapters() {
         let cs = v["choices"].as_array().unwrap();
         assert_eq!(cs.len(), choices);
         assert!(cs.iter().enumerate().all(|(i, c)| c["index"] == i));
+        for (c, want) in cs.iter().zip(&texts) {
+            assert_eq!(c["text"], want.as_str(), "{prompt}: choice {}", c["index"]);
+        }
     }
     // Echo with logprobs: the prompt's tokens come first, the very first without a logprob.
     let (st, v, _) = call(&s.app, post_json("/v1/completions", json!({"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "echo": true, "logprobs": 2}))).await;
@@ -607,7 +623,9 @@ async fn end_to_end_over_a_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_429_with_retry_after() {
-    let s = server_full((None, None), 1 << 20, (1, 1));
+    // The gate holds every step: the long request stays running and the next one queued for
+    // as long as the test needs, however fast the machine.
+    let (s, gate) = gated_server((1, 1));
     // One request running, one queued: the next is refused at once.
     let app = s.app.clone();
     let long = tokio::spawn(async move {
@@ -620,6 +638,7 @@ async fn overload_is_429_with_retry_after() {
         )
         .await
     });
+    gate.allow(1); // admits it and runs its prefill
     while s.engine.stats().running == 0 {
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
@@ -656,6 +675,7 @@ async fn overload_is_429_with_retry_after() {
     let body: Value =
         serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(body["error"]["code"], "overloaded");
+    gate.open();
     // Both accepted requests complete normally, and service resumes.
     assert_eq!(long.await.unwrap().0, StatusCode::OK);
     assert_eq!(queued.await.unwrap().0, StatusCode::OK);

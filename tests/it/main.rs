@@ -1,6 +1,7 @@
 //! dora-serve's integration tests, one binary.
 
 mod adapters;
+mod api;
 mod cli;
 mod engine;
 mod hostile;

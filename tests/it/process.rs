@@ -183,6 +183,91 @@ fn stored(store: &Path, name: &str) -> Option<(Vec<u8>, Vec<u8>)> {
     ))
 }
 
+/// Hidden folders in the store: what an interrupted write leaves.
+fn dotted(store: &Path) -> Vec<String> {
+    std::fs::read_dir(store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+#[derive(Debug, Default)]
+struct Kills {
+    /// The store kept the previous state / holds the new upload.
+    kept: usize,
+    landed: usize,
+    /// Kills that left a partial write on disk (which the restart must clean).
+    partial: usize,
+}
+
+/// Upload version `v` of "big" to a fresh server, kill it hard when `kill_when` returns, then
+/// restart and check the store holds the old whole version, the new whole one, or (for a
+/// first upload) nothing, with no leftovers, and that whatever it holds serves.
+fn kill_during_upload(
+    store: &Path,
+    i: usize,
+    v: &(Vec<u8>, Vec<u8>),
+    server_args: &[&str],
+    kill_when: impl FnOnce(&Path),
+    k: &mut Kills,
+) {
+    let p = Proc::start(store, server_args);
+    let before = stored(store, "big");
+    let (ctype, body) = multipart_body("big", &v.0, &v.1);
+    let path = if before.is_some() {
+        "/v1/adapters?replace=true"
+    } else {
+        "/v1/adapters"
+    };
+    let addr = p.addr;
+    let path2 = path.to_string();
+    std::thread::spawn(move || {
+        let _ = http(addr, "POST", &path2, &ctype, &body);
+    });
+    kill_when(store);
+    p.kill();
+    if !dotted(store).is_empty() {
+        k.partial += 1;
+    }
+    // Restart: the store recovers; the adapter is the old whole, the new whole, or absent.
+    let p = Proc::start(store, &[]);
+    let now = stored(store, "big");
+    match (&before, &now) {
+        (_, Some(n)) if n == v => k.landed += 1,
+        (Some(b), Some(n)) => {
+            assert!(n == b, "kill {i}: the stored adapter is neither version");
+            k.kept += 1;
+        }
+        (None, None) => k.kept += 1,
+        (Some(_), None) => panic!("kill {i}: a replace lost the old version"),
+        (None, Some(_)) => panic!("kill {i}: the stored adapter is not the upload"),
+    }
+    let leftovers = dotted(store);
+    assert!(
+        leftovers.is_empty(),
+        "kill {i}: leftovers after restart: {leftovers:?}"
+    );
+    if now.is_some() {
+        let (st, _, body) =
+            http(p.addr, "GET", "/v1/adapters/big", "application/json", b"").unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (st, v["state"].as_str()),
+            (200, Some("on_disk")),
+            "kill {i}: {v}"
+        );
+        let (st, _, body) = post_json(
+            p.addr,
+            "/v1/completions",
+            &json!({"prompt": "Hi", "adapter": "big", "max_tokens": 2}),
+        )
+        .unwrap();
+        assert_eq!(st, 200, "kill {i}: {}", String::from_utf8_lossy(&body));
+    }
+    p.kill();
+}
+
 #[test]
 fn killed_mid_upload_the_store_holds_the_whole_adapter_or_none() {
     let tmp = tempfile::tempdir().unwrap();
@@ -196,85 +281,67 @@ fn killed_mid_upload_the_store_holds_the_whole_adapter_or_none() {
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&text));
     let whole = t.elapsed();
     p.kill();
-    let mut outcomes = (0, 0);
-    let mut partial = 0;
+    let mut k = Kills::default();
+    // Kills spread in time, from early in the body to just past the answer: where they land
+    // depends on the machine.
     let at = [
         0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 1.0, 1.05, 1.1, 1.2,
     ];
     for (i, frac) in at.into_iter().enumerate() {
-        let p = Proc::start(&store, &[]);
-        let v = &versions[i % 2];
-        let before = stored(&store, "big");
-        let (ctype, body) = multipart_body("big", &v.0, &v.1);
-        let path = if before.is_some() {
-            "/v1/adapters?replace=true"
-        } else {
-            "/v1/adapters"
-        };
-        let addr = p.addr;
-        let (ctype2, path2) = (ctype.clone(), path.to_string());
-        std::thread::spawn(move || {
-            let _ = http(addr, "POST", &path2, &ctype2, &body);
-        });
-        // From early in the body to just past the answer.
-        std::thread::sleep(whole.mul_f64(frac));
-        p.kill();
-        let dotted = |store: &Path| -> Vec<String> {
-            std::fs::read_dir(store)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with('.'))
-                .collect()
-        };
-        if !dotted(&store).is_empty() {
-            partial += 1;
-        }
-        // Restart: the store recovers; the adapter is the old whole, the new whole, or absent.
-        let p = Proc::start(&store, &[]);
-        let now = stored(&store, "big");
-        match (&before, &now) {
-            (_, Some(n)) if n == v => outcomes.1 += 1,
-            (Some(b), Some(n)) => {
-                assert!(n == b, "kill {i}: the stored adapter is neither version")
-            }
-            (None, None) => outcomes.0 += 1,
-            (Some(_), None) => panic!("kill {i}: a replace lost the old version"),
-            (None, Some(_)) => panic!("kill {i}: the stored adapter is not the upload"),
-        }
-        let leftovers = dotted(&store);
-        assert!(
-            leftovers.is_empty(),
-            "kill {i}: leftovers after restart: {leftovers:?}"
+        kill_during_upload(
+            &store,
+            i,
+            &versions[i % 2],
+            &[],
+            |_| std::thread::sleep(whole.mul_f64(frac)),
+            &mut k,
         );
-        if now.is_some() {
-            let (st, _, body) =
-                http(p.addr, "GET", "/v1/adapters/big", "application/json", b"").unwrap();
-            let v: Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(
-                (st, v["state"].as_str()),
-                (200, Some("on_disk")),
-                "kill {i}: {v}"
-            );
-            let (st, _, body) = post_json(
-                p.addr,
-                "/v1/completions",
-                &json!({"prompt": "Hi", "adapter": "big", "max_tokens": 2}),
-            )
-            .unwrap();
-            assert_eq!(st, 200, "kill {i}: {}", String::from_utf8_lossy(&body));
-        }
-        p.kill();
+    }
+    // Kills that certainly land mid-write: the server pauses between the two files of each
+    // write (a hidden test flag), and the kill comes once the first file is on disk.
+    for i in 0..4 {
+        kill_during_upload(
+            &store,
+            at.len() + i,
+            &versions[i % 2],
+            &["--test-store-write-pause-ms", "60000"],
+            |store| {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let mid = dotted(store).iter().any(|d| {
+                        d.starts_with(".tmp-")
+                            && store.join(d).join("adapter_config.json").is_file()
+                    });
+                    if mid {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "the write never started");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            },
+            &mut k,
+        );
     }
     eprintln!(
-        "kills: {} left the previous state, {} the new upload; {partial} left a partial write that the restart cleaned",
-        outcomes.0, outcomes.1
+        "kills: {} left the previous state, {} the new upload; {} left a partial write that the restart cleaned",
+        k.kept, k.landed, k.partial
     );
+    assert!(
+        k.partial >= 4,
+        "the kills timed to land mid-write must leave partial writes: {k:?}"
+    );
+    assert_eq!(k.kept + k.landed, at.len() + 4);
 }
 
 #[test]
 fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut p = Proc::start(&tmp.path().join("store"), &["--shutdown-grace", "60"]);
+    // Each step pauses 20 ms (a hidden test flag): the 240-token stream below runs for at
+    // least 4.8 s, so the shutdown certainly lands while it is in flight.
+    let mut p = Proc::start(
+        &tmp.path().join("store"),
+        &["--shutdown-grace", "60", "--test-step-delay-ms", "20"],
+    );
     let addr = p.addr;
     let body = json!({"prompt": "Hello", "max_tokens": 240, "ignore_eos": true, "n": 8, "stream": true, "temperature": 0});
     let inflight = std::thread::spawn(move || post_json(addr, "/v1/completions", &body).unwrap());
@@ -293,11 +360,19 @@ fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     }
     // SAFETY: signalling our own child process.
     assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) }, 0);
-    std::thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).is_ok()
+        && http(addr, "GET", "/health", "text/plain", b"").is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "new connections are still accepted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert!(
-        TcpStream::connect(addr).is_err()
-            || http(addr, "GET", "/health", "text/plain", b"").is_err(),
-        "new connections are refused"
+        !inflight.is_finished(),
+        "connections were refused while the request was still in flight"
     );
     let (status, _, streamed) = inflight.join().unwrap();
     assert_eq!(status, 200);

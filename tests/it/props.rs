@@ -10,6 +10,7 @@ use dora_serve::adapter;
 use dora_serve::model::{LoadedModel, LogitsFor, SeqInput};
 use dora_serve::ops::{Apply, ProjKind, RowGroup};
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use serde_json::json;
 
 use crate::util::{load, max_abs_diff, rounding_tolerance};
@@ -168,8 +169,25 @@ fn last_logits(m: &LoadedModel, ids: &[u32], a: &adapter::Adapter, merged: bool)
         .unwrap()
 }
 
+/// 48 cases from a fixed seed, so a failure reproduces on every run and machine (the failing
+/// shape, its own `seed` included, is printed). `PROPTEST_RNG_SEED=N` explores other cases;
+/// a failure found that way reproduces with the same variable.
+fn config() -> ProptestConfig {
+    let from_env = ProptestConfig::default();
+    let rng_seed = match from_env.rng_seed {
+        RngSeed::Random => RngSeed::Fixed(0x0d0a_5e7e),
+        fixed => fixed,
+    };
+    ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        rng_seed,
+        ..from_env
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(config())]
 
     #[test]
     fn any_valid_adapter_is_exact_merged_unmerged_and_by_formula(s in shape()) {

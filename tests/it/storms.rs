@@ -13,6 +13,8 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use dora_serve::engine::StepGate;
+
 use crate::web::*;
 
 /// One finished request, streamed or not.
@@ -29,7 +31,7 @@ fn body(adapter: &str, max_tokens: usize, stream: bool) -> Value {
            "ignore_eos": true, "stream": stream})
 }
 
-/// Run a completion; for streams, `first` is told when the first text arrives.
+/// Run a completion; for streams, `first` is told when the first token's chunk arrives.
 async fn complete(
     app: Router,
     body: Value,
@@ -79,7 +81,7 @@ async fn complete(
             if let Some(d) = v["adapter_digest"].as_str() {
                 digest = Some(d.to_string());
             }
-            if !text.is_empty() {
+            if v["choices"][0].is_object() {
                 if let Some(f) = first.take() {
                     let _ = f.send(());
                 }
@@ -143,19 +145,26 @@ async fn references(s: &Server, fixtures: &[&str], max_tokens: usize) -> HashMap
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_adapter_finishes_running_streams_on_the_old_version() {
-    let s = server();
+    let (s, gate) = gated_server((8, 64));
+    gate.open();
     let refs = references(&s, &["lora-r8", "dora-qv-r4-rslora"], 60).await;
     let a = fixture_files("lora-r8");
     let b = fixture_files("dora-qv-r4-rslora");
     let (_, v) = upload(&s, "swap", &a, false).await;
     let digest_a = v["digest"].as_str().unwrap().to_string();
+    // The stream makes its first token, then holds until the replace is done: the replace
+    // certainly lands mid-stream.
+    gate.close();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let running = tokio::spawn(complete(s.app.clone(), body("swap", 60, true), Some(tx)));
+    gate.allow(1);
     rx.await.unwrap();
     let (st, v) = upload(&s, "swap", &b, true).await;
     assert_eq!(st, StatusCode::CREATED);
     let digest_b = v["digest"].as_str().unwrap().to_string();
     assert_ne!(digest_a, digest_b);
+    assert_eq!(s.engine.stats().running, 1, "the stream is still running");
+    gate.open();
     let old = running.await.unwrap();
     assert_eq!(old.digest.as_deref(), Some(digest_a.as_str()));
     assert_eq!(
@@ -166,8 +175,10 @@ async fn a_replaced_adapter_finishes_running_streams_on_the_old_version() {
     assert_eq!(new.digest.as_deref(), Some(digest_b.as_str()));
     assert_eq!(new.text, refs[&digest_b]);
     // Deleting it while a stream runs: the stream finishes, new requests get 404.
+    gate.close();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let running = tokio::spawn(complete(s.app.clone(), body("swap", 60, true), Some(tx)));
+    gate.allow(1);
     rx.await.unwrap();
     let (st, _, _) = call(
         &s.app,
@@ -177,6 +188,8 @@ async fn a_replaced_adapter_finishes_running_streams_on_the_old_version() {
     )
     .await;
     assert_eq!(st, StatusCode::OK);
+    assert_eq!(s.engine.stats().running, 1, "the stream is still running");
+    gate.open();
     let last = running.await.unwrap();
     assert_eq!(
         (last.digest.as_deref(), last.text.as_str()),
@@ -397,6 +410,89 @@ async fn load_unload_delete_storms_never_serve_the_wrong_version() {
     assert_eq!((st, v["status"].as_str()), (StatusCode::OK, Some("ok")));
 }
 
+/// The README's promise: replacing an adapter swaps it in one step, so no request ever sees
+/// its name missing. Writers only replace (never delete); every reader's answer must be a 200
+/// that is exactly what one of the two versions answers alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_never_makes_the_name_missing() {
+    let s = server();
+    let refs = references(&s, &["lora-r8", "dora-qv-r4-rslora"], 6).await;
+    let files = [fixture_files("lora-r8"), fixture_files("dora-qv-r4-rslora")];
+    upload(&s, "hot", &files[0], false).await;
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (app, files) = (s.app.clone(), files.clone());
+            tokio::spawn(async move {
+                for i in 0..12 {
+                    let f = &files[(i + w) % 2];
+                    let (st, _, text) = call(
+                        &app,
+                        multipart(
+                            &[
+                                ("name", b"hot"),
+                                ("adapter_config", &f.0),
+                                ("adapter_model", &f.1),
+                            ],
+                            "/v1/adapters?replace=true",
+                        ),
+                    )
+                    .await;
+                    assert_eq!(st, StatusCode::CREATED, "{text}");
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4)
+        .map(|r| {
+            let app = s.app.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0..10 {
+                    let by_model = (r + i) % 2 == 0;
+                    let mut b = body("hot", 6, (r + i) % 3 == 0);
+                    if by_model {
+                        // `model` naming the adapter takes another lookup path.
+                        b.as_object_mut().unwrap().remove("adapter");
+                        b["model"] = json!("hot");
+                    }
+                    answers.push(complete(app.clone(), b, None).await);
+                    let (st, v, _) = call(&app, get("/v1/adapters/hot")).await;
+                    assert_eq!(st, StatusCode::OK, "GET /v1/adapters/hot mid-replace: {v}");
+                }
+                answers
+            })
+        })
+        .collect();
+    let storm = async {
+        for w in writers {
+            w.await.unwrap();
+        }
+        let mut all = Vec::new();
+        for r in readers {
+            all.extend(r.await.unwrap());
+        }
+        all
+    };
+    let answers = tokio::time::timeout(Duration::from_secs(300), storm)
+        .await
+        .expect("no deadlock: the storm finishes");
+    assert_eq!(answers.len(), 40);
+    for a in &answers {
+        assert!(
+            a.status == StatusCode::OK && a.error_code.is_none(),
+            "a request during replaces failed: {a:?}"
+        );
+        let d = a
+            .digest
+            .as_ref()
+            .expect("an adapter answer names its digest");
+        assert_eq!(
+            &a.text, &refs[d],
+            "text differs from what {d} answers alone"
+        );
+    }
+}
+
 /// The digest of the files the store holds for `name`.
 fn digest_of(s: &Server, name: &str) -> String {
     let d = s.store.path().join(name);
@@ -406,20 +502,28 @@ fn digest_of(s: &Server, name: &str) -> String {
     )
 }
 
+/// The engine's stats once nothing runs, waits or holds KV memory (a panic after 60 s).
 async fn settled(s: &Server) -> dora_serve::engine::EngineStats {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
         let st = s.engine.stats();
         if st.running == 0 && st.waiting == 0 && st.kv_bytes == 0 {
             return st;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never settled: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    s.engine.stats()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_stream_stops_its_generation() {
-    let s = server();
+    let (s, gate) = gated_server((8, 64));
+    // Two steps: the prefill (first token) and one decode. (The response starts once the
+    // first token is there.)
+    gate.allow(2);
     let resp = s
         .app
         .clone()
@@ -427,31 +531,40 @@ async fn a_client_that_disconnects_mid_stream_stops_its_generation() {
         .await
         .unwrap();
     let mut b = resp.into_body();
-    b.frame().await.unwrap().unwrap();
-    b.frame().await.unwrap().unwrap();
-    assert!(s.engine.stats().running == 1 && s.engine.stats().kv_bytes > 0);
+    let mut text = String::new();
+    while text.matches("\"text\"").count() < 2 {
+        let frame = b.frame().await.unwrap().unwrap();
+        if let Ok(d) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&d).unwrap());
+        }
+    }
+    let st = s.engine.stats();
+    assert!(st.running == 1 && st.kv_bytes > 0, "{st:?}");
     drop(b);
+    // The gate holds every further step: only the disconnect can end the sequence.
     let st = settled(&s).await;
     assert_eq!(
         (st.running, st.kv_bytes),
         (0, 0),
         "the sequence and its KV memory are freed"
     );
-    assert!(
-        st.tokens_generated < 200,
-        "generation stopped early ({} tokens)",
-        st.tokens_generated
+    assert_eq!(
+        st.tokens_generated, 2,
+        "generation stopped at the disconnect"
     );
+    assert_eq!(gate.passed(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_the_deadline_end_with_request_timeout() {
-    let s = server_timeout(
-        (None, None),
-        1 << 20,
-        (8, 64),
-        Some(Duration::from_millis(40)),
-    );
+    let gate = StepGate::closed();
+    let s = server_opts(Opts {
+        request_timeout: Some(Duration::from_secs(2)),
+        gate: Some(gate.clone()),
+        ..Opts::default()
+    });
+    // The gate lets no step run: these requests cannot finish before their deadline, however
+    // fast the machine.
     let long =
         json!({"prompt": PROMPT, "max_tokens": 240, "ignore_eos": true, "n": 8, "temperature": 0});
     let (st, v, _) = call(&s.app, post_json("/v1/completions", long.clone())).await;
@@ -460,20 +573,37 @@ async fn requests_past_the_deadline_end_with_request_timeout() {
         .as_str()
         .unwrap()
         .contains("max_tokens"));
+    let st = settled(&s).await;
+    assert_eq!(
+        (st.running, st.waiting, st.kv_bytes, st.tokens_generated),
+        (0, 0, 0, 0),
+        "timed-out work is cancelled"
+    );
+    // A stream starts with its first tokens: one step (the prefill of all 8 choices), then
+    // the gate holds the rest past the deadline.
     let mut streamed = long.clone();
     streamed["stream"] = json!(true);
-    let a = complete(s.app.clone(), streamed, None).await;
+    let a = tokio::spawn(complete(s.app.clone(), streamed, None));
+    while s.engine.stats().waiting < 8 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    gate.allow(1);
+    let a = a.await.unwrap();
     assert_eq!(a.status, StatusCode::OK, "the stream had started");
     assert_eq!(a.error_code.as_deref(), Some("request_timeout"));
     let st = settled(&s).await;
     assert_eq!(
-        (st.running, st.waiting, st.kv_bytes),
-        (0, 0, 0),
-        "timed-out work is cancelled"
+        (st.running, st.waiting, st.kv_bytes, st.tokens_generated),
+        (0, 0, 0, 8),
+        "timed-out work is cancelled after its first step"
     );
-    // Short requests still complete.
+    // With steps running, a short request completes well within a deadline.
+    let s2 = server_opts(Opts {
+        request_timeout: Some(Duration::from_secs(60)),
+        ..Opts::default()
+    });
     let (st, _, text) = call(
-        &s.app,
+        &s2.app,
         post_json(
             "/v1/completions",
             json!({"prompt": PROMPT, "max_tokens": 1}),

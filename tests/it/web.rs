@@ -9,7 +9,7 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use dora_serve::adapter::AdapterStore;
 use dora_serve::engine::scheduler::ModePolicy;
-use dora_serve::engine::{Engine, EngineConfig};
+use dora_serve::engine::{Engine, EngineConfig, StepGate};
 use dora_serve::http::{self, AppState, HttpConfig};
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -28,23 +28,38 @@ pub struct Server {
 }
 
 pub fn server_with(keys: (Option<&str>, Option<&str>), max_upload: usize) -> Server {
-    server_full(keys, max_upload, (8, 64))
+    server_opts(Opts {
+        keys,
+        max_upload,
+        ..Opts::default()
+    })
 }
 
-pub fn server_full(
-    keys: (Option<&str>, Option<&str>),
-    max_upload: usize,
-    limits: (usize, usize),
-) -> Server {
-    server_timeout(keys, max_upload, limits, None)
+/// How a test server is set up.
+pub struct Opts<'a> {
+    /// (api key, admin key)
+    pub keys: (Option<&'a str>, Option<&'a str>),
+    pub max_upload: usize,
+    /// (max running, max queued)
+    pub limits: (usize, usize),
+    pub request_timeout: Option<std::time::Duration>,
+    /// Engine steps wait for this gate (tests that need the engine to hold still).
+    pub gate: Option<StepGate>,
 }
 
-pub fn server_timeout(
-    keys: (Option<&str>, Option<&str>),
-    max_upload: usize,
-    (max_running, max_queued): (usize, usize),
-    request_timeout: Option<std::time::Duration>,
-) -> Server {
+impl Default for Opts<'_> {
+    fn default() -> Self {
+        Self {
+            keys: (None, None),
+            max_upload: 1 << 20,
+            limits: (8, 64),
+            request_timeout: None,
+            gate: None,
+        }
+    }
+}
+
+pub fn server_opts(o: Opts) -> Server {
     let store_dir = tempfile::tempdir().unwrap();
     for name in ["dora-all-r8", "lora-r8"] {
         let to = store_dir.path().join(name);
@@ -59,11 +74,12 @@ pub fn server_timeout(
     let engine = Engine::start(
         load("tiny-llama"),
         EngineConfig {
-            max_running,
+            max_running: o.limits.0,
             max_step_tokens: 256,
-            max_queued,
+            max_queued: o.limits.1,
             mode: ModePolicy::Auto,
             resolve: http::resolver(Arc::clone(&store), Arc::clone(&registered)),
+            step_gate: o.gate,
             ..EngineConfig::default()
         },
     );
@@ -73,11 +89,11 @@ pub fn server_timeout(
         registered,
         HttpConfig {
             model_id: "tiny-llama".into(),
-            api_key: keys.0.map(str::to_string),
-            admin_key: keys.1.map(str::to_string),
-            max_upload_bytes: max_upload,
+            api_key: o.keys.0.map(str::to_string),
+            admin_key: o.keys.1.map(str::to_string),
+            max_upload_bytes: o.max_upload,
             adapter_root: store_dir.path().to_path_buf(),
-            request_timeout,
+            request_timeout: o.request_timeout,
         },
     );
     Server {
@@ -87,6 +103,17 @@ pub fn server_timeout(
         store: store_dir,
         outside: tempfile::tempdir().unwrap(),
     }
+}
+
+/// A server whose engine steps only when the returned gate allows.
+pub fn gated_server(limits: (usize, usize)) -> (Server, StepGate) {
+    let gate = StepGate::closed();
+    let s = server_opts(Opts {
+        limits,
+        gate: Some(gate.clone()),
+        ..Opts::default()
+    });
+    (s, gate)
 }
 
 pub fn server() -> Server {
