@@ -173,8 +173,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .spawn(move || {
             let start = Instant::now();
             let bad = checker.check_store();
-            tracing::info!(
-                "store checked in {:.1}s: {} adapter(s) refused",
+            // On stderr like the listening line: `dora-serve bench --spawn-model` waits for it
+            // so that its clock never runs while the check loads every adapter.
+            eprintln!(
+                "dora-serve store checked in {:.1}s: {} adapter(s) refused",
                 start.elapsed().as_secs_f64(),
                 bad.len()
             );
