@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Decode throughput of the real model through the engine (`generate --batch`), at 1, 4, 8 and
 # 16 concurrent sequences: base; one adapter unmerged and merged; a mixed workload over 8
-# adapters in each mode. Fixed-length outputs (--ignore-eos) so runs compare.
+# adapters in each mode. Fixed-length outputs (--ignore-eos) so runs compare. Each round runs
+# every cell once, in interleaved rounds; the report gives medians and ranges. Also the time to
+# merge one adapter (`adapter inspect`), which with the per-step saving of merged over unmerged
+# gives auto's crossover (`merge_after`).
 #
-#   scripts/fetch-model.sh && cargo build --release && benches/decode.sh [TOKENS]
+#   scripts/fetch-model.sh && cargo build --release && benches/decode.sh [ROUNDS] [TOKENS]
 #
-# Prints a markdown table of aggregate decode tokens/s.
+# Writes benches/data/decode_modes.json and regenerates benches/DECODE.md (benches/report.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+model=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 bin=target/release/dora-serve
-tokens=${1:-48}
+rounds=${1:-3}
+tokens=${2:-64}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 [ -s "$model" ] || { echo "run scripts/fetch-model.sh first" >&2; exit 1; }
-"$bin" adapter random --model "$model" --out "$work/ad" --count 8 --rank 16 2>/dev/null
+[ -x "$bin" ] || { echo "run cargo build --release first" >&2; exit 1; }
+mkdir -p benches/data
+"$bin" adapter random --model "$model" --out "$work/ad" --count 8 --rank 16 --seed 3 2>/dev/null >/dev/null
 
 prompts=("Once upon a time" "The capital of France is" "def fibonacci(n):" "Write a haiku about the sea.")
 batch() { # n adapters(0 = base, 1 = one, 8 = mixed)
@@ -31,9 +37,29 @@ rate() { # file mode
   "$bin" generate --model "$model" --batch "$1" --mode "$2" --max-tokens "$tokens" --ignore-eos --json 2>&1 >/dev/null |
     sed -n 's/.*decode \([0-9.]*\) tok\/s.*/\1/p'
 }
-echo "| sequences | base | 1 adapter unmerged | 1 adapter merged | 8 adapters unmerged | 8 adapters merged | 8 adapters auto |"
-echo "|---|---|---|---|---|---|---|"
-for n in 1 4 8 16; do
-  b=$(batch "$n" 0); one=$(batch "$n" 1); mix=$(batch "$n" 8)
-  echo "| $n | $(rate "$b" unmerged) | $(rate "$one" unmerged) | $(rate "$one" merged) | $(rate "$mix" unmerged) | $(rate "$mix" merged) | $(rate "$mix" auto) |"
+: >"$work/rounds.jsonl"
+for ((r = 1; r <= rounds; r++)); do
+  row="{"
+  for n in 1 4 8 16; do
+    b=$(batch "$n" 0); one=$(batch "$n" 1); mix=$(batch "$n" 8)
+    row+="\"$n\": {\"base\": $(rate "$b" unmerged), \"one_unmerged\": $(rate "$one" unmerged), \"one_merged\": $(rate "$one" merged),"
+    row+=" \"mixed_unmerged\": $(rate "$mix" unmerged), \"mixed_merged\": $(rate "$mix" merged), \"mixed_auto\": $(rate "$mix" auto)}, "
+  done
+  merge=$("$bin" adapter inspect "$work/ad-0" --model "$model" | sed -n 's/^merge: *\([0-9.]*\)s.*/\1/p')
+  row+="\"merge_seconds\": $merge}"
+  echo "$row" | tee -a "$work/rounds.jsonl"
 done
+python3 - "$work/rounds.jsonl" "$rounds" "$tokens" "$model" <<'PY'
+import json, subprocess, sys
+path, rounds, tokens, model = sys.argv[1:]
+data = {
+    "command": f"benches/decode.sh {rounds} {tokens}",
+    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    "date": subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip(),
+    "model": model, "tokens": int(tokens),
+    "adapters": "8 random DoRA r16 adapters on all seven projections (dora-serve adapter random --seed 3)",
+    "rounds": [json.loads(l) for l in open(path)],
+}
+json.dump(data, open("benches/data/decode_modes.json", "w"), indent=1)
+PY
+python3 benches/report.py

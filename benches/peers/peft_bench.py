@@ -10,7 +10,7 @@ all generated tokens over the wall time of the rounds after the first (warm-up).
     /path/to/venv/bin/python benches/peers/peft_bench.py [ROUNDS]   # torch, transformers, peft, gguf
 
 Reads target/bench-store/ad-0 … ad-7 (written by benches/scenarios.sh) and the fetched GGUF;
-writes benches/peers/peft.json, which scenarios.sh turns into the dora-serve ÷ PEFT ratio.
+writes benches/data/peft.json, which benches/report.py turns into the dora-serve ÷ PEFT ratio.
 """
 import json
 import os
@@ -70,10 +70,11 @@ for round_ in range(ROUNDS + 1):
     print(f"round {round_}: {len(groups)} adapter groups", flush=True)
 secs = time.perf_counter() - start
 result = {
+    "command": "benches/peers/peft_bench.py" + (f" {ROUNDS}" if len(sys.argv) > 1 else ""),
     "output_tokens_per_s": generated / secs,
     "tokens": generated,
     "seconds": secs,
     "how": f"PEFT {__import__('peft').__version__}, set_adapter + generate per adapter group, {STREAMS} streams",
 }
-json.dump(result, open(os.path.join(ROOT, "benches", "peers", "peft.json"), "w"), indent=1)
+json.dump(result, open(os.path.join(ROOT, "benches", "data", "peft.json"), "w"), indent=1)
 print(result)

@@ -69,12 +69,14 @@ impl Default for EngineConfig {
             max_step_tokens: 512,
             max_queued: 256,
             mode: ModePolicy::Unmerged,
-            // Measured on SmolLM2-135M, f32, 2 cores, one r16 all-projection DoRA adapter
-            // (criterion `adapter/merge_whole_r16_all`, benches/decode.sh, 2026-11-29): merging
-            // takes 0.24 s; a merged step saves 4.6 ms at 1 sequence (34.4 → 40.8 tok/s, 29.1 →
-            // 24.5 ms) and 6.8 ms at 8 (165.5 → 192.8 tok/s, 48.3 → 41.5 ms). A merge pays for
-            // itself after ~35–52 steps, so auto merges after 48 single-adapter steps (merged
-            // weights are then cached, so later switches back are free).
+            // From benches/DECODE.md, "auto's crossover" (`benches/decode.sh 3 64`, committed in
+            // benches/data/decode_modes.json; SmolLM2-135M, f32, 2 cores, one r16 DoRA adapter
+            // on every projection): a merge takes 0.227 s and a merged step saves 3.2 ms at 1
+            // sequence and 5.3 ms at 8, so a merge pays for itself after ~72 steps at 1 sequence
+            // and ~40 at 8. Waiting as many steps as a merge costs is the ski-rental rule (never
+            // worse than twice the best choice in hindsight); 48 lies in that range, nearer the
+            // batched case the server sees under load. Merged weights are then cached, so later
+            // switches back are free.
             merge_after: 48,
             turn_steps: 32,
             adapter_cache_bytes: 1 << 30,
