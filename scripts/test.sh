@@ -36,5 +36,7 @@ from openapi_spec_validator import validate
 validate(yaml.safe_load(open("openapi.yaml")))
 print("openapi.yaml is a valid OpenAPI 3.1 document")
 PY
-cargo build --bin dora-serve 2>&1
+# The server binary that `cargo test` built for the integration tests (a separate `cargo build`
+# would rebuild candle with other features: ~3 min for the same code).
+[ -x target/debug/dora-serve ] || cargo build --bin dora-serve 2>&1
 PYTHON="$venv/bin/python" BIN=target/debug/dora-serve tests/clients/run.sh

@@ -78,38 +78,41 @@ impl StepGate {
 
     /// Wait until `passed() >= n` (true) or `timeout` runs out (false).
     pub fn wait_passed(&self, n: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.state();
-        while st.passed < n {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                return false;
-            };
-            st = self
-                .inner
-                .1
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        self.wait_until(Instant::now() + timeout, |st| st.passed >= n)
+            .1
     }
 
     /// The worker asks to step: true when a permit came within `wait`. The worker goes back
     /// to its commands (new requests, cancellations, stats) between asks.
     pub(super) fn pass(&self, wait: Duration) -> bool {
-        let deadline = Instant::now() + wait;
+        let (mut st, got) = self.wait_until(Instant::now() + wait, |st| match st.permits {
+            None => true,
+            Some(p) if p > 0 => {
+                st.permits = Some(p - 1);
+                true
+            }
+            Some(_) => false,
+        });
+        if got {
+            st.passed += 1;
+            self.inner.1.notify_all();
+        }
+        got
+    }
+
+    /// Wait on the gate until `done` (which may take what it waited for) or `deadline`.
+    fn wait_until(
+        &self,
+        deadline: Instant,
+        mut done: impl FnMut(&mut GateState) -> bool,
+    ) -> (std::sync::MutexGuard<'_, GateState>, bool) {
         let mut st = self.state();
         loop {
-            match st.permits {
-                None => break,
-                Some(p) if p > 0 => {
-                    st.permits = Some(p - 1);
-                    break;
-                }
-                Some(_) => {}
+            if done(&mut st) {
+                return (st, true);
             }
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                return false;
+                return (st, false);
             };
             st = self
                 .inner
@@ -118,9 +121,6 @@ impl StepGate {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        st.passed += 1;
-        self.inner.1.notify_all();
-        true
     }
 
     /// The injected failure for this step, if any.

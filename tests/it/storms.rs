@@ -102,13 +102,24 @@ async fn upload(
     files: &(Vec<u8>, Vec<u8>),
     replace: bool,
 ) -> (StatusCode, Value) {
+    let (st, v, _) = upload_to(&s.app, name, files, replace).await;
+    (st, v)
+}
+
+/// Upload `files` as adapter `name` through `app`: (status, body, body text).
+async fn upload_to(
+    app: &Router,
+    name: &str,
+    files: &(Vec<u8>, Vec<u8>),
+    replace: bool,
+) -> (StatusCode, Value, String) {
     let path = if replace {
         "/v1/adapters?replace=true"
     } else {
         "/v1/adapters"
     };
-    let (st, v, _) = call(
-        &s.app,
+    call(
+        app,
         multipart(
             &[
                 ("name", name.as_bytes()),
@@ -118,8 +129,7 @@ async fn upload(
             path,
         ),
     )
-    .await;
-    (st, v)
+    .await
 }
 
 /// Upload each fixture under a reference name; map its digest to what it answers alone.
@@ -209,18 +219,7 @@ async fn one_name_uploaded_by_many_clients_at_once_is_never_mixed() {
         .map(|i| {
             let (app, f) = (s.app.clone(), files[i % 2].clone());
             tokio::spawn(async move {
-                let (st, v, _) = call(
-                    &app,
-                    multipart(
-                        &[
-                            ("name", b"first"),
-                            ("adapter_config", &f.0),
-                            ("adapter_model", &f.1),
-                        ],
-                        "/v1/adapters",
-                    ),
-                )
-                .await;
+                let (st, v, _) = upload_to(&app, "first", &f, false).await;
                 (st, v)
             })
         })
@@ -239,21 +238,7 @@ async fn one_name_uploaded_by_many_clients_at_once_is_never_mixed() {
     let tasks: Vec<_> = (0..12)
         .map(|i| {
             let (app, f) = (s.app.clone(), files[i % 2].clone());
-            tokio::spawn(async move {
-                call(
-                    &app,
-                    multipart(
-                        &[
-                            ("name", b"race"),
-                            ("adapter_config", &f.0),
-                            ("adapter_model", &f.1),
-                        ],
-                        "/v1/adapters?replace=true",
-                    ),
-                )
-                .await
-                .0
-            })
+            tokio::spawn(async move { upload_to(&app, "race", &f, true).await.0 })
         })
         .collect();
     for t in tasks {
@@ -304,18 +289,7 @@ async fn load_unload_delete_storms_never_serve_the_wrong_version() {
                             .unwrap();
                         call(&app, req).await;
                     }
-                    let (st, _, text) = call(
-                        &app,
-                        multipart(
-                            &[
-                                ("name", b"storm"),
-                                ("adapter_config", &f.0),
-                                ("adapter_model", &f.1),
-                            ],
-                            "/v1/adapters?replace=true",
-                        ),
-                    )
-                    .await;
+                    let (st, _, text) = upload_to(&app, "storm", f, true).await;
                     assert_eq!(st, StatusCode::CREATED, "{text}");
                 }
             })
@@ -425,18 +399,7 @@ async fn replacing_never_makes_the_name_missing() {
             tokio::spawn(async move {
                 for i in 0..12 {
                     let f = &files[(i + w) % 2];
-                    let (st, _, text) = call(
-                        &app,
-                        multipart(
-                            &[
-                                ("name", b"hot"),
-                                ("adapter_config", &f.0),
-                                ("adapter_model", &f.1),
-                            ],
-                            "/v1/adapters?replace=true",
-                        ),
-                    )
-                    .await;
+                    let (st, _, text) = upload_to(&app, "hot", f, true).await;
                     assert_eq!(st, StatusCode::CREATED, "{text}");
                 }
             })
