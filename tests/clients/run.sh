@@ -30,8 +30,11 @@ st="$(dirname "$PYTHON")/schemathesis"
 [ -x "$st" ] || { echo "schemathesis is not installed in the test venv ($st)"; exit 1; }
 junit="$store/schemathesis-junit.xml"
 status=0
+# One worker: with several threads, CPython 3.11's ast module (which hypothesis uses) raises
+# "SystemError: AST constructor recursion depth mismatch" now and then (CPython issue 106905,
+# fixed in later versions): a schemathesis runtime error, not a finding about the server.
 "$st" run openapi.yaml --url "$url" --checks all --exclude-checks positive_data_acceptance \
-  --max-examples "${SCHEMATHESIS_EXAMPLES:-25}" --workers 2 --seed 1 --no-color \
+  --max-examples "${SCHEMATHESIS_EXAMPLES:-25}" --workers 1 --seed 1 --no-color \
   --report junit --report-junit-path "$junit" || status=$?
 kill -0 $pid || { echo "the server died under schemathesis"; cat "$log"; exit 1; }
 "$PYTHON" - "$junit" "$status" <<'PY'
