@@ -198,7 +198,7 @@ def readme_block(vs, modes, sc):
     out = []
     if vs:
         rounds = vs["rounds"]
-        for n in ("1", "8"):
+        for n in ("1", "8", "16"):
             l = [r["llamacpp"][n] for r in rounds]
             d = [r["dora"][n] for r in rounds]
             out.append(f"- Decode, base model, {n} sequence{'s' if n != '1' else ''}: dora-serve {med(d):.1f} tok/s, "
