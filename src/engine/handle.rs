@@ -1,7 +1,7 @@
 //! The cloneable handle to the engine: submit requests, read stats, manage adapters.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::unbounded_channel;
@@ -9,7 +9,7 @@ use tokio::sync::mpsc::unbounded_channel;
 use super::generate::check_common;
 use super::types::*;
 use super::EngineError;
-use crate::model::{Llama, ModelInfo, Tokenizer};
+use crate::model::{Llama, LoadedModel, ModelInfo, Tokenizer};
 
 /// The cloneable handle to the engine.
 #[derive(Clone)]
@@ -24,6 +24,22 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Start an engine on `loaded`: the handle, and the worker thread behind it.
+    pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Engine {
+        let (tx, rx) = mpsc::channel();
+        let engine = Engine {
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queued: cfg.max_queued,
+            stats: Arc::new(Mutex::new(EngineStats::default())),
+            model: Arc::new(loaded.model),
+            tokenizer: Arc::new(loaded.tokenizer),
+            info: Arc::new(loaded.info),
+        };
+        super::worker::spawn(&engine, rx, cfg);
+        engine
+    }
+
     /// Queue a request. Fails at once when the queue is full (`Overloaded`) or the request is
     /// invalid; everything else (unknown adapter, load failure) arrives as an `Error` event.
     pub fn submit(&self, req: EngineRequest) -> Result<EventStream, EngineError> {

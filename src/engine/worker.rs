@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,63 +22,49 @@ use super::text::TextState;
 use super::types::*;
 use super::{EngineError, FinishReason};
 use crate::adapter::{self, AdapterCache, Lease};
-use crate::model::{KvCache, Llama, LoadedModel, LogitsFor, SeqInput, Tokenizer};
+use crate::model::{KvCache, Llama, LogitsFor, SeqInput, Tokenizer};
 
-impl Engine {
-    pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Engine {
-        let (tx, rx) = mpsc::channel();
-        let model = Arc::new(loaded.model);
-        let tokenizer = Arc::new(loaded.tokenizer);
-        let info = Arc::new(loaded.info);
-        let engine = Engine {
-            tx: tx.clone(),
-            queued: Arc::new(AtomicUsize::new(0)),
-            max_queued: cfg.max_queued,
-            stats: Arc::new(Mutex::new(EngineStats::default())),
-            model: Arc::clone(&model),
-            tokenizer: Arc::clone(&tokenizer),
-            info: Arc::clone(&info),
-        };
-        let worker = Worker {
-            sched: Scheduler::new(SchedulerConfig {
-                max_running: cfg.max_running,
-                max_step_tokens: cfg.max_step_tokens,
-                mode: cfg.mode,
-                merge_after: cfg.merge_after,
-                turn_steps: cfg.turn_steps,
-            }),
-            cache: AdapterCache::new(cfg.adapter_cache_bytes),
-            merged: MergedCache::new(cfg.merged_cache_bytes),
-            cfg,
-            model,
-            tokenizer,
-            eos: info.eos_token_ids.clone(),
-            tx,
-            rx,
-            queued: Arc::clone(&engine.queued),
-            stats_out: Arc::clone(&engine.stats),
-            seqs: HashMap::new(),
-            running: Vec::new(),
-            waiting: VecDeque::new(),
-            loading: HashMap::new(),
-            counters: EngineStats::default(),
-            outbox: Vec::new(),
-        };
-        // The worker runs on a thread of its own rayon pool, so the tensor kernels it calls
-        // split their work between it and the pool's other threads: it computes a share
-        // itself instead of handing every matmul to the global pool and sleeping until it
-        // is done (measured: ~15% of decode time went to those hand-offs and wake-ups).
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(rayon::current_num_threads())
-            .thread_name(|i| format!("dora-engine-{i}"))
-            .build()
-            .expect("building the engine's thread pool");
-        std::thread::Builder::new()
-            .name("dora-engine".into())
-            .spawn(move || pool.install(move || worker.run()))
-            .expect("spawning the engine thread");
-        engine
-    }
+/// Start the worker thread for `engine` (the handle, built by [`Engine::start`]), which owns
+/// everything mutable: sequences, KV caches, the adapter caches and the scheduler.
+pub(super) fn spawn(engine: &Engine, rx: Receiver<Command>, cfg: EngineConfig) {
+    let worker = Worker {
+        sched: Scheduler::new(SchedulerConfig {
+            max_running: cfg.max_running,
+            max_step_tokens: cfg.max_step_tokens,
+            mode: cfg.mode,
+            merge_after: cfg.merge_after,
+            turn_steps: cfg.turn_steps,
+        }),
+        cache: AdapterCache::new(cfg.adapter_cache_bytes),
+        merged: MergedCache::new(cfg.merged_cache_bytes),
+        cfg,
+        model: Arc::clone(&engine.model),
+        tokenizer: Arc::clone(&engine.tokenizer),
+        eos: engine.info.eos_token_ids.clone(),
+        tx: engine.tx.clone(),
+        rx,
+        queued: Arc::clone(&engine.queued),
+        stats_out: Arc::clone(&engine.stats),
+        seqs: HashMap::new(),
+        running: Vec::new(),
+        waiting: VecDeque::new(),
+        loading: HashMap::new(),
+        counters: EngineStats::default(),
+        outbox: Vec::new(),
+    };
+    // The worker runs on a thread of its own rayon pool, so the tensor kernels it calls split
+    // their work between it and the pool's other threads: it computes a share itself instead
+    // of handing every matmul to the global pool and sleeping until it is done (measured:
+    // ~15% of decode time went to those hand-offs and wake-ups).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .thread_name(|i| format!("dora-engine-{i}"))
+        .build()
+        .expect("building the engine's thread pool");
+    std::thread::Builder::new()
+        .name("dora-engine".into())
+        .spawn(move || pool.install(move || worker.run()))
+        .expect("spawning the engine thread");
 }
 
 struct Seq {
