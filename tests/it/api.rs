@@ -55,14 +55,7 @@ async fn logprobs_equal_log_softmax_of_the_reference_logits() {
         let kept = reference.len();
         // Reference row j holds position ids.len() - kept + j, which predicts the next token.
         let row_of = |position: usize| &reference[position + kept - ids.len()];
-        let (st, v, _) = call(
-            &s.app,
-            post_json(
-                "/v1/completions",
-                json!({"prompt": p.prompt, "max_tokens": 1, "temperature": 0, "echo": true, "logprobs": 3}),
-            ),
-        )
-        .await;
+        let (st, v, _) = completion(&s, json!({"prompt": p.prompt, "max_tokens": 1, "temperature": 0, "echo": true, "logprobs": 3})).await;
         assert_eq!(st, StatusCode::OK, "{v}");
         let lp = &v["choices"][0]["logprobs"];
         let token_lps = lp["token_logprobs"].as_array().unwrap();
@@ -165,12 +158,9 @@ async fn every_prompt_form_answers_each_prompt_with_its_own_text() {
         (ids(2), vec![2]),
         (json!([ids(2), ids(0)]), vec![2, 0]),
     ] {
-        let (st, v, _) = call(
-            &s.app,
-            post_json(
-                "/v1/completions",
-                json!({"prompt": prompt, "max_tokens": 3, "n": 2, "temperature": 0}),
-            ),
+        let (st, v, _) = completion(
+            &s,
+            json!({"prompt": prompt, "max_tokens": 3, "n": 2, "temperature": 0}),
         )
         .await;
         assert_eq!(st, StatusCode::OK, "{v}");
@@ -186,8 +176,13 @@ async fn every_prompt_form_answers_each_prompt_with_its_own_text() {
     }
 }
 
+/// POST /v1/completions: (status, body, body text).
+async fn completion(s: &Server, body: Value) -> (StatusCode, Value, String) {
+    call(&s.app, post_json("/v1/completions", body)).await
+}
+
 async fn text_of(s: &Server, body: Value) -> String {
-    let (st, v, _) = call(&s.app, post_json("/v1/completions", body)).await;
+    let (st, v, _) = completion(s, body).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     v["choices"][0]["text"].as_str().unwrap().to_string()
 }
@@ -287,12 +282,9 @@ async fn sampling_fields_reach_the_sampler() {
     // A stop string cuts the text right before it; finish_reason says stop.
     let chars: Vec<char> = greedy.chars().collect();
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
-    let (st, v, _) = call(
-        &s.app,
-        post_json(
-            "/v1/completions",
-            body(json!({"temperature": 0, "stop": [stop.clone(), "never-appears"]})),
-        ),
+    let (st, v, _) = completion(
+        &s,
+        body(json!({"temperature": 0, "stop": [stop.clone(), "never-appears"]})),
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -301,14 +293,7 @@ async fn sampling_fields_reach_the_sampler() {
         greedy[..greedy.find(&stop).unwrap()]
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    let (_, v, _) = call(
-        &s.app,
-        post_json(
-            "/v1/completions",
-            body(json!({"temperature": 0, "stop": stop.clone()})),
-        ),
-    )
-    .await;
+    let (_, v, _) = completion(&s, body(json!({"temperature": 0, "stop": stop.clone()}))).await;
     assert_eq!(
         v["choices"][0]["text"],
         greedy[..greedy.find(&stop).unwrap()]
@@ -433,12 +418,9 @@ async fn the_adapter_list_describes_each_adapter() {
     assert_eq!(d["state"], "on_disk");
     assert_eq!(v["data"][1]["type"], "lora");
     // After a request it is loaded.
-    call(
-        &s.app,
-        post_json(
-            "/v1/completions",
-            json!({"prompt": PROMPT, "max_tokens": 1, "adapter": "lora-r8"}),
-        ),
+    completion(
+        &s,
+        json!({"prompt": PROMPT, "max_tokens": 1, "adapter": "lora-r8"}),
     )
     .await;
     let (_, v, _) = call(&s.app, get("/v1/adapters")).await;
@@ -452,14 +434,7 @@ async fn a_failed_step_is_an_internal_error_and_the_server_goes_on() {
     let (s, gate) = gated_server((8, 64));
     gate.fail_next_step("injected fault");
     gate.open();
-    let (st, v, _) = call(
-        &s.app,
-        post_json(
-            "/v1/completions",
-            json!({"prompt": PROMPT, "max_tokens": 2}),
-        ),
-    )
-    .await;
+    let (st, v, _) = completion(&s, json!({"prompt": PROMPT, "max_tokens": 2})).await;
     assert_error(st, &v, StatusCode::INTERNAL_SERVER_ERROR, "internal_error");
     assert!(
         v["error"]["message"]
@@ -468,12 +443,9 @@ async fn a_failed_step_is_an_internal_error_and_the_server_goes_on() {
             .contains("injected fault"),
         "{v}"
     );
-    let (st, v, _) = call(
-        &s.app,
-        post_json(
-            "/v1/completions",
-            json!({"prompt": PROMPT, "max_tokens": 2, "temperature": 0}),
-        ),
+    let (st, v, _) = completion(
+        &s,
+        json!({"prompt": PROMPT, "max_tokens": 2, "temperature": 0}),
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -505,14 +477,7 @@ async fn requests_during_and_after_shutdown_get_shutting_down() {
     let (st, _, text) = inflight.await.unwrap();
     assert_eq!(st, StatusCode::OK, "the stream had started");
     assert!(text.contains("\"code\":\"shutting_down\""), "{text}");
-    let (st, v, _) = call(
-        &s.app,
-        post_json(
-            "/v1/completions",
-            json!({"prompt": PROMPT, "max_tokens": 2}),
-        ),
-    )
-    .await;
+    let (st, v, _) = completion(&s, json!({"prompt": PROMPT, "max_tokens": 2})).await;
     assert_error(st, &v, StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
 }
 
@@ -532,12 +497,9 @@ async fn an_unreadable_stored_adapter_is_an_adapter_io_error() {
     .unwrap();
     std::os::unix::fs::symlink("/proc/self/mem", dir.join("adapter_model.safetensors")).unwrap();
     assert!(std::fs::read(dir.join("adapter_model.safetensors")).is_err());
-    let (st, v, _) = call(
-        &s.app,
-        post_json(
-            "/v1/completions",
-            json!({"prompt": PROMPT, "max_tokens": 2, "adapter": "unreadable"}),
-        ),
+    let (st, v, _) = completion(
+        &s,
+        json!({"prompt": PROMPT, "max_tokens": 2, "adapter": "unreadable"}),
     )
     .await;
     assert_error(st, &v, StatusCode::UNPROCESSABLE_ENTITY, "adapter_io_error");
@@ -548,12 +510,9 @@ async fn an_unreadable_stored_adapter_is_an_adapter_io_error() {
             .contains("unreadable"),
         "{v}"
     );
-    let (st, _, _) = call(
-        &s.app,
-        post_json(
-            "/v1/completions",
-            json!({"prompt": PROMPT, "max_tokens": 2, "adapter": "lora-r8"}),
-        ),
+    let (st, _, _) = completion(
+        &s,
+        json!({"prompt": PROMPT, "max_tokens": 2, "adapter": "lora-r8"}),
     )
     .await;
     assert_eq!(st, StatusCode::OK);
