@@ -145,6 +145,7 @@ fn adapter_bench(c: &mut Criterion) {
     let opts = LoadOptions {
         dtype: DType::F32,
         device: Device::Cpu,
+        stored: false,
     };
     let m = model::load(&path, &opts).unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -312,21 +312,33 @@ impl ModeArg {
     }
 }
 
-/// Serving dtype of the model's weights and activations.
+/// The dtype of the model's weights (and activations).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
+    /// Weights as stored (GGUF block formats, bf16/f16 safetensors) on the CPU, dequantised
+    /// on the fly; activations and everything else in f32. On other devices, f32.
+    Auto,
+    /// Every weight converted to f32 at load.
     F32,
+    /// Every weight and activation converted to f16 at load.
     F16,
+    /// Every weight and activation converted to bf16 at load.
     Bf16,
 }
 
 impl DTypeArg {
+    /// The serving dtype: of activations, and of every weight not kept as stored.
     pub fn to_candle(self) -> candle_core::DType {
         match self {
-            DTypeArg::F32 => candle_core::DType::F32,
+            DTypeArg::Auto | DTypeArg::F32 => candle_core::DType::F32,
             DTypeArg::F16 => candle_core::DType::F16,
             DTypeArg::Bf16 => candle_core::DType::BF16,
         }
+    }
+
+    /// Whether base matrices stay in their stored format.
+    pub fn stored(self) -> bool {
+        self == DTypeArg::Auto
     }
 }
 
@@ -354,8 +366,9 @@ pub struct ModelArgs {
     /// An HF model folder (config.json, safetensors, tokenizer.json) or a llama .gguf file.
     #[arg(long, env = "DORA_MODEL")]
     pub model: PathBuf,
-    /// Serving dtype. f32 is the fast and exact choice on CPU.
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    /// Weight dtype: `auto` keeps weights as stored (GGUF Q4_K, Q8_0, …, bf16/f16 safetensors)
+    /// and computes in f32; `f32`, `f16` and `bf16` convert every weight at load.
+    #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,

@@ -62,6 +62,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     let opts = LoadOptions {
         dtype: args.dtype.to_candle(),
         device,
+        stored: args.dtype.stored(),
     };
     let start = Instant::now();
     eprint!("loading {} as {:?} …", args.model.display(), args.dtype);

@@ -18,6 +18,7 @@ fn base() -> &'static LoadedModel {
         let opts = LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
+            stored: false,
         };
         model::load(Path::new(dir), &opts).expect("the tiny fixture model loads")
     })

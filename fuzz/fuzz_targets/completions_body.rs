@@ -31,6 +31,7 @@ fn harness() -> &'static Harness {
         let opts = LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
+            stored: false,
         };
         let loaded = model::load(&root.join("tiny-llama"), &opts).expect("tiny model");
         // The fixture adapters, read-only: uploads are not reachable from this endpoint.

@@ -441,7 +441,7 @@ fn load_parsed(
                 format!("has shape {:?}, expected [{out_dim}, {r}] (out-features of {path}, rank {r} from the config)", b.dims()),
             ));
         }
-        let device = lin.weight().device();
+        let device = &lin.weight().device();
         let a = a.to_device(device)?;
         let b = b.to_device(device)?;
         let g = match (cfg.use_dora, parts.m) {
@@ -472,7 +472,7 @@ fn load_parsed(
                         ))
                     }
                 };
-                let n = dora_norm(&lin.weight().to_dtype(DType::F32)?, &a, &b, scale)?;
+                let n = dora_norm(&lin.weight().to_f32()?, &a, &b, scale)?;
                 let norms = n.to_vec1::<f32>()?;
                 if let Some(i) = norms.iter().position(|&x| !(x > 0.0 && x.is_finite())) {
                     return Err(module_err(

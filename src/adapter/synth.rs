@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::AdapterError;
 use crate::ops::{dora_norm, BaseLinears, ProjKind};
@@ -69,7 +69,7 @@ pub fn write_random_adapter(
             let b = noise((lin.out_dim(), spec.rank), 0.02)?;
             if spec.dora {
                 let n = dora_norm(
-                    &lin.weight().to_dtype(DType::F32)?.to_device(&dev)?,
+                    &lin.weight().to_f32()?.to_device(&dev)?,
                     &a,
                     &b,
                     scale,

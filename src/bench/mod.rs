@@ -122,6 +122,7 @@ async fn make_adapters(
     let opts = crate::model::LoadOptions {
         dtype: candle_core::DType::F32,
         device: candle_core::Device::Cpu,
+        stored: true,
     };
     let loaded = crate::model::load(model, &opts)?;
     let dir = tempfile::tempdir()?;

@@ -9,11 +9,14 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, RopeScaling};
+use super::llama::StoredWeights;
 use super::tokenizer::GgufBpe;
+use crate::ops::stored::{self, StoredMatrix};
 use super::{
     model_id, Llama, LoadOptions, LoadedModel, ModelError, ModelFormat, ModelInfo, Tokenizer,
 };
@@ -151,6 +154,21 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
+/// The stored row of each HF row of a Q/K matrix that llama.cpp permuted: what [`unpermute`]
+/// does, as a row map for a matrix kept as stored. HF row `h·d + j·d/2 + i` (head `h` of
+/// `d = rows / n_head` rows, half `j`, index `i`) is stored row `h·d + 2i + j`.
+fn unpermute_rows(rows: usize, n_head: usize) -> Vec<u32> {
+    let d = rows / n_head;
+    let half = d / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, within) = (r / d, r % d);
+            let (j, i) = (within / half, within % half);
+            (h * d + 2 * i + j) as u32
+        })
+        .collect()
+}
+
 /// Undo llama.cpp's `permute(w, n_head)` of Q/K rows (interleaved rope → HF's rotate-half).
 fn unpermute(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let dims = w.dims().to_vec();
@@ -212,41 +230,81 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         }
     };
 
-    // Dequantise every tensor to the serving dtype under its HF name.
+    // Every tensor under its HF name: base matrices kept as stored (memory-mapped) when asked
+    // and the device is the CPU, everything else dequantised to the serving dtype.
     let device = &opts.device;
+    let keep = opts.stored && device.is_cpu();
+    let map = if keep {
+        // SAFETY: the file is mapped read-only; like every server that maps its weights (and
+        // llama.cpp), we rely on no one truncating the model file while it is served.
+        Some(std::sync::Arc::new(
+            unsafe { memmap2::Mmap::map(reader.get_ref()) }.map_err(io)?,
+        ))
+    } else {
+        None
+    };
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
+    let mut stored = StoredWeights::new();
     let mut rope_freq_factors = None;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
+        let info = &content.tensor_infos[name];
+        if !stored::supported(info.ggml_dtype) {
+            return Err(meta.err(format!(
+                "tensor {name} has type {}, which dora-serve cannot serve (supported: F32, F16, \
+                 BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)",
+                stored::format_name(info.ggml_dtype)
+            )));
+        }
+        let hf = if name == "rope_freqs.weight" {
+            None
+        } else {
+            Some(hf_name(name).ok_or_else(|| {
+                meta.err(format!(
+                    "tensor {name:?} is not part of a llama model; refusing to guess what it is"
+                ))
+            })?)
+        };
+        let n_head = match hf.as_deref() {
+            Some(h) if h.ends_with("q_proj.weight") => Some(heads),
+            Some(h) if h.ends_with("k_proj.weight") => Some(kv_heads),
+            _ => None,
+        };
+        if let (Some(map), Some(hf), &[rows, cols]) = (&map, &hf, info.shape.dims()) {
+            if info.ggml_dtype != GgmlDType::F32 && hf.ends_with(".weight") {
+                let start = (content.tensor_data_offset + info.offset) as usize;
+                let m = StoredMatrix::mapped(map.clone(), start, info.ggml_dtype, rows, cols)
+                    .and_then(|m| match n_head {
+                        Some(n) => m.with_row_map(unpermute_rows(rows, n)),
+                        None => Ok(m),
+                    })
+                    .map_err(|e| meta.err(format!("tensor {name}: {e}")))?;
+                stored.insert(hf.clone(), std::sync::Arc::new(m));
+                continue;
+            }
+        }
         let read = |reader: &mut BufReader<File>| -> candle_core::Result<Tensor> {
             content.tensor(reader, name, device)?.dequantize(device)
         };
         let t = read(&mut reader).map_err(|e| meta.err(format!("tensor {name}: {e}")))?;
-        if name == "rope_freqs.weight" {
+        let Some(hf) = hf else {
             rope_freq_factors = Some(
                 t.to_dtype(DType::F32)
                     .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
                     .map_err(|e| meta.err(format!("tensor {name}: {e}")))?,
             );
             continue;
-        }
-        let hf = hf_name(name).ok_or_else(|| {
-            meta.err(format!(
-                "tensor {name:?} is not part of a llama model; refusing to guess what it is"
-            ))
-        })?;
-        let t = if hf.ends_with("q_proj.weight") {
-            unpermute(&t, heads)
-        } else if hf.ends_with("k_proj.weight") {
-            unpermute(&t, kv_heads)
-        } else {
-            Ok(t)
+        };
+        let t = match n_head {
+            Some(n) => unpermute(&t, n),
+            None => Ok(t),
         }
         .and_then(|t| t.to_dtype(opts.dtype))
         .map_err(|e| meta.err(format!("tensor {name}: {e}")))?;
         tensors.insert(hf, t);
     }
+    let has = |n: &str| tensors.contains_key(n) || stored.contains_key(n);
 
     let cfg = ModelConfig {
         hidden_size: hidden,
@@ -263,14 +321,14 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         rope_scaling,
         rope_freq_factors,
         max_context: meta.req_usize(&a("context_length"))?,
-        tie_word_embeddings: !tensors.contains_key("lm_head.weight"),
-        attention_bias: tensors.contains_key("model.layers.0.self_attn.q_proj.bias"),
-        mlp_bias: tensors.contains_key("model.layers.0.mlp.gate_proj.bias"),
+        tie_word_embeddings: !has("lm_head.weight"),
+        attention_bias: has("model.layers.0.self_attn.q_proj.bias"),
+        mlp_bias: has("model.layers.0.mlp.gate_proj.bias"),
     }
     .validate(&path.display().to_string())?;
 
     let vb = VarBuilder::from_tensors(tensors, opts.dtype, device);
-    let model = Llama::new(&cfg, vb).map_err(|source| ModelError::Weights {
+    let model = Llama::with_stored(&cfg, vb, &stored).map_err(|source| ModelError::Weights {
         path: path.to_path_buf(),
         source,
     })?;

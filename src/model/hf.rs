@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use candle_nn::VarBuilder;
+
+use super::llama::StoredWeights;
 use serde::Deserialize;
 
 use super::{
@@ -102,6 +104,31 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     })
 }
 
+/// The 16-bit (bf16, f16) weight matrices of a checkpoint, kept as they are stored.
+fn stored_matrices(files: &[std::path::PathBuf]) -> candle_core::Result<StoredWeights> {
+    use candle_core::quantized::GgmlDType;
+    // SAFETY: as for the VarBuilder above: the files are mapped read-only.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
+    let mut out = StoredWeights::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::BF16 => GgmlDType::BF16,
+            safetensors::Dtype::F16 => GgmlDType::F16,
+            _ => continue,
+        };
+        let &[rows, cols] = view.shape() else {
+            continue;
+        };
+        if !name.ends_with(".weight") || name.contains("norm") {
+            continue;
+        }
+        let m = crate::ops::StoredMatrix::from_bytes(view.data(), dtype, rows, cols)
+            .map_err(|e| candle_core::Error::msg(format!("tensor {name}: {e}")))?;
+        out.insert(name, std::sync::Arc::new(m));
+    }
+    Ok(out)
+}
+
 pub(super) fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
@@ -127,7 +154,15 @@ pub(super) fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
             path: dir.to_path_buf(),
             source,
         })?;
-    let model = Llama::new(&cfg, vb).map_err(|source| ModelError::Weights {
+    let stored = if opts.stored && opts.device.is_cpu() {
+        stored_matrices(&files).map_err(|source| ModelError::Weights {
+            path: dir.to_path_buf(),
+            source,
+        })?
+    } else {
+        StoredWeights::new()
+    };
+    let model = Llama::with_stored(&cfg, vb, &stored).map_err(|source| ModelError::Weights {
         path: dir.to_path_buf(),
         source,
     })?;

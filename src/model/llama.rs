@@ -13,8 +13,43 @@ use candle_nn::VarBuilder;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use crate::ops::{
-    AdaptedLinear, AdapterWeights, Apply, BaseLinears, MergedWeights, ProjKind, RowGroup,
+    AdaptedLinear, AdapterWeights, Apply, BaseLinears, BaseWeight, MergedWeights, ProjKind,
+    RowGroup, StoredMatrix,
 };
+
+/// Base matrices kept in their stored format, by HF name (`model.layers.0.mlp.up_proj.weight`).
+pub type StoredWeights = std::collections::HashMap<String, std::sync::Arc<StoredMatrix>>;
+
+/// Where the weights come from: checkpoint tensors, and the matrices kept as stored.
+#[derive(Clone)]
+struct Source<'a> {
+    vb: VarBuilder<'a>,
+    stored: &'a StoredWeights,
+}
+
+impl<'a> Source<'a> {
+    fn pp(&self, s: impl ToString) -> Self {
+        Source {
+            vb: self.vb.pp(s),
+            stored: self.stored,
+        }
+    }
+
+    /// The `[out, in]` matrix `name`: as stored if it is kept so, else a dense tensor.
+    fn matrix(&self, (out, inp): (usize, usize), name: &str) -> Result<BaseWeight> {
+        let prefix = self.vb.prefix();
+        let full = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        match self.stored.get(&full) {
+            Some(m) if (m.rows(), m.cols()) == (out, inp) => Ok(BaseWeight::Stored(m.clone())),
+            Some(m) => candle_core::bail!(
+                "{full} is [{}, {}], expected [{out}, {inp}]",
+                m.rows(),
+                m.cols()
+            ),
+            None => Ok(BaseWeight::Dense(self.vb.get((out, inp), name)?.contiguous()?)),
+        }
+    }
+}
 
 /// Which positions of a sequence need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,16 +106,16 @@ fn linear(
     bias: bool,
     layer: usize,
     kind: ProjKind,
-    vb: VarBuilder,
+    src: Source,
 ) -> Result<AdaptedLinear> {
-    let vb = vb.pp(kind.module_name());
-    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let src = src.pp(kind.module_name());
+    let weight = src.matrix((out_dim, in_dim), "weight")?;
     let bias = if bias {
-        Some(vb.get(out_dim, "bias")?)
+        Some(src.vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    AdaptedLinear::new(&weight, bias, layer, kind)
+    AdaptedLinear::with_base(weight, bias, layer, kind)
 }
 
 #[derive(Debug, Clone)]
@@ -96,7 +131,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ModelConfig, layer: usize, vb: Source) -> Result<Self> {
         let (h, q, kv, b) = (
             cfg.hidden_size,
             cfg.q_dim(),
@@ -197,7 +232,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ModelConfig, layer: usize, vb: Source) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
             gate_proj: linear(h, i, b, layer, ProjKind::Gate, vb.clone())?,
@@ -222,18 +257,18 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ModelConfig, layer: usize, vb: Source) -> Result<Self> {
         Ok(Self {
             input_layernorm: RmsNorm::new(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
-                vb.pp("input_layernorm"),
+                vb.vb.pp("input_layernorm"),
             )?,
             self_attn: Attention::new(cfg, layer, vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::new(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
+                vb.vb.pp("post_attention_layernorm"),
             )?,
             mlp: Mlp::new(cfg, layer, vb.pp("mlp"))?,
         })
@@ -276,11 +311,11 @@ struct Step<'a> {
 /// A llama-family causal language model.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed_tokens: Tensor,
+    embed_tokens: BaseWeight,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// `lm_head`, `[vocab, hidden]` (the embedding itself when tied: no copy).
-    lm_head: Tensor,
+    lm_head: BaseWeight,
     inv_freq: Vec<f32>,
     cfg: ModelConfig,
     device: Device,
@@ -290,19 +325,26 @@ pub struct Llama {
 impl Llama {
     /// Build from checkpoint tensors named as HF names them (`model.layers.N.…`, `lm_head.weight`).
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let m = vb.pp("model");
+        Self::with_stored(cfg, vb, &StoredWeights::new())
+    }
+
+    /// As [`new`](Self::new), with the matrices in `stored` kept in their stored format
+    /// (`vb` need not hold them); activations are in `vb`'s dtype.
+    pub fn with_stored(cfg: &ModelConfig, vb: VarBuilder, stored: &StoredWeights) -> Result<Self> {
+        let src = Source { vb: vb.clone(), stored };
+        let m = src.pp("model");
         let embed_tokens = m
             .pp("embed_tokens")
-            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+            .matrix((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, i, m.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.vb.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            vb.pp("lm_head")
-                .get((cfg.vocab_size, cfg.hidden_size), "weight")?
+            src.pp("lm_head")
+                .matrix((cfg.vocab_size, cfg.hidden_size), "weight")?
         };
         Ok(Self {
             lm_head,
@@ -429,13 +471,12 @@ impl Llama {
             None if groups.iter().all(|g| g.adapter.is_none()) => Apply::Base,
             None => Apply::Rows(&groups),
         };
-        let ids = Tensor::from_vec(tokens, n, &self.device)?;
         let step = Step {
             rope: self.rope(&positions)?,
             segs,
             apply,
         };
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens.rows(&tokens, self.dtype, &self.device)?;
         for layer in &self.layers {
             x = layer.forward(&x, &step, seqs)?;
         }
@@ -461,7 +502,7 @@ impl Llama {
             x.index_select(&idx, 0)?
         };
         let h = self.norm.forward(&picked)?;
-        let logits = crate::ops::small_matmul::matmul_t(&h, &self.lm_head)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.matmul_t(&h)?.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(segs.len());
         let mut at = 0;
         for (seq, seg) in seqs.iter().zip(&segs) {

@@ -55,8 +55,13 @@ pub enum ModelError {
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// The serving dtype: of activations, and of every weight not kept as stored.
     pub dtype: DType,
     pub device: Device,
+    /// Keep base matrices in their stored format (GGUF block formats and 16-bit floats,
+    /// dequantised on the fly by the matmuls) instead of converting them to `dtype`. Applies on
+    /// the CPU; elsewhere weights are converted.
+    pub stored: bool,
 }
 
 /// Where the model came from.

@@ -78,6 +78,14 @@ impl Out {
     ///
     /// # Safety
     /// The buffer holds at least `at + len` values and no one else uses them meanwhile.
+    /// The buffer from element `n` on. Takes `self` whole, as [`slice`](Self::slice) does.
+    ///
+    /// # Safety
+    /// The buffer holds at least `n` values.
+    pub(super) unsafe fn add(self, n: usize) -> Out {
+        Out(self.0.add(n))
+    }
+
     #[allow(clippy::mut_from_ref)]
     pub(super) unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(at), len)

@@ -10,6 +10,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::lora::{AdapterWeights, LoraModule, MergedWeights};
 use super::small_matmul::matmul_t;
+use super::stored::BaseWeight;
 
 /// The seven llama projections an adapter may target, named as in HF module paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,9 +97,10 @@ pub trait BaseLinears {
 /// A linear projection `y = x·Wᵀ + b` of one decoder layer.
 #[derive(Debug, Clone)]
 pub struct AdaptedLinear {
-    /// The base weight as checkpoints store it, `[out, in]`, contiguous: the layout the
-    /// small-row kernel streams (each output a dot product over a contiguous row).
-    weight: Tensor,
+    /// The base weight as checkpoints store it, `[out, in]` (each output a dot product over a
+    /// contiguous row, the layout the small-row kernels stream): a dense contiguous tensor, or
+    /// a matrix kept in its stored format.
+    weight: BaseWeight,
     bias: Option<Tensor>,
     layer: usize,
     kind: ProjKind,
@@ -112,8 +114,18 @@ impl AdaptedLinear {
         layer: usize,
         kind: ProjKind,
     ) -> Result<Self> {
+        Self::with_base(BaseWeight::Dense(weight.contiguous()?), bias, layer, kind)
+    }
+
+    /// As [`new`](Self::new), with the weight dense or kept in its stored format.
+    pub fn with_base(
+        weight: BaseWeight,
+        bias: Option<Tensor>,
+        layer: usize,
+        kind: ProjKind,
+    ) -> Result<Self> {
         Ok(Self {
-            weight: weight.contiguous()?,
+            weight,
             bias,
             layer,
             kind,
@@ -122,7 +134,7 @@ impl AdaptedLinear {
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }
@@ -133,13 +145,13 @@ impl AdaptedLinear {
     /// low-rank term and, for DoRA, scales by `g` (the bias is added last and never scaled).
     pub fn forward<'a>(&self, x: &Tensor, apply: Apply<'a>) -> Result<Tensor> {
         match apply {
-            Apply::Base => self.add_bias(matmul_t(x, &self.weight)?),
-            Apply::Merged(m) => {
-                let w = m.get(self.layer, self.kind).unwrap_or(&self.weight);
-                self.add_bias(matmul_t(x, w)?)
-            }
+            Apply::Base => self.add_bias(self.weight.matmul_t(x)?),
+            Apply::Merged(m) => match m.get(self.layer, self.kind) {
+                Some(w) => self.add_bias(matmul_t(&x.to_dtype(w.dtype())?, w)?),
+                None => self.add_bias(self.weight.matmul_t(x)?),
+            },
             Apply::Rows(groups) => {
-                let base = matmul_t(x, &self.weight)?;
+                let base = self.weight.matmul_t(x)?;
                 let (layer, kind) = (self.layer, self.kind);
                 let module = |g: &RowGroup<'a>| g.adapter.and_then(|a| a.get(layer, kind));
                 if !groups.iter().any(|g| module(g).is_some()) {
@@ -177,7 +189,10 @@ impl AdaptedLinear {
             .enumerate()
             .map(|(i, a)| {
                 let xi = x.narrow(0, i, 1)?;
-                let base = xi.matmul(&self.weight.t()?)?;
+                let base = match &self.weight {
+                    BaseWeight::Dense(w) => xi.matmul(&w.t()?)?,
+                    BaseWeight::Stored(_) => xi.matmul(&self.weight.to_f32()?.t()?)?,
+                };
                 let y = match a.and_then(|a| a.get(self.layer, self.kind)) {
                     None => base,
                     Some(m) => apply_module(m, &base, &xi)?,
@@ -188,10 +203,15 @@ impl AdaptedLinear {
         Tensor::cat(&rows, 0)
     }
 
-    /// `W' = g ⊙_rows (W0 + s·B·A)`, `[out, in]` in the serving dtype, computed in f32.
-    /// The base weight is not touched.
+    /// `W' = g ⊙_rows (W0 + s·B·A)`, `[out, in]`, computed in f32: in the serving dtype over
+    /// a dense base, in f32 over a stored one (never requantized to the stored format). The
+    /// base weight is not touched.
     pub fn merged_weight(&self, m: &LoraModule) -> Result<Tensor> {
-        if let Some(w) = super::fused::merged(&self.weight, m)? {
+        let w0 = match &self.weight {
+            BaseWeight::Dense(w) => std::borrow::Cow::Borrowed(w),
+            BaseWeight::Stored(_) => std::borrow::Cow::Owned(self.weight.to_f32()?),
+        };
+        if let Some(w) = super::fused::merged(&w0, m)? {
             return Ok(w);
         }
         self.merged_weight_reference(m)
@@ -200,7 +220,7 @@ impl AdaptedLinear {
     /// [`merged_weight`](Self::merged_weight) with tensor ops, on any device: the reference
     /// for the fused CPU path.
     pub fn merged_weight_reference(&self, m: &LoraModule) -> Result<Tensor> {
-        let w = (self.weight.to_dtype(DType::F32)? + m.delta_weight()?)?;
+        let w = (self.weight.to_f32()? + m.delta_weight()?)?;
         let w = match m.g() {
             Some(g) => w.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(1)?)?,
             None => w,
@@ -209,16 +229,16 @@ impl AdaptedLinear {
     }
 
     /// The base weight, `[out, in]`, as stored.
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &BaseWeight {
         &self.weight
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims().1
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims().0
     }
 
     pub fn layer(&self) -> usize {

@@ -9,8 +9,10 @@ mod linear;
 mod lora;
 mod pool;
 pub mod small_matmul;
+pub mod stored;
 
 pub use linear::{AdaptedLinear, Apply, BaseLinears, ProjKind, RowGroup};
+pub use stored::{BaseWeight, StoredMatrix};
 pub use lora::{
     dora_norm, dora_norm_generic, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights,
 };

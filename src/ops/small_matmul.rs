@@ -15,6 +15,7 @@
 use candle_core::{Result, Tensor};
 
 use super::cpu::{view, Out};
+use super::stored::StoredMatrix;
 
 /// Up to this many rows the kernel beats candle's gemm on this machine (576×1536: 0.97 vs
 /// 1.13 ms at 64 rows, 4.0 vs 2.9 ms at 256; criterion benchmark `small_matmul`); longer
@@ -31,6 +32,100 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         None => x.matmul(&w.t()?),
     }
 }
+
+/// `x` `[m, k]` (f32) times the stored `w` `[n, k]` transposed: `[m, n]` f32.
+///
+/// Up to [`MAX_ROWS`] rows, each thread dequantises a strip of its outputs' weight rows at a
+/// time into a small buffer (it stays in L2) and runs the register tile over it, so the
+/// weight is read from memory once, in its stored size, and every product is the f32 kernel's
+/// on the dequantised rows. Longer inputs (prefill) dequantise tiles of rows and hand them to
+/// candle's gemm. Inputs the kernel cannot read (other devices, dtypes) are converted.
+pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    if k != w.cols() {
+        candle_core::bail!("matmul_t_stored: x is [{m}, {k}] but the weight is [{}, {}]", w.rows(), w.cols());
+    }
+    let x = x.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    if m == 0 {
+        return Tensor::zeros((0, w.rows()), candle_core::DType::F32, &candle_core::Device::Cpu);
+    }
+    if m > MAX_ROWS {
+        return prefill_stored(&x, w);
+    }
+    let xv = view(&x).expect("a contiguous f32 CPU tensor");
+    Ok(small_m_stored(xv.values(), m, w, best_isa()))
+}
+
+/// Weight values dequantised per strip, at most (the strip stays in L2 while the tile reads it).
+const STRIP_VALUES: usize = 1 << 15;
+
+fn small_m_stored(x: &[f32], m: usize, w: &StoredMatrix, isa: Isa) -> Tensor {
+    let (n, k) = (w.rows(), w.cols());
+    let ro = tile_outputs(m.min(MAX_RR));
+    // A whole number of tiles per strip, so only a chunk's last strip may end in a tail.
+    let strip = ro * (STRIP_VALUES / (ro * k)).max(1);
+    let mut y = vec![0f32; m * n];
+    let out = Out(y.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = if threads > 1 && k * n >= PARALLEL_MIN_ELEMS {
+        n.div_ceil(threads).div_ceil(ro) * ro
+    } else {
+        n
+    };
+    super::pool::run(n.div_ceil(chunk), &|c| {
+        let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
+        STRIP.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < strip * k {
+                buf.resize(strip * k, 0.0);
+            }
+            let mut o = o0;
+            while o < o1 {
+                let rows = strip.min(o1 - o);
+                let wv = &mut buf[..rows * k];
+                w.dequantize_rows(o, rows, wv);
+                // SAFETY: `x` is `[m, k]`, `wv` is `[rows, k]`, and the output pointer is
+                // shifted to column `o` of the `[m, n]` buffer with `o + rows <= n`: this call
+                // writes columns `o..o + rows`, which no other strip or chunk writes.
+                unsafe { columns(isa, x, m, k, wv, 0, rows, out.add(o), n) };
+                o += rows;
+            }
+        });
+    });
+    Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu).expect("m × n values")
+}
+
+thread_local! {
+    static STRIP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Prefill: tiles of dequantised rows (at most [`PREFILL_TILE_VALUES`]) through candle's gemm.
+fn prefill_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
+    let (n, k) = (w.rows(), w.cols());
+    let tile = (PREFILL_TILE_VALUES / k).clamp(1, n);
+    let mut parts = Vec::with_capacity(n.div_ceil(tile));
+    let mut buf = vec![0f32; tile * k];
+    let mut o = 0;
+    while o < n {
+        let rows = tile.min(n - o);
+        let wv = &mut buf[..rows * k];
+        const ROWS: usize = 16;
+        let dst = Out(wv.as_mut_ptr());
+        super::pool::run(rows.div_ceil(ROWS), &|part| {
+            let (r0, r1) = (part * ROWS, ((part + 1) * ROWS).min(rows));
+            // SAFETY: `wv` has `rows * k` values; each part writes its own rows.
+            let dst = unsafe { dst.slice(r0 * k, (r1 - r0) * k) };
+            w.dequantize_rows(o + r0, r1 - r0, dst);
+        });
+        let t = Tensor::from_slice(wv, (rows, k), &candle_core::Device::Cpu)?;
+        parts.push(x.matmul(&t.t()?)?);
+        o += rows;
+    }
+    Tensor::cat(&parts, 1)
+}
+
+/// Weight values dequantised per prefill tile, at most (8 MiB of f32).
+const PREFILL_TILE_VALUES: usize = 1 << 21;
 
 /// Which implementation of the tile runs (tests force each one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,6 +473,52 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn stored_formats_equal_dequantise_then_matmul_for_1_to_64_rows_and_every_isa() {
+        use candle_core::quantized::GgmlDType::*;
+        let dev = Device::Cpu;
+        for dtype in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+            let block = dtype.block_size();
+            // Output counts that leave every kind of tile tail; for the float formats (blocks
+            // of one value) odd k as well.
+            let ks: Vec<usize> = if block == 1 { vec![17, 70, 256] } else { vec![block, 3 * block] };
+            for k in ks {
+                for n in [1, 7, 13, 50] {
+                    let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                    let q = StoredMatrix::quantize(&w, dtype).unwrap();
+                    let deq = q.dequantize_all().unwrap();
+                    for m in (1..=MAX_ROWS).filter(|m| *m <= 9 || m % 7 == 0 || *m == MAX_ROWS) {
+                        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                        let reference = x.matmul(&deq.t().unwrap()).unwrap();
+                        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        for isa in isas() {
+                            let fast = small_m_stored(&xv, m, &q, isa);
+                            let diff = crate::ops::max_abs_diff(&fast, &reference);
+                            assert!(
+                                diff <= 1e-5 * (k as f32).sqrt() * 4.0,
+                                "{dtype:?} {isa:?} {m}x{k}x{n}: {diff}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stored_prefill_tiles_equal_dequantise_then_matmul() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (300, 512), &dev).unwrap();
+        let q = StoredMatrix::quantize(&w, candle_core::quantized::GgmlDType::Q4K).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (MAX_ROWS + 3, 512), &dev).unwrap();
+        let reference = x.matmul(&q.dequantize_all().unwrap().t().unwrap()).unwrap();
+        let got = matmul_t_stored(&x, &q).unwrap();
+        assert!(crate::ops::max_abs_diff(&got, &reference) < 1e-3);
+        // Tiles smaller than the matrix: the same numbers, column block by column block.
+        let tiled = prefill_stored(&x, &q).unwrap();
+        assert_eq!(tiled.dims(), &[MAX_ROWS + 3, 300]);
     }
 
     #[test]

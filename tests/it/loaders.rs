@@ -13,6 +13,7 @@ fn opts() -> LoadOptions {
     LoadOptions {
         dtype: DType::F32,
         device: Device::Cpu,
+        stored: false,
     }
 }
 

@@ -37,6 +37,7 @@ fn smollm2_gguf_matches_transformers() {
         &LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
+            stored: false,
         },
     )
     .expect("run scripts/fetch-model.sh first");
@@ -116,6 +117,7 @@ fn example_adapters_on_smollm2_match_peft() {
         &LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
+            stored: false,
         },
     )
     .expect("run scripts/fetch-model.sh first");

@@ -20,6 +20,7 @@ pub fn load_as(name: &str, dtype: DType) -> LoadedModel {
     let opts = LoadOptions {
         dtype,
         device: Device::Cpu,
+        stored: false,
     };
     model::load(&fixtures().join(name), &opts).unwrap_or_else(|e| panic!("loading {name}: {e}"))
 }

@@ -1,0 +1,431 @@
+//! Base weights kept in the format they are stored in: GGUF block formats (Q4_K, Q8_0, …) and
+//! 16-bit floats stay as they are in memory (memory-mapped from the file where the layout
+//! allows), and are dequantised row by row, on the fly, by the matmul that reads them.
+//!
+//! [`BaseWeight`] is what every projection, the embedding and `lm_head` hold: a dense candle
+//! tensor (f32, or whatever `--dtype` converted to), or a [`StoredMatrix`]. Dequantisation is
+//! candle's (`GgmlType::to_float`, the same code that dequantised whole files before), so a
+//! stored matrix's rows are bit for bit the rows of the dequantised tensor, and every product
+//! over them equals the f32 product on the dequantised weights up to summation order.
+
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Result, Tensor};
+use half::{bf16, f16};
+
+/// The bytes a [`StoredMatrix`] reads: a range of a memory-mapped file, or its own copy.
+#[derive(Debug)]
+enum Bytes {
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
+    /// `u32` words so that every block type (alignment ≤ 4) may be read from it in place.
+    Owned { words: Vec<u32>, len: usize },
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
+            Bytes::Owned { words, len } => {
+                // SAFETY: `words` holds at least `len` initialised bytes.
+                unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len) }
+            }
+        }
+    }
+
+    fn owned(bytes: &[u8]) -> Self {
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        // SAFETY: `words` has room for `bytes.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                words.as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            )
+        };
+        Bytes::Owned {
+            words,
+            len: bytes.len(),
+        }
+    }
+}
+
+/// The formats a base weight may be kept in (GGUF's names).
+pub fn supported(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(
+        dtype,
+        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
+    )
+}
+
+/// The name llama.cpp gives a format (`Q4_K`, `Q8_0`, `BF16`, …).
+pub fn format_name(dtype: GgmlDType) -> &'static str {
+    use GgmlDType::*;
+    match dtype {
+        F32 => "F32",
+        F16 => "F16",
+        BF16 => "BF16",
+        Q4_0 => "Q4_0",
+        Q4_1 => "Q4_1",
+        Q5_0 => "Q5_0",
+        Q5_1 => "Q5_1",
+        Q8_0 => "Q8_0",
+        Q8_1 => "Q8_1",
+        Q2K => "Q2_K",
+        Q3K => "Q3_K",
+        Q4K => "Q4_K",
+        Q5K => "Q5_K",
+        Q6K => "Q6_K",
+        Q8K => "Q8_K",
+    }
+}
+
+/// A `[rows, cols]` matrix in a GGUF block format, row-major, each row a whole number of blocks.
+#[derive(Debug)]
+pub struct StoredMatrix {
+    bytes: Bytes,
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    /// Logical row `r` is stored row `row_map[r]` (llama.cpp stores Q and K rows permuted).
+    row_map: Option<Vec<u32>>,
+}
+
+impl StoredMatrix {
+    /// `rows × cols` values of `dtype` at `map[start..]`; checked against the map's length.
+    pub fn mapped(
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Self, String> {
+        let row_bytes = Self::row_bytes_of(dtype, cols)?;
+        let len = rows * row_bytes;
+        if start.checked_add(len).is_none_or(|end| end > map.len()) {
+            return Err(format!(
+                "its data ({len} bytes at offset {start}) runs past the end of the file ({} bytes)",
+                map.len()
+            ));
+        }
+        let bytes = if (map.as_ptr() as usize + start) % 4 == 0 {
+            Bytes::Mapped { map, start, len }
+        } else {
+            // Not aligned for in-place reads of every block type (GGUF aligns tensor data to
+            // 32 bytes by default, so this is rare): keep a copy.
+            Bytes::owned(&map[start..start + len])
+        };
+        Ok(Self {
+            bytes,
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            row_map: None,
+        })
+    }
+
+    /// A copy of `bytes`, `rows × cols` values of `dtype`.
+    pub fn from_bytes(
+        bytes: &[u8],
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Self, String> {
+        let row_bytes = Self::row_bytes_of(dtype, cols)?;
+        if bytes.len() != rows * row_bytes {
+            return Err(format!(
+                "{} bytes for {rows}×{cols} {}: expected {}",
+                bytes.len(),
+                format_name(dtype),
+                rows * row_bytes
+            ));
+        }
+        Ok(Self {
+            bytes: Bytes::owned(bytes),
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            row_map: None,
+        })
+    }
+
+    /// `t` (`[rows, cols]`, any float dtype) quantized to `dtype` with candle's quantizer.
+    pub fn quantize(t: &Tensor, dtype: GgmlDType) -> Result<Self> {
+        let (rows, cols) = t.dims2()?;
+        let q = candle_core::quantized::QTensor::quantize(&t.to_dtype(DType::F32)?, dtype)?;
+        Self::from_bytes(&q.data()?, dtype, rows, cols).map_err(candle_core::Error::msg)
+    }
+
+    fn row_bytes_of(dtype: GgmlDType, cols: usize) -> std::result::Result<usize, String> {
+        if !supported(dtype) {
+            return Err(format!(
+                "type {} is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, \
+                 Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)",
+                format_name(dtype)
+            ));
+        }
+        let block = dtype.block_size();
+        if cols % block != 0 {
+            return Err(format!(
+                "its rows of {cols} values are not whole blocks of {block} ({})",
+                format_name(dtype)
+            ));
+        }
+        Ok(cols / block * dtype.type_size())
+    }
+
+    /// Read logical row `r` from stored row `row_map[r]`: a permutation of `0..rows`.
+    pub fn with_row_map(mut self, row_map: Vec<u32>) -> std::result::Result<Self, String> {
+        let mut seen = vec![false; self.rows];
+        if row_map.len() != self.rows
+            || !row_map
+                .iter()
+                .all(|&r| (r as usize) < self.rows && !std::mem::replace(&mut seen[r as usize], true))
+        {
+            return Err(format!("row map is not a permutation of 0..{}", self.rows));
+        }
+        self.row_map = Some(row_map);
+        Ok(self)
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of the stored values (what the matrix occupies once its pages are resident).
+    pub fn storage_bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    /// Whether the values are read from a memory-mapped file (rather than an owned copy).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.bytes, Bytes::Mapped { .. })
+    }
+
+    fn stored_row(&self, r: usize) -> &[u8] {
+        let s = match &self.row_map {
+            Some(map) => map[r] as usize,
+            None => r,
+        };
+        &self.bytes.as_slice()[s * self.row_bytes..(s + 1) * self.row_bytes]
+    }
+
+    /// Logical rows `r0..r0 + n` dequantised into `out` (`n × cols` values).
+    pub fn dequantize_rows(&self, r0: usize, n: usize, out: &mut [f32]) {
+        assert!(r0 + n <= self.rows && out.len() == n * self.cols);
+        if self.row_map.is_none() {
+            let bytes = &self.bytes.as_slice()[r0 * self.row_bytes..(r0 + n) * self.row_bytes];
+            dequantize(self.dtype, bytes, out);
+            return;
+        }
+        for (i, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            dequantize(self.dtype, self.stored_row(r0 + i), row);
+        }
+    }
+
+    /// The whole matrix dequantised: `[rows, cols]` f32 on the CPU.
+    pub fn dequantize_all(&self) -> Result<Tensor> {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut out = vec![0f32; rows * cols];
+        const ROWS: usize = 64;
+        let dst = super::cpu::Out(out.as_mut_ptr());
+        super::pool::run(rows.div_ceil(ROWS), &|part| {
+            let (r0, r1) = (part * ROWS, ((part + 1) * ROWS).min(rows));
+            // SAFETY: `out` has `rows * cols` values; each part writes its own rows.
+            let dst = unsafe { dst.slice(r0 * cols, (r1 - r0) * cols) };
+            self.dequantize_rows(r0, r1 - r0, dst);
+        });
+        Tensor::from_vec(out, (rows, cols), &Device::Cpu)
+    }
+}
+
+/// Dequantise whole blocks of `dtype` in `bytes` into `out`, with candle's `to_float`.
+fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    fn blocks<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+        let size = std::mem::size_of::<T>();
+        assert!(
+            bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0
+        );
+        // SAFETY: the length is a whole number of `T`, the pointer is aligned for `T` (both
+        // checked just above), and every block type is plain old data (any bytes are a value).
+        let xs = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) };
+        T::to_float(xs, out)
+    }
+    use GgmlDType::*;
+    match dtype {
+        F32 => blocks::<f32>(bytes, out),
+        F16 => blocks::<f16>(bytes, out),
+        BF16 => blocks::<bf16>(bytes, out),
+        Q4_0 => blocks::<BlockQ4_0>(bytes, out),
+        Q4_1 => blocks::<BlockQ4_1>(bytes, out),
+        Q5_0 => blocks::<BlockQ5_0>(bytes, out),
+        Q5_1 => blocks::<BlockQ5_1>(bytes, out),
+        Q8_0 => blocks::<BlockQ8_0>(bytes, out),
+        Q2K => blocks::<BlockQ2K>(bytes, out),
+        Q3K => blocks::<BlockQ3K>(bytes, out),
+        Q4K => blocks::<BlockQ4K>(bytes, out),
+        Q5K => blocks::<BlockQ5K>(bytes, out),
+        Q6K => blocks::<BlockQ6K>(bytes, out),
+        Q8_1 | Q8K => unreachable!("refused when the matrix was built"),
+    }
+}
+
+/// A base weight, `[out, in]`: a dense tensor, or a matrix kept in its stored format.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    Stored(Arc<StoredMatrix>),
+}
+
+impl BaseWeight {
+    /// `x` `[m, in]` times this weight transposed: `[m, out]` (f32 for a stored matrix).
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(w) => super::small_matmul::matmul_t(x, w),
+            BaseWeight::Stored(w) => super::small_matmul::matmul_t_stored(x, w),
+        }
+    }
+
+    /// The rows `ids` (an embedding lookup), in `dtype`.
+    pub fn rows(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(w) => {
+                let ids = Tensor::from_slice(ids, ids.len(), device)?;
+                w.index_select(&ids, 0)
+            }
+            BaseWeight::Stored(w) => {
+                let cols = w.cols();
+                let mut out = vec![0f32; ids.len() * cols];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(cols)) {
+                    let id = id as usize;
+                    if id >= w.rows() {
+                        candle_core::bail!("row {id} of a {}-row matrix", w.rows());
+                    }
+                    w.dequantize_rows(id, 1, row);
+                }
+                Tensor::from_vec(out, (ids.len(), cols), device)?.to_dtype(dtype)
+            }
+        }
+    }
+
+    /// The weight as f32 values, `[out, in]` (dequantised for a stored matrix).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(w) => w.to_dtype(DType::F32),
+            BaseWeight::Stored(w) => w.dequantize_all(),
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            BaseWeight::Dense(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            BaseWeight::Stored(w) => (w.rows(), w.cols()),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            BaseWeight::Dense(w) => w.device().clone(),
+            BaseWeight::Stored(_) => Device::Cpu,
+        }
+    }
+
+    /// The dtype products with this weight come out in.
+    pub fn dtype(&self) -> DType {
+        match self {
+            BaseWeight::Dense(w) => w.dtype(),
+            BaseWeight::Stored(_) => DType::F32,
+        }
+    }
+
+    /// The format's name as llama.cpp writes it (`Q4_K`, `F32`, `BF16`, …).
+    pub fn format(&self) -> &'static str {
+        match self {
+            BaseWeight::Dense(w) => match w.dtype() {
+                DType::F32 => "F32",
+                DType::F16 => "F16",
+                DType::BF16 => "BF16",
+                DType::F64 => "F64",
+                _ => "other",
+            },
+            BaseWeight::Stored(w) => format_name(w.dtype()),
+        }
+    }
+
+    /// Bytes the values occupy in memory (or in the mapped file).
+    pub fn bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            BaseWeight::Stored(w) => w.storage_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_equal_candles_dequantisation_in_every_format() {
+        let dev = Device::Cpu;
+        use GgmlDType::*;
+        for dtype in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+            let t = Tensor::randn(0f32, 1.0, (5, 512), &dev).unwrap();
+            let q = candle_core::quantized::QTensor::quantize(&t, dtype).unwrap();
+            let want = q.dequantize(&dev).unwrap();
+            let m = StoredMatrix::quantize(&t, dtype).unwrap();
+            let got = m.dequantize_all().unwrap();
+            let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn a_row_map_reorders_rows_and_must_be_a_permutation() {
+        let dev = Device::Cpu;
+        let t = Tensor::randn(0f32, 1.0, (4, 64), &dev).unwrap();
+        let m = StoredMatrix::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let plain = m.dequantize_all().unwrap();
+        let m = m.with_row_map(vec![2, 0, 3, 1]).unwrap();
+        let mapped = m.dequantize_all().unwrap();
+        for (logical, stored) in [(0, 2), (1, 0), (2, 3), (3, 1)] {
+            let a = mapped.get(logical).unwrap().to_vec1::<f32>().unwrap();
+            let b = plain.get(stored).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b);
+        }
+        let m = StoredMatrix::quantize(&t, GgmlDType::Q8_0).unwrap();
+        assert!(m.with_row_map(vec![0, 0, 1, 2]).is_err());
+    }
+
+    #[test]
+    fn refuses_partial_blocks_and_unsupported_types() {
+        let err = StoredMatrix::from_bytes(&[0; 34], GgmlDType::Q8_0, 1, 48).unwrap_err();
+        assert!(err.contains("not whole blocks of 32"), "{err}");
+        let err = StoredMatrix::from_bytes(&[0; 292], GgmlDType::Q8K, 1, 256).unwrap_err();
+        assert!(err.contains("Q8_K is not supported"), "{err}");
+    }
+}
