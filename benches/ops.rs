@@ -52,7 +52,7 @@ fn small_matmul_bench(c: &mut Criterion) {
 fn adapter(id: u64, rank: usize, lin: &AdaptedLinear) -> AdapterWeights {
     let a = randn((rank, IN));
     let b = randn((OUT, rank));
-    let n = dora_norm(lin.weight(), &a, &b, 2.0).unwrap();
+    let n = dora_norm(&lin.weight().to_f32().unwrap(), &a, &b, 2.0).unwrap();
     let g = (Tensor::ones(OUT, DType::F32, &Device::Cpu).unwrap() / n).unwrap();
     let mut w = AdapterWeights::new(id, 1);
     w.insert(

@@ -72,12 +72,13 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         Ok(m) => {
             let c = m.model.config();
             eprintln!(
-                " done in {:.2}s ({} layers, hidden {}, vocab {}, context {})",
+                " done in {:.2}s ({} layers, hidden {}, vocab {}, context {}); weights: {}",
                 start.elapsed().as_secs_f64(),
                 c.num_hidden_layers,
                 c.hidden_size,
                 c.vocab_size,
-                c.max_context
+                c.max_context,
+                m.model.weights_summary()
             );
         }
         Err(_) => eprintln!(" failed"),
@@ -97,8 +98,10 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         let mut v = serde_json::to_value(&adapter.info)?;
         v["merge_secs"] = merge_secs.into();
         v["merged_bytes"] = merged.bytes().into();
+        v["base_weights"] = loaded.model.weights_summary().to_string().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        println!("base:    {}", loaded.model.weights_summary());
         println!("adapter: {}", args.dir.display());
         print!("{}", adapter.info);
         println!(

@@ -68,12 +68,7 @@ pub fn write_random_adapter(
             )?;
             let b = noise((lin.out_dim(), spec.rank), 0.02)?;
             if spec.dora {
-                let n = dora_norm(
-                    &lin.weight().to_f32()?.to_device(&dev)?,
-                    &a,
-                    &b,
-                    scale,
-                )?;
+                let n = dora_norm(&lin.weight().to_f32()?.to_device(&dev)?, &a, &b, scale)?;
                 let jitter = (noise((1, lin.out_dim()), 0.03)?.squeeze(0)? + 1.0)?;
                 tensors.insert(format!("{prefix}.lora_magnitude_vector"), (n * jitter)?);
             }

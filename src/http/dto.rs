@@ -323,6 +323,25 @@ pub struct ModelCard {
     /// For adapters: `on_disk`, `loaded` or `merged`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// For the base model: how its weights are held, and the memory in use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseDescription>,
+}
+
+/// The base model's formats and resident bytes (on its `GET /v1/models` entry).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BaseDescription {
+    /// Tensors per format, most numerous first, e.g. `113 Q4_K, 17 Q6_K, 65 F32 (668.4 MB)`.
+    pub formats: String,
+    /// Tensor count per format (`Q4_K`, `Q8_0`, `F32`, `BF16`, …).
+    pub tensors: std::collections::BTreeMap<String, usize>,
+    /// Bytes of the base weights as held (stored formats count their stored size).
+    pub weight_bytes: usize,
+    /// Bytes of the KV caches of running sequences.
+    pub kv_cache_bytes: usize,
+    /// Bytes of adapters loaded in the cache, and of merged weights.
+    pub adapter_bytes: usize,
+    pub merged_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -9,6 +9,20 @@ use super::{now_secs, AppState};
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList, description = "OK")))]
 pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
     let created = now_secs();
+    let weights = s.engine.model().weights_summary();
+    let stats = s.engine.stats();
+    let base = BaseDescription {
+        formats: weights.to_string(),
+        tensors: weights
+            .formats
+            .iter()
+            .map(|(k, n)| (k.to_string(), *n))
+            .collect(),
+        weight_bytes: weights.bytes,
+        kv_cache_bytes: stats.kv_bytes,
+        adapter_bytes: stats.adapter_cache.bytes_resident,
+        merged_bytes: stats.merged_bytes,
+    };
     let mut data = vec![ModelCard {
         id: s.cfg.model_id.clone(),
         object: "model",
@@ -18,6 +32,7 @@ pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
         kind: None,
         rank: None,
         state: None,
+        base: Some(base),
     }];
     for a in super::adapters::describe_all(&s) {
         data.push(ModelCard {
@@ -29,6 +44,7 @@ pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
             kind: Some(a.kind),
             rank: Some(a.r),
             state: Some(a.state),
+            base: None,
         });
     }
     Json(ModelList {

@@ -16,10 +16,10 @@ use candle_nn::VarBuilder;
 use super::config::{ModelConfig, RopeScaling};
 use super::llama::StoredWeights;
 use super::tokenizer::GgufBpe;
-use crate::ops::stored::{self, StoredMatrix};
 use super::{
     model_id, Llama, LoadOptions, LoadedModel, ModelError, ModelFormat, ModelInfo, Tokenizer,
 };
+use crate::ops::stored::{self, StoredMatrix};
 
 struct Meta<'a> {
     md: &'a HashMap<String, Value>,

@@ -38,7 +38,11 @@ impl<'a> Source<'a> {
     /// The `[out, in]` matrix `name`: as stored if it is kept so, else a dense tensor.
     fn matrix(&self, (out, inp): (usize, usize), name: &str) -> Result<BaseWeight> {
         let prefix = self.vb.prefix();
-        let full = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        let full = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
         match self.stored.get(&full) {
             Some(m) if (m.rows(), m.cols()) == (out, inp) => Ok(BaseWeight::Stored(m.clone())),
             Some(m) => candle_core::bail!(
@@ -46,8 +50,32 @@ impl<'a> Source<'a> {
                 m.rows(),
                 m.cols()
             ),
-            None => Ok(BaseWeight::Dense(self.vb.get((out, inp), name)?.contiguous()?)),
+            None => Ok(BaseWeight::Dense(
+                self.vb.get((out, inp), name)?.contiguous()?,
+            )),
         }
+    }
+}
+
+/// How a model's weights are held: how many tensors in each format, and their bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WeightsSummary {
+    pub formats: std::collections::BTreeMap<&'static str, usize>,
+    pub bytes: usize,
+}
+
+impl std::fmt::Display for WeightsSummary {
+    /// `113 Q4_K, 17 Q6_K, 65 F32 (668.4 MB)`, most numerous first.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut v: Vec<_> = self.formats.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let parts: Vec<String> = v.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        write!(
+            f,
+            "{} ({:.1} MB)",
+            parts.join(", "),
+            self.bytes as f64 / 1e6
+        )
     }
 }
 
@@ -331,7 +359,10 @@ impl Llama {
     /// As [`new`](Self::new), with the matrices in `stored` kept in their stored format
     /// (`vb` need not hold them); activations are in `vb`'s dtype.
     pub fn with_stored(cfg: &ModelConfig, vb: VarBuilder, stored: &StoredWeights) -> Result<Self> {
-        let src = Source { vb: vb.clone(), stored };
+        let src = Source {
+            vb: vb.clone(),
+            stored,
+        };
         let m = src.pp("model");
         let embed_tokens = m
             .pp("embed_tokens")
@@ -515,6 +546,36 @@ impl Llama {
         }
         debug_assert_eq!(at, logits.dim(D::Minus2)?);
         Ok(out)
+    }
+
+    /// How the weights are held: tensors per format and their bytes.
+    pub fn weights_summary(&self) -> WeightsSummary {
+        let mut sum = WeightsSummary::default();
+        let mut add = |format: &'static str, bytes: usize| {
+            *sum.formats.entry(format).or_default() += 1;
+            sum.bytes += bytes;
+        };
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let name = |t: &Tensor| BaseWeight::Dense(t.clone()).format();
+        for w in [&self.embed_tokens]
+            .into_iter()
+            .chain((!self.cfg.tie_word_embeddings).then_some(&self.lm_head))
+            .chain(
+                self.layers
+                    .iter()
+                    .flat_map(|l| ProjKind::ALL.map(|k| l.linear(k).weight())),
+            )
+        {
+            add(w.format(), w.bytes());
+        }
+        for n in std::iter::once(&self.norm).chain(
+            self.layers
+                .iter()
+                .flat_map(|l| [&l.input_layernorm, &l.post_attention_layernorm]),
+        ) {
+            add(name(&n.weight), dense(&n.weight));
+        }
+        sum
     }
 
     /// A fresh, empty cache for one sequence.

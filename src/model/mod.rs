@@ -14,7 +14,7 @@ use candle_core::{DType, Device};
 
 pub use config::{LlamaConfig, ModelConfig, RopeScaling, TokenIds};
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LogitsFor, SeqInput};
+pub use llama::{Llama, LogitsFor, SeqInput, StoredWeights, WeightsSummary};
 pub use tokenizer::{GgufBpe, Tokenizer};
 
 /// Everything that can go wrong loading or running the base model. Each variant names the

@@ -4,6 +4,7 @@
 #[macro_use]
 mod cpu;
 pub mod attention;
+mod dequant;
 mod fused;
 mod linear;
 mod lora;
@@ -12,10 +13,10 @@ pub mod small_matmul;
 pub mod stored;
 
 pub use linear::{AdaptedLinear, Apply, BaseLinears, ProjKind, RowGroup};
-pub use stored::{BaseWeight, StoredMatrix};
 pub use lora::{
     dora_norm, dora_norm_generic, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights,
 };
+pub use stored::{BaseWeight, StoredMatrix};
 
 /// The largest absolute difference between two tensors of one shape (for the unit tests).
 #[cfg(test)]

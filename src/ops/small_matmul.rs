@@ -43,11 +43,22 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if k != w.cols() {
-        candle_core::bail!("matmul_t_stored: x is [{m}, {k}] but the weight is [{}, {}]", w.rows(), w.cols());
+        candle_core::bail!(
+            "matmul_t_stored: x is [{m}, {k}] but the weight is [{}, {}]",
+            w.rows(),
+            w.cols()
+        );
     }
-    let x = x.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let x = x
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()?;
     if m == 0 {
-        return Tensor::zeros((0, w.rows()), candle_core::DType::F32, &candle_core::Device::Cpu);
+        return Tensor::zeros(
+            (0, w.rows()),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        );
     }
     if m > MAX_ROWS {
         return prefill_stored(&x, w);
@@ -57,7 +68,7 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
 }
 
 /// Weight values dequantised per strip, at most (the strip stays in L2 while the tile reads it).
-const STRIP_VALUES: usize = 1 << 15;
+const STRIP_VALUES: usize = 1 << 12;
 
 fn small_m_stored(x: &[f32], m: usize, w: &StoredMatrix, isa: Isa) -> Tensor {
     let (n, k) = (w.rows(), w.cols());
@@ -78,6 +89,13 @@ fn small_m_stored(x: &[f32], m: usize, w: &StoredMatrix, isa: Isa) -> Tensor {
             let mut buf = buf.borrow_mut();
             if buf.len() < strip * k {
                 buf.resize(strip * k, 0.0);
+            }
+            if m == 1 {
+                // SAFETY: this chunk alone writes outputs `o0..o1` of the single row.
+                let y = unsafe { out.slice(o0, o1 - o0) };
+                if w.dot_rows(o0, x, y) {
+                    return;
+                }
             }
             let mut o = o0;
             while o < o1 {
@@ -479,11 +497,17 @@ mod tests {
     fn stored_formats_equal_dequantise_then_matmul_for_1_to_64_rows_and_every_isa() {
         use candle_core::quantized::GgmlDType::*;
         let dev = Device::Cpu;
-        for dtype in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+        for dtype in [
+            F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
+        ] {
             let block = dtype.block_size();
             // Output counts that leave every kind of tile tail; for the float formats (blocks
             // of one value) odd k as well.
-            let ks: Vec<usize> = if block == 1 { vec![17, 70, 256] } else { vec![block, 3 * block] };
+            let ks: Vec<usize> = if block == 1 {
+                vec![17, 70, 256]
+            } else {
+                vec![block, 3 * block]
+            };
             for k in ks {
                 for n in [1, 7, 13, 50] {
                     let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();

@@ -118,7 +118,7 @@ impl StoredMatrix {
                 map.len()
             ));
         }
-        let bytes = if (map.as_ptr() as usize + start) % 4 == 0 {
+        let bytes = if (map.as_ptr() as usize + start).is_multiple_of(4) {
             Bytes::Mapped { map, start, len }
         } else {
             // Not aligned for in-place reads of every block type (GGUF aligns tensor data to
@@ -177,7 +177,7 @@ impl StoredMatrix {
             ));
         }
         let block = dtype.block_size();
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             return Err(format!(
                 "its rows of {cols} values are not whole blocks of {block} ({})",
                 format_name(dtype)
@@ -190,9 +190,9 @@ impl StoredMatrix {
     pub fn with_row_map(mut self, row_map: Vec<u32>) -> std::result::Result<Self, String> {
         let mut seen = vec![false; self.rows];
         if row_map.len() != self.rows
-            || !row_map
-                .iter()
-                .all(|&r| (r as usize) < self.rows && !std::mem::replace(&mut seen[r as usize], true))
+            || !row_map.iter().all(|&r| {
+                (r as usize) < self.rows && !std::mem::replace(&mut seen[r as usize], true)
+            })
         {
             return Err(format!("row map is not a permutation of 0..{}", self.rows));
         }
@@ -243,6 +243,23 @@ impl StoredMatrix {
         }
     }
 
+    /// `y[i] = x · (logical row r0 + i)` for `y.len()` rows, fused (one input row); `false`
+    /// when the format has no fused path (then nothing was written).
+    pub(super) fn dot_rows(&self, r0: usize, x: &[f32], y: &mut [f32]) -> bool {
+        let n = y.len();
+        assert!(r0 + n <= self.rows && x.len() == self.cols);
+        match &self.row_map {
+            None => {
+                let bytes = &self.bytes.as_slice()[r0 * self.row_bytes..(r0 + n) * self.row_bytes];
+                super::dequant::dot_rows(self.dtype, bytes, self.row_bytes, x, y)
+            }
+            Some(_) => (0..n).all(|i| {
+                let row = self.stored_row(r0 + i);
+                super::dequant::dot_rows(self.dtype, row, self.row_bytes, x, &mut y[i..i + 1])
+            }),
+        }
+    }
+
     /// The whole matrix dequantised: `[rows, cols]` f32 on the CPU.
     pub fn dequantize_all(&self) -> Result<Tensor> {
         let (rows, cols) = (self.rows, self.cols);
@@ -259,16 +276,27 @@ impl StoredMatrix {
     }
 }
 
-/// Dequantise whole blocks of `dtype` in `bytes` into `out`, with candle's `to_float`.
+/// Dequantise whole blocks of `dtype` in `bytes` into `out`: with the fast paths of
+/// [`super::dequant`] where there is one (equal to candle's values bit for bit), else with
+/// candle's `to_float`.
 fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    if !super::dequant::dequantize(dtype, bytes, out) {
+        candle_dequantize(dtype, bytes, out)
+    }
+}
+
+/// Dequantise whole blocks of `dtype` in `bytes` into `out`, with candle's `to_float`.
+pub(super) fn candle_dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     fn blocks<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
         let size = std::mem::size_of::<T>();
         assert!(
-            bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0
+            bytes.len().is_multiple_of(size)
+                && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
         );
         // SAFETY: the length is a whole number of `T`, the pointer is aligned for `T` (both
         // checked just above), and every block type is plain old data (any bytes are a value).
-        let xs = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) };
+        let xs =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) };
         T::to_float(xs, out)
     }
     use GgmlDType::*;
@@ -393,7 +421,9 @@ mod tests {
     fn rows_equal_candles_dequantisation_in_every_format() {
         let dev = Device::Cpu;
         use GgmlDType::*;
-        for dtype in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+        for dtype in [
+            F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
+        ] {
             let t = Tensor::randn(0f32, 1.0, (5, 512), &dev).unwrap();
             let q = candle_core::quantized::QTensor::quantize(&t, dtype).unwrap();
             let want = q.dequantize(&dev).unwrap();
@@ -402,6 +432,38 @@ mod tests {
             let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn fast_dequantisation_equals_candles_bit_for_bit() {
+        let dev = Device::Cpu;
+        use GgmlDType::*;
+        for dtype in [F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K] {
+            // Values over several magnitudes, so scales, mins and high bits all vary.
+            let t = Tensor::randn(0f32, 1.0, (3, 1024), &dev)
+                .unwrap()
+                .broadcast_mul(&Tensor::rand(0.01f32, 100.0, (3, 1), &dev).unwrap())
+                .unwrap();
+            let m = StoredMatrix::quantize(&t, dtype).unwrap();
+            let bytes = m.bytes.as_slice();
+            let mut fast = vec![0f32; 3 * 1024];
+            let mut slow = vec![1f32; 3 * 1024];
+            assert!(
+                super::super::dequant::dequantize(dtype, bytes, &mut fast),
+                "{dtype:?}"
+            );
+            candle_dequantize(dtype, bytes, &mut slow);
+            let same = fast
+                .iter()
+                .zip(&slow)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?}");
+        }
+        assert!(!super::super::dequant::dequantize(
+            Q2K,
+            &[0; 84],
+            &mut [0f32; 256]
+        ));
     }
 
     #[test]

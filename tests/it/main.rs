@@ -12,6 +12,7 @@ mod parity;
 mod process;
 mod props;
 mod real_model;
+mod stored;
 mod storms;
 mod util;
 mod web;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use dora_serve::adapter;
 use dora_serve::model::{LoadedModel, LogitsFor, SeqInput};
 use dora_serve::ops::{Apply, ProjKind, RowGroup};
@@ -200,7 +200,7 @@ proptest! {
         for (&(layer, kind), parts) in &raw {
             let lin = m.model.linear(layer, kind).unwrap();
             let x = Tensor::from_vec(noise(&mut seed, s.rows * lin.in_dim(), 1.0), (s.rows, lin.in_dim()), &Device::Cpu).unwrap();
-            let want = peft_formula(&lin.weight().to_dtype(DType::F32).unwrap(), parts, scale, &x);
+            let want = peft_formula(&lin.weight().to_f32().unwrap(), parts, scale, &x);
             // Alternate adapter and base rows, as a mixed batch would.
             let per_row: Vec<_> = (0..s.rows).map(|i| (i % 3 != 1).then_some(&*a.weights)).collect();
             let groups: Vec<RowGroup> = per_row.iter().enumerate().map(|(i, w)| RowGroup { start: i, len: 1, adapter: *w }).collect();

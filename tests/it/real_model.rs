@@ -26,6 +26,13 @@ struct RefPrompt {
 #[test]
 #[ignore = "needs models/ from scripts/fetch-model.sh"]
 fn smollm2_gguf_matches_transformers() {
+    // Dequantised to f32 at load, and kept as stored (Q4_1 blocks dequantised on the fly).
+    for stored in [false, true] {
+        smollm2_matches_transformers(stored);
+    }
+}
+
+fn smollm2_matches_transformers(stored: bool) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let reference: Reference = serde_json::from_str(
@@ -37,7 +44,7 @@ fn smollm2_gguf_matches_transformers() {
         &LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
-            stored: false,
+            stored,
         },
     )
     .expect("run scripts/fetch-model.sh first");
@@ -106,6 +113,12 @@ struct AdapterReference {
 #[test]
 #[ignore = "needs models/ from scripts/fetch-model.sh"]
 fn example_adapters_on_smollm2_match_peft() {
+    for stored in [false, true] {
+        example_adapters_match_peft(stored);
+    }
+}
+
+fn example_adapters_match_peft(stored: bool) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let reference: AdapterReference = serde_json::from_str(
         &std::fs::read_to_string(root.join("tests/fixtures/smollm2_adapters_reference.json"))
@@ -117,7 +130,7 @@ fn example_adapters_on_smollm2_match_peft() {
         &LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
-            stored: false,
+            stored,
         },
     )
     .expect("run scripts/fetch-model.sh first");
