@@ -85,26 +85,45 @@ simd_dispatch!(
     fn dot_dispatch(dtype: GgmlDType, bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) -> bool = dot_plain
 );
 
-/// [`dot_rows`] for one format: `$f` dequantises a `$b`-byte block into `$n` values.
+/// [`dot_rows`] for one format: `$f` dequantises a `$b`-byte block into `$n` values. Two
+/// accumulators (alternate 16-value slices), so consecutive multiply-adds do not wait on each
+/// other.
 macro_rules! dot_blocks {
     ($bytes:expr, $row_bytes:expr, $x:expr, $y:expr, $b:literal, $n:literal, $f:ident) => {{
         let (bytes, row_bytes, x, y): (&[u8], usize, &[f32], &mut [f32]) =
             ($bytes, $row_bytes, $x, $y);
         assert_eq!(row_bytes / $b * $n, x.len());
         for (row, out) in bytes.chunks_exact(row_bytes).zip(y.iter_mut()) {
-            let mut acc = [0f32; 16];
+            let mut acc = [0f32; 32];
             for (b, xs) in row.chunks_exact($b).zip(x.chunks_exact($n)) {
+                prefetch(b.as_ptr().wrapping_add(PREFETCH_BYTES));
                 let mut v = [0f32; $n];
                 $f(b.try_into().expect("whole blocks"), &mut v);
                 for c in 0..$n / 16 {
                     for l in 0..16 {
-                        acc[l] = v[16 * c + l].mul_add(xs[16 * c + l], acc[l]);
+                        let a = &mut acc[(c % 2) * 16 + l];
+                        *a = v[16 * c + l].mul_add(xs[16 * c + l], *a);
                     }
                 }
             }
             *out = acc.iter().sum();
         }
     }};
+}
+
+/// How far ahead of the block being multiplied the weight bytes are prefetched (into L2).
+const PREFETCH_BYTES: usize = 2048;
+
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[inline(always)]
