@@ -342,6 +342,28 @@ impl DTypeArg {
     }
 }
 
+/// What merged weights over a base kept as stored are held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MergedDTypeArg {
+    /// Exact: `W' = g ⊙ (dequant(W0) + s·B·A)` as computed; 4 bytes per weight.
+    F32,
+    /// Half the memory; each merged weight rounded to bf16 (8 bits of mantissa).
+    Bf16,
+    /// Half the memory; each merged weight rounded to f16.
+    F16,
+}
+
+impl MergedDTypeArg {
+    pub fn to_ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            MergedDTypeArg::F32 => GgmlDType::F32,
+            MergedDTypeArg::Bf16 => GgmlDType::BF16,
+            MergedDTypeArg::F16 => GgmlDType::F16,
+        }
+    }
+}
+
 /// Where tensors live. `cuda` and `metal` need the matching cargo feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -370,6 +392,11 @@ pub struct ModelArgs {
     /// and computes in f32; `f32`, `f16` and `bf16` convert every weight at load.
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
+    /// What merged weights over a base kept as stored (`--dtype auto`) are held in: f32 is
+    /// exact; bf16 and f16 halve their memory and round every merged weight. Over a converted
+    /// base they are in its dtype.
+    #[arg(long, value_enum, default_value_t = MergedDTypeArg::F32)]
+    pub merged_dtype: MergedDTypeArg,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }

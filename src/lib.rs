@@ -39,17 +39,24 @@
 //!   [`adapter::AdapterStore`] (temporary folder, fsync, one-step swap), and random adapters
 //!   for benchmarks.
 //! - [`model`] — the llama-family decoder (candle style: serde `Config` with HF names,
-//!   `new(cfg, vb)`), its per-sequence KV cache, the HF-folder and GGUF loaders (GGUF tensors
-//!   are dequantised and llama.cpp's Q/K permutation undone, so weights are in HF layout), and
-//!   the tokenizer (HF `tokenizer.json`, or a byte-level BPE rebuilt from GGUF metadata).
+//!   `new(cfg, vb)`), its per-sequence KV cache, the HF-folder and GGUF loaders (with
+//!   `--dtype auto`, GGUF matrices stay in their block format, memory-mapped, and bf16/f16
+//!   safetensors stay 16-bit; otherwise tensors are converted at load; either way llama.cpp's
+//!   Q/K row permutation is undone, as a row map over stored matrices, so weights are in HF
+//!   layout), a summary of the formats held, and the tokenizer (HF `tokenizer.json`, or a
+//!   byte-level BPE rebuilt from GGUF metadata).
 //! - [`ops`] — [`ops::AdaptedLinear`], the one linear type of every projection, keyed by
 //!   `(layer, ProjKind)`, weights kept `[out, in]` as checkpoints store them: base, unmerged
 //!   grouped LoRA/DoRA (`y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b` per row group, fused over slices
 //!   on the CPU) and merged weights, each with a plain reference beside it; the DoRA norm
-//!   (row by row on the CPU, the identity elsewhere) and its reference; the small-row f32
-//!   matmul kernel for decode steps (AVX-512 register tiles, a portable version of the same
-//!   tiling) and the spinning helper pool it and the unmerged rows run on. The engine thread
-//!   runs inside its own rayon pool, so candle's parallel ops share work with it.
+//!   (row by row on the CPU, the identity elsewhere) and its reference; base weights as
+//!   [`ops::BaseWeight`]: a dense tensor or an [`ops::StoredMatrix`] (GGUF blocks or 16-bit
+//!   floats, dequantised on the fly: fast paths bit-equal to candle's `to_float`, candle's
+//!   for the rest); the small-row f32 matmul kernel for decode steps (AVX-512 register tiles,
+//!   a portable version of the same tiling), its stored-format forms (a fused one-row dot
+//!   per block, dequantised strips through the same tiles, dequantised tiles through candle's
+//!   gemm for prefill) and the spinning helper pool they and the unmerged rows run on. The
+//!   engine thread runs inside its own rayon pool, so candle's parallel ops share work with it.
 //!
 //! The forward pass is packed: all sequences' new tokens form one `[tokens, hidden]` matrix
 //! for every projection, and attention runs per sequence against its own cache.

@@ -67,7 +67,15 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     let start = Instant::now();
     eprint!("loading {} as {:?} …", args.model.display(), args.dtype);
     let _ = std::io::stderr().flush();
-    let loaded = model::load(&args.model, &opts);
+    let loaded = model::load(&args.model, &opts).and_then(|mut m| {
+        m.model
+            .set_merged_dtype(args.merged_dtype.to_ggml())
+            .map_err(|source| model::ModelError::Weights {
+                path: args.model.clone(),
+                source,
+            })?;
+        Ok(m)
+    });
     match &loaded {
         Ok(m) => {
             let c = m.model.config();

@@ -7,6 +7,7 @@
 //! sequence's own [`KvCache`]. Rotary embeddings are applied by absolute position per token,
 //! so sequences at different positions share a step.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -348,6 +349,8 @@ pub struct Llama {
     cfg: ModelConfig,
     device: Device,
     dtype: DType,
+    /// What merged weights over a stored base are kept in.
+    merged_dtype: GgmlDType,
 }
 
 impl Llama {
@@ -386,6 +389,7 @@ impl Llama {
             cfg: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            merged_dtype: GgmlDType::F32,
         })
     }
 
@@ -584,13 +588,35 @@ impl Llama {
     }
 
     /// Merge `adapter` into new weights for the modules it targets; the base is untouched.
+    ///
+    /// Over a dense base, merged weights are in the serving dtype. Over a base kept as stored,
+    /// they are computed in f32 from the dequantised rows and kept in the
+    /// [`merged_dtype`](Self::set_merged_dtype) (f32 unless set): never requantized to the
+    /// base's format.
     pub fn merge(&self, adapter: &AdapterWeights) -> Result<MergedWeights> {
         let mut merged = MergedWeights::new(adapter.id(), self.layers.len());
         for (layer, kind, module) in adapter.iter() {
             let lin = self.layers[layer].linear(kind);
-            merged.insert(layer, kind, lin.merged_weight(module)?);
+            let w = lin.merged_weight(module)?;
+            let w = match (lin.weight(), self.merged_dtype) {
+                (BaseWeight::Stored(_), d @ (GgmlDType::BF16 | GgmlDType::F16)) => {
+                    BaseWeight::Stored(std::sync::Arc::new(StoredMatrix::quantize(&w, d)?))
+                }
+                _ => BaseWeight::Dense(w),
+            };
+            merged.insert(layer, kind, w);
         }
         Ok(merged)
+    }
+
+    /// The format merged weights over a stored base are kept in: F32 (the default), BF16 or
+    /// F16.
+    pub fn set_merged_dtype(&mut self, dtype: GgmlDType) -> Result<()> {
+        if !matches!(dtype, GgmlDType::F32 | GgmlDType::BF16 | GgmlDType::F16) {
+            candle_core::bail!("merged weights are kept in F32, BF16 or F16, not {dtype:?}");
+        }
+        self.merged_dtype = dtype;
+        Ok(())
     }
 }
 

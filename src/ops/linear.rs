@@ -9,7 +9,6 @@ use std::fmt;
 use candle_core::{DType, Result, Tensor};
 
 use super::lora::{AdapterWeights, LoraModule, MergedWeights};
-use super::small_matmul::matmul_t;
 use super::stored::BaseWeight;
 
 /// The seven llama projections an adapter may target, named as in HF module paths.
@@ -147,7 +146,7 @@ impl AdaptedLinear {
         match apply {
             Apply::Base => self.add_bias(self.weight.matmul_t(x)?),
             Apply::Merged(m) => match m.get(self.layer, self.kind) {
-                Some(w) => self.add_bias(matmul_t(&x.to_dtype(w.dtype())?, w)?),
+                Some(w) => self.add_bias(w.matmul_t(x)?),
                 None => self.add_bias(self.weight.matmul_t(x)?),
             },
             Apply::Rows(groups) => {

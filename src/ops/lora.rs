@@ -9,6 +9,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::small_matmul::matmul_t;
+use super::stored::BaseWeight;
 use super::ProjKind;
 
 /// One adapted module, ready for the unmerged path: `A` `[r, in]`, `s·Bᵀ` `[r, out]` (the
@@ -236,7 +237,7 @@ impl AdapterWeights {
 #[derive(Debug, Clone)]
 pub struct MergedWeights {
     adapter_id: u64,
-    weights: Vec<Option<Tensor>>,
+    weights: Vec<Option<BaseWeight>>,
 }
 
 impl MergedWeights {
@@ -252,19 +253,15 @@ impl MergedWeights {
         self.adapter_id
     }
 
-    pub fn insert(&mut self, layer: usize, kind: ProjKind, weight: Tensor) {
+    pub fn insert(&mut self, layer: usize, kind: ProjKind, weight: BaseWeight) {
         self.weights[slot(layer, kind)] = Some(weight);
     }
 
-    pub fn get(&self, layer: usize, kind: ProjKind) -> Option<&Tensor> {
+    pub fn get(&self, layer: usize, kind: ProjKind) -> Option<&BaseWeight> {
         self.weights.get(slot(layer, kind)).and_then(Option::as_ref)
     }
 
     pub fn bytes(&self) -> usize {
-        self.weights
-            .iter()
-            .flatten()
-            .map(|w| w.elem_count() * w.dtype().size_in_bytes())
-            .sum()
+        self.weights.iter().flatten().map(BaseWeight::bytes).sum()
     }
 }

@@ -350,3 +350,42 @@ fn bf16_safetensors_stay_16_bit_and_equal_their_f32_conversion() {
     let want = forward(&dense, &[(&ids[..], None)], None);
     assert_close("bf16 folder", &got[0], &want[0]);
 }
+
+#[test]
+fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "q4k.gguf", |_| Q4K);
+    let mut stored = load(&path, true);
+    let dense = load(&path, false);
+    let spec = SynthSpec {
+        rank: 8,
+        alpha: 16.0,
+        targets: ProjKind::ALL.to_vec(),
+        dora: true,
+        seed: 3,
+    };
+    let adir = dir.path().join("dora");
+    adapter::write_random_adapter(&adir, &dense.model, &spec).unwrap();
+    let a = adapter::load_dir(&adir, &stored.model).unwrap();
+    let f32_merged = stored.model.merge(&a.weights).unwrap();
+    let w = f32_merged.get(0, ProjKind::Up).unwrap();
+    assert_eq!(w.format(), "F32");
+    assert!(
+        stored.model.set_merged_dtype(Q8_0).is_err(),
+        "never requantized"
+    );
+    stored.model.set_merged_dtype(BF16).unwrap();
+    let bf16_merged = stored.model.merge(&a.weights).unwrap();
+    assert_eq!(bf16_merged.get(0, ProjKind::Up).unwrap().format(), "BF16");
+    assert_eq!(2 * bf16_merged.bytes(), f32_merged.bytes());
+    // bf16 rounds every merged weight: close to the exact merge, not equal to it.
+    let ids = [1u32, 5, 9, 14, 3];
+    let rows = [(&ids[..], Some(&*a.weights))];
+    let exact = forward(&stored, &rows, Some(&f32_merged));
+    let rounded = forward(&stored, &rows, Some(&bf16_merged));
+    let diff = max_abs_diff(&exact[0], &rounded[0]);
+    assert!(
+        diff > 0.0 && diff < 0.05 * max_abs(&exact[0]),
+        "bf16 merge differs by {diff}"
+    );
+}
