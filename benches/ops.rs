@@ -15,8 +15,8 @@ use std::hint::black_box;
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dora_serve::ops::{
-    dora_norm, dora_norm_reference, small_matmul, AdaptedLinear, AdapterWeights, Apply, LoraModule,
-    MergedWeights, ProjKind, RowGroup,
+    dora_norm, dora_norm_reference, small_matmul, AdaptedLinear, AdapterWeights, Apply, BaseWeight,
+    LoraModule, MergedWeights, ProjKind, RowGroup,
 };
 
 const IN: usize = 576;
@@ -71,8 +71,10 @@ fn adapted_linear_bench(c: &mut Criterion) {
     merged.insert(
         0,
         ProjKind::Up,
-        lin.merged_weight(adapters[0].get(0, ProjKind::Up).unwrap())
-            .unwrap(),
+        BaseWeight::Dense(
+            lin.merged_weight(adapters[0].get(0, ProjKind::Up).unwrap())
+                .unwrap(),
+        ),
     );
     for rows in [1usize, 2, 4, 8, 16, 64] {
         let x = randn((rows, IN));
