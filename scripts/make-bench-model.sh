@@ -25,7 +25,8 @@ tok=models/SmolLM2-135M-Instruct.Q4_1.gguf
   { echo "run benches/peers/llamacpp_build.sh first" >&2; exit 1; }
 [ -s "$tok" ] || { echo "run scripts/fetch-model.sh first" >&2; exit 1; }
 venv=target/bench-model-venv
-[ -x "$venv/bin/python" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install --quiet numpy==2.3.5; }
+[ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import numpy, yaml, tqdm, requests" 2>/dev/null ||
+  { python3 -m venv "$venv" && "$venv/bin/pip" install --quiet numpy==2.3.5 pyyaml==6.0.3 tqdm==4.67.1 requests==2.32.5; }
 mkdir -p "$out"
 case "$which" in
   1b) name=Llama-3.2-1B-shaped; first=F16 ;;
@@ -87,7 +88,9 @@ for name, shape in shapes:
     # Stored shape: the quantized byte shape gguf-py expects for raw types.
     nbytes = gguf.quants.quant_shape_to_byte_shape(shape, t)[-1] * int(np.prod(shape[:-1])) if t != gguf.GGMLQuantizationType.F32 else 4 * int(np.prod(shape))
     dtype = np.float32 if t == gguf.GGMLQuantizationType.F32 else (np.float16 if t == gguf.GGMLQuantizationType.F16 else np.uint8)
-    w.add_tensor_info(name, shape, np.dtype(dtype), nbytes, raw_dtype=t)
+    # gguf-py takes a quantized tensor's shape in bytes (it derives the values' shape).
+    stored = gguf.quants.quant_shape_to_byte_shape(shape, t) if dtype == np.uint8 else shape
+    w.add_tensor_info(name, stored, np.dtype(dtype), nbytes, raw_dtype=t)
 w.write_header_to_file()
 w.write_kv_data_to_file()
 w.write_ti_data_to_file()

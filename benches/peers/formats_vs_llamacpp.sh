@@ -7,24 +7,30 @@
 # SmolLM2-135M-Instruct re-made by llama.cpp's llama-quantize from its F32 copy (the F32 file
 # itself is the dense reference).
 #
-#   benches/peers/llamacpp_build.sh && cargo build --release && benches/peers/formats_vs_llamacpp.sh [ROUNDS] [FORMATS]
+#   benches/peers/llamacpp_build.sh && cargo build --release && benches/peers/formats_vs_llamacpp.sh [ROUNDS] [OUT] [FILE...]
 #
-# FORMATS defaults to "F32 Q8_0 Q4_K_M Q4_1". Writes benches/data/formats_vs_llamacpp.json and
-# regenerates benches/DECODE.md.
+# FILEs default to SmolLM2 in F32, Q8_0, Q4_K_M and Q4_1 (made here); the 1B model's files come
+# from scripts/make-bench-model.sh. Writes benches/data/OUT.json (OUT defaults to
+# formats_vs_llamacpp) and regenerates benches/DECODE.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
-formats=${2:-F32 Q8_0 Q4_K_M Q4_1}
+name=${2:-formats_vs_llamacpp}
+shift $(($# < 2 ? $# : 2))
 build=${LLAMACPP:-/tmp/llamacpp}
 bin=target/release/dora-serve
 src="$build/SmolLM2-135M-Instruct.F32.gguf"
 [ -x "$build/bin/llama-batched-bench" ] && [ -s "$src" ] ||
   { echo "run benches/peers/llamacpp_build.sh first" >&2; exit 1; }
 [ -x "$bin" ] || { echo "run cargo build --release first" >&2; exit 1; }
-for q in $formats; do
-  f="$build/SmolLM2-135M-Instruct.$q.gguf"
-  [ -s "$f" ] || "$build/bin/llama-quantize" --allow-requantize "$src" "$f" "$q" >/dev/null 2>&1
-done
+files=("$@")
+if [ ${#files[@]} -eq 0 ]; then
+  for q in F32 Q8_0 Q4_K_M Q4_1; do
+    f="$build/SmolLM2-135M-Instruct.$q.gguf"
+    [ -s "$f" ] || "$build/bin/llama-quantize" --allow-requantize "$src" "$f" "$q" >/dev/null 2>&1
+    files+=("$f")
+  done
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 prompt="The quick brown fox jumps over the lazy dog, and then it runs far away into the"
@@ -34,8 +40,8 @@ done
 : >"$work/rounds.jsonl"
 for ((r = 1; r <= rounds; r++)); do
   line=""
-  for q in $formats; do
-    f="$build/SmolLM2-135M-Instruct.$q.gguf"
+  for f in "${files[@]}"; do
+    q=$(basename "$f" .gguf)
     l=$("$build/bin/llama-batched-bench" -m "$f" -c 4096 -b 2048 -ub 512 -npp 16 -ntg 64 \
       -npl 1,8,16 -t "$(nproc)" 2>/dev/null |
       awk -F'|' '/^\| +16 /{gsub(/ /,"",$4); gsub(/ /,"",$9); printf "\"%s\": %s, ", $4, $9}')
@@ -50,19 +56,18 @@ for ((r = 1; r <= rounds; r++)); do
   done
   echo "{${line%, }}" | tee -a "$work/rounds.jsonl"
 done
-python3 - "$work/rounds.jsonl" "$rounds" "$build" "$formats" <<'PY'
+python3 - "$work/rounds.jsonl" "$rounds" "$build" "$name" "${files[@]}" <<'PY'
 import json, os, subprocess, sys
-path, rounds, build, formats = sys.argv[1:]
+path, rounds, build, name, *files = sys.argv[1:]
+args = "" if name == "formats_vs_llamacpp" and all(os.path.dirname(f) == build for f in files) else f" {name} " + " ".join(files)
 data = {
-    "command": f"benches/peers/formats_vs_llamacpp.sh {rounds}",
+    "command": f"benches/peers/formats_vs_llamacpp.sh {rounds}{args}",
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "date": subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip(),
     "llamacpp": open(os.path.join(build, "bin", "VERSION")).read().strip(),
-    "files": {q: {"name": f"SmolLM2-135M-Instruct.{q}.gguf",
-                  "bytes": os.path.getsize(os.path.join(build, f"SmolLM2-135M-Instruct.{q}.gguf"))}
-              for q in formats.split()},
+    "files": {os.path.basename(f)[:-5]: {"name": os.path.basename(f), "bytes": os.path.getsize(f)} for f in files},
     "rounds": [json.loads(l) for l in open(path)],
 }
-json.dump(data, open("benches/data/formats_vs_llamacpp.json", "w"), indent=1)
+json.dump(data, open(f"benches/data/{name}.json", "w"), indent=1)
 PY
 python3 benches/report.py

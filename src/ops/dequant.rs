@@ -94,19 +94,22 @@ macro_rules! dot_blocks {
             ($bytes, $row_bytes, $x, $y);
         assert_eq!(row_bytes / $b * $n, x.len());
         for (row, out) in bytes.chunks_exact(row_bytes).zip(y.iter_mut()) {
-            let mut acc = [0f32; 32];
+            let (mut acc0, mut acc1) = ([0f32; 16], [0f32; 16]);
             for (b, xs) in row.chunks_exact($b).zip(x.chunks_exact($n)) {
                 prefetch(b.as_ptr().wrapping_add(PREFETCH_BYTES));
                 let mut v = [0f32; $n];
                 $f(b.try_into().expect("whole blocks"), &mut v);
-                for c in 0..$n / 16 {
+                for c in 0..$n / 32 {
+                    let (v, xs) = (&v[32 * c..32 * c + 32], &xs[32 * c..32 * c + 32]);
                     for l in 0..16 {
-                        let a = &mut acc[(c % 2) * 16 + l];
-                        *a = v[16 * c + l].mul_add(xs[16 * c + l], *a);
+                        acc0[l] = v[l].mul_add(xs[l], acc0[l]);
+                    }
+                    for l in 0..16 {
+                        acc1[l] = v[16 + l].mul_add(xs[16 + l], acc1[l]);
                     }
                 }
             }
-            *out = acc.iter().sum();
+            *out = acc0.iter().chain(&acc1).sum();
         }
     }};
 }
