@@ -157,6 +157,8 @@ fn q4_0(b: &[u8; 18], y: &mut [f32; 32]) {
     let qs: &[u8; 16] = b[2..].try_into().unwrap();
     for j in 0..16 {
         y[j] = ((qs[j] & 0x0F) as i16 - 8) as f32 * d;
+    }
+    for j in 0..16 {
         y[j + 16] = ((qs[j] >> 4) as i16 - 8) as f32 * d;
     }
 }
@@ -167,6 +169,8 @@ fn q4_1(b: &[u8; 20], y: &mut [f32; 32]) {
     let qs: &[u8; 16] = b[4..].try_into().unwrap();
     for j in 0..16 {
         y[j] = (qs[j] & 0x0F) as f32 * d + m;
+    }
+    for j in 0..16 {
         y[j + 16] = (qs[j] >> 4) as f32 * d + m;
     }
 }
@@ -231,8 +235,11 @@ fn q4_k(b: &[u8; 144], y: &mut [f32; 256]) {
         let (sc, m) = scale_min_k4(2 * g + 1, scales);
         let (d2, m2) = (d * sc as f32, min * m as f32);
         let y: &mut [f32; 64] = (&mut y[64 * g..64 * (g + 1)]).try_into().unwrap();
+        // Two loops of 32 rather than one writing both halves: each vectorises whole.
         for l in 0..32 {
             y[l] = d1 * (q[l] & 0xF) as f32 - m1;
+        }
+        for l in 0..32 {
             y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
         }
     }
@@ -254,8 +261,10 @@ fn q5_k(b: &[u8; 176], y: &mut [f32; 256]) {
         let y: &mut [f32; 64] = (&mut y[64 * g..64 * (g + 1)]).try_into().unwrap();
         for l in 0..32 {
             let add1 = if qh[l] & u1 != 0 { 16f32 } else { 0f32 };
-            let add2 = if qh[l] & u2 != 0 { 16f32 } else { 0f32 };
             y[l] = d1 * ((ql[l] & 0xF) as f32 + add1) - m1;
+        }
+        for l in 0..32 {
+            let add2 = if qh[l] & u2 != 0 { 16f32 } else { 0f32 };
             y[l + 32] = d2 * ((ql[l] >> 4) as f32 + add2) - m2;
         }
     }
@@ -275,14 +284,21 @@ fn q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
             let s2 = d * (sc[half + 2] as i8) as f32;
             let s3 = d * (sc[half + 4] as i8) as f32;
             let s4 = d * (sc[half + 6] as i8) as f32;
-            for l in 16 * half..16 * (half + 1) {
+            let ls = 16 * half..16 * (half + 1);
+            for l in ls.clone() {
                 let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
-                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
                 y[l] = s1 * q1 as f32;
+            }
+            for l in ls.clone() {
+                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
                 y[l + 32] = s2 * q2 as f32;
+            }
+            for l in ls.clone() {
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
                 y[l + 64] = s3 * q3 as f32;
+            }
+            for l in ls {
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
                 y[l + 96] = s4 * q4 as f32;
             }
         }
