@@ -9,12 +9,16 @@
 #   scripts/fetch-model.sh && cargo build --release && benches/decode.sh [ROUNDS] [TOKENS]
 #
 # Writes benches/data/decode_modes.json and regenerates benches/DECODE.md (benches/report.py).
+# MODEL, COUNTS (default "1 4 8 16") and OUT (default decode_modes) measure another model, e.g.
+#   MODEL=models/bench/Llama-3.2-1B-shaped.Q4_K_M.gguf COUNTS="1 8" OUT=decode_modes_1b benches/decode.sh 2 32
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 bin=target/release/dora-serve
 rounds=${1:-3}
 tokens=${2:-64}
+counts=${COUNTS:-1 4 8 16}
+out=${OUT:-decode_modes}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 [ -s "$model" ] || { echo "run scripts/fetch-model.sh first" >&2; exit 1; }
@@ -40,7 +44,7 @@ rate() { # file mode
 : >"$work/rounds.jsonl"
 for ((r = 1; r <= rounds; r++)); do
   row="{"
-  for n in 1 4 8 16; do
+  for n in $counts; do
     b=$(batch "$n" 0); one=$(batch "$n" 1); mix=$(batch "$n" 8)
     row+="\"$n\": {\"base\": $(rate "$b" unmerged), \"one_unmerged\": $(rate "$one" unmerged), \"one_merged\": $(rate "$one" merged),"
     row+=" \"mixed_unmerged\": $(rate "$mix" unmerged), \"mixed_merged\": $(rate "$mix" merged), \"mixed_auto\": $(rate "$mix" auto)}, "
@@ -49,17 +53,18 @@ for ((r = 1; r <= rounds; r++)); do
   row+="\"merge_seconds\": $merge}"
   echo "$row" | tee -a "$work/rounds.jsonl"
 done
-python3 - "$work/rounds.jsonl" "$rounds" "$tokens" "$model" <<'PY'
-import json, subprocess, sys
-path, rounds, tokens, model = sys.argv[1:]
+python3 - "$work/rounds.jsonl" "$rounds" "$tokens" "$model" "$out" <<'PY'
+import json, os, subprocess, sys
+path, rounds, tokens, model, out = sys.argv[1:]
+env = " ".join(f"{k}={v!r}" if " " in v else f"{k}={v}" for k in ("MODEL", "COUNTS", "OUT") if (v := os.environ.get(k)))
 data = {
-    "command": f"benches/decode.sh {rounds} {tokens}",
+    "command": f"{env + ' ' if env else ''}benches/decode.sh {rounds} {tokens}",
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "date": subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip(),
     "model": model, "tokens": int(tokens),
     "adapters": "8 random DoRA r16 adapters on all seven projections (dora-serve adapter random --seed 3)",
     "rounds": [json.loads(l) for l in open(path)],
 }
-json.dump(data, open("benches/data/decode_modes.json", "w"), indent=1)
+json.dump(data, open(f"benches/data/{out}.json", "w"), indent=1)
 PY
 python3 benches/report.py

@@ -11,10 +11,14 @@
 #
 # FILEs default to SmolLM2 in F32, Q8_0, Q4_K_M and Q4_1 (made here); the 1B model's files come
 # from scripts/make-bench-model.sh. Writes benches/data/OUT.json (OUT defaults to
-# formats_vs_llamacpp) and regenerates benches/DECODE.md.
+# formats_vs_llamacpp) and regenerates benches/DECODE.md. COUNTS (default "1 8 16") and TOKENS
+# (default 64) change the sequence counts and generated tokens, for models too slow for them;
+# RSS is recorded at the largest count.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
+counts=${COUNTS:-1 8 16}
+tokens=${TOKENS:-64}
 name=${2:-formats_vs_llamacpp}
 shift $(($# < 2 ? $# : 2))
 build=${LLAMACPP:-/tmp/llamacpp}
@@ -34,7 +38,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 prompt="The quick brown fox jumps over the lazy dog, and then it runs far away into the"
-for n in 1 8 16; do
+for n in $counts; do
   for ((i = 0; i < n; i++)); do printf '{"prompt": "%s", "adapter": null}\n' "$prompt"; done >"$work/b$n.jsonl"
 done
 : >"$work/rounds.jsonl"
@@ -42,26 +46,29 @@ for ((r = 1; r <= rounds; r++)); do
   line=""
   for f in "${files[@]}"; do
     q=$(basename "$f" .gguf)
-    l=$("$build/bin/llama-batched-bench" -m "$f" -c 4096 -b 2048 -ub 512 -npp 16 -ntg 64 \
-      -npl 1,8,16 -t "$(nproc)" 2>/dev/null |
+    l=$("$build/bin/llama-batched-bench" -m "$f" -c 4096 -b 2048 -ub 512 -npp 16 -ntg "$tokens" \
+      -npl "${counts// /,}" -t "$(nproc)" 2>/dev/null |
       awk -F'|' '/^\| +16 /{gsub(/ /,"",$4); gsub(/ /,"",$9); printf "\"%s\": %s, ", $4, $9}')
     d=""
-    for n in 1 8 16; do
+    for n in $counts; do
       out=$(/usr/bin/time -f 'rss_kb %M' "$bin" generate --model "$f" --batch "$work/b$n.jsonl" \
-        --max-tokens 64 --ignore-eos --json 2>&1 >/dev/null)
+        --max-tokens "$tokens" --ignore-eos --json 2>&1 >/dev/null)
       d+="\"$n\": $(sed -n 's/.*decode \([0-9.]*\) tok.*/\1/p' <<<"$out"), "
       rss=$(sed -n 's/^rss_kb \([0-9]*\)$/\1/p' <<<"$out")
     done
-    line+="\"$q\": {\"llamacpp\": {${l%, }}, \"dora\": {${d%, }}, \"dora_rss_kb_16\": $rss}, "
+    line+="\"$q\": {\"llamacpp\": {${l%, }}, \"dora\": {${d%, }}, \"dora_rss_kb_max\": $rss}, "
   done
   echo "{${line%, }}" | tee -a "$work/rounds.jsonl"
 done
 python3 - "$work/rounds.jsonl" "$rounds" "$build" "$name" "${files[@]}" <<'PY'
 import json, os, subprocess, sys
 path, rounds, build, name, *files = sys.argv[1:]
+env = "" if (os.environ.get("COUNTS"), os.environ.get("TOKENS")) == (None, None) else \
+    f"COUNTS='{os.environ.get('COUNTS', '1 8 16')}' TOKENS={os.environ.get('TOKENS', '64')} "
 args = "" if name == "formats_vs_llamacpp" and all(os.path.dirname(f) == build for f in files) else f" {name} " + " ".join(files)
 data = {
-    "command": f"benches/peers/formats_vs_llamacpp.sh {rounds}{args}",
+    "command": f"{env}benches/peers/formats_vs_llamacpp.sh {rounds}{args}",
+    "tokens": int(os.environ.get("TOKENS", "64")),
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "date": subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip(),
     "llamacpp": open(os.path.join(build, "bin", "VERSION")).read().strip(),

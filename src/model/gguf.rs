@@ -14,8 +14,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, RopeScaling};
-use super::llama::StoredWeights;
 use super::tokenizer::GgufBpe;
+use super::weights::StoredWeights;
 use super::{
     model_id, Llama, LoadOptions, LoadedModel, ModelError, ModelFormat, ModelInfo, Tokenizer,
 };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_nn::VarBuilder;
 
-use super::llama::StoredWeights;
+use super::weights::StoredWeights;
 use serde::Deserialize;
 
 use super::{

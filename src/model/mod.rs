@@ -7,6 +7,7 @@ mod hf;
 mod kv_cache;
 mod llama;
 mod tokenizer;
+mod weights;
 
 use std::path::{Path, PathBuf};
 
@@ -14,8 +15,9 @@ use candle_core::{DType, Device};
 
 pub use config::{LlamaConfig, ModelConfig, RopeScaling, TokenIds};
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LogitsFor, SeqInput, StoredWeights, WeightsSummary};
+pub use llama::{Llama, LogitsFor, SeqInput};
 pub use tokenizer::{GgufBpe, Tokenizer};
+pub use weights::{StoredWeights, WeightsSummary};
 
 /// Everything that can go wrong loading or running the base model. Each variant names the
 /// file and what is wrong with it.

@@ -180,3 +180,72 @@ fn example_adapters_match_peft(stored: bool) {
         }
     }
 }
+
+/// `--merged-dtype bf16` on the SmolLM2 file kept as Q4_1: the logit error of bf16-rounded merged
+/// weights against the exact f32 merge (which equals PEFT within 1e-4, above), for each example
+/// adapter. Printed (README states it) and bounded.
+#[test]
+#[ignore = "needs models/ from scripts/fetch-model.sh"]
+fn bf16_merged_weights_error_on_smollm2() {
+    use candle_core::quantized::GgmlDType;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut m = model::load(
+        &root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            stored: true,
+        },
+    )
+    .expect("run scripts/fetch-model.sh first");
+    let ids = m
+        .tokenizer
+        .encode("The old sailor looked at the sea and said")
+        .unwrap();
+    for name in ["pirate", "shouty"] {
+        let a = dora_serve::adapter::load_dir(&root.join("adapters").join(name), &m.model).unwrap();
+        let logits = |m: &model::LoadedModel| -> Tensor {
+            let merged = m.model.merge(&a.weights).unwrap();
+            let mut cache = KvCache::new(m.model.config().num_hidden_layers);
+            let mut input = [SeqInput {
+                tokens: &ids,
+                cache: &mut cache,
+                logits: LogitsFor::All,
+                adapter: Some(&a.weights),
+            }];
+            m.model
+                .forward(&mut input, Some(&merged))
+                .unwrap()
+                .pop()
+                .unwrap()
+        };
+        m.model.set_merged_dtype(GgmlDType::F32).unwrap();
+        let exact = logits(&m);
+        m.model.set_merged_dtype(GgmlDType::BF16).unwrap();
+        let rounded = logits(&m);
+        let diff = (&exact - &rounded)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = exact
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        println!(
+            "{name}: bf16 merged vs f32 merged, max |Δlogit| {diff:.4} over {} positions (max |logit| {scale:.2}, relative {:.2e})",
+            ids.len(),
+            diff / scale
+        );
+        assert!(
+            diff > 0.0 && diff < 0.05 * scale,
+            "{name}: {diff} of {scale}"
+        );
+    }
+}
