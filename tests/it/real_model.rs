@@ -223,21 +223,9 @@ fn bf16_merged_weights_error_on_smollm2() {
         let exact = logits(&m);
         m.model.set_merged_dtype(GgmlDType::BF16).unwrap();
         let rounded = logits(&m);
-        let diff = (&exact - &rounded)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = exact
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        // The suite's helpers, as every other logit comparison uses them.
+        let diff = crate::util::max_abs_diff(&exact, &rounded);
+        let scale = crate::util::max_abs(&exact);
         println!(
             "{name}: bf16 merged vs f32 merged, max |Δlogit| {diff:.4} over {} positions (max |logit| {scale:.2}, relative {:.2e})",
             ids.len(),
