@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
-use dora_serve::adapter::{self, AdapterStore, Lease};
+use dora_serve::adapter::{self, AdapterStore, Catalog, Lease};
 use dora_serve::config::{
     AdapterCommand, Cli, Command, GenerateArgs, InspectArgs, ModelArgs, RandomArgs, ServeArgs,
 };
@@ -136,17 +136,18 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             args.adapters_dir.display()
         )
     })?;
-    let store = Arc::new(store.with_write_pause(std::time::Duration::from_millis(
+    let store = store.with_write_pause(std::time::Duration::from_millis(
         args.test_store_write_pause_ms,
-    )));
+    ));
+    let catalog = Catalog::new(store, args.adapter_root.clone());
     let loaded = load_model(&args.model)?;
     let model_id = args
         .served_model_name
         .clone()
         .unwrap_or_else(|| loaded.info.id.clone());
-    let registered = Arc::new(std::sync::RwLock::new(HashMap::new()));
     let engine = Engine::start(
         loaded,
+        catalog,
         EngineConfig {
             max_running: args.max_running,
             max_step_tokens: args.max_step_tokens,
@@ -154,37 +155,29 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             mode: args.adapter_mode.policy(),
             adapter_cache_bytes: args.adapter_cache_bytes,
             merged_cache_bytes: args.merged_cache_bytes,
-            resolve: http::resolver(Arc::clone(&store), Arc::clone(&registered)),
             step_delay: std::time::Duration::from_millis(args.test_step_delay_ms),
             ..EngineConfig::default()
         },
     );
-    let adapter_root = args
-        .adapter_root
-        .clone()
-        .unwrap_or_else(|| store.root().to_path_buf());
     let state = AppState::new(
         engine.clone(),
-        store,
-        registered,
         HttpConfig {
             model_id,
             api_key: args.api_key.clone(),
             admin_key: args.admin_key.clone(),
             max_upload_bytes: args.max_upload_bytes,
-            adapter_root,
             request_timeout: (args.request_timeout > 0)
                 .then(|| std::time::Duration::from_secs(args.request_timeout)),
         },
     );
     // Refuse (with a log line) stored adapters that no longer validate; keep serving the rest.
     // In the background: a full load per adapter would delay listening by ~0.2 s per adapter.
-    let checker = state.clone();
+    let checker = engine.clone();
     std::thread::Builder::new()
         .name("dora-store-check".into())
         .spawn(move || {
             let start = Instant::now();
-            let bad = checker.check_store();
+            let bad = checker.check_adapters();
             // On stderr like the listening line: `dora-serve bench --spawn-model` waits for it
             // so that its clock never runs while the check loads every adapter.
             eprintln!(
@@ -368,8 +361,12 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     // One batch: every prompt runs at once, prompts prefilled together.
     let total_prompt: usize = reqs.iter().map(|r| r.prompt_token_ids.len()).sum();
+    // Adapters here are folders loaded above, never names: the catalog is an empty scratch
+    // store, removed at exit.
+    let scratch = tempfile::tempdir().context("creating a scratch adapter store")?;
     let engine = Engine::start(
         loaded,
+        Catalog::open(scratch.path())?,
         EngineConfig {
             max_running: reqs.len(),
             max_step_tokens: total_prompt.max(reqs.len()),

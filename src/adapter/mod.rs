@@ -1,7 +1,9 @@
 //! PEFT LoRA/DoRA adapters: configuration, loading and validation against the base model,
-//! and the per-module tensors the model's linear layers apply.
+//! the per-module tensors the model's linear layers apply, the byte-budgeted cache, the
+//! crash-safe store, and the catalog that owns every adapter name.
 
 pub mod cache;
+mod catalog;
 mod config;
 mod load;
 pub mod store;
@@ -10,6 +12,7 @@ mod synth;
 use std::path::PathBuf;
 
 pub use cache::{AdapterCache, CacheStats, Lease};
+pub use catalog::{Catalog, CatalogError, Described, Resolved, Source, Upload};
 pub use config::{AdapterConfig, ModuleSelector};
 pub use load::{
     digest, load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,

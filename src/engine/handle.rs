@@ -9,6 +9,7 @@ use tokio::sync::mpsc::unbounded_channel;
 use super::generate::check_common;
 use super::types::*;
 use super::EngineError;
+use crate::adapter::{AdapterInfo, Catalog, CatalogError, Upload};
 use crate::model::{Llama, LoadedModel, ModelInfo, Tokenizer};
 
 /// The cloneable handle to the engine.
@@ -21,11 +22,13 @@ pub struct Engine {
     pub(super) model: Arc<Llama>,
     pub(super) tokenizer: Arc<Tokenizer>,
     pub(super) info: Arc<ModelInfo>,
+    pub(super) catalog: Arc<Catalog>,
 }
 
 impl Engine {
-    /// Start an engine on `loaded`: the handle, and the worker thread behind it.
-    pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Engine {
+    /// Start an engine on `loaded`, serving the adapters of `catalog`: the handle, and the
+    /// worker thread behind it.
+    pub fn start(loaded: LoadedModel, catalog: Catalog, cfg: EngineConfig) -> Engine {
         let (tx, rx) = mpsc::channel();
         let engine = Engine {
             tx,
@@ -35,6 +38,7 @@ impl Engine {
             model: Arc::new(loaded.model),
             tokenizer: Arc::new(loaded.tokenizer),
             info: Arc::new(loaded.info),
+            catalog: Arc::new(catalog),
         };
         super::worker::spawn(&engine, rx, cfg);
         engine
@@ -90,10 +94,101 @@ impl Engine {
         Ok(())
     }
 
-    /// Forget a loaded adapter (deleted or replaced in the store): running requests finish on
-    /// the version they hold; new requests load the store's current version.
-    pub fn invalidate_adapter(&self, name: &str) {
-        let _ = self.tx.send(Command::Invalidate(name.to_string()));
+    fn install(&self) -> impl FnOnce(crate::adapter::Adapter, f64) + '_ {
+        move |adapter, secs| {
+            let _ = self.tx.send(Command::Install {
+                adapter: Box::new(adapter),
+                secs,
+            });
+        }
+    }
+
+    fn invalidate<'a>(&'a self, name: &'a str) -> impl FnOnce() + 'a {
+        move || {
+            let _ = self.tx.send(Command::Invalidate(name.to_string()));
+        }
+    }
+
+    /// Validate an upload against the base model, write it to the store (replacing the old
+    /// version if asked) and put the loaded adapter into the cache as it is: the first request
+    /// on it does not load it again. Running requests finish on the version they started with.
+    /// Blocking (a full adapter load): call it off the async threads.
+    pub fn upload_adapter(&self, up: Upload<'_>) -> Result<AdapterInfo, CatalogError> {
+        self.catalog.upload(up, &*self.model, self.install())
+    }
+
+    /// Delete a stored adapter (or drop a registration); in-flight requests finish normally.
+    pub fn delete_adapter(&self, name: &str) -> Result<(), CatalogError> {
+        self.catalog.delete(name, self.invalidate(name))
+    }
+
+    /// vLLM's `load_lora_adapter`: serve the folder `path` (under the registration root) as
+    /// `name`, validated and loaded into the cache. Blocking.
+    pub fn register_adapter(&self, name: &str, path: &str) -> Result<AdapterInfo, CatalogError> {
+        self.catalog
+            .register(name, path, &*self.model, self.install())
+    }
+
+    /// vLLM's `unload_lora_adapter`: drop a registration (`true`), or a stored adapter from
+    /// memory only (`false`).
+    pub fn unregister_adapter(&self, name: &str) -> Result<bool, CatalogError> {
+        self.catalog.unregister(name, self.invalidate(name))
+    }
+
+    /// Drop what the cache holds for `name` (running requests keep their version; the next
+    /// request loads the current files).
+    pub fn evict_adapter(&self, name: &str) {
+        self.invalidate(name)();
+    }
+
+    /// Whether a request may name `name`.
+    pub fn adapter_exists(&self, name: &str) -> bool {
+        self.catalog.exists(name)
+    }
+
+    /// Every adapter, sorted by name, with its state here.
+    pub fn adapters(&self) -> Vec<AdapterEntry> {
+        let stats = self.stats();
+        self.catalog
+            .list()
+            .iter()
+            .filter_map(|n| self.entry(n, &stats))
+            .collect()
+    }
+
+    /// One adapter, if the name exists.
+    pub fn adapter(&self, name: &str) -> Option<AdapterEntry> {
+        self.entry(name, &self.stats())
+    }
+
+    fn entry(&self, name: &str, stats: &EngineStats) -> Option<AdapterEntry> {
+        let d = self.catalog.describe(name)?;
+        let has = |v: &[String]| v.iter().any(|n| n == name);
+        let state = if d.refused.is_some() {
+            AdapterState::Invalid
+        } else if has(&stats.merged_adapters) {
+            AdapterState::Merged
+        } else if has(&stats.loaded_adapters) {
+            AdapterState::Loaded
+        } else if has(&stats.loading_adapters) {
+            AdapterState::Loading
+        } else {
+            AdapterState::OnDisk
+        };
+        Some(AdapterEntry {
+            name: d.name,
+            source: d.source,
+            config: d.config,
+            state,
+            error: d.refused,
+        })
+    }
+
+    /// Validate every stored adapter (a full load each); those that fail are listed as
+    /// `invalid` with the loader's error until replaced or deleted. Returns their names.
+    /// Blocking: the server runs it on a thread of its own after it starts listening.
+    pub fn check_adapters(&self) -> Vec<String> {
+        self.catalog.check_store(&*self.model)
     }
 
     pub fn stats(&self) -> EngineStats {

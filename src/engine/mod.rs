@@ -20,7 +20,7 @@ pub use handle::Engine;
 pub use hooks::StepGate;
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 pub use types::{
-    store_resolver, AdapterResolver, AdapterSpec, AdapterVersion, EngineConfig, EngineRequest,
+    AdapterEntry, AdapterSpec, AdapterState, AdapterVersion, EngineConfig, EngineRequest,
     EngineStats, Event, EventStream,
 };
 
@@ -45,11 +45,10 @@ pub enum EngineError {
     Overloaded,
     #[error("adapter {0:?} is not in the adapter store")]
     AdapterNotFound(String),
-    #[error("adapter {name:?} failed to load: {msg}")]
+    #[error("adapter {name:?} failed to load: {error}")]
     AdapterLoad {
         name: String,
-        code: &'static str,
-        msg: String,
+        error: std::sync::Arc<crate::adapter::AdapterError>,
     },
     #[error("the engine is shutting down")]
     ShuttingDown,

@@ -1,7 +1,5 @@
 //! The engine's public vocabulary: configuration, requests, events, stats.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -25,24 +23,14 @@ pub struct EngineConfig {
     pub turn_steps: usize,
     pub adapter_cache_bytes: usize,
     pub merged_cache_bytes: usize,
-    /// Where adapter `NAME` lives (the store's folder, or a registered path); `None`: unknown.
-    pub resolve: AdapterResolver,
     /// Test hook: every step waits for the gate's permit (`None`: steps run freely).
     pub step_gate: Option<StepGate>,
     /// Test hook: a pause after each step, so the real process can be made slow enough for a
     /// test to act while a request runs (the hidden `--test-step-delay-ms`; zero in service).
     pub step_delay: Duration,
-}
-
-/// Maps an adapter name to its folder.
-pub type AdapterResolver = Arc<dyn Fn(&str) -> Option<PathBuf> + Send + Sync>;
-
-/// The plain store layout: `root/NAME`, for valid names whose folder exists.
-pub fn store_resolver(root: PathBuf) -> AdapterResolver {
-    Arc::new(move |name: &str| {
-        let dir = root.join(name);
-        (crate::adapter::valid_name(name) && dir.is_dir()).then_some(dir)
-    })
+    /// Test hook: a pause between reading a cold adapter's files and handing the load to the
+    /// worker, so a test can replace the adapter while the load is in flight (zero in service).
+    pub load_delay: Duration,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -58,6 +46,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("merged_cache_bytes", &self.merged_cache_bytes)
             .field("step_gate", &self.step_gate)
             .field("step_delay", &self.step_delay)
+            .field("load_delay", &self.load_delay)
             .finish_non_exhaustive()
     }
 }
@@ -81,9 +70,9 @@ impl Default for EngineConfig {
             turn_steps: 32,
             adapter_cache_bytes: 1 << 30,
             merged_cache_bytes: 2 << 30,
-            resolve: store_resolver(PathBuf::from("adapters")),
             step_gate: None,
             step_delay: Duration::ZERO,
+            load_delay: Duration::ZERO,
         }
     }
 }
@@ -186,6 +175,8 @@ pub struct EngineStats {
     /// Names of the adapters loaded in the cache, and of those with merged weights.
     pub loaded_adapters: Vec<String>,
     pub merged_adapters: Vec<String>,
+    /// Names being loaded for waiting requests.
+    pub loading_adapters: Vec<String>,
     pub max_running: usize,
     /// KV bytes if every running slot held a full context (for a usage fraction).
     pub kv_capacity_bytes: usize,
@@ -195,11 +186,60 @@ pub struct EngineStats {
 
 pub(super) enum Command {
     Submit(Box<EngineRequest>, UnboundedSender<Event>),
+    /// A load the worker started has finished; `generation` is the name's catalog generation
+    /// when its files were resolved.
     Loaded {
         name: String,
         result: Result<adapter::Adapter, adapter::AdapterError>,
         secs: f64,
+        generation: u64,
     },
+    /// A validated upload or registration, to go into the cache as it is (no second load).
+    Install {
+        adapter: Box<adapter::Adapter>,
+        secs: f64,
+    },
+    /// A name was deleted or unloaded: drop what the cache holds for it.
     Invalidate(String),
     Shutdown,
+}
+
+/// Where an adapter stands in this engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterState {
+    /// Known (stored or registered), not in memory.
+    OnDisk,
+    /// Being loaded for a request.
+    Loading,
+    /// In the adapter cache.
+    Loaded,
+    /// In the cache, with merged weights too.
+    Merged,
+    /// Its stored files failed validation (see [`AdapterEntry::error`]).
+    Invalid,
+}
+
+impl AdapterState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterState::OnDisk => "on_disk",
+            AdapterState::Loading => "loading",
+            AdapterState::Loaded => "loaded",
+            AdapterState::Merged => "merged",
+            AdapterState::Invalid => "invalid",
+        }
+    }
+}
+
+/// One adapter as the engine lists it: the catalog's description and the cache's state.
+#[derive(Debug, Clone)]
+pub struct AdapterEntry {
+    pub name: String,
+    pub source: adapter::Source,
+    /// `None` when its `adapter_config.json` does not parse.
+    pub config: Option<adapter::AdapterConfig>,
+    pub state: AdapterState,
+    /// The loader's error, for state `Invalid`.
+    pub error: Option<String>,
 }

@@ -21,7 +21,7 @@ use super::scheduler::{Plan, Running, Scheduler, SchedulerConfig, SeqId, StepApp
 use super::text::TextState;
 use super::types::*;
 use super::{EngineError, FinishReason};
-use crate::adapter::{self, AdapterCache, Lease};
+use crate::adapter::{self, AdapterCache, Catalog, Lease};
 use crate::model::{KvCache, Llama, LogitsFor, SeqInput, Tokenizer};
 
 /// Start the worker thread for `engine` (the handle, built by [`Engine::start`]), which owns
@@ -39,6 +39,7 @@ pub(super) fn spawn(engine: &Engine, rx: Receiver<Command>, cfg: EngineConfig) {
         merged: MergedCache::new(cfg.merged_cache_bytes),
         cfg,
         model: Arc::clone(&engine.model),
+        catalog: Arc::clone(&engine.catalog),
         tokenizer: Arc::clone(&engine.tokenizer),
         eos: engine.info.eos_token_ids.clone(),
         tx: engine.tx.clone(),
@@ -99,6 +100,7 @@ struct Worker {
     cache: AdapterCache,
     merged: MergedCache,
     model: Arc<Llama>,
+    catalog: Arc<Catalog>,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
     tx: Sender<Command>,
@@ -185,7 +187,15 @@ impl Worker {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit(req, events) => self.submit(*req, events),
-            Command::Loaded { name, result, secs } => self.loaded(name, result, secs),
+            Command::Loaded {
+                name,
+                result,
+                secs,
+                generation,
+            } => self.loaded(name, result, secs, generation),
+            Command::Install { adapter, secs } => {
+                drop(self.cache.insert(*adapter, secs));
+            }
             Command::Invalidate(name) => {
                 self.cache.remove(&name);
             }
@@ -223,24 +233,41 @@ impl Worker {
                 } else if let Some(waiters) = self.loading.get_mut(&name) {
                     waiters.push(id);
                 } else {
-                    let Some(dir) = (self.cfg.resolve)(&name) else {
-                        self.finish_with_error(id, EngineError::AdapterNotFound(name));
-                        return;
-                    };
                     self.loading.insert(name.clone(), vec![id]);
-                    let (model, tx) = (Arc::clone(&self.model), self.tx.clone());
-                    std::thread::spawn(move || {
-                        let start = Instant::now();
-                        let result = adapter::load_dir(&dir, &*model).map(|mut a| {
-                            a.name = name.clone();
-                            a
-                        });
-                        let secs = start.elapsed().as_secs_f64();
-                        let _ = tx.send(Command::Loaded { name, result, secs });
-                    });
+                    self.start_load(name);
                 }
             }
         }
+    }
+
+    /// Load `name`'s current files on a thread of its own, for the sequences waiting in
+    /// `self.loading[name]`; they fail with `AdapterNotFound` if the name is gone.
+    fn start_load(&mut self, name: String) {
+        let Some(resolved) = self.catalog.resolve(&name) else {
+            for id in self.loading.remove(&name).unwrap_or_default() {
+                self.finish_with_error(id, EngineError::AdapterNotFound(name.clone()));
+            }
+            return;
+        };
+        let (model, tx) = (Arc::clone(&self.model), self.tx.clone());
+        let delay = self.cfg.load_delay;
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let result = adapter::load_dir(&resolved.dir, &*model).map(|mut a| {
+                a.name = name.clone();
+                a
+            });
+            let secs = start.elapsed().as_secs_f64();
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
+            let _ = tx.send(Command::Loaded {
+                name,
+                result,
+                secs,
+                generation: resolved.generation,
+            });
+        });
     }
 
     fn loaded(
@@ -248,36 +275,48 @@ impl Worker {
         name: String,
         result: Result<adapter::Adapter, adapter::AdapterError>,
         secs: f64,
+        generation: u64,
     ) {
-        let waiters = self.loading.remove(&name).unwrap_or_default();
+        if self.catalog.generation(&name) != generation {
+            // The name changed while its files were read (replaced, deleted, re-registered):
+            // this version must not serve anyone. The new one is in the cache if it was
+            // uploaded; otherwise load again from what the name is now.
+            if let Some(lease) = self.cache.get(&name) {
+                self.serve_waiters(&name, lease);
+            } else if self.loading.contains_key(&name) {
+                self.start_load(name);
+            }
+            return;
+        }
         match result {
             Ok(a) => {
                 let lease = self.cache.insert(a, secs);
-                for id in waiters {
-                    if let Some(seq) = self.seqs.get_mut(&id) {
-                        seq.lease = Some(Arc::clone(&lease));
-                        self.waiting.push_back(id);
-                    }
-                }
-                drop(lease);
-                self.cache.evict_to_budget();
+                self.serve_waiters(&name, lease);
             }
             Err(e) => {
                 self.cache.record_load_failure();
-                let msg = e.to_string();
-                let code = e.code();
-                for id in waiters {
-                    self.finish_with_error(
-                        id,
-                        EngineError::AdapterLoad {
-                            name: name.clone(),
-                            code,
-                            msg: msg.clone(),
-                        },
-                    );
+                let error = Arc::new(e);
+                for id in self.loading.remove(&name).unwrap_or_default() {
+                    let e = EngineError::AdapterLoad {
+                        name: name.clone(),
+                        error: Arc::clone(&error),
+                    };
+                    self.finish_with_error(id, e);
                 }
             }
         }
+    }
+
+    /// The sequences waiting for `name` run on `lease`.
+    fn serve_waiters(&mut self, name: &str, lease: Lease) {
+        for id in self.loading.remove(name).unwrap_or_default() {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.lease = Some(Arc::clone(&lease));
+                self.waiting.push_back(id);
+            }
+        }
+        drop(lease);
+        self.cache.evict_to_budget();
     }
 
     /// Requests whose client went away stop now and free their memory.
@@ -548,6 +587,9 @@ impl Worker {
         stats.running = self.running.len();
         stats.waiting = self.waiting.len() + self.loading.values().map(Vec::len).sum::<usize>();
         stats.loading = self.loading.len();
+        let mut loading: Vec<String> = self.loading.keys().cloned().collect();
+        loading.sort();
+        stats.loading_adapters = loading;
         stats.kv_bytes = self.seqs.values().map(|s| s.cache.bytes()).sum();
         stats.adapter_cache = self.cache.stats();
         stats.merged_bytes = self.merged.bytes();

@@ -2,9 +2,6 @@
 //! visible, then written atomically), list, describe, delete, and vLLM's
 //! `load_lora_adapter` / `unload_lora_adapter`.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -12,65 +9,57 @@ use serde::Deserialize;
 
 use super::dto::*;
 use super::{ApiError, AppState, ErrorBody, JsonBody};
-use crate::adapter::{self, valid_name, AdapterConfig};
+use crate::adapter::{AdapterInfo, Upload};
+use crate::engine::{AdapterEntry, AdapterState};
 
-fn describe(s: &AppState, name: &str) -> Option<AdapterDescription> {
-    let dir = s.adapter_dir(name)?;
-    let cfg = std::fs::read(dir.join("adapter_config.json")).ok()?;
-    let cfg = AdapterConfig::parse(&cfg).ok();
-    let stats = s.engine.stats();
-    let refused = s.refused.read().ok().and_then(|r| r.get(name).cloned());
-    let state = if refused.is_some() {
-        "invalid"
-    } else if stats.merged_adapters.iter().any(|n| n == name) {
-        "merged"
-    } else if stats.loaded_adapters.iter().any(|n| n == name) {
-        "loaded"
-    } else {
-        "on_disk"
-    };
-    Some(AdapterDescription {
-        name: name.to_string(),
-        kind: match &cfg {
+fn describe(e: AdapterEntry) -> AdapterDescription {
+    let cfg = e.config.as_ref();
+    AdapterDescription {
+        name: e.name,
+        kind: match cfg {
             Some(c) if c.use_dora => "dora".into(),
             Some(_) => "lora".into(),
             None => "invalid".into(),
         },
-        r: cfg.as_ref().map_or(0, |c| c.r),
-        lora_alpha: cfg.as_ref().map_or(0.0, |c| c.lora_alpha),
-        use_rslora: cfg.as_ref().is_some_and(|c| c.use_rslora),
+        r: cfg.map_or(0, |c| c.r),
+        lora_alpha: cfg.map_or(0.0, |c| c.lora_alpha),
+        use_rslora: cfg.is_some_and(|c| c.use_rslora),
         modules: None,
         bytes: None,
-        state: state.into(),
+        state: e.state.as_str().into(),
         digest: None,
-        error: refused,
-    })
+        error: e.error,
+    }
 }
 
 /// Every adapter in the store and every registered one.
 pub fn describe_all(s: &AppState) -> Vec<AdapterDescription> {
-    let mut names = s.store.list();
-    if let Ok(r) = s.registered.read() {
-        names.extend(r.keys().cloned());
-    }
-    names.sort();
-    names.dedup();
-    names.iter().filter_map(|n| describe(s, n)).collect()
+    s.engine.adapters().into_iter().map(describe).collect()
 }
 
-fn from_loaded(a: &adapter::Adapter) -> AdapterDescription {
+/// An adapter just validated and put into the cache by an upload or a registration.
+fn from_loaded(name: &str, info: &AdapterInfo) -> AdapterDescription {
     AdapterDescription {
-        name: a.name.clone(),
-        kind: a.info.kind.to_string(),
-        r: a.info.r,
-        lora_alpha: a.info.lora_alpha,
-        use_rslora: a.info.use_rslora,
-        modules: Some(a.info.modules.len()),
-        bytes: Some(a.info.bytes),
-        state: "on_disk".into(),
-        digest: Some(a.info.digest.clone()),
+        name: name.to_string(),
+        kind: info.kind.to_string(),
+        r: info.r,
+        lora_alpha: info.lora_alpha,
+        use_rslora: info.use_rslora,
+        modules: Some(info.modules.len()),
+        bytes: Some(info.bytes),
+        state: AdapterState::Loaded.as_str().into(),
+        digest: Some(info.digest.clone()),
         error: None,
     }
+}
+
+/// Run a blocking catalog verb off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -143,30 +132,22 @@ pub async fn upload(
             "the form field adapter_model (adapter_model.safetensors) is missing",
         )
     })?;
-    if !valid_name(&name) {
-        return Err(ApiError::invalid("name", format!("adapter name {name:?} is invalid: use 1–64 characters from A-Z a-z 0-9 . _ - starting with a letter or digit")));
-    }
     let replace = q.replace.unwrap_or(false);
-    if !replace && s.adapter_exists(&name) {
-        return Err(ApiError::AdapterExists(name));
-    }
-    // Fully parse and validate against the base model before anything touches the store.
-    let model = Arc::clone(s.engine.model());
-    let (n, c, w) = (name.clone(), config.clone(), weights.clone());
-    let loaded = tokio::task::spawn_blocking(move || adapter::load_bytes(&n, &c, &w, &*model))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let store = Arc::clone(&s.store);
-    let n = name.clone();
-    tokio::task::spawn_blocking(move || store.write(&n, &config, &weights, replace))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
-    if let Ok(mut r) = s.registered.write() {
-        r.remove(&name);
-    }
-    // New requests load the new version; running ones finish on theirs.
-    s.forget(&name);
-    Ok((StatusCode::CREATED, Json(from_loaded(&loaded))))
+    let engine = s.engine.clone();
+    let info = blocking(move || {
+        let up = Upload {
+            name: &name,
+            config: &config,
+            weights: &weights,
+            replace,
+        };
+        engine
+            .upload_adapter(up)
+            .map(|info| from_loaded(&name, &info))
+            .map_err(|e| ApiError::catalog(e, "name"))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)))
 }
 
 #[utoipa::path(get, path = "/v1/adapters", responses((status = 200, body = AdapterList, description = "OK")))]
@@ -183,8 +164,9 @@ pub async fn get_one(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<AdapterDescription>, ApiError> {
-    describe(&s, &name)
-        .map(Json)
+    s.engine
+        .adapter(&name)
+        .map(|e| Json(describe(e)))
         .ok_or(ApiError::AdapterNotFound(name))
 }
 
@@ -194,28 +176,17 @@ pub async fn delete(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Deleted>, ApiError> {
-    let registered = s
-        .registered
-        .write()
-        .ok()
-        .and_then(|mut r| r.remove(&name))
-        .is_some();
-    if !registered {
-        if !valid_name(&name) || !s.store.exists(&name) {
-            return Err(ApiError::AdapterNotFound(name));
-        }
-        let store = Arc::clone(&s.store);
-        let n = name.clone();
-        tokio::task::spawn_blocking(move || store.delete(&n))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-    }
-    // In-flight requests keep their lease and finish normally.
-    s.forget(&name);
-    Ok(Json(Deleted {
-        name,
-        deleted: true,
-    }))
+    let engine = s.engine.clone();
+    blocking(move || {
+        engine
+            .delete_adapter(&name)
+            .map_err(|e| ApiError::catalog(e, "name"))?;
+        Ok(Json(Deleted {
+            name,
+            deleted: true,
+        }))
+    })
+    .await
 }
 
 #[utoipa::path(post, path = "/v1/load_lora_adapter", request_body = LoadLoraRequest,
@@ -224,65 +195,14 @@ pub async fn load_lora(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<LoadLoraRequest>,
 ) -> Result<Json<AdapterDescription>, ApiError> {
-    if !valid_name(&req.lora_name) {
-        return Err(ApiError::invalid(
-            "lora_name",
-            format!(
-                "adapter name {:?} is invalid: use 1–64 characters from A-Z a-z 0-9 . _ -",
-                req.lora_name
-            ),
-        ));
-    }
-    if s.adapter_exists(&req.lora_name) {
-        return Err(ApiError::AdapterExists(req.lora_name));
-    }
-    // The path must resolve (links followed) to a folder under the adapter root.
-    let root = s
-        .cfg
-        .adapter_root
-        .canonicalize()
-        .map_err(|e| ApiError::Internal(format!("adapter root: {e}")))?;
-    let path = PathBuf::from(&req.lora_path);
-    let path = if path.is_absolute() {
-        path
-    } else {
-        root.join(path)
-    };
-    let path = path.canonicalize().map_err(|_| {
-        ApiError::invalid(
-            "lora_path",
-            format!("lora_path {:?} does not exist", req.lora_path),
-        )
-    })?;
-    if !path.starts_with(&root) || !path.is_dir() {
-        return Err(ApiError::invalid(
-            "lora_path",
-            format!(
-                "lora_path must be a folder under the adapter root {}",
-                root.display()
-            ),
-        ));
-    }
-    let model = Arc::clone(s.engine.model());
-    let p = path.clone();
-    let mut loaded = tokio::task::spawn_blocking(move || adapter::load_dir(&p, &*model))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
-    loaded.name = req.lora_name.clone();
-    {
-        // Check again under the lock, then insert: of two concurrent registrations of one
-        // name, exactly one wins and the other is told the name exists.
-        let mut r = s
-            .registered
-            .write()
-            .map_err(|_| ApiError::Internal("the adapter registry lock is poisoned".into()))?;
-        if r.contains_key(&req.lora_name) || s.store.exists(&req.lora_name) {
-            return Err(ApiError::AdapterExists(req.lora_name));
-        }
-        r.insert(req.lora_name.clone(), path);
-    }
-    s.forget(&req.lora_name);
-    Ok(Json(from_loaded(&loaded)))
+    let engine = s.engine.clone();
+    blocking(move || {
+        engine
+            .register_adapter(&req.lora_name, &req.lora_path)
+            .map(|info| Json(from_loaded(&req.lora_name, &info)))
+            .map_err(|e| ApiError::catalog(e, "lora_name"))
+    })
+    .await
 }
 
 #[utoipa::path(post, path = "/v1/unload_lora_adapter", request_body = UnloadLoraRequest,
@@ -292,19 +212,9 @@ pub async fn unload_lora(
     JsonBody(req): JsonBody<UnloadLoraRequest>,
 ) -> Result<Json<Deleted>, ApiError> {
     let name = req.lora_name;
-    let registered = s
-        .registered
-        .write()
-        .ok()
-        .and_then(|mut r| r.remove(&name))
-        .is_some();
-    if !registered && !s.store.exists(&name) {
-        return Err(ApiError::AdapterNotFound(name));
-    }
-    // A store adapter stays on disk; it is only dropped from memory.
-    s.forget(&name);
-    Ok(Json(Deleted {
-        name,
-        deleted: registered,
-    }))
+    let deleted = s
+        .engine
+        .unregister_adapter(&name)
+        .map_err(|e| ApiError::catalog(e, "lora_name"))?;
+    Ok(Json(Deleted { name, deleted }))
 }

@@ -367,8 +367,9 @@ pub struct AdapterDescription {
     /// Bytes it holds once loaded, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<usize>,
-    /// `on_disk`, `loaded`, `merged`, or `invalid` (stored files that do not validate; see
-    /// `error`).
+    /// `on_disk`, `loading`, `loaded` (in the adapter cache: uploads and registrations go
+    /// there as they were validated), `merged`, or `invalid` (stored files that do not
+    /// validate; see `error`).
     pub state: String,
     /// Content digest of the adapter files (`sha256:…`), when known (uploads and loaded ones).
     #[serde(skip_serializing_if = "Option::is_none")]

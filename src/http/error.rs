@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::adapter::{AdapterError, StoreError};
+use crate::adapter::{AdapterError, CatalogError};
 use crate::engine::EngineError;
 
 #[derive(Debug, thiserror::Error)]
@@ -202,35 +202,43 @@ impl From<EngineError> for ApiError {
             e @ EngineError::ContextLength { .. } => ApiError::ContextLength(e.to_string()),
             EngineError::Overloaded => ApiError::Overloaded,
             EngineError::AdapterNotFound(name) => ApiError::AdapterNotFound(name),
-            EngineError::AdapterLoad { code, msg, name } => ApiError::AdapterInvalid {
-                code,
-                msg: format!("adapter {name:?} failed to load: {msg}"),
-            },
+            EngineError::AdapterLoad { name, error } => ApiError::adapter(&error, Some(&name)),
             EngineError::ShuttingDown => ApiError::Unavailable,
             EngineError::Internal(m) => ApiError::Internal(m),
         }
     }
 }
 
-impl From<AdapterError> for ApiError {
-    fn from(e: AdapterError) -> Self {
+impl ApiError {
+    /// The one mapping of an adapter that cannot be served, wherever it was loaded (an upload,
+    /// `load_lora_adapter`, or a request that loaded it from the store): 422 with the
+    /// loader's stable code, except a computation failure, which is the server's (500).
+    /// `name`: the adapter, when the message should say which one failed.
+    pub fn adapter(e: &AdapterError, name: Option<&str>) -> Self {
+        let msg = match name {
+            Some(n) => format!("adapter {n:?} failed to load: {e}"),
+            None => e.to_string(),
+        };
         match e {
-            AdapterError::Candle(_) | AdapterError::Io { .. } => ApiError::Internal(e.to_string()),
+            AdapterError::Candle(_) => ApiError::Internal(msg),
             e => ApiError::AdapterInvalid {
                 code: e.code(),
-                msg: e.to_string(),
+                msg,
             },
         }
     }
-}
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
+    /// A catalog verb's refusal; `name_param` is the request field that named the adapter.
+    pub fn catalog(e: CatalogError, name_param: &'static str) -> Self {
         match e {
-            StoreError::InvalidName(_) => ApiError::invalid("name", e.to_string()),
-            StoreError::Exists(n) => ApiError::AdapterExists(n),
-            StoreError::NotFound(n) => ApiError::AdapterNotFound(n),
-            StoreError::Io { .. } => ApiError::Internal(e.to_string()),
+            CatalogError::InvalidName(_) => ApiError::invalid(name_param, e.to_string()),
+            CatalogError::Exists(n) => ApiError::AdapterExists(n),
+            CatalogError::NotFound(n) => ApiError::AdapterNotFound(n),
+            CatalogError::Invalid(e) => ApiError::adapter(&e, None),
+            CatalogError::PathMissing(_) | CatalogError::PathOutsideRoot(_) => {
+                ApiError::invalid("lora_path", e.to_string())
+            }
+            CatalogError::Store(_) | CatalogError::Root { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }

@@ -30,7 +30,7 @@ pub(super) fn resolve_adapter(
     let from_model = match model {
         None | Some("") => None,
         Some(m) if m == s.cfg.model_id => None,
-        Some(m) if s.adapter_exists(m) => Some(m.to_string()),
+        Some(m) if s.engine.adapter_exists(m) => Some(m.to_string()),
         Some(m) => {
             return Err(if adapter.is_none() {
                 ApiError::ModelNotFound(m.to_string())
@@ -50,7 +50,9 @@ pub(super) fn resolve_adapter(
             "adapter",
             format!("model names adapter {m:?} but adapter names {a:?}: name one adapter"),
         )),
-        (_, Some(a)) if !s.adapter_exists(a) => Err(ApiError::AdapterNotFound(a.to_string())),
+        (_, Some(a)) if !s.engine.adapter_exists(a) => {
+            Err(ApiError::AdapterNotFound(a.to_string()))
+        }
         (_, Some(a)) => Ok(Some(a.to_string())),
         (m, None) => Ok(m),
     }

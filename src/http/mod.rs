@@ -13,9 +13,7 @@ mod metrics;
 mod models;
 pub mod openapi;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -25,7 +23,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::adapter::AdapterStore;
 use crate::engine::Engine;
 pub use error::{ApiError, ErrorBody};
 pub use metrics::Metrics;
@@ -38,119 +35,27 @@ pub struct HttpConfig {
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
     pub max_upload_bytes: usize,
-    /// `load_lora_adapter` paths must lie under this folder.
-    pub adapter_root: PathBuf,
     /// Generation requests that run longer end with `request_timeout` (None: no limit).
     pub request_timeout: Option<std::time::Duration>,
 }
 
-/// Shared state of every handler.
+/// Shared state of every handler: the engine (which owns the model and every adapter) and
+/// what only HTTP needs.
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
-    pub store: Arc<AdapterStore>,
-    /// Adapters registered by `load_lora_adapter` outside the store's own folders.
-    pub registered: Arc<RwLock<HashMap<String, PathBuf>>>,
     pub cfg: Arc<HttpConfig>,
     pub metrics: Arc<Metrics>,
-    /// Stored adapters that failed the start-up validation pass, with the loader's message; listed as
-    /// `invalid` until they are replaced or deleted. Their requests fail with the same error.
-    pub refused: Arc<RwLock<HashMap<String, String>>>,
-    /// Counts [`forget`](Self::forget) calls (under `refused`'s lock), so a validation that
-    /// read files since replaced never marks the new ones refused.
-    forgotten: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AppState {
-    pub fn new(
-        engine: Engine,
-        store: Arc<AdapterStore>,
-        registered: Arc<RwLock<HashMap<String, PathBuf>>>,
-        cfg: HttpConfig,
-    ) -> Self {
+    pub fn new(engine: Engine, cfg: HttpConfig) -> Self {
         AppState {
             engine,
-            store,
-            registered,
             cfg: Arc::new(cfg),
             metrics: Arc::new(Metrics::default()),
-            refused: Arc::default(),
-            forgotten: Arc::default(),
         }
     }
-
-    /// Validate every stored adapter against the base model; those that fail are logged and
-    /// listed as `invalid` (the server keeps serving the rest). Returns the refused names.
-    ///
-    /// The server runs this on a thread of its own after it starts listening (each check is a
-    /// full load, ~0.2 s per SmolLM2 r16 adapter): until the check reaches a broken adapter,
-    /// its requests fail at load time with the same error, and it is listed when found. An
-    /// adapter written, replaced or deleted meanwhile is not marked from its old files.
-    pub fn check_store(&self) -> Vec<String> {
-        use std::sync::atomic::Ordering;
-        let mut bad = Vec::new();
-        for name in self.store.list() {
-            let before = self.forgotten.load(Ordering::SeqCst);
-            let dir = self.store.root().join(&name);
-            if let Err(e) = crate::adapter::load_dir(&dir, &**self.engine.model()) {
-                let Ok(mut r) = self.refused.write() else {
-                    continue;
-                };
-                if self.forgotten.load(Ordering::SeqCst) != before {
-                    continue; // something changed under us; the new files get their own check
-                }
-                tracing::warn!(
-                    "adapter {name} in the store does not validate and will fail its requests: {e}"
-                );
-                eprintln!("warning: adapter {name} does not validate: {e}");
-                r.insert(name.clone(), e.to_string());
-                bad.push(name);
-            }
-        }
-        bad
-    }
-
-    /// A name was written, replaced or removed: forget what was known about its old files.
-    pub fn forget(&self, name: &str) {
-        if let Ok(mut r) = self.refused.write() {
-            r.remove(name);
-            self.forgotten
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.engine.invalidate_adapter(name);
-    }
-
-    /// Where adapter `name` lives: a registered path first, then the store.
-    pub fn adapter_dir(&self, name: &str) -> Option<PathBuf> {
-        if let Some(p) = self
-            .registered
-            .read()
-            .ok()
-            .and_then(|r| r.get(name).cloned())
-        {
-            return Some(p);
-        }
-        self.store
-            .exists(name)
-            .then(|| self.store.root().join(name))
-    }
-
-    pub fn adapter_exists(&self, name: &str) -> bool {
-        self.adapter_dir(name).is_some()
-    }
-}
-
-/// The engine's resolver over this state's store and registrations.
-pub fn resolver(
-    store: Arc<AdapterStore>,
-    registered: Arc<RwLock<HashMap<String, PathBuf>>>,
-) -> crate::engine::AdapterResolver {
-    Arc::new(move |name: &str| {
-        if let Some(p) = registered.read().ok().and_then(|r| r.get(name).cloned()) {
-            return Some(p);
-        }
-        store.exists(name).then(|| store.root().join(name))
-    })
 }
 
 pub fn now_secs() -> u64 {

@@ -5,11 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dora_serve::adapter::Catalog;
 use dora_serve::engine::scheduler::ModePolicy;
 use dora_serve::engine::{
-    generate, store_resolver, AdapterSpec, ApplyMode, Engine, EngineConfig, EngineError,
-    EngineRequest, EngineStats, Event, EventStream, FinishReason, GenerateRequest, SamplingParams,
-    StepGate,
+    generate, AdapterSpec, ApplyMode, Engine, EngineConfig, EngineError, EngineRequest,
+    EngineStats, Event, EventStream, FinishReason, GenerateRequest, SamplingParams, StepGate,
 };
 
 use crate::util::{fixtures, load};
@@ -88,11 +88,10 @@ fn engine(store: &Path, mode: ModePolicy, cfg: impl FnOnce(&mut EngineConfig)) -
         mode,
         merge_after: 2,
         turn_steps: 3,
-        resolve: store_resolver(store.to_path_buf()),
         ..EngineConfig::default()
     };
     cfg(&mut c);
-    Engine::start(load("tiny-llama"), c)
+    Engine::start(load("tiny-llama"), Catalog::open(store).unwrap(), c)
 }
 
 fn request(
@@ -507,7 +506,7 @@ fn replaced_adapter_serves_new_requests_with_the_new_version() {
         &fixtures().join("adapters/lora-r8"),
         &s.path().join("dora-all-r8"),
     );
-    e.invalidate_adapter("dora-all-r8");
+    e.evict_adapter("dora-all-r8");
     assert_eq!(e.stats().running, 1, "the long request is still running");
     gate.open();
     let second = collect(

@@ -595,7 +595,7 @@ async fn stored_adapters_that_no_longer_validate_are_refused_at_start() {
     std::fs::write(dir.join("adapter_config.json"), cfg).unwrap();
     std::fs::write(dir.join("adapter_model.safetensors"), &st[..st.len() / 2]).unwrap();
     let before = fingerprint(&s).await;
-    assert_eq!(s.state.check_store(), vec!["damaged".to_string()]);
+    assert_eq!(s.engine.check_adapters(), vec!["damaged".to_string()]);
     let (st, v, _) = call(&s.app, get("/v1/adapters/damaged")).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(v["state"], "invalid");
@@ -631,8 +631,10 @@ async fn stored_adapters_that_no_longer_validate_are_refused_at_start() {
     .await;
     assert_eq!(st, StatusCode::CREATED, "{text}");
     assert!(v["digest"].as_str().unwrap().starts_with("sha256:"));
+    // No longer refused: the validated upload went into the cache as it is.
     let (_, v, _) = call(&s.app, get("/v1/adapters/damaged")).await;
-    assert_eq!(v["state"], "on_disk");
+    assert_eq!(v["state"], "loaded", "{v}");
+    assert!(v.get("error").is_none(), "{v}");
     let (st, v, _) = call(
         &s.app,
         post_json(

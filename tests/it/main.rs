@@ -2,6 +2,7 @@
 
 mod adapters;
 mod api;
+mod catalog;
 mod cli;
 mod engine;
 mod hostile;

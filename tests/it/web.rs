@@ -1,13 +1,10 @@
 //! Helpers for tests of the HTTP API: a server on the tiny model over a temporary store,
 //! driven through its router (`oneshot`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use dora_serve::adapter::AdapterStore;
+use dora_serve::adapter::Catalog;
 use dora_serve::engine::scheduler::ModePolicy;
 use dora_serve::engine::{Engine, EngineConfig, StepGate};
 use dora_serve::http::{self, AppState, HttpConfig};
@@ -24,7 +21,6 @@ pub struct Server {
     pub engine: Engine,
     pub store: tempfile::TempDir,
     pub outside: tempfile::TempDir,
-    pub state: AppState,
 }
 
 pub fn server_with(keys: (Option<&str>, Option<&str>), max_upload: usize) -> Server {
@@ -45,6 +41,8 @@ pub struct Opts<'a> {
     pub request_timeout: Option<std::time::Duration>,
     /// Engine steps wait for this gate (tests that need the engine to hold still).
     pub gate: Option<StepGate>,
+    /// A pause inside every cold adapter load, after its files are read.
+    pub load_delay: std::time::Duration,
 }
 
 impl Default for Opts<'_> {
@@ -55,6 +53,7 @@ impl Default for Opts<'_> {
             limits: (8, 64),
             request_timeout: None,
             gate: None,
+            load_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -69,37 +68,33 @@ pub fn server_opts(o: Opts) -> Server {
             std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
     }
-    let store = Arc::new(AdapterStore::open(store_dir.path()).unwrap());
-    let registered = Arc::new(RwLock::new(HashMap::new()));
+    let catalog = Catalog::open(store_dir.path()).unwrap();
     let engine = Engine::start(
         load("tiny-llama"),
+        catalog,
         EngineConfig {
             max_running: o.limits.0,
             max_step_tokens: 256,
             max_queued: o.limits.1,
             mode: ModePolicy::Auto,
-            resolve: http::resolver(Arc::clone(&store), Arc::clone(&registered)),
             step_gate: o.gate,
+            load_delay: o.load_delay,
             ..EngineConfig::default()
         },
     );
     let state = AppState::new(
         engine.clone(),
-        store,
-        registered,
         HttpConfig {
             model_id: "tiny-llama".into(),
             api_key: o.keys.0.map(str::to_string),
             admin_key: o.keys.1.map(str::to_string),
             max_upload_bytes: o.max_upload,
-            adapter_root: store_dir.path().to_path_buf(),
             request_timeout: o.request_timeout,
         },
     );
     Server {
         engine,
-        app: http::app(state.clone()),
-        state,
+        app: http::app(state),
         store: store_dir,
         outside: tempfile::tempdir().unwrap(),
     }
