@@ -14,7 +14,7 @@ use dora_serve::config::{
 };
 use dora_serve::engine::{
     AdapterSpec, Engine, EngineConfig, EngineRequest, Event, FinishReason, GenerateOutput,
-    SamplingParams,
+    LogprobsAsk, SamplingParams,
 };
 use dora_serve::http::{self, AppState, HttpConfig};
 use dora_serve::model::{self, LoadOptions, LoadedModel};
@@ -345,22 +345,18 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(prompt, dir)| {
             Ok(EngineRequest {
-                prompt_token_ids: loaded.tokenizer.encode(prompt)?,
-                max_tokens: args.max_tokens,
                 sampling: sampling.clone(),
-                logprobs: args.logprobs,
-                stop_token_ids: Vec::new(),
-                stop_strings: Vec::new(),
+                logprobs: args.logprobs.map(LogprobsAsk::top),
                 ignore_eos: args.ignore_eos,
-                prompt_logprobs: None,
                 adapter: dir
                     .as_ref()
                     .map(|d| AdapterSpec::Loaded(Arc::clone(&adapters[d.as_path()]))),
+                ..EngineRequest::new(loaded.tokenizer.encode(prompt)?, args.max_tokens)
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     // One batch: every prompt runs at once, prompts prefilled together.
-    let total_prompt: usize = reqs.iter().map(|r| r.prompt_token_ids.len()).sum();
+    let total_prompt: usize = reqs.iter().map(|r| r.prompts[0].len()).sum();
     // Adapters here are folders loaded above, never names: the catalog is an empty scratch
     // store, removed at exit.
     let scratch = tempfile::tempdir().context("creating a scratch adapter store")?;
@@ -377,15 +373,15 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
     );
     let start = Instant::now();
-    let streams = reqs
-        .iter()
-        .map(|r| engine.submit(r.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut streams = Vec::with_capacity(reqs.len());
+    for r in &reqs {
+        streams.extend(engine.submit(engine.validate(r.clone())?)?);
+    }
     let mut outs = Vec::with_capacity(streams.len());
     let mut first_token_at: Option<Instant> = None;
     for (req, mut stream) in reqs.into_iter().zip(streams) {
         let mut out = GenerateOutput {
-            prompt_token_ids: req.prompt_token_ids,
+            prompt_token_ids: req.prompts[0].clone(),
             token_ids: Vec::new(),
             text: String::new(),
             finish_reason: FinishReason::Length,

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::request::{check_prompt, Param};
 use super::sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob};
 use super::EngineError;
 use crate::model::{KvCache, Llama, LogitsFor, SeqInput, Tokenizer};
@@ -92,44 +93,26 @@ struct Running {
 
 pub const MAX_LOGPROBS: usize = 20;
 
-/// What every request must satisfy, whichever path runs it: a non-empty prompt of in-vocabulary
-/// ids, at most [`MAX_LOGPROBS`] alternatives, valid sampling settings.
-pub(super) fn check_common(
-    vocab_size: usize,
-    prompt: &[u32],
-    logprobs: Option<usize>,
-    sampling: &SamplingParams,
-) -> Result<(), EngineError> {
-    let bad = |m: String| Err(EngineError::InvalidRequest(m));
-    if prompt.is_empty() {
-        return bad("the prompt is empty: give at least one token".into());
-    }
-    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
-        return bad(format!(
-            "prompt token id {t} is outside the vocabulary (0..{vocab_size})"
-        ));
-    }
-    if logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
-        return bad(format!("logprobs must be at most {MAX_LOGPROBS}"));
-    }
-    sampling.check().map_err(EngineError::InvalidRequest)
-}
-
 fn check(model: &Llama, req: &GenerateRequest) -> Result<(), EngineError> {
     let cfg = model.config();
-    check_common(
-        cfg.vocab_size,
-        &req.prompt_token_ids,
-        req.logprobs,
-        &req.sampling,
-    )?;
+    check_prompt(&req.prompt_token_ids, cfg.vocab_size)?;
+    if req.logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
+        return Err(EngineError::InvalidRequest {
+            param: Param::Logprobs,
+            msg: format!("logprobs must be at most {MAX_LOGPROBS}"),
+        });
+    }
+    req.sampling.check()?;
     // The reference loop stops at the context; it only needs room for one new token.
     if req.prompt_token_ids.len() >= cfg.max_context {
-        return Err(EngineError::InvalidRequest(format!(
-            "the prompt has {} tokens; the model's context is {} and must leave room for at least one new token",
-            req.prompt_token_ids.len(),
-            cfg.max_context
-        )));
+        return Err(EngineError::InvalidRequest {
+            param: Param::Prompt,
+            msg: format!(
+                "the prompt has {} tokens; the model's context is {} and must leave room for at least one new token",
+                req.prompt_token_ids.len(),
+                cfg.max_context
+            ),
+        });
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::unbounded_channel;
 
-use super::generate::check_common;
+use super::request::ValidRequest;
 use super::types::*;
 use super::EngineError;
 use crate::adapter::{AdapterInfo, Catalog, CatalogError, Upload};
@@ -44,54 +44,59 @@ impl Engine {
         engine
     }
 
-    /// Queue a request. Fails at once when the queue is full (`Overloaded`) or the request is
-    /// invalid; everything else (unknown adapter, load failure) arrives as an `Error` event.
-    pub fn submit(&self, req: EngineRequest) -> Result<EventStream, EngineError> {
-        self.check(&req)?;
-        // Reserve a queue slot, or refuse: memory stays bounded under any load.
+    /// Queue every choice of a validated request (prompt-major: choice `p·n + k` is prompt
+    /// `p` with seed `seed + k`) and return their event streams in that order. Fails at once,
+    /// with nothing queued, when the queue has no room for all of them (`Overloaded`);
+    /// everything else (unknown adapter, load failure) arrives as an `Error` event.
+    pub fn submit(&self, valid: ValidRequest) -> Result<Vec<EventStream>, EngineError> {
+        let choices = valid.choices();
+        // Reserve the queue slots, or refuse: memory stays bounded under any load.
         let mut cur = self.queued.load(Ordering::Acquire);
         loop {
-            if cur >= self.max_queued {
+            if cur + choices > self.max_queued {
                 return Err(EngineError::Overloaded);
             }
-            match self
-                .queued
-                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.queued.compare_exchange(
+                cur,
+                cur + choices,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => break,
                 Err(now) => cur = now,
             }
         }
-        let (etx, erx) = unbounded_channel();
-        if self.tx.send(Command::Submit(Box::new(req), etx)).is_err() {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(EngineError::ShuttingDown);
+        let ctx = self.model.config().max_context;
+        let req = valid.req;
+        let mut streams = Vec::with_capacity(choices);
+        for (i, prompt) in req.prompts.iter().enumerate() {
+            for k in 0..req.n {
+                let mut sampling = req.sampling.clone();
+                sampling.seed = sampling.seed.wrapping_add(k as u64);
+                let logprobs = req.logprobs.map(|l| l.top);
+                let seq = SeqRequest {
+                    max_tokens: req
+                        .max_tokens
+                        .unwrap_or(ctx.saturating_sub(prompt.len()).max(1)),
+                    prompt_token_ids: prompt.clone(),
+                    sampling,
+                    logprobs,
+                    stop_token_ids: req.stop_token_ids.clone(),
+                    stop_strings: req.stop_strings.clone(),
+                    ignore_eos: req.ignore_eos,
+                    adapter: req.adapter.clone(),
+                    prompt_logprobs: if req.prompt_logprobs { logprobs } else { None },
+                };
+                let (etx, erx) = unbounded_channel();
+                if self.tx.send(Command::Submit(Box::new(seq), etx)).is_err() {
+                    let unsent = choices - (i * req.n + k);
+                    self.queued.fetch_sub(unsent, Ordering::AcqRel);
+                    return Err(EngineError::ShuttingDown);
+                }
+                streams.push(EventStream { rx: erx });
+            }
         }
-        Ok(EventStream { rx: erx })
-    }
-
-    fn check(&self, req: &EngineRequest) -> Result<(), EngineError> {
-        let cfg = self.model.config();
-        check_common(
-            cfg.vocab_size,
-            &req.prompt_token_ids,
-            req.logprobs.max(req.prompt_logprobs),
-            &req.sampling,
-        )?;
-        // Like OpenAI and vLLM: the whole request must fit, not be cut short at the context.
-        if req.prompt_token_ids.len() + req.max_tokens.max(1) > cfg.max_context {
-            return Err(EngineError::ContextLength {
-                prompt: req.prompt_token_ids.len(),
-                max_tokens: req.max_tokens,
-                context: cfg.max_context,
-            });
-        }
-        if req.stop_strings.iter().any(String::is_empty) {
-            return Err(EngineError::InvalidRequest(
-                "stop strings must not be empty".into(),
-            ));
-        }
-        Ok(())
+        Ok(streams)
     }
 
     fn install(&self) -> impl FnOnce(crate::adapter::Adapter, f64) + '_ {

@@ -6,6 +6,7 @@ mod generate;
 mod handle;
 mod hooks;
 mod merged_cache;
+mod request;
 mod sampling;
 pub mod scheduler;
 mod text;
@@ -18,10 +19,11 @@ pub use generate::{
 };
 pub use handle::Engine;
 pub use hooks::StepGate;
+pub use request::{EngineRequest, LogprobsAsk, Param, ValidRequest, MAX_CHOICES, MAX_N, MAX_STOP};
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 pub use types::{
-    AdapterEntry, AdapterSpec, AdapterState, AdapterVersion, EngineConfig, EngineRequest,
-    EngineStats, Event, EventStream,
+    AdapterEntry, AdapterSpec, AdapterState, AdapterVersion, EngineConfig, EngineStats, Event,
+    EventStream,
 };
 
 use crate::model::ModelError;
@@ -29,9 +31,12 @@ use crate::model::ModelError;
 /// Errors of generation.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    /// The request cannot be served as given; the message says what to change.
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    /// The request cannot be served as given: `param` is the field, the message says what to
+    /// change.
+    #[error("invalid request: {msg}")]
+    InvalidRequest { param: Param, msg: String },
+    #[error("model {0:?} is neither the base model nor an adapter")]
+    ModelNotFound(String),
     #[error(
         "the prompt has {prompt} tokens and max_tokens is {max_tokens}, but the model's context is {context} tokens: \
          shorten the prompt or lower max_tokens"

@@ -4,6 +4,9 @@ use candle_core::{Result, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
+use super::request::Param;
+use super::EngineError;
+
 /// Per-request sampling settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -37,35 +40,46 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     /// Say what is wrong, if anything.
-    pub fn check(&self) -> std::result::Result<(), String> {
+    /// Whether the settings are usable; the error names the offending field.
+    pub fn check(&self) -> std::result::Result<(), EngineError> {
+        let bad = |param, msg: String| Err(EngineError::InvalidRequest { param, msg });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!(
-                "temperature must be a finite number ≥ 0, got {}",
-                self.temperature
-            ));
+            return bad(
+                Param::Temperature,
+                format!(
+                    "temperature must be a finite number ≥ 0, got {}",
+                    self.temperature
+                ),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad(
+                Param::TopP,
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
         }
         if self.top_k == Some(0) {
-            return Err("top_k must be at least 1".into());
+            return bad(Param::TopK, "top_k must be at least 1".into());
         }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
+        for (param, v) in [
+            (Param::PresencePenalty, self.presence_penalty),
+            (Param::FrequencyPenalty, self.frequency_penalty),
         ] {
             if !(-2.0..=2.0).contains(&v) {
-                return Err(format!("{name} must be in [-2, 2], got {v}"));
+                return bad(
+                    param,
+                    format!("{} must be in [-2, 2], got {v}", param.as_str()),
+                );
             }
         }
         Ok(())
     }
 }
 
-/// A request's token chooser, with its own seeded generator.
 /// Temperatures below this sample greedily.
 const GREEDY_BELOW: f64 = 1e-5;
 
+/// A request's token chooser, with its own seeded generator.
 pub struct Sampler {
     inner: LogitsProcessor,
     presence: f32,
@@ -215,19 +229,35 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-6);
     }
 
+    /// The error names its field structurally (and in the message), for every field.
     #[test]
     fn bad_sampling_params_are_named() {
+        let named = |p: &SamplingParams| match p.check() {
+            Err(EngineError::InvalidRequest { param, msg }) => {
+                assert!(msg.contains(param.as_str()), "{msg}");
+                param
+            }
+            other => panic!("expected InvalidRequest, got {other:?}"),
+        };
         let mut p = SamplingParams {
             temperature: f64::NAN,
             ..Default::default()
         };
-        assert!(p.check().unwrap_err().contains("temperature"));
+        assert_eq!(named(&p), Param::Temperature);
         p.temperature = 1.0;
         p.top_p = 0.0;
-        assert!(p.check().unwrap_err().contains("top_p"));
+        assert_eq!(named(&p), Param::TopP);
         p.top_p = 1.0;
         p.top_k = Some(0);
-        assert!(p.check().unwrap_err().contains("top_k"));
+        assert_eq!(named(&p), Param::TopK);
+        p.top_k = None;
+        p.presence_penalty = 3.0;
+        assert_eq!(named(&p), Param::PresencePenalty);
+        p.presence_penalty = 0.0;
+        p.frequency_penalty = -2.5;
+        assert_eq!(named(&p), Param::FrequencyPenalty);
+        p.frequency_penalty = 0.0;
+        assert!(p.check().is_ok());
     }
 
     #[test]

@@ -86,9 +86,9 @@ pub enum AdapterSpec {
     Loaded(Lease),
 }
 
-/// A request to the engine.
+/// One sequence (one choice of a [`ValidRequest`](super::ValidRequest)), as the worker runs it.
 #[derive(Debug, Clone)]
-pub struct EngineRequest {
+pub(super) struct SeqRequest {
     pub prompt_token_ids: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -185,7 +185,7 @@ pub struct EngineStats {
 }
 
 pub(super) enum Command {
-    Submit(Box<EngineRequest>, UnboundedSender<Event>),
+    Submit(Box<SeqRequest>, UnboundedSender<Event>),
     /// A load the worker started has finished; `generation` is the name's catalog generation
     /// when its files were resolved.
     Loaded {

@@ -69,7 +69,7 @@ pub(super) fn spawn(engine: &Engine, rx: Receiver<Command>, cfg: EngineConfig) {
 }
 
 struct Seq {
-    req: EngineRequest,
+    req: SeqRequest,
     events: UnboundedSender<Event>,
     lease: Option<Lease>,
     cache: KvCache,
@@ -204,7 +204,7 @@ impl Worker {
         true
     }
 
-    fn submit(&mut self, req: EngineRequest, events: UnboundedSender<Event>) {
+    fn submit(&mut self, req: SeqRequest, events: UnboundedSender<Event>) {
         let id = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
         let seq = Seq {
             sampler: Sampler::new(&req.sampling),

@@ -1,22 +1,18 @@
 //! `POST /v1/chat/completions`: the model's chat template, JSON or server-sent events.
 
-use std::convert::Infallible;
-use std::time::Instant;
-
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, StreamExt};
 
 use super::dto::*;
-use super::generation::{
-    common, finish_str, merged_events, request_id, sse_json, start, token_text, tokenize,
-};
+use super::generation::{finish_str, request_id, token_text, tokenize, SamplingFields};
+use super::stream::{self, Collected, Render, TokenChunk};
 use super::{now_secs, ApiError, AppState, ErrorBody, JsonBody};
-use crate::engine::{AdapterVersion, Event, TokenLogprob, MAX_LOGPROBS};
+use crate::engine::{
+    AdapterSpec, AdapterVersion, EngineRequest, FinishReason, LogprobsAsk, Param, TokenLogprob,
+    MAX_LOGPROBS,
+};
 
-/// Render the model's chat template.
 /// One choice of a streamed chat chunk.
 fn delta_choice(
     index: usize,
@@ -36,6 +32,7 @@ fn delta_choice(
     }
 }
 
+/// Render the model's chat template.
 fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
     let template = s.engine.info().chat_template.clone().ok_or_else(|| {
         ApiError::invalid(
@@ -126,6 +123,40 @@ pub async fn chat(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    refuse_unsupported(&req)?;
+    let prompt_text = render_chat(&s, &req.messages)?;
+    let prompt = tokenize(&s, vec![prompt_text]).await?.remove(0);
+    let valid = s.engine.validate(engine_request(&req, prompt))?;
+    let render = Chat {
+        s: s.clone(),
+        id: request_id("chatcmpl"),
+        created: now_secs(),
+        model: req.model.clone().unwrap_or_else(|| s.cfg.model_id.clone()),
+        adapter: valid.adapter_name().map(str::to_string),
+        logprobs: valid.logprobs().is_some(),
+    };
+    let started = stream::start(&s, valid).await?;
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(stream::sse(s, started, render, include_usage));
+    }
+    let out = stream::collect(&s, started).await?;
+    Ok(Json(ChatResponse {
+        id: render.id.clone(),
+        object: "chat.completion",
+        created: render.created,
+        model: render.model.clone(),
+        choices: out.choices.into_iter().map(|c| render.choice(c)).collect(),
+        usage: out.usage,
+        adapter: render.adapter.clone(),
+        adapter_version: out.served.as_ref().map(|v| v.version),
+        adapter_digest: out.served.map(|v| v.digest),
+    })
+    .into_response())
+}
+
+/// Fields that OpenAI has and dora-serve does not serve, refused by name.
+fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
     if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         return Err(ApiError::invalid(
             "logit_bias",
@@ -135,43 +166,74 @@ pub async fn chat(
     if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(ApiError::invalid("tools", "tool calling is not supported"));
     }
-    let top = req.top_logprobs.map(|k| k as usize);
-    if top.is_some_and(|k| k > MAX_LOGPROBS) {
-        return Err(ApiError::invalid(
-            "top_logprobs",
-            "top_logprobs must be between 0 and 20",
-        ));
+    Ok(())
+}
+
+fn engine_request(req: &ChatRequest, prompt: Vec<u32>) -> EngineRequest {
+    let logprobs = req.logprobs.unwrap_or(false).then(|| LogprobsAsk {
+        top: req.top_logprobs.unwrap_or(0) as usize,
+        param: Param::TopLogprobs,
+        limit: MAX_LOGPROBS,
+    });
+    EngineRequest {
+        prompts: vec![prompt],
+        n: req.n.unwrap_or(1) as usize,
+        // Without a limit a chat reply may use the rest of the context.
+        max_tokens: req
+            .max_completion_tokens
+            .or(req.max_tokens)
+            .map(|m| m as usize),
+        sampling: SamplingFields {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+        }
+        .params(),
+        logprobs,
+        prompt_logprobs: false,
+        stop_token_ids: vec![],
+        stop_strings: req.stop.clone().map(Stop::into_vec).unwrap_or_default(),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+        model: req.model.clone(),
+        adapter: req.adapter.clone().map(AdapterSpec::Named),
     }
-    let logprobs = req.logprobs.unwrap_or(false).then(|| top.unwrap_or(0));
-    let max = req.max_completion_tokens.or(req.max_tokens);
-    let ctx = s.engine.model().config().max_context;
-    let prompt_text = render_chat(&s, &req.messages)?;
-    let prompt = tokenize(&s, vec![prompt_text]).await?.remove(0);
-    // Without max_tokens a chat reply may use the rest of the context.
-    let default_max = ctx.saturating_sub(prompt.len()).max(1);
-    let c = common(
-        &s,
-        req.model.as_deref(),
-        req.adapter.as_deref(),
-        max,
-        req.temperature,
-        req.top_p,
-        req.top_k,
-        req.n,
-        req.stop,
-        req.seed,
-        req.presence_penalty,
-        req.frequency_penalty,
-        req.ignore_eos,
-        default_max,
-    )?;
-    let model = req.model.clone().unwrap_or_else(|| s.cfg.model_id.clone());
-    let started = Instant::now();
-    let choices = start(&s, &c, vec![prompt], logprobs, false).await?;
-    let id = request_id("chatcmpl");
-    let created = now_secs();
-    let chat_lp = |s: &AppState, l: &TokenLogprob| {
-        let token = token_text(s, l.token_id);
+}
+
+/// How a chat completion looks, whole or as chunks.
+struct Chat {
+    s: AppState,
+    id: String,
+    created: u64,
+    model: String,
+    adapter: Option<String>,
+    logprobs: bool,
+}
+
+impl Chat {
+    fn chunk(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        usage: Option<Usage>,
+        served: Option<AdapterVersion>,
+    ) -> ChatChunk {
+        ChatChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+            adapter: self.adapter.clone(),
+            adapter_version: served.as_ref().map(|v| v.version),
+            adapter_digest: served.map(|v| v.digest),
+        }
+    }
+
+    fn logprob(&self, l: &TokenLogprob) -> ChatTokenLogprob {
+        let token = token_text(&self.s, l.token_id);
         ChatTokenLogprob {
             bytes: token.as_bytes().to_vec(),
             token,
@@ -180,7 +242,7 @@ pub async fn chat(
                 .top
                 .iter()
                 .map(|x| {
-                    let t = token_text(s, x.token_id);
+                    let t = token_text(&self.s, x.token_id);
                     ChatTopLogprob {
                         bytes: t.as_bytes().to_vec(),
                         token: t,
@@ -189,214 +251,60 @@ pub async fn chat(
                 })
                 .collect(),
         }
-    };
-    if req.stream.unwrap_or(false) {
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let remaining = choices.len();
-        let indices: Vec<usize> = choices.iter().map(|c| c.index).collect();
-        let chunk = {
-            let (id, model, adapter) = (id.clone(), model.clone(), c.adapter.clone());
-            move |choices: Vec<ChatChunkChoice>,
-                  usage: Option<Usage>,
-                  served: Option<AdapterVersion>| ChatChunk {
-                id: id.clone(),
-                object: "chat.completion.chunk",
-                created,
-                model: model.clone(),
-                choices,
-                usage,
-                adapter: adapter.clone(),
-                adapter_version: served.as_ref().map(|v| v.version),
-                adapter_digest: served.map(|v| v.digest),
-            }
-        };
-        // The role first, for every choice, as OpenAI does.
-        let opening: Vec<Result<SseEvent, Infallible>> = indices
-            .iter()
-            .map(|&index| {
-                sse_json(&chunk(
-                    vec![delta_choice(
-                        index,
-                        Some("assistant"),
-                        String::new(),
-                        None,
-                        None,
-                    )],
-                    None,
-                    None,
-                ))
-            })
-            .collect();
-        let events = merged_events(choices);
-        let st = (events, s, remaining, 0usize, 0usize, false, false);
-        let body = stream::unfold(
-            st,
-            move |(mut events, s, mut remaining, mut pt, mut ct, mut done, mut seen_token)| {
-                let chunk = chunk.clone();
-                async move {
-                    if done {
-                        return None;
-                    }
-                    loop {
-                        if remaining == 0 {
-                            done = true;
-                            let mut out = Vec::new();
-                            if include_usage {
-                                out.push(sse_json(&chunk(
-                                    vec![],
-                                    Some(Usage {
-                                        prompt_tokens: pt,
-                                        completion_tokens: ct,
-                                        total_tokens: pt + ct,
-                                    }),
-                                    None,
-                                )));
-                            }
-                            out.push(Ok(SseEvent::default().data("[DONE]")));
-                            return Some((
-                                stream::iter(out),
-                                (events, s, remaining, pt, ct, done, seen_token),
-                            ));
-                        }
-                        let Some((index, _, ev)) = events.next().await else {
-                            remaining = 0;
-                            continue;
-                        };
-                        let item = match ev {
-                            Event::PromptLogprobs(_) => continue,
-                            Event::Token { text, logprob, .. } => {
-                                if !seen_token {
-                                    seen_token = true;
-                                    s.metrics.observe_ttft(started.elapsed().as_secs_f64());
-                                }
-                                let lp = logprob.map(|l| ChatLogprobs {
-                                    content: vec![chat_lp(&s, &l)],
-                                });
-                                sse_json(&chunk(
-                                    vec![delta_choice(index, None, text, lp, None)],
-                                    None,
-                                    None,
-                                ))
-                            }
-                            Event::Done {
-                                finish_reason,
-                                prompt_tokens,
-                                completion_tokens,
-                                text,
-                                adapter,
-                            } => {
-                                remaining -= 1;
-                                pt += prompt_tokens;
-                                ct += completion_tokens;
-                                s.metrics.record_tokens(
-                                    prompt_tokens,
-                                    completion_tokens,
-                                    started.elapsed().as_secs_f64(),
-                                );
-                                sse_json(&chunk(
-                                    vec![delta_choice(
-                                        index,
-                                        None,
-                                        text,
-                                        None,
-                                        Some(finish_str(finish_reason)),
-                                    )],
-                                    None,
-                                    adapter,
-                                ))
-                            }
-                            Event::Error(e) => {
-                                remaining -= 1;
-                                sse_json(&ApiError::from(e).body())
-                            }
-                        };
-                        return Some((
-                            stream::iter(vec![item]),
-                            (events, s, remaining, pt, ct, done, seen_token),
-                        ));
-                    }
-                }
-            },
-        )
-        .flatten();
-        let all = stream::iter(opening).chain(body);
-        return Ok(Sse::new(all)
-            .keep_alive(KeepAlive::default())
-            .into_response());
     }
-    let mut out = Vec::new();
-    let (mut pt, mut ct, mut version) = (0, 0, None);
-    for mut ch in choices {
-        let mut text = String::new();
-        let mut lps = Vec::new();
-        let mut finish = None;
-        let mut ev = ch.first.take();
-        let mut first = true;
-        while let Some(e) = ev.take() {
-            match e {
-                Event::PromptLogprobs(_) => {}
-                Event::Token {
-                    text: t, logprob, ..
-                } => {
-                    if first {
-                        s.metrics.observe_ttft(started.elapsed().as_secs_f64());
-                        first = false;
-                    }
-                    text.push_str(&t);
-                    if let Some(l) = logprob {
-                        lps.push(chat_lp(&s, &l));
-                    }
-                }
-                Event::Done {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                    adapter,
-                    text: t,
-                } => {
-                    text.push_str(&t);
-                    finish = Some(finish_str(finish_reason));
-                    pt += prompt_tokens;
-                    ct += completion_tokens;
-                    version = adapter;
-                    s.metrics.record_tokens(
-                        prompt_tokens,
-                        completion_tokens,
-                        started.elapsed().as_secs_f64(),
-                    );
-                    break;
-                }
-                Event::Error(e) => return Err(e.into()),
-            }
-            ev = ch.stream.next().await;
-            if ev.is_none() {
-                return Err(ApiError::Unavailable);
-            }
-        }
-        out.push(ChatChoice {
-            index: ch.index,
+
+    fn choice(&self, c: Collected) -> ChatChoice {
+        ChatChoice {
+            index: c.index,
             message: AssistantMessage {
                 role: "assistant",
-                content: text,
+                content: c.text,
             },
-            logprobs: logprobs.map(|_| ChatLogprobs { content: lps }),
-            finish_reason: finish,
-        });
+            logprobs: self.logprobs.then(|| ChatLogprobs {
+                content: c.logprobs.iter().map(|l| self.logprob(l)).collect(),
+            }),
+            finish_reason: c.finish.map(finish_str),
+        }
     }
-    Ok(Json(ChatResponse {
-        id,
-        object: "chat.completion",
-        created,
-        model,
-        choices: out,
-        usage: Usage {
-            prompt_tokens: pt,
-            completion_tokens: ct,
-            total_tokens: pt + ct,
-        },
-        adapter: c.adapter,
-        adapter_version: version.as_ref().map(|v| v.version),
-        adapter_digest: version.map(|v| v.digest),
-    })
-    .into_response())
+}
+
+impl Render for Chat {
+    type Chunk = ChatChunk;
+
+    /// The role first, for every choice, as OpenAI does.
+    fn opening(&self, indices: &[usize]) -> Vec<ChatChunk> {
+        indices
+            .iter()
+            .map(|&index| {
+                let role = delta_choice(index, Some("assistant"), String::new(), None, None);
+                self.chunk(vec![role], None, None)
+            })
+            .collect()
+    }
+
+    fn token(&self, t: TokenChunk<'_>) -> ChatChunk {
+        let lp = t.logprob.map(|l| ChatLogprobs {
+            content: vec![self.logprob(&l)],
+        });
+        self.chunk(
+            vec![delta_choice(t.index, None, t.text, lp, None)],
+            None,
+            None,
+        )
+    }
+
+    fn finish(
+        &self,
+        index: usize,
+        text: String,
+        reason: FinishReason,
+        served: Option<AdapterVersion>,
+    ) -> ChatChunk {
+        let choice = delta_choice(index, None, text, None, Some(finish_str(reason)));
+        self.chunk(vec![choice], None, served)
+    }
+
+    fn usage(&self, usage: Usage) -> ChatChunk {
+        self.chunk(vec![], Some(usage), None)
+    }
 }

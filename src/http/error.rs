@@ -198,7 +198,11 @@ impl IntoResponse for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::InvalidRequest(msg) => ApiError::InvalidRequest { msg, param: None },
+            EngineError::InvalidRequest { param, msg } => ApiError::InvalidRequest {
+                msg,
+                param: Some(param.as_str()),
+            },
+            EngineError::ModelNotFound(name) => ApiError::ModelNotFound(name),
             e @ EngineError::ContextLength { .. } => ApiError::ContextLength(e.to_string()),
             EngineError::Overloaded => ApiError::Overloaded,
             EngineError::AdapterNotFound(name) => ApiError::AdapterNotFound(name),

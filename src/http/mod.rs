@@ -12,6 +12,7 @@ mod generation;
 mod metrics;
 mod models;
 pub mod openapi;
+mod stream;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

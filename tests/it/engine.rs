@@ -101,16 +101,17 @@ fn request(
     sampling: SamplingParams,
 ) -> EngineRequest {
     EngineRequest {
-        prompt_token_ids: prompt.to_vec(),
-        max_tokens,
         sampling,
-        logprobs: None,
-        stop_token_ids: vec![],
-        stop_strings: vec![],
-        ignore_eos: false,
         adapter: adapter.map(|a| AdapterSpec::Named(a.to_string())),
-        prompt_logprobs: None,
+        ..EngineRequest::new(prompt.to_vec(), max_tokens)
     }
+}
+
+/// Validate and submit a one-choice request: its event stream.
+fn submit(e: &Engine, r: EngineRequest) -> Result<EventStream, EngineError> {
+    let mut streams = e.submit(e.validate(r)?)?;
+    assert_eq!(streams.len(), 1);
+    Ok(streams.remove(0))
 }
 
 #[derive(Debug)]
@@ -244,7 +245,7 @@ fn concurrent_requests_equal_alone_in_every_mode_and_order() {
                 streams.push((
                     i,
                     n % 2,
-                    e.submit(request(&ps[p], a, 7, sampling.clone())).unwrap(),
+                    submit(&e, request(&ps[p], a, 7, sampling.clone())).unwrap(),
                 ));
                 if n >= work.len() / 2 {
                     // (A step runs once some request is ready: cold adapters load off-thread.)
@@ -280,10 +281,7 @@ fn stop_strings_and_eos_and_length() {
     let ps = prompts();
     let s = store();
     let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
-    let full = collect(
-        e.submit(request(&ps[0], None, 12, SamplingParams::default()))
-            .unwrap(),
-    );
+    let full = collect(submit(&e, request(&ps[0], None, 12, SamplingParams::default())).unwrap());
     assert_eq!(full.finish, Ok(FinishReason::Length));
     assert_eq!(full.tokens.len(), 12);
     // Stop at a string that the greedy text contains: the text ends right before it.
@@ -291,13 +289,13 @@ fn stop_strings_and_eos_and_length() {
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let mut r = request(&ps[0], None, 12, SamplingParams::default());
     r.stop_strings = vec![stop.clone()];
-    let cut = collect(e.submit(r).unwrap());
+    let cut = collect(submit(&e, r).unwrap());
     assert_eq!(cut.finish, Ok(FinishReason::Stop));
     assert_eq!(cut.text, full.text[..full.text.find(&stop).unwrap()]);
     // A stop token id.
     let mut r = request(&ps[0], None, 12, SamplingParams::default());
     r.stop_token_ids = vec![full.tokens[3]];
-    let cut = collect(e.submit(r).unwrap());
+    let cut = collect(submit(&e, r).unwrap());
     assert_eq!(cut.finish, Ok(FinishReason::Stop));
     assert_eq!(
         cut.tokens,
@@ -320,39 +318,34 @@ fn unknown_and_broken_adapters_fail_only_their_requests() {
     )
     .unwrap();
     let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
-    let good = e
-        .submit(request(
-            &ps[0],
-            Some("dora-all-r8"),
-            5,
-            SamplingParams::default(),
-        ))
-        .unwrap();
+    let good = submit(
+        &e,
+        request(&ps[0], Some("dora-all-r8"), 5, SamplingParams::default()),
+    )
+    .unwrap();
     let broken: Vec<EventStream> = (0..3)
         .map(|_| {
-            e.submit(request(
-                &ps[1],
-                Some("lora-r8"),
-                5,
-                SamplingParams::default(),
-            ))
+            submit(
+                &e,
+                request(&ps[1], Some("lora-r8"), 5, SamplingParams::default()),
+            )
             .unwrap()
         })
         .collect();
-    let missing = e
-        .submit(request(&ps[1], Some("nope"), 5, SamplingParams::default()))
-        .unwrap();
-    let escape = e
-        .submit(request(
-            &ps[1],
-            Some("../adapters"),
-            5,
-            SamplingParams::default(),
-        ))
-        .unwrap();
-    let base = e
-        .submit(request(&ps[2], None, 5, SamplingParams::default()))
-        .unwrap();
+    // A name that does not exist is refused by validation, before anything is queued.
+    let missing = submit(
+        &e,
+        request(&ps[1], Some("nope"), 5, SamplingParams::default()),
+    )
+    .err()
+    .expect("refused");
+    let escape = submit(
+        &e,
+        request(&ps[1], Some("../adapters"), 5, SamplingParams::default()),
+    )
+    .err()
+    .expect("refused");
+    let base = submit(&e, request(&ps[2], None, 5, SamplingParams::default())).unwrap();
     assert_eq!(collect(good).tokens.len(), 5);
     for b in broken {
         let err = collect(b).finish.unwrap_err();
@@ -361,14 +354,8 @@ fn unknown_and_broken_adapters_fail_only_their_requests() {
             "{err}"
         );
     }
-    assert!(collect(missing)
-        .finish
-        .unwrap_err()
-        .contains("not in the adapter store"));
-    assert!(collect(escape)
-        .finish
-        .unwrap_err()
-        .contains("not in the adapter store"));
+    assert!(missing.to_string().contains("not in the adapter store"));
+    assert!(escape.to_string().contains("not in the adapter store"));
     assert_eq!(collect(base).tokens.len(), 5);
     let st = e.stats();
     assert_eq!(
@@ -387,12 +374,15 @@ fn one_load_for_many_concurrent_first_requests() {
     });
     let streams: Vec<EventStream> = (0..32)
         .map(|i| {
-            e.submit(request(
-                &ps[i % 4],
-                Some("dora-patterns"),
-                3,
-                SamplingParams::default(),
-            ))
+            submit(
+                &e,
+                request(
+                    &ps[i % 4],
+                    Some("dora-patterns"),
+                    3,
+                    SamplingParams::default(),
+                ),
+            )
             .unwrap()
         })
         .collect();
@@ -432,12 +422,10 @@ fn cache_budget_holds_except_for_leased_adapters() {
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                e.submit(request(
-                    &ps[(i + round) % 4],
-                    Some(n),
-                    4,
-                    SamplingParams::default(),
-                ))
+                submit(
+                    &e,
+                    request(&ps[(i + round) % 4], Some(n), 4, SamplingParams::default()),
+                )
                 .unwrap()
             })
             .collect();
@@ -475,22 +463,16 @@ fn replaced_adapter_serves_new_requests_with_the_new_version() {
     let ps = prompts();
     let s = store();
     let (e, gate) = gated(s.path(), ModePolicy::Unmerged, |_| {});
-    let long = e
-        .submit(request(
-            &ps[0],
-            Some("dora-all-r8"),
-            40,
-            SamplingParams::default(),
-        ))
-        .unwrap();
-    let first = e
-        .submit(request(
-            &ps[1],
-            Some("dora-all-r8"),
-            2,
-            SamplingParams::default(),
-        ))
-        .unwrap();
+    let long = submit(
+        &e,
+        request(&ps[0], Some("dora-all-r8"), 40, SamplingParams::default()),
+    )
+    .unwrap();
+    let first = submit(
+        &e,
+        request(&ps[1], Some("dora-all-r8"), 2, SamplingParams::default()),
+    )
+    .unwrap();
     // Step by step until the short request is done; the long one is then still running.
     let first = std::thread::spawn(move || collect(first));
     while !first.is_finished() {
@@ -510,12 +492,10 @@ fn replaced_adapter_serves_new_requests_with_the_new_version() {
     assert_eq!(e.stats().running, 1, "the long request is still running");
     gate.open();
     let second = collect(
-        e.submit(request(
-            &ps[1],
-            Some("dora-all-r8"),
-            2,
-            SamplingParams::default(),
-        ))
+        submit(
+            &e,
+            request(&ps[1], Some("dora-all-r8"), 2, SamplingParams::default()),
+        )
         .unwrap(),
     );
     let long = collect(long);
@@ -542,9 +522,7 @@ fn cancellation_frees_memory_and_a_full_queue_overloads() {
         c.max_running = 1;
         c.max_queued = 3;
     });
-    let mut running = e
-        .submit(request(&ps[0], None, 200, SamplingParams::default()))
-        .unwrap();
+    let mut running = submit(&e, request(&ps[0], None, 200, SamplingParams::default())).unwrap();
     // One step: the prefill, which samples the first token.
     gate.allow(1);
     assert!(matches!(running.blocking_next(), Some(Event::Token { .. })));
@@ -557,17 +535,11 @@ fn cancellation_frees_memory_and_a_full_queue_overloads() {
     );
     assert_eq!(st.tokens_generated, 1, "{st:?}");
     // The gate holds every further step, so the queue fills deterministically.
-    let q1 = e
-        .submit(request(&ps[1], None, 2, SamplingParams::default()))
-        .unwrap();
-    let q2 = e
-        .submit(request(&ps[1], None, 2, SamplingParams::default()))
-        .unwrap();
+    let q1 = submit(&e, request(&ps[1], None, 2, SamplingParams::default())).unwrap();
+    let q2 = submit(&e, request(&ps[1], None, 2, SamplingParams::default())).unwrap();
     // One running (out of the queue) + two queued: one more slot, then overloaded.
-    let q3 = e
-        .submit(request(&ps[1], None, 2, SamplingParams::default()))
-        .unwrap();
-    match e.submit(request(&ps[1], None, 2, SamplingParams::default())) {
+    let q3 = submit(&e, request(&ps[1], None, 2, SamplingParams::default())).unwrap();
+    match submit(&e, request(&ps[1], None, 2, SamplingParams::default())) {
         Err(EngineError::Overloaded) => {}
         other => panic!("expected Overloaded, got {:?}", other.map(|_| ())),
     }
@@ -591,9 +563,7 @@ fn cancellation_frees_memory_and_a_full_queue_overloads() {
         "the cancelled request made no token after its first: {st:?}"
     );
     // The queue is free again.
-    assert!(e
-        .submit(request(&ps[1], None, 1, SamplingParams::default()))
-        .is_ok());
+    assert!(submit(&e, request(&ps[1], None, 1, SamplingParams::default())).is_ok());
 }
 
 /// `auto` runs unmerged for `merge_after` single-adapter steps, then merged; a second adapter
@@ -609,14 +579,11 @@ fn auto_merges_after_merge_after_single_adapter_steps() {
         assert!(gate.wait_passed(before + n, Duration::from_secs(60)));
         stats_when(&e, "the step published", |st| steps(st) >= before + n)
     };
-    let a = e
-        .submit(request(
-            &ps[0],
-            Some("dora-all-r8"),
-            12,
-            SamplingParams::default(),
-        ))
-        .unwrap();
+    let a = submit(
+        &e,
+        request(&ps[0], Some("dora-all-r8"), 12, SamplingParams::default()),
+    )
+    .unwrap();
     // The adapter loads off-thread; the request waits until it is ready.
     stats_when(&e, "the adapter loaded", |st| {
         st.waiting == 1 && st.loading == 0
@@ -639,14 +606,11 @@ fn auto_merges_after_merge_after_single_adapter_steps() {
         ]
     );
     // A second adapter joins: the very next step is unmerged.
-    let b = e
-        .submit(request(
-            &ps[1],
-            Some("lora-r8"),
-            3,
-            SamplingParams::default(),
-        ))
-        .unwrap();
+    let b = submit(
+        &e,
+        request(&ps[1], Some("lora-r8"), 3, SamplingParams::default()),
+    )
+    .unwrap();
     stats_when(&e, "the second adapter ready", |st| {
         st.waiting == 1 && st.loading == 0
     });
@@ -668,10 +632,7 @@ fn auto_merges_after_merge_after_single_adapter_steps() {
     for mode in [ModePolicy::Unmerged, ModePolicy::Merged, ModePolicy::Auto] {
         let e = engine(s.path(), mode, |c| c.merge_after = 0);
         let outs: Vec<Outcome> = (0..3)
-            .map(|i| {
-                e.submit(request(&ps[i], None, 4, SamplingParams::default()))
-                    .unwrap()
-            })
+            .map(|i| submit(&e, request(&ps[i], None, 4, SamplingParams::default())).unwrap())
             .collect::<Vec<_>>()
             .into_iter()
             .map(collect)
@@ -708,8 +669,7 @@ fn merged_cache_keeps_its_budget_and_evicts_the_least_recent() {
         });
         for (i, a) in ["dora-all-r8", "lora-r8", "dora-all-r8"].iter().enumerate() {
             let out = collect(
-                e.submit(request(&ps[i], Some(a), 3, SamplingParams::default()))
-                    .unwrap(),
+                submit(&e, request(&ps[i], Some(a), 3, SamplingParams::default())).unwrap(),
             );
             assert_eq!(
                 out.tokens,
@@ -736,7 +696,7 @@ fn merged_cache_keeps_its_budget_and_evicts_the_least_recent() {
 fn invalid_requests_are_refused_at_submit() {
     let s = store();
     let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
-    let err = |r: EngineRequest| e.submit(r).err().expect("refused").to_string();
+    let err = |r: EngineRequest| submit(&e, r).err().expect("refused").to_string();
     assert!(err(request(&[], None, 4, SamplingParams::default())).contains("empty"));
     assert!(err(request(&[99_999], None, 4, SamplingParams::default())).contains("vocabulary"));
     assert!(err(request(&[5; 10], None, 1_000, SamplingParams::default())).contains("context"));

@@ -16,4 +16,5 @@ mod real_model;
 mod stored;
 mod storms;
 mod util;
+mod validation;
 mod web;
