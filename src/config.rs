@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::engine::AdapterMode;
+
 /// dora-serve: one base LLM, many DoRA/LoRA adapters.
 #[derive(Debug, Parser)]
 #[command(name = "dora-serve", version, about)]
@@ -165,7 +167,8 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// The id clients use for the base model (default: the model's name).
+    /// The id clients use for the base model (default: the --model argument as given, as vLLM
+    /// does; a GGUF file's own general.name is shown in GET /v1/models metadata).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Require `Authorization: Bearer KEY` on every /v1 route.
@@ -178,8 +181,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
     pub max_upload_bytes: usize,
     /// How adapters are applied.
-    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
-    pub adapter_mode: ModeArg,
+    #[arg(long, value_enum, default_value_t = AdapterMode::Auto)]
+    pub adapter_mode: AdapterMode,
     /// Byte budget of loaded adapters (LRU; adapters in use may exceed it).
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     pub adapter_cache_bytes: usize,
@@ -290,25 +293,27 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-/// How adapters are applied during generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    /// Adapter terms added per row group; any mix of adapters in one batch.
-    Unmerged,
-    /// Adapters merged into their own weight copies; adapters take turns.
-    Merged,
-    /// Merged while one adapter has all running rows, unmerged otherwise.
-    Auto,
-}
+// `--adapter-mode` / `--mode` take the engine's own enum (one vocabulary); its values and
+// help are spelled here, where clap is.
+impl ValueEnum for AdapterMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            AdapterMode::Unmerged,
+            AdapterMode::Merged,
+            AdapterMode::Auto,
+        ]
+    }
 
-impl ModeArg {
-    pub fn policy(self) -> crate::engine::scheduler::ModePolicy {
-        use crate::engine::scheduler::ModePolicy;
-        match self {
-            ModeArg::Unmerged => ModePolicy::Unmerged,
-            ModeArg::Merged => ModePolicy::Merged,
-            ModeArg::Auto => ModePolicy::Auto,
-        }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        Some(match self {
+            AdapterMode::Unmerged => PossibleValue::new("unmerged")
+                .help("Adapter terms added per row group; any mix of adapters in one batch"),
+            AdapterMode::Merged => PossibleValue::new("merged")
+                .help("Adapters merged into their own weight copies; adapters take turns"),
+            AdapterMode::Auto => PossibleValue::new("auto")
+                .help("Merged while one adapter has all running rows, unmerged otherwise"),
+        })
     }
 }
 
@@ -418,8 +423,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub batch: Option<PathBuf>,
     /// How adapters are applied.
-    #[arg(long, visible_alias = "adapter-mode", value_enum, default_value_t = ModeArg::Unmerged)]
-    pub mode: ModeArg,
+    #[arg(long, visible_alias = "adapter-mode", value_enum, default_value_t = AdapterMode::Unmerged)]
+    pub mode: AdapterMode,
     /// Keep generating past end-of-sequence tokens (fixed-length runs for benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,

@@ -140,11 +140,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         args.test_store_write_pause_ms,
     ));
     let catalog = Catalog::new(store, args.adapter_root.clone());
-    let loaded = load_model(&args.model)?;
-    let model_id = args
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| loaded.info.id.clone());
+    let mut loaded = load_model(&args.model)?;
+    // Served under `--model` as given (vLLM's convention) unless `--served-model-name` says.
+    if let Some(name) = &args.served_model_name {
+        loaded.info.id = name.clone();
+    }
     let engine = Engine::start(
         loaded,
         catalog,
@@ -152,7 +152,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             max_running: args.max_running,
             max_step_tokens: args.max_step_tokens,
             max_queued: args.max_queued,
-            mode: args.adapter_mode.policy(),
+            mode: args.adapter_mode,
             adapter_cache_bytes: args.adapter_cache_bytes,
             merged_cache_bytes: args.merged_cache_bytes,
             step_delay: std::time::Duration::from_millis(args.test_step_delay_ms),
@@ -162,7 +162,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = AppState::new(
         engine.clone(),
         HttpConfig {
-            model_id,
             api_key: args.api_key.clone(),
             admin_key: args.admin_key.clone(),
             max_upload_bytes: args.max_upload_bytes,
@@ -367,7 +366,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             max_running: reqs.len(),
             max_step_tokens: total_prompt.max(reqs.len()),
             max_queued: reqs.len(),
-            mode: args.mode.policy(),
+            mode: args.mode,
             merge_after: 0,
             ..EngineConfig::default()
         },

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::request::{check_prompt, Param};
 use super::sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob};
+use super::scheduler::AdapterMode;
 use super::EngineError;
 use crate::model::{KvCache, Llama, LogitsFor, SeqInput, Tokenizer};
 use crate::ops::{AdapterWeights, MergedWeights};
@@ -22,16 +23,6 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the model's context was reached.
     Length,
-}
-
-/// How adapters are applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ApplyMode {
-    /// Low-rank terms added per row group at every step; any mix of adapters per batch.
-    #[default]
-    Unmerged,
-    /// Each adapter merged into its own copy of the weights it targets; one adapter per batch.
-    Merged,
 }
 
 /// One sequence to generate.
@@ -122,7 +113,7 @@ pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
     reqs: &[GenerateRequest],
-    mode: ApplyMode,
+    mode: AdapterMode,
 ) -> Result<Vec<GenerateOutput>, EngineError> {
     generate_with_stats(model, tokenizer, reqs, mode).map(|(out, _)| out)
 }
@@ -132,19 +123,33 @@ pub fn generate_with_stats(
     model: &Llama,
     tokenizer: &Tokenizer,
     reqs: &[GenerateRequest],
-    mode: ApplyMode,
+    mode: AdapterMode,
 ) -> Result<(Vec<GenerateOutput>, GenerateStats), EngineError> {
     for r in reqs {
         check(model, r)?;
     }
     let mut stats = GenerateStats::default();
     let mut outs: Vec<Option<GenerateOutput>> = vec![None; reqs.len()];
+    // Auto, without the engine's hysteresis (this loop runs one batch): merged when every
+    // request runs on one adapter, unmerged otherwise.
+    let mode = match mode {
+        AdapterMode::Auto => {
+            let key = |r: &GenerateRequest| r.adapter.as_ref().map(|a| a.id());
+            let one = reqs.windows(2).all(|w| key(&w[0]) == key(&w[1]));
+            if one {
+                AdapterMode::Merged
+            } else {
+                AdapterMode::Unmerged
+            }
+        }
+        m => m,
+    };
     // Batches as (request indices, merged weights): one mixed batch unmerged; one batch per
     // adapter (in order of first appearance) merged.
     let mut batches: Vec<Vec<usize>> = Vec::new();
     match mode {
-        ApplyMode::Unmerged => batches.push((0..reqs.len()).collect()),
-        ApplyMode::Merged => {
+        AdapterMode::Unmerged => batches.push((0..reqs.len()).collect()),
+        AdapterMode::Merged | AdapterMode::Auto => {
             let mut keys: Vec<Option<u64>> = Vec::new();
             for (i, r) in reqs.iter().enumerate() {
                 let key = r.adapter.as_ref().map(|a| a.id());
@@ -160,7 +165,7 @@ pub fn generate_with_stats(
     }
     for batch in batches {
         let merged = match (mode, &reqs[batch[0]].adapter) {
-            (ApplyMode::Merged, Some(adapter)) => {
+            (AdapterMode::Merged, Some(adapter)) => {
                 let start = Instant::now();
                 let m = model.merge(adapter)?;
                 stats.merge_secs += start.elapsed().as_secs_f64();

@@ -101,16 +101,30 @@ impl Engine {
 
     fn install(&self) -> impl FnOnce(crate::adapter::Adapter, f64) + '_ {
         move |adapter, secs| {
-            let _ = self.tx.send(Command::Install {
+            let (done, ack) = mpsc::channel();
+            let cmd = Command::Install {
                 adapter: Box::new(adapter),
                 secs,
-            });
+                done,
+            };
+            // Wait until the worker has it, so that what answers next (the adapter's state,
+            // a request) sees it; a stopped worker drops `done` and the wait ends.
+            if self.tx.send(cmd).is_ok() {
+                let _ = ack.recv();
+            }
         }
     }
 
     fn invalidate<'a>(&'a self, name: &'a str) -> impl FnOnce() + 'a {
         move || {
-            let _ = self.tx.send(Command::Invalidate(name.to_string()));
+            let (done, ack) = mpsc::channel();
+            let cmd = Command::Invalidate {
+                name: name.to_string(),
+                done,
+            };
+            if self.tx.send(cmd).is_ok() {
+                let _ = ack.recv();
+            }
         }
     }
 

@@ -14,13 +14,14 @@ mod types;
 mod worker;
 
 pub use generate::{
-    generate, generate_with_stats, ApplyMode, FinishReason, GenerateOutput, GenerateRequest,
-    GenerateStats, MAX_LOGPROBS,
+    generate, generate_with_stats, FinishReason, GenerateOutput, GenerateRequest, GenerateStats,
+    MAX_LOGPROBS,
 };
 pub use handle::Engine;
 pub use hooks::StepGate;
 pub use request::{EngineRequest, LogprobsAsk, Param, ValidRequest, MAX_CHOICES, MAX_N, MAX_STOP};
 pub use sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob, TopLogprob};
+pub use scheduler::AdapterMode;
 pub use types::{
     AdapterEntry, AdapterSpec, AdapterState, AdapterVersion, EngineConfig, EngineStats, Event,
     EventStream,

@@ -11,16 +11,30 @@ pub type SeqId = u64;
 /// two versions of one name never share merged weights.
 pub type AdapterKey = Option<u64>;
 
-/// How adapters apply, as configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModePolicy {
-    /// Every step is one mixed batch.
+/// How adapters apply: the `--adapter-mode` of the server, the `--mode` of `generate`, and the
+/// mode of the reference loop. (A step's own choice is [`StepApply`]; what one forward does
+/// with concrete weights is `ops::Apply`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterMode {
+    /// Every step is one mixed batch: low-rank terms added per row group.
+    #[default]
     Unmerged,
     /// Every step serves one adapter's sequences on its merged weights; adapters take turns.
     Merged,
     /// Merged while one adapter has had all running rows for `merge_after` steps; unmerged as
     /// soon as a second adapter runs.
     Auto,
+}
+
+impl AdapterMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterMode::Unmerged => "unmerged",
+            AdapterMode::Merged => "merged",
+            AdapterMode::Auto => "auto",
+        }
+    }
 }
 
 /// The apply mode of one step.
@@ -37,7 +51,7 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Tokens fed through the model in one step, over all rows (prefill chunks + decodes).
     pub max_step_tokens: usize,
-    pub mode: ModePolicy,
+    pub mode: AdapterMode,
     /// `Auto`: consecutive single-adapter steps before merging (hysteresis).
     pub merge_after: usize,
     /// `Merged`: steps one adapter group keeps the model before the next group's turn.
@@ -120,9 +134,9 @@ impl Scheduler {
         // 2. The apply mode, and which candidates it lets run.
         let keys: BTreeSet<AdapterKey> = candidates.iter().map(|c| c.adapter).collect();
         let apply = match self.cfg.mode {
-            ModePolicy::Unmerged => StepApply::Unmerged,
-            ModePolicy::Merged => StepApply::Merged(self.next_turn(&keys)),
-            ModePolicy::Auto => {
+            AdapterMode::Unmerged => StepApply::Unmerged,
+            AdapterMode::Merged => StepApply::Merged(self.next_turn(&keys)),
+            AdapterMode::Auto => {
                 if keys.len() == 1 {
                     self.single_adapter_steps += 1;
                 } else {
@@ -197,7 +211,7 @@ impl Scheduler {
 mod tests {
     use super::*;
 
-    fn cfg(mode: ModePolicy) -> SchedulerConfig {
+    fn cfg(mode: AdapterMode) -> SchedulerConfig {
         SchedulerConfig {
             max_running: 4,
             max_step_tokens: 10,
@@ -259,7 +273,7 @@ mod tests {
             (vec![run(1, None, 3)], vec![], vec![], vec![(1, 3)]),
         ];
         for (i, (running, waiting, admit, rows)) in cases.into_iter().enumerate() {
-            let plan = Scheduler::new(cfg(ModePolicy::Unmerged)).plan(&running, &waiting);
+            let plan = Scheduler::new(cfg(AdapterMode::Unmerged)).plan(&running, &waiting);
             assert_eq!(plan.admit, admit, "case {i}");
             assert_eq!(plan.rows, rows, "case {i}");
         }
@@ -267,7 +281,7 @@ mod tests {
 
     #[test]
     fn unmerged_mixes_every_adapter() {
-        let mut s = Scheduler::new(cfg(ModePolicy::Unmerged));
+        let mut s = Scheduler::new(cfg(AdapterMode::Unmerged));
         let running = [run(1, Some(1), 0), run(2, Some(2), 0), run(3, None, 0)];
         let plan = s.plan(&running, &[]);
         assert_eq!(plan.apply, Some(StepApply::Unmerged));
@@ -276,7 +290,7 @@ mod tests {
 
     #[test]
     fn merged_gives_adapters_turns_without_starving_any() {
-        let mut s = Scheduler::new(cfg(ModePolicy::Merged));
+        let mut s = Scheduler::new(cfg(AdapterMode::Merged));
         let running = [
             run(1, Some(1), 0),
             run(2, Some(2), 0),
@@ -307,7 +321,7 @@ mod tests {
 
     #[test]
     fn auto_merges_after_hysteresis_and_unmerges_at_once() {
-        let mut s = Scheduler::new(cfg(ModePolicy::Auto));
+        let mut s = Scheduler::new(cfg(AdapterMode::Auto));
         let one = [run(1, Some(5), 0), run(2, Some(5), 0)];
         let two = [run(1, Some(5), 0), run(3, Some(6), 0)];
         // (rows this step, expected apply)

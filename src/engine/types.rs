@@ -6,7 +6,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::hooks::StepGate;
 use super::sampling::{SamplingParams, TokenLogprob};
-use super::scheduler::ModePolicy;
+use super::scheduler::AdapterMode;
 use super::{EngineError, FinishReason};
 use crate::adapter::{self, CacheStats, Lease};
 
@@ -16,7 +16,7 @@ pub struct EngineConfig {
     pub max_running: usize,
     pub max_step_tokens: usize,
     pub max_queued: usize,
-    pub mode: ModePolicy,
+    pub mode: AdapterMode,
     /// `auto`: single-adapter steps before merging.
     pub merge_after: usize,
     /// `merged`: steps per adapter turn.
@@ -57,7 +57,7 @@ impl Default for EngineConfig {
             max_running: 16,
             max_step_tokens: 512,
             max_queued: 256,
-            mode: ModePolicy::Unmerged,
+            mode: AdapterMode::Unmerged,
             // From benches/DECODE.md, "auto's crossover" (`benches/decode.sh 3 64`, committed in
             // benches/data/decode_modes.json; SmolLM2-135M, f32, 2 cores, one r16 DoRA adapter
             // on every projection): a merge takes 0.227 s and a merged step saves 3.2 ms at 1
@@ -180,8 +180,8 @@ pub struct EngineStats {
     pub max_running: usize,
     /// KV bytes if every running slot held a full context (for a usage fraction).
     pub kv_capacity_bytes: usize,
-    /// The `--adapter-mode`: `unmerged`, `merged` or `auto`.
-    pub mode: &'static str,
+    /// The `--adapter-mode`.
+    pub mode: AdapterMode,
 }
 
 pub(super) enum Command {
@@ -195,12 +195,17 @@ pub(super) enum Command {
         generation: u64,
     },
     /// A validated upload or registration, to go into the cache as it is (no second load).
+    /// `done` is answered once the cache holds it and the stats say so.
     Install {
         adapter: Box<adapter::Adapter>,
         secs: f64,
+        done: std::sync::mpsc::Sender<()>,
     },
-    /// A name was deleted or unloaded: drop what the cache holds for it.
-    Invalidate(String),
+    /// A name was deleted or unloaded: drop what the cache holds for it, then answer `done`.
+    Invalidate {
+        name: String,
+        done: std::sync::mpsc::Sender<()>,
+    },
     Shutdown,
 }
 

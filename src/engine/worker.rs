@@ -193,11 +193,19 @@ impl Worker {
                 secs,
                 generation,
             } => self.loaded(name, result, secs, generation),
-            Command::Install { adapter, secs } => {
+            Command::Install {
+                adapter,
+                secs,
+                done,
+            } => {
                 drop(self.cache.insert(*adapter, secs));
+                self.publish();
+                let _ = done.send(());
             }
-            Command::Invalidate(name) => {
+            Command::Invalidate { name, done } => {
                 self.cache.remove(&name);
+                self.publish();
+                let _ = done.send(());
             }
             Command::Shutdown => return false,
         }
@@ -606,11 +614,7 @@ impl Worker {
         stats.merged_adapters = merged;
         let c = self.model.config();
         stats.max_running = self.cfg.max_running;
-        stats.mode = match self.cfg.mode {
-            crate::engine::scheduler::ModePolicy::Unmerged => "unmerged",
-            crate::engine::scheduler::ModePolicy::Merged => "merged",
-            crate::engine::scheduler::ModePolicy::Auto => "auto",
-        };
+        stats.mode = self.cfg.mode;
         stats.kv_capacity_bytes = self.cfg.max_running
             * c.max_context
             * 2

@@ -131,7 +131,10 @@ pub async fn chat(
         s: s.clone(),
         id: request_id("chatcmpl"),
         created: now_secs(),
-        model: req.model.clone().unwrap_or_else(|| s.cfg.model_id.clone()),
+        model: req
+            .model
+            .clone()
+            .unwrap_or_else(|| s.engine.info().id.clone()),
         adapter: valid.adapter_name().map(str::to_string),
         logprobs: valid.logprobs().is_some(),
     };

@@ -36,7 +36,10 @@ pub async fn completions(
         s: s.clone(),
         id: request_id("cmpl"),
         created: now_secs(),
-        model: req.model.clone().unwrap_or_else(|| s.cfg.model_id.clone()),
+        model: req
+            .model
+            .clone()
+            .unwrap_or_else(|| s.engine.info().id.clone()),
         adapter: valid.adapter_name().map(str::to_string),
         echo: req.echo.unwrap_or(false),
         logprobs: valid.logprobs().is_some(),

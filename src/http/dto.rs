@@ -320,7 +320,7 @@ pub struct ModelCard {
     pub kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<usize>,
-    /// For adapters: `on_disk`, `loaded` or `merged`.
+    /// For adapters: `on_disk`, `loading`, `loaded`, `merged` or `invalid`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// For the base model: how its weights are held, and the memory in use.
@@ -331,6 +331,9 @@ pub struct ModelCard {
 /// The base model's formats and resident bytes (on its `GET /v1/models` entry).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct BaseDescription {
+    /// The name the model file gives itself (GGUF `general.name`), when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Tensors per format, most numerous first, e.g. `113 Q4_K, 17 Q6_K, 65 F32 (668.4 MB)`.
     pub formats: String,
     /// Tensor count per format (`Q4_K`, `Q8_0`, `F32`, `BF16`, …).

@@ -214,7 +214,7 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
     let _ = writeln!(
         out,
         "# TYPE dora_adapter_mode_info gauge\ndora_adapter_mode_info{{mode=\"{}\"}} 1",
-        st.mode
+        st.mode.as_str()
     );
     let _ = writeln!(
         out,

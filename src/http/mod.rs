@@ -31,8 +31,6 @@ pub use metrics::Metrics;
 /// What the HTTP layer needs to know besides the engine.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    /// The id the base model is served under.
-    pub model_id: String,
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
     pub max_upload_bytes: usize,

@@ -12,6 +12,7 @@ pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
     let weights = s.engine.model().weights_summary();
     let stats = s.engine.stats();
     let base = BaseDescription {
+        name: s.engine.info().name.clone(),
         formats: weights.to_string(),
         tensors: weights
             .formats
@@ -24,7 +25,7 @@ pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
         merged_bytes: stats.merged_bytes,
     };
     let mut data = vec![ModelCard {
-        id: s.cfg.model_id.clone(),
+        id: s.engine.info().id.clone(),
         object: "model",
         created,
         owned_by: "dora-serve",
@@ -40,7 +41,7 @@ pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
             object: "model",
             created,
             owned_by: "dora-serve",
-            parent: Some(s.cfg.model_id.clone()),
+            parent: Some(s.engine.info().id.clone()),
             kind: Some(a.kind),
             rank: Some(a.r),
             state: Some(a.state),

@@ -343,10 +343,8 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         model,
         tokenizer,
         info: ModelInfo {
-            id: meta
-                .string("general.name")?
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| model_id(path)),
+            id: model_id(path),
+            name: meta.string("general.name")?.filter(|s| !s.is_empty()),
             path: path.to_path_buf(),
             format: ModelFormat::Gguf,
             bos_token_id: bos,

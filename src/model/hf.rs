@@ -215,6 +215,7 @@ pub(super) fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
         tokenizer,
         info: ModelInfo {
             id: model_id(dir),
+            name: None,
             path: dir.to_path_buf(),
             format: ModelFormat::HfFolder,
             bos_token_id: bos,

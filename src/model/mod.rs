@@ -76,8 +76,11 @@ pub enum ModelFormat {
 /// What the loaders know about the model besides its weights.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// A short id for the model (the folder or file name without extension).
+    /// The id the model is served under: the path as given to the loader (vLLM's convention:
+    /// what the user typed), unless the caller renames it (`--served-model-name`).
     pub id: String,
+    /// The name the file gives itself (GGUF `general.name`), shown as metadata only.
+    pub name: Option<String>,
     pub path: PathBuf,
     pub format: ModelFormat,
     pub bos_token_id: Option<u32>,
@@ -117,10 +120,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError> 
 }
 
 fn model_id(path: &Path) -> String {
-    path.file_stem()
-        .or(path.file_name())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".to_string())
+    path.to_string_lossy().into_owned()
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {

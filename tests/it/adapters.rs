@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use dora_serve::adapter::{self, Adapter, AdapterError, AdapterKind};
-use dora_serve::engine::{generate, ApplyMode, GenerateRequest, SamplingParams};
+use dora_serve::engine::{generate, AdapterMode, GenerateRequest, SamplingParams};
 use dora_serve::model::{LoadedModel, LogitsFor, SeqInput};
 use dora_serve::ops::{
     dora_norm, dora_norm_generic, dora_norm_reference, AdapterWeights, Apply, MergedWeights,
@@ -106,8 +106,8 @@ fn greedy_continuations_match_peft_in_both_modes() {
     for name in ADAPTERS {
         let a = load_adapter(&m, name);
         for (mode, want) in [
-            (ApplyMode::Unmerged, &exp.adapters[name].unmerged_greedy),
-            (ApplyMode::Merged, &exp.adapters[name].merged_greedy),
+            (AdapterMode::Unmerged, &exp.adapters[name].unmerged_greedy),
+            (AdapterMode::Merged, &exp.adapters[name].merged_greedy),
         ] {
             let reqs: Vec<GenerateRequest> = exp
                 .prompt_token_ids
@@ -188,13 +188,13 @@ fn mixed_adapter_batch_equals_one_at_a_time() {
             adapter: ad.map(|w| Arc::new(w.clone())),
         })
         .collect();
-    let together = generate(&m.model, &m.tokenizer, &reqs, ApplyMode::Unmerged).unwrap();
+    let together = generate(&m.model, &m.tokenizer, &reqs, AdapterMode::Unmerged).unwrap();
     for (i, r) in reqs.iter().enumerate() {
         let alone = generate(
             &m.model,
             &m.tokenizer,
             std::slice::from_ref(r),
-            ApplyMode::Unmerged,
+            AdapterMode::Unmerged,
         )
         .unwrap();
         assert_eq!(together[i].token_ids, alone[0].token_ids, "request {i}");

@@ -6,7 +6,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use candle_core::Tensor;
-use dora_serve::engine::{generate, ApplyMode, GenerateRequest, SamplingParams};
+use dora_serve::engine::{generate, AdapterMode, GenerateRequest, SamplingParams};
 use serde_json::{json, Value};
 
 use crate::util::{expected, expected_logits, load};
@@ -227,7 +227,7 @@ async fn sampling_fields_reach_the_sampler() {
                 stop_token_ids: vec![],
                 adapter: None,
             }],
-            ApplyMode::Unmerged,
+            AdapterMode::Unmerged,
         )
         .unwrap();
         out[0].text.clone()
@@ -342,7 +342,7 @@ async fn chat_forms_render_through_the_template() {
                 stop_token_ids: vec![],
                 adapter: None,
             }],
-            ApplyMode::Unmerged,
+            AdapterMode::Unmerged,
         )
         .unwrap();
         out[0].text.clone()

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dora_serve::adapter::Catalog;
-use dora_serve::engine::scheduler::ModePolicy;
 use dora_serve::engine::{
-    generate, AdapterSpec, ApplyMode, Engine, EngineConfig, EngineError, EngineRequest,
+    generate, AdapterMode, AdapterSpec, Engine, EngineConfig, EngineError, EngineRequest,
     EngineStats, Event, EventStream, FinishReason, GenerateRequest, SamplingParams, StepGate,
 };
 
@@ -46,7 +45,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// An engine whose steps wait for the returned gate (closed: no step runs until allowed).
 fn gated(
     store: &Path,
-    mode: ModePolicy,
+    mode: AdapterMode,
     cfg: impl FnOnce(&mut EngineConfig),
 ) -> (Engine, StepGate) {
     let gate = StepGate::closed();
@@ -80,7 +79,7 @@ fn steps(st: &EngineStats) -> u64 {
     st.steps_base + st.steps_merged + st.steps_unmerged
 }
 
-fn engine(store: &Path, mode: ModePolicy, cfg: impl FnOnce(&mut EngineConfig)) -> Engine {
+fn engine(store: &Path, mode: AdapterMode, cfg: impl FnOnce(&mut EngineConfig)) -> Engine {
     let mut c = EngineConfig {
         max_running: 8,
         max_step_tokens: 24,
@@ -190,7 +189,7 @@ fn alone(
         stop_token_ids: m.info.eos_token_ids.clone(),
         adapter: weights,
     };
-    generate(&m.model, &m.tokenizer, &[req], ApplyMode::Unmerged).unwrap()[0]
+    generate(&m.model, &m.tokenizer, &[req], AdapterMode::Unmerged).unwrap()[0]
         .token_ids
         .clone()
 }
@@ -227,7 +226,11 @@ fn concurrent_requests_equal_alone_in_every_mode_and_order() {
         })
         .collect();
     let s = store();
-    for mode in [ModePolicy::Unmerged, ModePolicy::Merged, ModePolicy::Auto] {
+    for mode in [
+        AdapterMode::Unmerged,
+        AdapterMode::Merged,
+        AdapterMode::Auto,
+    ] {
         for order in 0..3 {
             let (e, gate) = gated(s.path(), mode, |_| {});
             let mut idx: Vec<usize> = (0..work.len()).collect();
@@ -266,9 +269,9 @@ fn concurrent_requests_equal_alone_in_every_mode_and_order() {
             }
             let st = idle(&e);
             match mode {
-                ModePolicy::Unmerged => assert_eq!(st.steps_merged, 0, "{st:?}"),
-                ModePolicy::Merged => assert_eq!(st.steps_unmerged, 0, "{st:?}"),
-                ModePolicy::Auto => {}
+                AdapterMode::Unmerged => assert_eq!(st.steps_merged, 0, "{st:?}"),
+                AdapterMode::Merged => assert_eq!(st.steps_unmerged, 0, "{st:?}"),
+                AdapterMode::Auto => {}
             }
             assert!(st.steps_merged + st.steps_unmerged > 0, "{st:?}");
             e.shutdown();
@@ -280,7 +283,7 @@ fn concurrent_requests_equal_alone_in_every_mode_and_order() {
 fn stop_strings_and_eos_and_length() {
     let ps = prompts();
     let s = store();
-    let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
+    let e = engine(s.path(), AdapterMode::Unmerged, |_| {});
     let full = collect(submit(&e, request(&ps[0], None, 12, SamplingParams::default())).unwrap());
     assert_eq!(full.finish, Ok(FinishReason::Length));
     assert_eq!(full.tokens.len(), 12);
@@ -317,7 +320,7 @@ fn unknown_and_broken_adapters_fail_only_their_requests() {
         b"garbage",
     )
     .unwrap();
-    let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
+    let e = engine(s.path(), AdapterMode::Unmerged, |_| {});
     let good = submit(
         &e,
         request(&ps[0], Some("dora-all-r8"), 5, SamplingParams::default()),
@@ -368,7 +371,7 @@ fn unknown_and_broken_adapters_fail_only_their_requests() {
 fn one_load_for_many_concurrent_first_requests() {
     let ps = prompts();
     let s = store();
-    let e = engine(s.path(), ModePolicy::Unmerged, |c| {
+    let e = engine(s.path(), AdapterMode::Unmerged, |c| {
         c.max_running = 32;
         c.max_step_tokens = 512;
     });
@@ -413,7 +416,7 @@ fn cache_budget_holds_except_for_leased_adapters() {
     let mut two_largest = sizes.clone();
     two_largest.sort_unstable();
     let budget = two_largest[4] + two_largest[5];
-    let e = engine(s.path(), ModePolicy::Unmerged, |c| {
+    let e = engine(s.path(), AdapterMode::Unmerged, |c| {
         c.adapter_cache_bytes = budget;
         c.max_running = 3;
     });
@@ -462,7 +465,7 @@ fn cache_budget_holds_except_for_leased_adapters() {
 fn replaced_adapter_serves_new_requests_with_the_new_version() {
     let ps = prompts();
     let s = store();
-    let (e, gate) = gated(s.path(), ModePolicy::Unmerged, |_| {});
+    let (e, gate) = gated(s.path(), AdapterMode::Unmerged, |_| {});
     let long = submit(
         &e,
         request(&ps[0], Some("dora-all-r8"), 40, SamplingParams::default()),
@@ -518,7 +521,7 @@ fn replaced_adapter_serves_new_requests_with_the_new_version() {
 fn cancellation_frees_memory_and_a_full_queue_overloads() {
     let ps = prompts();
     let s = store();
-    let (e, gate) = gated(s.path(), ModePolicy::Unmerged, |c| {
+    let (e, gate) = gated(s.path(), AdapterMode::Unmerged, |c| {
         c.max_running = 1;
         c.max_queued = 3;
     });
@@ -572,7 +575,7 @@ fn cancellation_frees_memory_and_a_full_queue_overloads() {
 fn auto_merges_after_merge_after_single_adapter_steps() {
     let ps = prompts();
     let s = store();
-    let (e, gate) = gated(s.path(), ModePolicy::Auto, |c| c.merge_after = 3);
+    let (e, gate) = gated(s.path(), AdapterMode::Auto, |c| c.merge_after = 3);
     let step = |n: u64| {
         let before = gate.passed();
         gate.allow(n);
@@ -629,7 +632,11 @@ fn auto_merges_after_merge_after_single_adapter_steps() {
     let st = idle(&e);
     assert_eq!(st.steps_base, 0, "every step had an adapter row: {st:?}");
     // Base requests alone: base-only steps, in every mode, neither merged nor unmerged.
-    for mode in [ModePolicy::Unmerged, ModePolicy::Merged, ModePolicy::Auto] {
+    for mode in [
+        AdapterMode::Unmerged,
+        AdapterMode::Merged,
+        AdapterMode::Auto,
+    ] {
         let e = engine(s.path(), mode, |c| c.merge_after = 0);
         let outs: Vec<Outcome> = (0..3)
             .map(|i| submit(&e, request(&ps[i], None, 4, SamplingParams::default())).unwrap())
@@ -664,7 +671,7 @@ fn merged_cache_keeps_its_budget_and_evicts_the_least_recent() {
         (2 * one + one / 2, 2, 2),
         (one / 2, 3, 1),
     ] {
-        let e = engine(s.path(), ModePolicy::Merged, |c| {
+        let e = engine(s.path(), AdapterMode::Merged, |c| {
             c.merged_cache_bytes = budget
         });
         for (i, a) in ["dora-all-r8", "lora-r8", "dora-all-r8"].iter().enumerate() {
@@ -695,7 +702,7 @@ fn merged_cache_keeps_its_budget_and_evicts_the_least_recent() {
 #[test]
 fn invalid_requests_are_refused_at_submit() {
     let s = store();
-    let e = engine(s.path(), ModePolicy::Unmerged, |_| {});
+    let e = engine(s.path(), AdapterMode::Unmerged, |_| {});
     let err = |r: EngineRequest| submit(&e, r).err().expect("refused").to_string();
     assert!(err(request(&[], None, 4, SamplingParams::default())).contains("empty"));
     assert!(err(request(&[99_999], None, 4, SamplingParams::default())).contains("vocabulary"));

@@ -2,7 +2,7 @@
 //! for every loader; and the packed batch against sequences run one at a time.
 
 use candle_core::{DType, Tensor};
-use dora_serve::engine::{generate, ApplyMode, FinishReason, GenerateRequest, SamplingParams};
+use dora_serve::engine::{generate, AdapterMode, FinishReason, GenerateRequest, SamplingParams};
 use dora_serve::model::{KvCache, LoadedModel, LogitsFor, SeqInput};
 
 use crate::util::{expected, expected_logits, load, load_as, max_abs_diff, rounding_tolerance};
@@ -81,9 +81,9 @@ fn greedy_matches_transformers() {
             })
             .collect();
         // All prompts as one batch, and each alone: both must equal transformers.
-        let batched = generate(&m.model, &m.tokenizer, &reqs, ApplyMode::Unmerged).unwrap();
+        let batched = generate(&m.model, &m.tokenizer, &reqs, AdapterMode::Unmerged).unwrap();
         for (i, (p, out)) in exp[reference].iter().zip(&batched).enumerate() {
-            let alone = generate(&m.model, &m.tokenizer, &reqs[i..=i], ApplyMode::Unmerged)
+            let alone = generate(&m.model, &m.tokenizer, &reqs[i..=i], AdapterMode::Unmerged)
                 .unwrap()
                 .pop()
                 .unwrap();
@@ -222,7 +222,7 @@ fn context_limit_is_enforced() {
             stop_token_ids: vec![],
             adapter: None,
         }],
-        ApplyMode::Unmerged,
+        AdapterMode::Unmerged,
     )
     .unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
@@ -238,7 +238,7 @@ fn context_limit_is_enforced() {
             stop_token_ids: vec![],
             adapter: None,
         }],
-        ApplyMode::Unmerged,
+        AdapterMode::Unmerged,
     )
     .unwrap()
     .pop()

@@ -19,14 +19,18 @@ struct Proc {
 }
 
 impl Proc {
+    fn start(store: &Path, extra: &[&str]) -> Proc {
+        Self::start_on(&fixtures().join("tiny-llama"), store, extra)
+    }
+
     // The child is waited for in `Drop`, which clippy cannot see.
     #[allow(clippy::zombie_processes)]
-    fn start(store: &Path, extra: &[&str]) -> Proc {
+    fn start_on(model: &Path, store: &Path, extra: &[&str]) -> Proc {
         let log = store.with_extension(format!("log-{}", std::process::id()));
         let err = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_dora-serve"))
             .args(["serve", "--model"])
-            .arg(fixtures().join("tiny-llama"))
+            .arg(model)
             .arg("--adapters-dir")
             .arg(store)
             .args(["--port", "0"])
@@ -474,4 +478,33 @@ fn twice_the_sustainable_rate_is_shed_with_429_and_service_resumes() {
     let (status, _, body) = post_json(addr, "/v1/completions", &req).unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     eprintln!("sustainable {rate:.1} req/s; at 2×: {ok} served, {shed} shed with 429; peak RSS +{growth} KiB");
+}
+
+/// The base model is served under `--model` as typed (vLLM's convention), not the GGUF's own
+/// `general.name`, which `GET /v1/models` shows as metadata; `--served-model-name` renames it.
+#[test]
+fn the_base_model_id_is_the_model_argument_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // Relative, as a user types it (the test runs in the package root).
+    let typed = "tests/fixtures/tiny-llama.gguf";
+    for (extra, want) in [
+        (&[][..], typed),
+        (&["--served-model-name", "base"][..], "base"),
+    ] {
+        let p = Proc::start_on(Path::new(typed), &store, extra);
+        let (st, _, body) = http(p.addr, "GET", "/v1/models", "application/json", b"").unwrap();
+        assert_eq!(st, 200);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["data"][0]["id"], want, "{v}");
+        assert_eq!(v["data"][0]["base"]["name"], "tiny-llama", "{v}");
+        let (st, _, body) = post_json(
+            p.addr,
+            "/v1/completions",
+            &json!({"model": want, "prompt": "Hi", "max_tokens": 1}),
+        )
+        .unwrap();
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        p.kill();
+    }
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use dora_serve::engine::{generate, ApplyMode, GenerateRequest, SamplingParams};
+use dora_serve::engine::{generate, AdapterMode, GenerateRequest, SamplingParams};
 use dora_serve::model::{self, KvCache, LoadOptions, LogitsFor, SeqInput};
 use serde::Deserialize;
 
@@ -90,7 +90,7 @@ fn smollm2_matches_transformers(stored: bool) {
             adapter: None,
         });
     }
-    let outs = generate(&m.model, &m.tokenizer, &reqs, ApplyMode::Unmerged).unwrap();
+    let outs = generate(&m.model, &m.tokenizer, &reqs, AdapterMode::Unmerged).unwrap();
     for (p, out) in reference.prompts.iter().zip(outs) {
         let mut want = p.greedy_token_ids.clone();
         if want.last() == Some(&2) {
@@ -136,7 +136,7 @@ fn example_adapters_match_peft(stored: bool) {
     .expect("run scripts/fetch-model.sh first");
     let mut names: Vec<&String> = reference.adapters.keys().collect();
     names.sort();
-    for mode in [ApplyMode::Unmerged, ApplyMode::Merged] {
+    for mode in [AdapterMode::Unmerged, AdapterMode::Merged] {
         // Every (adapter, prompt) pair and the base model in one batch.
         let mut reqs = Vec::new();
         let mut want = Vec::new();

@@ -5,7 +5,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use dora_serve::adapter::Catalog;
-use dora_serve::engine::scheduler::ModePolicy;
+use dora_serve::engine::AdapterMode;
 use dora_serve::engine::{Engine, EngineConfig, StepGate};
 use dora_serve::http::{self, AppState, HttpConfig};
 use http_body_util::BodyExt;
@@ -69,14 +69,16 @@ pub fn server_opts(o: Opts) -> Server {
         }
     }
     let catalog = Catalog::open(store_dir.path()).unwrap();
+    let mut model = load("tiny-llama");
+    model.info.id = "tiny-llama".into(); // as --served-model-name tiny-llama
     let engine = Engine::start(
-        load("tiny-llama"),
+        model,
         catalog,
         EngineConfig {
             max_running: o.limits.0,
             max_step_tokens: 256,
             max_queued: o.limits.1,
-            mode: ModePolicy::Auto,
+            mode: AdapterMode::Auto,
             step_gate: o.gate,
             load_delay: o.load_delay,
             ..EngineConfig::default()
@@ -85,7 +87,6 @@ pub fn server_opts(o: Opts) -> Server {
     let state = AppState::new(
         engine.clone(),
         HttpConfig {
-            model_id: "tiny-llama".into(),
             api_key: o.keys.0.map(str::to_string),
             admin_key: o.keys.1.map(str::to_string),
             max_upload_bytes: o.max_upload,
