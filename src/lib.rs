@@ -6,23 +6,36 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: `main → config → http → engine → { model, adapter } → ops → candle`
-//! (and `main → bench`, a client of the API).
+//! Dependencies point one way (checked by reading the `use` lines):
+//!
+//! ```text
+//! main → { config, http, engine, model, bench }
+//! config → { engine, adapter, ops }        (the typed choices only: AdapterMode, SynthSpec, ProjKind)
+//! http → engine → { model, adapter } → ops → candle
+//! bench → { config, model, adapter }        (an HTTP client; model and adapter only for --make-adapters)
+//! ```
+//!
 //! `model` and `adapter` do not import each other: adapters see the base model only through
-//! [`ops::BaseLinears`], and the model sees adapters only as [`ops::AdapterWeights`].
+//! [`ops::BaseLinears`], and the model sees adapters only as [`ops::AdapterWeights`]. `http`
+//! never sees a tensor and never loads, resolves or caches an adapter: it calls the engine's
+//! verbs (validate, submit, upload, delete, register, unregister, list).
 //!
 //! - [`config`] — raw CLI arguments (clap) and the typed choices they turn into.
 //! - [`bench`] — `dora-serve bench`, the load generator: an HTTP client of the API (it imports
 //!   no engine code; only `--make-adapters` borrows `model` and `adapter` for shapes), with a
 //!   seeded workload (Zipf adapters, Poisson or closed-loop arrivals), reports and plots.
-//! - [`http`] — the OpenAI-compatible API on axum, built by [`http::app`]: completions and
-//!   chat (JSON or SSE) with an `adapter` field, models, adapter upload (validated, then
-//!   written atomically to the [`adapter::AdapterStore`]) and management, vLLM's load/unload,
-//!   health, Prometheus metrics, and the OpenAPI document generated with utoipa. Errors are
-//!   one enum mapped to status and stable `code` in one match; a deadline layer ends
-//!   generations past `--request-timeout`. It never sees a tensor.
+//! - [`http`] — the OpenAI-compatible API on axum, built by [`http::app`]: thin handlers that
+//!   parse their DTO, build an [`engine::EngineRequest`] and render the result; one stream
+//!   builder (`http/stream.rs`) for the JSON and SSE answers of both chat and completions;
+//!   models, adapter upload and management, vLLM's load/unload (all through the engine's
+//!   verbs), health, Prometheus metrics, and the OpenAPI document generated with utoipa.
+//!   Errors are one enum mapped to status and stable `code` in one match, and a loader's
+//!   error maps the same wherever the load happened; a deadline layer ends generations past
+//!   `--request-timeout`.
 //! - [`engine`] — the serving engine: an [`engine::Engine`] handle to one worker thread that
-//!   owns every sequence's KV cache and the adapter caches, runs continuous batching under the
+//!   owns every sequence's KV cache and the adapter caches, and the [`adapter::Catalog`] of
+//!   every adapter name; [`engine::Engine::validate`] is the one function that makes a
+//!   [`engine::ValidRequest`], the only type `submit` takes. It runs continuous batching under the
 //!   pure [`engine::scheduler`] (admission, chunked prefill under a token budget, apply mode:
 //!   unmerged, merged in turns, or auto with hysteresis), loads cold adapters off-thread (one
 //!   load per adapter however many requests wait), streams tokens with stop strings, and
@@ -36,8 +49,10 @@
 //!   targeted module of the base, with the config's rank), `g = m/‖W0 + s·B·A‖` precomputed at
 //!   load, a content digest naming each version, the byte-budgeted LRU
 //!   [`adapter::AdapterCache`] whose `Arc` leases pin adapters in use, the crash-safe
-//!   [`adapter::AdapterStore`] (temporary folder, fsync, one-step swap), and random adapters
-//!   for benchmarks.
+//!   [`adapter::AdapterStore`] (temporary folder, fsync, one-step swap), the
+//!   [`adapter::Catalog`] (names → store or registered folder, refusals, per-name generations,
+//!   validation of uploads and registrations against the base), and random adapters for
+//!   benchmarks.
 //! - [`model`] — the llama-family decoder (candle style: serde `Config` with HF names,
 //!   `new(cfg, vb)`), its per-sequence KV cache, the HF-folder and GGUF loaders (with
 //!   `--dtype auto`, GGUF matrices stay in their block format, memory-mapped, and bf16/f16

@@ -1,6 +1,9 @@
-//! Generation on top of the model: sampling, log-probabilities, and the batched generation
-//! loop used by `dora-serve generate`. (The serving engine, with its worker, queue and
-//! scheduler, grows here.)
+//! The serving engine: the [`Engine`] handle (validate, submit, the adapter verbs, stats) to
+//! one worker thread that owns the model's KV caches, the adapter caches and every running
+//! sequence, under the pure [`scheduler`]; the [`adapter::Catalog`](crate::adapter::Catalog) it
+//! owns; the one validated request type ([`ValidRequest`]); sampling and log-probabilities;
+//! text streaming with stop strings; the merged-weights cache; test hooks ([`StepGate`]); and
+//! [`generate`], the plain reference generation loop.
 
 mod generate;
 mod handle;
@@ -13,6 +16,9 @@ mod text;
 mod types;
 mod worker;
 
+/// The adapter vocabulary the engine's verbs speak (re-exported so callers need only the
+/// engine).
+pub use crate::adapter::{AdapterError, AdapterInfo, CatalogError, Upload};
 pub use generate::{
     generate, generate_with_stats, FinishReason, GenerateOutput, GenerateRequest, GenerateStats,
     MAX_LOGPROBS,

@@ -9,8 +9,7 @@ use serde::Deserialize;
 
 use super::dto::*;
 use super::{ApiError, AppState, ErrorBody, JsonBody};
-use crate::adapter::{AdapterInfo, Upload};
-use crate::engine::{AdapterEntry, AdapterState};
+use crate::engine::{AdapterEntry, AdapterInfo, AdapterState, Upload};
 
 fn describe(e: AdapterEntry) -> AdapterDescription {
     let cfg = e.config.as_ref();

@@ -6,8 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::adapter::{AdapterError, CatalogError};
-use crate::engine::EngineError;
+use crate::engine::{AdapterError, CatalogError, EngineError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

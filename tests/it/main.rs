@@ -12,6 +12,8 @@ mod parity;
 #[cfg(target_os = "linux")]
 mod process;
 mod props;
+#[cfg(target_os = "linux")]
+mod readme;
 mod real_model;
 mod stored;
 mod storms;
