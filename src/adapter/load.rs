@@ -324,9 +324,57 @@ fn load_parsed(
     let st = SafeTensors::deserialize(safetensors_bytes)
         .map_err(|e| AdapterError::Safetensors(e.to_string()))?;
     let num_layers = base.num_layers();
-
     // 1. Every tensor must be understood.
-    let mut modules: BTreeMap<(usize, ProjKind), Parts> = BTreeMap::new();
+    let (modules, file_dtypes) = read_tensors(&st, num_layers)?;
+    // 2. The file and the configuration must describe the same modules.
+    check_targets(&cfg, &modules, num_layers)?;
+    // 3. Shapes, DoRA magnitudes, and the precomputed tensors.
+    let mut weights = AdapterWeights::new(next_adapter_id(), num_layers);
+    let mut infos = Vec::with_capacity(modules.len());
+    for ((layer, kind), parts) in modules {
+        let (module, info) = build_module(&cfg, layer, kind, parts, base)?;
+        weights.insert(layer, kind, module);
+        infos.push(info);
+    }
+    let info = AdapterInfo {
+        kind: if cfg.use_dora {
+            AdapterKind::Dora
+        } else {
+            AdapterKind::Lora
+        },
+        r: cfg.r,
+        lora_alpha: cfg.lora_alpha,
+        use_rslora: cfg.use_rslora,
+        scale: cfg.scale(cfg.r, cfg.lora_alpha),
+        modules: infos,
+        bytes: weights.bytes(),
+        file_dtype: file_dtypes.into_iter().collect::<Vec<_>>().join(","),
+        digest,
+    };
+    Ok(Adapter {
+        name: name.to_string(),
+        info,
+        weights: Arc::new(weights),
+    })
+}
+
+type Modules = BTreeMap<(usize, ProjKind), Parts>;
+
+fn module_path(layer: usize, kind: ProjKind) -> String {
+    format!(
+        "model.layers.{layer}.{}.{}",
+        kind.parent(),
+        kind.module_name()
+    )
+}
+
+/// Every tensor of the file, mapped to its module and part (A, B or magnitude) as f32, each
+/// finite; a tensor that is not understood is an error, never skipped. Also the file's dtypes.
+fn read_tensors(
+    st: &SafeTensors<'_>,
+    num_layers: usize,
+) -> Result<(Modules, std::collections::BTreeSet<String>), AdapterError> {
+    let mut modules = Modules::new();
     let mut file_dtypes = std::collections::BTreeSet::new();
     for (key, view) in st.tensors() {
         let rest = key.strip_prefix("base_model.model.").ok_or_else(|| {
@@ -376,15 +424,18 @@ fn load_parsed(
         }
         *slot = Some((key.clone(), t));
     }
+    Ok((modules, file_dtypes))
+}
 
-    // 2. The file and the configuration must describe the same modules.
+/// Every module the configuration targets has tensors, and every tensor's module is targeted.
+fn check_targets(
+    cfg: &AdapterConfig,
+    modules: &Modules,
+    num_layers: usize,
+) -> Result<(), AdapterError> {
     for layer in 0..num_layers {
         for kind in ProjKind::ALL {
-            let path = format!(
-                "model.layers.{layer}.{}.{}",
-                kind.parent(),
-                kind.module_name()
-            );
+            let path = module_path(layer, kind);
             let targeted = cfg.targets(&path);
             let present = modules.contains_key(&(layer, kind));
             if targeted && !present {
@@ -407,116 +458,92 @@ fn load_parsed(
             "it holds no adapter tensors".into(),
         ));
     }
+    Ok(())
+}
 
-    // 3. Shapes, DoRA magnitudes, and the precomputed tensors.
-    let dtype = base.dtype();
-    let mut weights = AdapterWeights::new(next_adapter_id(), num_layers);
-    let mut infos = Vec::with_capacity(modules.len());
-    for ((layer, kind), parts) in modules {
-        let path = format!(
-            "model.layers.{layer}.{}.{}",
-            kind.parent(),
-            kind.module_name()
-        );
-        let lin = base
-            .linear(layer, kind)
-            .ok_or_else(|| module_err(&path, "the base model has no such module"))?;
-        let (in_dim, out_dim) = (lin.in_dim(), lin.out_dim());
-        let (r, alpha, scale) = cfg.module_params(&path);
-        let (a_key, a) = parts
-            .a
-            .ok_or_else(|| module_err(&path, "lora_A.weight is missing"))?;
-        let (b_key, b) = parts
-            .b
-            .ok_or_else(|| module_err(&path, "lora_B.weight is missing"))?;
-        if a.dims() != [r, in_dim] {
+/// One module's tensors checked against the base and the config, with `g = m / ‖W0 + s·B·A‖`
+/// precomputed for DoRA.
+fn build_module(
+    cfg: &AdapterConfig,
+    layer: usize,
+    kind: ProjKind,
+    parts: Parts,
+    base: &dyn BaseLinears,
+) -> Result<(LoraModule, ModuleInfo), AdapterError> {
+    let path = module_path(layer, kind);
+    let lin = base
+        .linear(layer, kind)
+        .ok_or_else(|| module_err(&path, "the base model has no such module"))?;
+    let (in_dim, out_dim) = (lin.in_dim(), lin.out_dim());
+    let (r, alpha, scale) = cfg.module_params(&path);
+    let (a_key, a) = parts
+        .a
+        .ok_or_else(|| module_err(&path, "lora_A.weight is missing"))?;
+    let (b_key, b) = parts
+        .b
+        .ok_or_else(|| module_err(&path, "lora_B.weight is missing"))?;
+    if a.dims() != [r, in_dim] {
+        return Err(tensor_err(
+            &a_key,
+            format!("has shape {:?}, expected [{r}, {in_dim}] (rank {r} from the config, in-features of {path})", a.dims()),
+        ));
+    }
+    if b.dims() != [out_dim, r] {
+        return Err(tensor_err(
+            &b_key,
+            format!("has shape {:?}, expected [{out_dim}, {r}] (out-features of {path}, rank {r} from the config)", b.dims()),
+        ));
+    }
+    let device = &lin.weight().device();
+    let a = a.to_device(device)?;
+    let b = b.to_device(device)?;
+    let g = match (cfg.use_dora, parts.m) {
+        (false, None) => None,
+        (false, Some((key, _))) => {
             return Err(tensor_err(
-                &a_key,
-                format!("has shape {:?}, expected [{r}, {in_dim}] (rank {r} from the config, in-features of {path})", a.dims()),
-            ));
+                &key,
+                "is a DoRA magnitude, but adapter_config.json has use_dora false: \
+                 this checkpoint would be served wrongly as plain LoRA",
+            ))
         }
-        if b.dims() != [out_dim, r] {
-            return Err(tensor_err(
-                &b_key,
-                format!("has shape {:?}, expected [{out_dim}, {r}] (out-features of {path}, rank {r} from the config)", b.dims()),
-            ));
+        (true, None) => {
+            return Err(module_err(
+                &path,
+                "use_dora is true but the module has no magnitude vector",
+            ))
         }
-        let device = &lin.weight().device();
-        let a = a.to_device(device)?;
-        let b = b.to_device(device)?;
-        let g = match (cfg.use_dora, parts.m) {
-            (false, None) => None,
-            (false, Some((key, _))) => {
-                return Err(tensor_err(
-                    &key,
-                    "is a DoRA magnitude, but adapter_config.json has use_dora false: \
-                     this checkpoint would be served wrongly as plain LoRA",
-                ))
-            }
-            (true, None) => {
+        (true, Some((key, m))) => {
+            let m = match m.dims() {
+                [n] if *n == out_dim => m,
+                [n, 1] if *n == out_dim => m.squeeze(1)?,
+                d => {
+                    return Err(tensor_err(
+                        &key,
+                        format!("has shape {d:?}, expected [{out_dim}] (out-features of {path})"),
+                    ))
+                }
+            };
+            let n = dora_norm(&lin.weight().to_f32()?, &a, &b, scale)?;
+            let norms = n.to_vec1::<f32>()?;
+            if let Some(i) = norms.iter().position(|&x| !(x > 0.0 && x.is_finite())) {
                 return Err(module_err(
                     &path,
-                    "use_dora is true but the module has no magnitude vector",
-                ))
+                    format!(
+                        "‖W0 + s·B·A‖ of output row {i} is {}; DoRA cannot divide by it",
+                        norms[i]
+                    ),
+                ));
             }
-            (true, Some((key, m))) => {
-                let m = match m.dims() {
-                    [n] if *n == out_dim => m,
-                    [n, 1] if *n == out_dim => m.squeeze(1)?,
-                    d => {
-                        return Err(tensor_err(
-                            &key,
-                            format!(
-                                "has shape {d:?}, expected [{out_dim}] (out-features of {path})"
-                            ),
-                        ))
-                    }
-                };
-                let n = dora_norm(&lin.weight().to_f32()?, &a, &b, scale)?;
-                let norms = n.to_vec1::<f32>()?;
-                if let Some(i) = norms.iter().position(|&x| !(x > 0.0 && x.is_finite())) {
-                    return Err(module_err(
-                        &path,
-                        format!(
-                            "‖W0 + s·B·A‖ of output row {i} is {}; DoRA cannot divide by it",
-                            norms[i]
-                        ),
-                    ));
-                }
-                Some((m.to_device(device)? / n)?)
-            }
-        };
-        weights.insert(
-            layer,
-            kind,
-            LoraModule::new(&a, &b, scale, g.as_ref(), dtype)?,
-        );
-        infos.push(ModuleInfo {
-            layer,
-            module: format!("{}.{}", kind.parent(), kind.module_name()),
-            rank: r,
-            alpha,
-            scale,
-        });
-    }
-    let info = AdapterInfo {
-        kind: if cfg.use_dora {
-            AdapterKind::Dora
-        } else {
-            AdapterKind::Lora
-        },
-        r: cfg.r,
-        lora_alpha: cfg.lora_alpha,
-        use_rslora: cfg.use_rslora,
-        scale: cfg.scale(cfg.r, cfg.lora_alpha),
-        modules: infos,
-        bytes: weights.bytes(),
-        file_dtype: file_dtypes.into_iter().collect::<Vec<_>>().join(","),
-        digest,
+            Some((m.to_device(device)? / n)?)
+        }
     };
-    Ok(Adapter {
-        name: name.to_string(),
-        info,
-        weights: Arc::new(weights),
-    })
+    let module = LoraModule::new(&a, &b, scale, g.as_ref(), base.dtype())?;
+    let info = ModuleInfo {
+        layer,
+        module: format!("{}.{}", kind.parent(), kind.module_name()),
+        rank: r,
+        alpha,
+        scale,
+    };
+    Ok((module, info))
 }

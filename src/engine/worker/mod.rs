@@ -10,9 +10,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
+
+mod loads;
 
 use super::handle::Engine;
 use super::merged_cache::MergedCache;
@@ -21,7 +23,7 @@ use super::scheduler::{Plan, Running, Scheduler, SchedulerConfig, SeqId, StepApp
 use super::text::TextState;
 use super::types::*;
 use super::{EngineError, FinishReason};
-use crate::adapter::{self, AdapterCache, Catalog, Lease};
+use crate::adapter::{AdapterCache, Catalog, Lease};
 use crate::model::{KvCache, Llama, LogitsFor, SeqInput, Tokenizer};
 
 /// Start the worker thread for `engine` (the handle, built by [`Engine::start`]), which owns
@@ -248,85 +250,6 @@ impl Worker {
         }
     }
 
-    /// Load `name`'s current files on a thread of its own, for the sequences waiting in
-    /// `self.loading[name]`; they fail with `AdapterNotFound` if the name is gone.
-    fn start_load(&mut self, name: String) {
-        let Some(resolved) = self.catalog.resolve(&name) else {
-            for id in self.loading.remove(&name).unwrap_or_default() {
-                self.finish_with_error(id, EngineError::AdapterNotFound(name.clone()));
-            }
-            return;
-        };
-        let (model, tx) = (Arc::clone(&self.model), self.tx.clone());
-        let delay = self.cfg.load_delay;
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            let result = adapter::load_dir(&resolved.dir, &*model).map(|mut a| {
-                a.name = name.clone();
-                a
-            });
-            let secs = start.elapsed().as_secs_f64();
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
-            let _ = tx.send(Command::Loaded {
-                name,
-                result,
-                secs,
-                generation: resolved.generation,
-            });
-        });
-    }
-
-    fn loaded(
-        &mut self,
-        name: String,
-        result: Result<adapter::Adapter, adapter::AdapterError>,
-        secs: f64,
-        generation: u64,
-    ) {
-        if self.catalog.generation(&name) != generation {
-            // The name changed while its files were read (replaced, deleted, re-registered):
-            // this version must not serve anyone. The new one is in the cache if it was
-            // uploaded; otherwise load again from what the name is now.
-            if let Some(lease) = self.cache.get(&name) {
-                self.serve_waiters(&name, lease);
-            } else if self.loading.contains_key(&name) {
-                self.start_load(name);
-            }
-            return;
-        }
-        match result {
-            Ok(a) => {
-                let lease = self.cache.insert(a, secs);
-                self.serve_waiters(&name, lease);
-            }
-            Err(e) => {
-                self.cache.record_load_failure();
-                let error = Arc::new(e);
-                for id in self.loading.remove(&name).unwrap_or_default() {
-                    let e = EngineError::AdapterLoad {
-                        name: name.clone(),
-                        error: Arc::clone(&error),
-                    };
-                    self.finish_with_error(id, e);
-                }
-            }
-        }
-    }
-
-    /// The sequences waiting for `name` run on `lease`.
-    fn serve_waiters(&mut self, name: &str, lease: Lease) {
-        for id in self.loading.remove(name).unwrap_or_default() {
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.lease = Some(Arc::clone(&lease));
-                self.waiting.push_back(id);
-            }
-        }
-        drop(lease);
-        self.cache.evict_to_budget();
-    }
-
     /// Requests whose client went away stop now and free their memory.
     fn drop_cancelled(&mut self) {
         let gone: Vec<SeqId> = self
@@ -368,7 +291,42 @@ impl Worker {
         }
     }
 
+    /// One engine step: plan it, admit, run the planned rows in one packed forward, and turn
+    /// each row's logits into prompt progress, a token, or a finished sequence.
     fn step(&mut self) -> Result<(), EngineError> {
+        let Plan { admit, rows, apply } = self.plan();
+        self.admit(&admit);
+        let Some(apply) = apply else { return Ok(()) };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let merged = self.apply(&rows, apply)?;
+        if let Some(msg) = self.cfg.step_gate.as_ref().and_then(|g| g.take_fault()) {
+            return Err(EngineError::Internal(msg));
+        }
+        let feeds = self.feeds(&rows);
+        let mut seqs: Vec<(SeqId, Seq)> = rows
+            .iter()
+            .map(|(id, _)| (*id, self.seqs.remove(id).expect("planned")))
+            .collect();
+        let logits = match self.forward(&mut seqs, &feeds, merged.as_deref()) {
+            Ok(l) => l,
+            Err(e) => {
+                for (id, s) in seqs {
+                    self.seqs.insert(id, s);
+                }
+                return Err(e.into());
+            }
+        };
+        for (((id, s), logits), tokens) in seqs.into_iter().zip(logits).zip(&feeds) {
+            self.absorb(id, s, logits, tokens.len())?;
+        }
+        self.cache.evict_to_budget();
+        Ok(())
+    }
+
+    /// Ask the scheduler for this step, from views of the running and waiting sequences.
+    fn plan(&mut self) -> Plan {
         let key = |s: &Seq| s.lease.as_ref().map(|l| l.weights.id());
         let running: Vec<Running> = self
             .running
@@ -394,8 +352,11 @@ impl Worker {
                 }
             })
             .collect();
-        let Plan { admit, rows, apply } = self.sched.plan(&running, &waiting);
-        for id in &admit {
+        self.sched.plan(&running, &waiting)
+    }
+
+    fn admit(&mut self, admit: &[SeqId]) {
+        for id in admit {
             self.waiting.retain(|w| w != id);
             self.running.push(*id);
             if let Some(s) = self.seqs.get_mut(id) {
@@ -403,10 +364,14 @@ impl Worker {
                 self.queued.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        let Some(apply) = apply else { return Ok(()) };
-        if rows.is_empty() {
-            return Ok(());
-        }
+    }
+
+    /// Count the step by how adapters apply, and fetch (or make) the merged weights it runs on.
+    fn apply(
+        &mut self,
+        rows: &[(SeqId, usize)],
+        apply: StepApply,
+    ) -> Result<Option<Arc<crate::ops::MergedWeights>>, EngineError> {
         // A step of base rows only applies no adapter, whatever the mode: counted apart.
         let base_only = rows.iter().all(|(id, _)| self.seqs[id].lease.is_none());
         if base_only {
@@ -416,7 +381,7 @@ impl Worker {
         } else {
             self.counters.steps_merged += 1;
         }
-        let merged = match apply {
+        Ok(match apply {
             StepApply::Unmerged | StepApply::Merged(None) => None,
             StepApply::Merged(Some(_)) => {
                 let lease = self.seqs[&rows[0].0]
@@ -425,122 +390,119 @@ impl Worker {
                     .expect("merged rows have an adapter");
                 Some(self.merged.get_or_merge(&lease, &self.model)?)
             }
-        };
+        })
+    }
 
-        if let Some(msg) = self.cfg.step_gate.as_ref().and_then(|g| g.take_fault()) {
-            return Err(EngineError::Internal(msg));
-        }
-
-        // Gather each row's tokens, then run them together.
-        let feeds: Vec<Vec<u32>> = rows
-            .iter()
+    /// Each planned row's tokens: its next prompt chunk, or its last sampled token.
+    fn feeds(&self, rows: &[(SeqId, usize)]) -> Vec<Vec<u32>> {
+        rows.iter()
             .map(|(id, n)| {
                 let s = &self.seqs[id];
-                let plen = s.req.prompt_token_ids.len();
-                if s.fed < plen {
+                if s.fed < s.req.prompt_token_ids.len() {
                     s.req.prompt_token_ids[s.fed..s.fed + n].to_vec()
                 } else {
                     vec![*s.out.last().expect("a decoding sequence has output")]
                 }
             })
-            .collect();
-        let mut seqs: Vec<(SeqId, Seq)> = rows
-            .iter()
-            .map(|(id, _)| (*id, self.seqs.remove(id).expect("planned")))
-            .collect();
-        let result = {
-            let mut inputs: Vec<SeqInput> = seqs
-                .iter_mut()
-                .zip(&feeds)
-                .map(|((_, s), tokens)| SeqInput {
-                    tokens,
-                    cache: &mut s.cache,
-                    logits: if s.req.prompt_logprobs.is_some()
-                        && s.fed < s.req.prompt_token_ids.len()
-                    {
-                        LogitsFor::All
-                    } else {
-                        LogitsFor::Last
-                    },
-                    adapter: s.lease.as_ref().map(|l| &*l.weights),
-                })
-                .collect();
-            self.model.forward(&mut inputs, merged.as_deref())
-        };
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                for (id, s) in seqs {
-                    self.seqs.insert(id, s);
-                }
-                return Err(e.into());
-            }
-        };
-        let mut finished = Vec::new();
-        for (((id, mut s), logits), tokens) in seqs.into_iter().zip(logits).zip(&feeds) {
-            let plen = s.req.prompt_token_ids.len();
-            let prefilling = s.fed < plen;
-            let logits = if prefilling && s.req.prompt_logprobs.is_some() {
-                // Row i predicts prompt token fed + i + 1; the last row, past the prompt, is
-                // the first generated token's distribution.
-                let k = s.req.prompt_logprobs.unwrap_or(0);
-                let n = logits.dim(0)?;
-                let lps: Vec<TokenLogprob> = (0..n)
-                    .filter(|i| s.fed + i + 1 < plen)
-                    .map(|i| {
-                        let row = logits.get(i)?.to_vec1::<f32>()?;
-                        Ok(logprobs_of(&row, s.req.prompt_token_ids[s.fed + i + 1], k))
-                    })
-                    .collect::<candle_core::Result<_>>()?;
-                s.prompt_lps.extend(lps);
-                if s.fed + tokens.len() >= plen {
-                    let lps = std::mem::take(&mut s.prompt_lps);
-                    self.outbox
-                        .push((s.events.clone(), Event::PromptLogprobs(lps)));
-                }
-                logits.narrow(0, n - 1, 1)?
-            } else {
-                logits
-            };
-            if prefilling {
-                s.fed += tokens.len();
-                self.counters.prompt_tokens += tokens.len() as u64;
-                if s.fed < plen {
-                    self.seqs.insert(id, s);
-                    continue;
-                }
-            }
-            match self.sample(&mut s, &logits) {
-                Ok(Some(reason)) => finished.push((id, s, reason)),
-                Ok(None) => {
-                    self.seqs.insert(id, s);
-                }
-                Err(e) => {
-                    self.outbox.push((s.events.clone(), Event::Error(e)));
-                    self.running.retain(|r| *r != id);
-                }
-            }
-        }
-        for (id, mut s, reason) in finished {
-            self.running.retain(|r| *r != id);
-            let text = s.text.flush();
-            self.outbox.push((
-                s.events.clone(),
-                Event::Done {
-                    finish_reason: reason,
-                    prompt_tokens: plen_of(&s),
-                    completion_tokens: s.out.len(),
-                    adapter: s.lease.as_ref().map(|l| AdapterVersion {
-                        name: l.name.clone(),
-                        version: l.weights.id(),
-                        digest: l.info.digest.clone(),
-                    }),
-                    text,
+            .collect()
+    }
+
+    /// All rows in one packed forward.
+    fn forward(
+        &self,
+        seqs: &mut [(SeqId, Seq)],
+        feeds: &[Vec<u32>],
+        merged: Option<&crate::ops::MergedWeights>,
+    ) -> candle_core::Result<Vec<candle_core::Tensor>> {
+        let mut inputs: Vec<SeqInput> = seqs
+            .iter_mut()
+            .zip(feeds)
+            .map(|((_, s), tokens)| SeqInput {
+                tokens,
+                cache: &mut s.cache,
+                logits: if s.req.prompt_logprobs.is_some() && s.fed < s.req.prompt_token_ids.len() {
+                    LogitsFor::All
+                } else {
+                    LogitsFor::Last
                 },
-            ));
+                adapter: s.lease.as_ref().map(|l| &*l.weights),
+            })
+            .collect();
+        self.model.forward(&mut inputs, merged)
+    }
+
+    /// One row's logits after a forward of `fed_now` tokens: prompt log-probabilities while
+    /// prefilling, then the next token; the sequence goes back to `seqs` unless it finished.
+    fn absorb(
+        &mut self,
+        id: SeqId,
+        mut s: Seq,
+        logits: candle_core::Tensor,
+        fed_now: usize,
+    ) -> Result<(), EngineError> {
+        let plen = s.req.prompt_token_ids.len();
+        let prefilling = s.fed < plen;
+        let logits = if prefilling && s.req.prompt_logprobs.is_some() {
+            // Row i predicts prompt token fed + i + 1; the last row, past the prompt, is
+            // the first generated token's distribution.
+            let k = s.req.prompt_logprobs.unwrap_or(0);
+            let n = logits.dim(0)?;
+            let lps: Vec<TokenLogprob> = (0..n)
+                .filter(|i| s.fed + i + 1 < plen)
+                .map(|i| {
+                    let row = logits.get(i)?.to_vec1::<f32>()?;
+                    Ok(logprobs_of(&row, s.req.prompt_token_ids[s.fed + i + 1], k))
+                })
+                .collect::<candle_core::Result<_>>()?;
+            s.prompt_lps.extend(lps);
+            if s.fed + fed_now >= plen {
+                let lps = std::mem::take(&mut s.prompt_lps);
+                self.outbox
+                    .push((s.events.clone(), Event::PromptLogprobs(lps)));
+            }
+            logits.narrow(0, n - 1, 1)?
+        } else {
+            logits
+        };
+        if prefilling {
+            s.fed += fed_now;
+            self.counters.prompt_tokens += fed_now as u64;
+            if s.fed < plen {
+                self.seqs.insert(id, s);
+                return Ok(());
+            }
         }
-        self.cache.evict_to_budget();
+        match self.sample(&mut s, &logits) {
+            Ok(Some(reason)) => self.finish(id, s, reason),
+            Ok(None) => {
+                self.seqs.insert(id, s);
+            }
+            Err(e) => {
+                self.outbox.push((s.events.clone(), Event::Error(e)));
+                self.running.retain(|r| *r != id);
+            }
+        }
         Ok(())
+    }
+
+    /// A sequence ended: its last text, usage and the adapter version that served it.
+    fn finish(&mut self, id: SeqId, mut s: Seq, reason: FinishReason) {
+        self.running.retain(|r| *r != id);
+        let text = s.text.flush();
+        self.outbox.push((
+            s.events.clone(),
+            Event::Done {
+                finish_reason: reason,
+                prompt_tokens: s.req.prompt_token_ids.len(),
+                completion_tokens: s.out.len(),
+                adapter: s.lease.as_ref().map(|l| AdapterVersion {
+                    name: l.name.clone(),
+                    version: l.weights.id(),
+                    digest: l.info.digest.clone(),
+                }),
+                text,
+            },
+        ));
     }
 
     /// Sample the next token of `s`; `Some(reason)` when it finished.
@@ -633,8 +595,4 @@ impl Worker {
             *out = stats;
         }
     }
-}
-
-fn plen_of(s: &Seq) -> usize {
-    s.req.prompt_token_ids.len()
 }
