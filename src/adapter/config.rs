@@ -211,17 +211,7 @@ impl AdapterConfig {
             AdapterError::ConfigJson("the top level must be a JSON object".into())
         })?;
 
-        match obj.get("peft_type") {
-            Some(Value::String(t)) if t == "LORA" => {}
-            Some(Value::String(t)) => {
-                return Err(unsupported(
-                    "peft_type",
-                    format!("{t:?} adapters are not supported; dora-serve serves LORA (with or without use_dora)"),
-                ))
-            }
-            None => return Err(field_err("peft_type", "is missing; PEFT LoRA/DoRA configs say \"LORA\"")),
-            Some(_) => return Err(field_err("peft_type", "must be the string \"LORA\"")),
-        }
+        check_peft_type(obj)?;
         let r = obj
             .get("r")
             .ok_or_else(|| field_err("r", "is missing"))
@@ -236,34 +226,7 @@ impl AdapterConfig {
             })?;
         let use_dora = bool_field(obj, "use_dora")?;
         let use_rslora = bool_field(obj, "use_rslora")?;
-        if bool_field(obj, "fan_in_fan_out")? {
-            return Err(unsupported(
-                "fan_in_fan_out",
-                "must be false: llama projections store weights as [out, in]",
-            ));
-        }
-        match obj.get("bias") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(b)) if b == "none" => {}
-            Some(b) => {
-                return Err(unsupported(
-                    "bias",
-                    format!("must be \"none\", got {b}: trained bias terms are not supported"),
-                ))
-            }
-        }
-        if let Some(init) = obj.get("init_lora_weights").and_then(Value::as_str) {
-            let lower = init.to_ascii_lowercase();
-            if BASE_CHANGING_INITS.iter().any(|p| lower.starts_with(p)) {
-                return Err(unsupported(
-                    "init_lora_weights",
-                    format!(
-                        "{init:?} adapters are only exact on the base model their initialisation modified; \
-                         convert the adapter with PEFT's path_initial_model_for_weight_conversion first"
-                    ),
-                ));
-            }
-        }
+        check_unsupported_math(obj)?;
         let target_modules = match obj.get("target_modules") {
             None | Some(Value::Null) => {
                 return Err(field_err(
@@ -279,87 +242,10 @@ impl AdapterConfig {
         };
         let rank_pattern = pattern_map("rank_pattern", obj.get("rank_pattern"), positive_usize)?;
         let alpha_pattern = pattern_map("alpha_pattern", obj.get("alpha_pattern"), finite_number)?;
-        let layers_to_transform = match obj.get("layers_to_transform") {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(a)) if a.is_empty() => None,
-            Some(v) => {
-                let list: Option<Vec<usize>> = match v {
-                    Value::Number(n) => n.as_u64().map(|x| vec![x as usize]),
-                    Value::Array(a) => a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect(),
-                    _ => None,
-                };
-                Some(list.ok_or_else(|| {
-                    field_err(
-                        "layers_to_transform",
-                        "must be a layer index or a list of layer indices",
-                    )
-                })?)
-            }
-        };
-        let layers_pattern: Vec<String> = match obj.get("layers_pattern") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(s)) if s.is_empty() => Vec::new(),
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| x.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    field_err("layers_pattern", "must be a string or a list of strings")
-                })?,
-            Some(_) => {
-                return Err(field_err(
-                    "layers_pattern",
-                    "must be a string or a list of strings",
-                ))
-            }
-        };
-        // PEFT's layer-index extraction (check_target_module_exists).
-        let layer_index_res = if layers_pattern.is_empty() {
-            vec![Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("static regex")]
-        } else {
-            layers_pattern
-                .iter()
-                .map(|p| {
-                    compile("layers_pattern", p, |p| {
-                        format!(r"^(?:|.*?\.)(?:{p})\.(\d+)\.")
-                    })
-                })
-                .collect::<Result<_, _>>()?
-        };
+        let layers_to_transform = layers_to_transform(obj)?;
+        let (layers_pattern, layer_index_res) = layers_pattern(obj)?;
 
-        for (field, why) in REFUSED_WHEN_SET {
-            if obj.get(*field).is_some_and(|v| !is_unset(v)) {
-                return Err(unsupported(field, format!("is set: {why}")));
-            }
-        }
-        const UNDERSTOOD: &[&str] = &[
-            "peft_type",
-            "r",
-            "lora_alpha",
-            "use_dora",
-            "use_rslora",
-            "fan_in_fan_out",
-            "bias",
-            "init_lora_weights",
-            "target_modules",
-            "exclude_modules",
-            "rank_pattern",
-            "alpha_pattern",
-            "layers_to_transform",
-            "layers_pattern",
-        ];
-        for (k, v) in obj {
-            let known = UNDERSTOOD.contains(&k.as_str())
-                || HARMLESS.contains(&k.as_str())
-                || REFUSED_WHEN_SET.iter().any(|(f, _)| f == k);
-            if !known && !is_unset(v) {
-                return Err(unsupported(
-                    k,
-                    "is not a field dora-serve knows, and it is set; it may change the adapter's math, so the adapter is refused",
-                ));
-            }
-        }
+        check_unknown_fields(obj)?;
         Ok(Self {
             use_dora,
             r,
@@ -426,4 +312,146 @@ impl AdapterConfig {
             alpha / r as f64
         }
     }
+}
+
+type Obj = Map<String, Value>;
+
+fn check_peft_type(obj: &Obj) -> Result<(), AdapterError> {
+    match obj.get("peft_type") {
+        Some(Value::String(t)) if t == "LORA" => {}
+        Some(Value::String(t)) => {
+            return Err(unsupported(
+                "peft_type",
+                format!("{t:?} adapters are not supported; dora-serve serves LORA (with or without use_dora)"),
+            ))
+        }
+        None => return Err(field_err("peft_type", "is missing; PEFT LoRA/DoRA configs say \"LORA\"")),
+        Some(_) => return Err(field_err("peft_type", "must be the string \"LORA\"")),
+    }
+    Ok(())
+}
+
+/// Fields whose values change the adapter's math in ways dora-serve does not serve.
+fn check_unsupported_math(obj: &Obj) -> Result<(), AdapterError> {
+    if bool_field(obj, "fan_in_fan_out")? {
+        return Err(unsupported(
+            "fan_in_fan_out",
+            "must be false: llama projections store weights as [out, in]",
+        ));
+    }
+    match obj.get("bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(b)) if b == "none" => {}
+        Some(b) => {
+            return Err(unsupported(
+                "bias",
+                format!("must be \"none\", got {b}: trained bias terms are not supported"),
+            ))
+        }
+    }
+    if let Some(init) = obj.get("init_lora_weights").and_then(Value::as_str) {
+        let lower = init.to_ascii_lowercase();
+        if BASE_CHANGING_INITS.iter().any(|p| lower.starts_with(p)) {
+            return Err(unsupported(
+                "init_lora_weights",
+                format!(
+                    "{init:?} adapters are only exact on the base model their initialisation modified; \
+                     convert the adapter with PEFT's path_initial_model_for_weight_conversion first"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn layers_to_transform(obj: &Obj) -> Result<Option<Vec<usize>>, AdapterError> {
+    Ok(match obj.get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) if a.is_empty() => None,
+        Some(v) => {
+            let list: Option<Vec<usize>> = match v {
+                Value::Number(n) => n.as_u64().map(|x| vec![x as usize]),
+                Value::Array(a) => a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect(),
+                _ => None,
+            };
+            Some(list.ok_or_else(|| {
+                field_err(
+                    "layers_to_transform",
+                    "must be a layer index or a list of layer indices",
+                )
+            })?)
+        }
+    })
+}
+
+/// `layers_pattern`, and the regexes PEFT uses to find a module path's layer index with it.
+fn layers_pattern(obj: &Obj) -> Result<(Vec<String>, Vec<Regex>), AdapterError> {
+    let layers_pattern: Vec<String> = match obj.get("layers_pattern") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) if s.is_empty() => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| field_err("layers_pattern", "must be a string or a list of strings"))?,
+        Some(_) => {
+            return Err(field_err(
+                "layers_pattern",
+                "must be a string or a list of strings",
+            ))
+        }
+    };
+    // PEFT's layer-index extraction (check_target_module_exists).
+    let res = if layers_pattern.is_empty() {
+        vec![Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("static regex")]
+    } else {
+        layers_pattern
+            .iter()
+            .map(|p| {
+                compile("layers_pattern", p, |p| {
+                    format!(r"^(?:|.*?\.)(?:{p})\.(\d+)\.")
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    Ok((layers_pattern, res))
+}
+
+/// Every field is understood, harmless, or refused by name: a set field dora-serve does not
+/// know may change the math, so the adapter is refused.
+fn check_unknown_fields(obj: &Obj) -> Result<(), AdapterError> {
+    for (field, why) in REFUSED_WHEN_SET {
+        if obj.get(*field).is_some_and(|v| !is_unset(v)) {
+            return Err(unsupported(field, format!("is set: {why}")));
+        }
+    }
+    const UNDERSTOOD: &[&str] = &[
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "use_dora",
+        "use_rslora",
+        "fan_in_fan_out",
+        "bias",
+        "init_lora_weights",
+        "target_modules",
+        "exclude_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+    ];
+    for (k, v) in obj {
+        let known = UNDERSTOOD.contains(&k.as_str())
+            || HARMLESS.contains(&k.as_str())
+            || REFUSED_WHEN_SET.iter().any(|(f, _)| f == k);
+        if !known && !is_unset(v) {
+            return Err(unsupported(
+                k,
+                "is not a field dora-serve knows, and it is set; it may change the adapter's math, so the adapter is refused",
+            ));
+        }
+    }
+    Ok(())
 }
