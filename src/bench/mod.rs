@@ -201,35 +201,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
         .pool_max_idle_per_host(1024)
         .build()?;
     let key = args.api_key.as_deref();
-    let mut adapters = Vec::new();
-    if args.make_adapters > 0 {
-        let model = args.spawn_model.as_ref().or(args.model.as_ref()).context(
-            "--make-adapters needs the base model's shapes: give --spawn-model or --model",
-        )?;
-        let admin = args.admin_key.as_deref().or(key);
-        adapters = make_adapters(&client, &url, admin, model, &args).await?;
-    }
-    if args.adapters > 0 {
-        let v: serde_json::Value =
-            serde_json::from_str(&get_text(&client, &format!("{url}/v1/adapters"), key).await?)?;
-        let mut names: Vec<String> = v["data"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|a| a["state"] != "invalid")
-            .filter_map(|a| a["name"].as_str().map(str::to_string))
-            .filter(|n| !adapters.contains(n))
-            .collect();
-        names.sort();
-        if names.len() < args.adapters {
-            bail!(
-                "--adapters {} but the server has {} usable adapters",
-                args.adapters,
-                names.len()
-            );
-        }
-        adapters.extend(names.into_iter().take(args.adapters));
-    }
+    let adapters = choose_adapters(&client, &url, &args).await?;
     let base_fraction = args
         .base_fraction
         .unwrap_or(if adapters.is_empty() { 1.0 } else { 0.0 });
@@ -242,25 +214,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
         args.max_tokens,
     )));
     if args.preload {
-        let t = Instant::now();
-        for a in &adapters {
-            let spec = workload::Spec {
-                adapter: Some(a.clone()),
-                prompt: "warm".into(),
-                max_tokens: 1,
-            };
-            let r = client::send(&client, &url, key, spec, true, t).await;
-            if !r.ok() {
-                bail!("preloading adapter {a}: {}", r.outcome);
-            }
-        }
-        if !args.quiet {
-            eprintln!(
-                "preloaded {} adapters in {:.1} s",
-                adapters.len(),
-                t.elapsed().as_secs_f64()
-            );
-        }
+        preload(&client, &url, key, &adapters, args.quiet).await?;
     }
     let metrics_url = format!("{url}/metrics");
     let before = report::scrape(&get_text(&client, &metrics_url, key).await?).0;
@@ -361,6 +315,76 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = &args.plot {
         plot::write_svg(&rep, p)?;
+    }
+    Ok(())
+}
+
+/// The adapters a run uses: `--make-adapters` uploaded first, then `--adapters` more from the
+/// server's list (sorted by name, valid ones only).
+async fn choose_adapters(
+    client: &reqwest::Client,
+    url: &str,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<String>> {
+    let key = args.api_key.as_deref();
+    let mut adapters = Vec::new();
+    if args.make_adapters > 0 {
+        let model = args.spawn_model.as_ref().or(args.model.as_ref()).context(
+            "--make-adapters needs the base model's shapes: give --spawn-model or --model",
+        )?;
+        let admin = args.admin_key.as_deref().or(key);
+        adapters = make_adapters(client, url, admin, model, args).await?;
+    }
+    if args.adapters > 0 {
+        let v: serde_json::Value =
+            serde_json::from_str(&get_text(client, &format!("{url}/v1/adapters"), key).await?)?;
+        let mut names: Vec<String> = v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["state"] != "invalid")
+            .filter_map(|a| a["name"].as_str().map(str::to_string))
+            .filter(|n| !adapters.contains(n))
+            .collect();
+        names.sort();
+        if names.len() < args.adapters {
+            bail!(
+                "--adapters {} but the server has {} usable adapters",
+                args.adapters,
+                names.len()
+            );
+        }
+        adapters.extend(names.into_iter().take(args.adapters));
+    }
+    Ok(adapters)
+}
+
+/// One 1-token request per adapter, so that every adapter is loaded before the clock starts.
+async fn preload(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    adapters: &[String],
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    for a in adapters {
+        let spec = workload::Spec {
+            adapter: Some(a.clone()),
+            prompt: "warm".into(),
+            max_tokens: 1,
+        };
+        let r = client::send(client, url, key, spec, true, t).await;
+        if !r.ok() {
+            bail!("preloading adapter {a}: {}", r.outcome);
+        }
+    }
+    if !quiet {
+        eprintln!(
+            "preloaded {} adapters in {:.1} s",
+            adapters.len(),
+            t.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
