@@ -74,7 +74,8 @@ impl GenerateStats {
     }
 }
 
-struct Running {
+/// A sequence of the reference loop as it runs (the engine's is `worker::Seq`).
+struct RefSeq {
     cache: KvCache,
     sampler: Sampler,
     out: Vec<u32>,
@@ -194,9 +195,9 @@ fn run_batch(
     stats: &mut GenerateStats,
 ) -> Result<Vec<GenerateOutput>, EngineError> {
     let ctx = model.config().max_context;
-    let mut seqs: Vec<Running> = reqs
+    let mut seqs: Vec<RefSeq> = reqs
         .iter()
-        .map(|r| Running {
+        .map(|r| RefSeq {
             cache: model.new_cache(),
             sampler: Sampler::new(&r.sampling),
             out: Vec::new(),
@@ -208,7 +209,7 @@ fn run_batch(
     let mut prefill = true;
     loop {
         let step_start = Instant::now();
-        let mut active: Vec<(usize, &mut Running)> = seqs
+        let mut active: Vec<(usize, &mut RefSeq)> = seqs
             .iter_mut()
             .enumerate()
             .filter(|(_, s)| s.finish.is_none())

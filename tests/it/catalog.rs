@@ -182,6 +182,20 @@ async fn replace(s: &Server, name: &str, files: &(Vec<u8>, Vec<u8>)) -> String {
     v["digest"].as_str().unwrap().to_string()
 }
 
+/// A request on `adapter` (out of memory), returned once the engine is loading it for it.
+fn request_while_loading(
+    s: &Server,
+    adapter: &str,
+) -> tokio::task::JoinHandle<(StatusCode, Value, String)> {
+    let app = s.app.clone();
+    let body = json!({"prompt": PROMPT, "max_tokens": 2, "adapter": adapter});
+    let request = tokio::spawn(async move { call(&app, post_json("/v1/completions", body)).await });
+    stats_when(s, "loading", |st| {
+        st.loading_adapters.iter().any(|n| n == adapter)
+    });
+    request
+}
+
 /// A load that read a name's files before they were replaced never serves: the requests
 /// waiting on it get the new version, and so does every later one. (Each cold load here pauses
 /// 300 ms after reading its files, so the replace certainly lands while it is in flight.)
@@ -200,20 +214,7 @@ async fn a_load_overtaken_by_a_replace_never_serves_the_old_files() {
         stats_when(&s, "evicted", |st| {
             !st.loaded_adapters.iter().any(|n| n == "racer")
         });
-        let app = s.app.clone();
-        let request = tokio::spawn(async move {
-            call(
-                &app,
-                post_json(
-                    "/v1/completions",
-                    json!({"prompt": PROMPT, "max_tokens": 2, "adapter": "racer"}),
-                ),
-            )
-            .await
-        });
-        stats_when(&s, "loading", |st| {
-            st.loading_adapters.iter().any(|n| n == "racer")
-        });
+        let request = request_while_loading(&s, "racer");
         let new_digest = replace(&s, "racer", new).await;
         assert_ne!(old_digest, new_digest);
         let (st, v, _) = request.await.unwrap();
@@ -232,20 +233,7 @@ async fn a_load_overtaken_by_a_replace_never_serves_the_old_files() {
     stats_when(&s, "evicted", |st| {
         !st.loaded_adapters.iter().any(|n| n == "racer")
     });
-    let app = s.app.clone();
-    let request = tokio::spawn(async move {
-        call(
-            &app,
-            post_json(
-                "/v1/completions",
-                json!({"prompt": PROMPT, "max_tokens": 2, "adapter": "racer"}),
-            ),
-        )
-        .await
-    });
-    stats_when(&s, "loading", |st| {
-        st.loading_adapters.iter().any(|n| n == "racer")
-    });
+    let request = request_while_loading(&s, "racer");
     let (st, _, text) = call(
         &s.app,
         axum::http::Request::delete("/v1/adapters/racer")
