@@ -3,15 +3,14 @@
 //! OpenAI's shape with a code, or a completion) or an event stream.
 #![no_main]
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::OnceLock;
 
 use axum::body::Body;
 use axum::http::{header, Request};
 use axum::Router;
 use candle_core::{DType, Device};
-use dora_serve::adapter::AdapterStore;
+use dora_serve::adapter::Catalog;
 use dora_serve::engine::{Engine, EngineConfig};
 use dora_serve::http::{self, AppState, HttpConfig};
 use dora_serve::model::{self, LoadOptions};
@@ -33,27 +32,17 @@ fn harness() -> &'static Harness {
             device: Device::Cpu,
             stored: false,
         };
-        let loaded = model::load(&root.join("tiny-llama"), &opts).expect("tiny model");
+        let mut loaded = model::load(&root.join("tiny-llama"), &opts).expect("tiny model");
+        loaded.info.id = "tiny-llama".into();
         // The fixture adapters, read-only: uploads are not reachable from this endpoint.
-        let store = Arc::new(AdapterStore::open(&root.join("adapters")).expect("store"));
-        let registered = Arc::new(RwLock::new(HashMap::new()));
-        let engine = Engine::start(
-            loaded,
-            EngineConfig {
-                resolve: http::resolver(Arc::clone(&store), Arc::clone(&registered)),
-                ..EngineConfig::default()
-            },
-        );
+        let catalog = Catalog::open(&root.join("adapters")).expect("store");
+        let engine = Engine::start(loaded, catalog, EngineConfig::default());
         let state = AppState::new(
             engine,
-            Arc::clone(&store),
-            registered,
             HttpConfig {
-                model_id: "tiny-llama".into(),
                 api_key: None,
                 admin_key: None,
                 max_upload_bytes: 1 << 20,
-                adapter_root: store.root().to_path_buf(),
                 request_timeout: None,
             },
         );
