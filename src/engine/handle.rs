@@ -99,32 +99,32 @@ impl Engine {
         Ok(streams)
     }
 
+    /// Send the worker a command that answers `done`, and wait for the answer, so that what
+    /// answers next (the adapter's state, a request) sees its effect; a stopped worker drops
+    /// `done` and the wait ends.
+    fn tell(&self, cmd: impl FnOnce(Sender<()>) -> Command) {
+        let (done, ack) = mpsc::channel();
+        if self.tx.send(cmd(done)).is_ok() {
+            let _ = ack.recv();
+        }
+    }
+
     fn install(&self) -> impl FnOnce(crate::adapter::Adapter, f64) + '_ {
         move |adapter, secs| {
-            let (done, ack) = mpsc::channel();
-            let cmd = Command::Install {
+            self.tell(|done| Command::Install {
                 adapter: Box::new(adapter),
                 secs,
                 done,
-            };
-            // Wait until the worker has it, so that what answers next (the adapter's state,
-            // a request) sees it; a stopped worker drops `done` and the wait ends.
-            if self.tx.send(cmd).is_ok() {
-                let _ = ack.recv();
-            }
+            })
         }
     }
 
     fn invalidate<'a>(&'a self, name: &'a str) -> impl FnOnce() + 'a {
         move || {
-            let (done, ack) = mpsc::channel();
-            let cmd = Command::Invalidate {
+            self.tell(|done| Command::Invalidate {
                 name: name.to_string(),
                 done,
-            };
-            if self.tx.send(cmd).is_ok() {
-                let _ = ack.recv();
-            }
+            })
         }
     }
 

@@ -201,13 +201,11 @@ impl Worker {
                 done,
             } => {
                 drop(self.cache.insert(*adapter, secs));
-                self.publish();
-                let _ = done.send(());
+                self.answer(done);
             }
             Command::Invalidate { name, done } => {
                 self.cache.remove(&name);
-                self.publish();
-                let _ = done.send(());
+                self.answer(done);
             }
             Command::Shutdown => return false,
         }
@@ -248,6 +246,12 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A cache command is done: publish the state it left, then tell the caller.
+    fn answer(&mut self, done: std::sync::mpsc::Sender<()>) {
+        self.publish();
+        let _ = done.send(());
     }
 
     /// Requests whose client went away stop now and free their memory.
