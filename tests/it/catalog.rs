@@ -98,6 +98,37 @@ async fn an_upload_is_loaded_once_and_its_first_request_is_a_hit() {
     assert_eq!(last.misses, before.misses);
 }
 
+/// The byte budget still rules an upload: over it, the validated adapter is not kept, and
+/// the first request loads it from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_over_the_cache_budget_is_not_kept() {
+    let s = server_opts(Opts {
+        adapter_cache_bytes: Some(1),
+        ..Opts::default()
+    });
+    let (cfg, weights) = fixture_files("dora-all-r8");
+    let (st, _, text) = call(
+        &s.app,
+        multipart(
+            &[
+                ("name", b"big"),
+                ("adapter_config", &cfg),
+                ("adapter_model", &weights),
+            ],
+            "/v1/adapters",
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{text}");
+    let st = s.engine.stats();
+    assert_eq!(st.adapter_cache.adapters_resident, 0, "{st:?}");
+    assert_eq!(st.adapter_cache.evictions, 1, "{st:?}");
+    let misses = st.adapter_cache.misses;
+    let (st, v) = complete(&s, "big").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(s.engine.stats().adapter_cache.misses, misses + 1);
+}
+
 /// Write a broken copy of `lora-r8` into `dir`, broken as `how` says.
 fn broken_adapter(dir: &Path, how: &str) {
     std::fs::create_dir_all(dir).unwrap();

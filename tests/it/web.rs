@@ -43,6 +43,8 @@ pub struct Opts<'a> {
     pub gate: Option<StepGate>,
     /// A pause inside every cold adapter load, after its files are read.
     pub load_delay: std::time::Duration,
+    /// The adapter cache's byte budget (the engine's default when `None`).
+    pub adapter_cache_bytes: Option<usize>,
 }
 
 impl Default for Opts<'_> {
@@ -54,6 +56,7 @@ impl Default for Opts<'_> {
             request_timeout: None,
             gate: None,
             load_delay: std::time::Duration::ZERO,
+            adapter_cache_bytes: None,
         }
     }
 }
@@ -81,6 +84,9 @@ pub fn server_opts(o: Opts) -> Server {
             mode: AdapterMode::Auto,
             step_gate: o.gate,
             load_delay: o.load_delay,
+            adapter_cache_bytes: o
+                .adapter_cache_bytes
+                .unwrap_or(EngineConfig::default().adapter_cache_bytes),
             ..EngineConfig::default()
         },
     );

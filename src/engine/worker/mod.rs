@@ -200,7 +200,9 @@ impl Worker {
                 secs,
                 done,
             } => {
+                // Kept unless the byte budget says otherwise: nothing leases it yet.
                 drop(self.cache.insert(*adapter, secs));
+                self.cache.evict_to_budget();
                 self.answer(done);
             }
             Command::Invalidate { name, done } => {
