@@ -160,7 +160,23 @@ pub struct ServeArgs {
     /// The adapter store: adapter NAME is the folder ADAPTERS_DIR/NAME.
     #[arg(long, env = "DORA_ADAPTERS_DIR", default_value = "adapters")]
     pub adapters_dir: PathBuf,
-    /// load_lora_adapter paths must lie under this folder (default: the adapters folder).
+    /// Where adapters are stored: file://DIR (the default, as --adapters-dir) or
+    /// s3://BUCKET/PREFIX, shared by replicas (credentials and endpoint from AWS_* variables).
+    #[arg(long, env = "DORA_ADAPTER_STORE")]
+    pub adapter_store: Option<String>,
+    /// Local disk cache of adapters fetched from an object store (default: a folder per port
+    /// under the temporary directory).
+    #[arg(long, env = "DORA_ADAPTER_DISK_CACHE_DIR")]
+    pub adapter_disk_cache_dir: Option<PathBuf>,
+    /// Byte budget of that disk cache (LRU).
+    #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
+    pub adapter_disk_cache_bytes: usize,
+    /// Seconds between looks at a shared store for uploads, replaces and deletes made by
+    /// other replicas.
+    #[arg(long, default_value_t = 2.0)]
+    pub adapter_refresh: f64,
+    /// load_lora_adapter paths must lie under this folder (default: the adapters folder;
+    /// with an object store, registrations need it).
     #[arg(long)]
     pub adapter_root: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]

@@ -48,8 +48,11 @@
 //!   harmless, or refused by name), `adapter_model.safetensors` (every tensor must map to a
 //!   targeted module of the base, with the config's rank), `g = m/‖W0 + s·B·A‖` precomputed at
 //!   load, a content digest naming each version, the byte-budgeted LRU
-//!   [`adapter::AdapterCache`] whose `Arc` leases pin adapters in use, the crash-safe
-//!   [`adapter::AdapterStore`] (temporary folder, fsync, one-step swap), the
+//!   [`adapter::AdapterCache`] whose `Arc` leases pin adapters in use, the
+//!   [`adapter::AdapterStore`] (`file://DIR`: temporary folder, fsync, one-step swap; or
+//!   `s3://bucket/prefix` through `object_store`, shared by replicas: versioned objects named
+//!   by a manifest written with a conditional put, a byte-budgeted disk cache below the
+//!   in-memory LRU, manifests refreshed by polling and re-read on a cache miss), the
 //!   [`adapter::Catalog`] (names → store or registered folder, refusals, per-name generations,
 //!   validation of uploads and registrations against the base), and random adapters for
 //!   benchmarks.

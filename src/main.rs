@@ -130,12 +130,32 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             bail!("{name} must be positive");
         }
     }
-    let store = AdapterStore::open(&args.adapters_dir).with_context(|| {
-        format!(
-            "cannot open the adapter store {}",
-            args.adapters_dir.display()
-        )
-    })?;
+    if !(args.adapter_refresh > 0.0 && args.adapter_refresh.is_finite()) {
+        bail!("--adapter-refresh must be a positive number of seconds");
+    }
+    let store = match &args.adapter_store {
+        None => AdapterStore::open(&args.adapters_dir).with_context(|| {
+            format!(
+                "cannot open the adapter store {}",
+                args.adapters_dir.display()
+            )
+        })?,
+        Some(url) => {
+            let remote = adapter::RemoteOptions {
+                disk_cache_dir: args.adapter_disk_cache_dir.clone().unwrap_or_else(|| {
+                    std::env::temp_dir()
+                        .join("dora-serve-adapter-cache")
+                        .join(args.port.to_string())
+                }),
+                disk_cache_bytes: args.adapter_disk_cache_bytes as u64,
+                ..Default::default()
+            };
+            AdapterStore::open_url(url, remote)
+                .with_context(|| format!("cannot open the adapter store {url}"))?
+        }
+    };
+    eprintln!("adapter store: {}", store.url());
+    let remote = store.is_remote();
     let store = store.with_write_pause(std::time::Duration::from_millis(
         args.test_store_write_pause_ms,
     ));
@@ -185,6 +205,19 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 bad.len()
             );
         })?;
+    if remote {
+        // Other replicas' uploads, replaces and deletes reach this one within the interval.
+        let refresher = engine.clone();
+        let every = std::time::Duration::from_secs_f64(args.adapter_refresh);
+        std::thread::Builder::new()
+            .name("dora-store-refresh".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                if let Err(e) = refresher.refresh_adapters() {
+                    tracing::debug!("adapter store refresh: {e}");
+                }
+            })?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

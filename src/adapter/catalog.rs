@@ -30,10 +30,11 @@ pub enum Source {
     Registered,
 }
 
-/// A name resolved to its folder, at a generation.
+/// A name resolved to where its files are, at a generation.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    pub dir: PathBuf,
+    /// The adapter's folder; `None` for an object store (its files are fetched at load).
+    pub dir: Option<PathBuf>,
     pub source: Source,
     /// The name's generation when it was resolved (see [`Catalog::generation`]).
     pub generation: u64,
@@ -68,6 +69,8 @@ pub enum CatalogError {
     PathMissing(String),
     #[error("lora_path must be a folder under the adapter root {}", .0.display())]
     PathOutsideRoot(PathBuf),
+    #[error("load_lora_adapter needs --adapter-root (a local folder) when adapters live in an object store")]
+    NoRegistrationRoot,
     #[error("adapter root {}: {source}", path.display())]
     Root {
         path: PathBuf,
@@ -81,7 +84,7 @@ impl From<StoreError> for CatalogError {
             StoreError::InvalidName(n) => CatalogError::InvalidName(n),
             StoreError::Exists(n) => CatalogError::Exists(n),
             StoreError::NotFound(n) => CatalogError::NotFound(n),
-            e @ StoreError::Io { .. } => CatalogError::Store(e),
+            e => CatalogError::Store(e),
         }
     }
 }
@@ -119,18 +122,18 @@ impl Names {
 #[derive(Debug)]
 pub struct Catalog {
     store: AdapterStore,
-    /// `load_lora_adapter` paths must lie under this folder.
-    registration_root: PathBuf,
+    /// `load_lora_adapter` paths must lie under this folder (none: registrations refused).
+    registration_root: Option<PathBuf>,
     names: RwLock<Names>,
     /// Serialises changes: each runs its store write and its callback under it.
     changes: Mutex<()>,
 }
 
 impl Catalog {
-    /// A catalog over `store`; registrations must lie under `registration_root` (the store's
-    /// own folder when `None`).
+    /// A catalog over `store`; registrations must lie under `registration_root` (a folder
+    /// store's own folder when `None`; an object store then refuses registrations).
     pub fn new(store: AdapterStore, registration_root: Option<PathBuf>) -> Self {
-        let registration_root = registration_root.unwrap_or_else(|| store.root().to_path_buf());
+        let registration_root = registration_root.or_else(|| store.root().map(Path::to_path_buf));
         Self {
             store,
             registration_root,
@@ -166,13 +169,13 @@ impl Catalog {
         let generation = names.changed.get(name).copied().unwrap_or(0);
         if let Some(dir) = names.registered.get(name) {
             return Some(Resolved {
-                dir: dir.clone(),
+                dir: Some(dir.clone()),
                 source: Source::Registered,
                 generation,
             });
         }
         self.store.exists(name).then(|| Resolved {
-            dir: self.store.root().join(name),
+            dir: self.store.root().map(|r| r.join(name)),
             source: Source::Store,
             generation,
         })
@@ -200,7 +203,10 @@ impl Catalog {
     /// What is known of `name` from its configuration alone; `None` if there is no such name.
     pub fn describe(&self, name: &str) -> Option<Described> {
         let r = self.resolve(name)?;
-        let config = std::fs::read(r.dir.join("adapter_config.json")).ok()?;
+        let config = match &r.dir {
+            Some(dir) => std::fs::read(dir.join("adapter_config.json")).ok()?,
+            None => self.store.config(name)?,
+        };
         Some(Described {
             name: name.to_string(),
             source: r.source,
@@ -276,13 +282,13 @@ impl Catalog {
         if self.exists(name) {
             return Err(CatalogError::Exists(name.to_string()));
         }
-        let root = self
-            .registration_root
-            .canonicalize()
-            .map_err(|source| CatalogError::Root {
-                path: self.registration_root.clone(),
-                source,
-            })?;
+        let Some(root) = &self.registration_root else {
+            return Err(CatalogError::NoRegistrationRoot);
+        };
+        let root = root.canonicalize().map_err(|source| CatalogError::Root {
+            path: root.clone(),
+            source,
+        })?;
         let given = PathBuf::from(path);
         let dir = if given.is_absolute() {
             given
@@ -338,12 +344,16 @@ impl Catalog {
     /// r16 adapter); those that fail are listed as refused, with the loader's message, until
     /// they are replaced or deleted. Returns the refused names. An adapter changed while its
     /// check ran is not marked from its old files.
+    /// A shared store is not checked at start-up (each replica would fetch every adapter):
+    /// its uploads were validated by the replica that took them, and a load checks again.
     pub fn check_store(&self, base: &dyn BaseLinears) -> Vec<String> {
         let mut bad = Vec::new();
+        let Some(root) = self.store.root() else {
+            return bad;
+        };
         for name in self.store.list() {
             let before = self.generation(&name);
-            let dir = self.store.root().join(&name);
-            if let Err(e) = load_dir(&dir, base) {
+            if let Err(e) = load_dir(&root.join(&name), base) {
                 let mut names = self.names_mut();
                 if names.changed.get(&name).copied().unwrap_or(0) != before {
                     continue; // the new files get their own check when they are loaded
@@ -357,5 +367,58 @@ impl Catalog {
             }
         }
         bad
+    }
+}
+
+impl Catalog {
+    /// Load `name` from where `resolved` says its files are: a folder, or the object store
+    /// (through its disk cache). The adapter is named `name`.
+    pub fn load(
+        &self,
+        name: &str,
+        resolved: &Resolved,
+        base: &dyn BaseLinears,
+    ) -> Result<Adapter, AdapterError> {
+        let mut adapter = match (&resolved.dir, &self.store) {
+            (Some(dir), _) => load_dir(dir, base)?,
+            (None, AdapterStore::Object(o)) => {
+                let f = o.fetch(name).map_err(AdapterError::from_store)?;
+                load_bytes(name, &f.config, &f.weights, base)?
+            }
+            (None, AdapterStore::Dir(_)) => unreachable!("a folder store resolves to a folder"),
+        };
+        adapter.name = name.to_string();
+        Ok(adapter)
+    }
+
+    /// Take in what changed in a shared store since the last look (written, replaced or
+    /// deleted by another replica): each changed name gets a new generation and `invalidate`
+    /// (under the change lock, like a local change). Returns the changed names.
+    pub fn refresh(&self, mut invalidate: impl FnMut(&str)) -> Result<Vec<String>, StoreError> {
+        if !self.store.is_remote() {
+            return Ok(Vec::new());
+        }
+        let _changing = self.lock_changes();
+        let changed = self.store.refresh()?;
+        for name in &changed {
+            tracing::info!("adapter {name} changed in the shared store");
+            self.names_mut().change(name);
+            invalidate(name);
+        }
+        Ok(changed)
+    }
+
+    /// A request named `name`, which this replica does not know: ask a shared store now
+    /// (rate-limited per name) instead of waiting for the next refresh. True if it exists.
+    pub fn lookup(&self, name: &str, invalidate: impl FnOnce()) -> bool {
+        if self.exists(name) || !self.store.is_remote() {
+            return self.exists(name);
+        }
+        let _changing = self.lock_changes();
+        if self.store.lookup(name) {
+            self.names_mut().change(name);
+            invalidate();
+        }
+        self.exists(name)
     }
 }

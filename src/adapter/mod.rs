@@ -17,7 +17,7 @@ pub use config::{AdapterConfig, ModuleSelector};
 pub use load::{
     digest, load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,
 };
-pub use store::{AdapterStore, StoreError};
+pub use store::{AdapterStore, DiskCacheStats, RemoteOptions, StoreError, StoreHealth};
 pub use synth::{write_random_adapter, SynthSpec};
 
 /// Whether `name` is a valid adapter name: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` (so it is
@@ -61,6 +61,15 @@ pub enum AdapterError {
     Module { module: String, msg: String },
     #[error("adapter computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The object store could not be reached to fetch the adapter (and no cached copy).
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// The object store's copy does not match its manifest.
+    #[error("{0}")]
+    StoreCorrupt(String),
+    /// The name left the store between the request and its load.
+    #[error("adapter {0:?} is not in the adapter store")]
+    StoreGone(String),
 }
 
 impl AdapterError {
@@ -77,6 +86,19 @@ impl AdapterError {
             AdapterError::Tensor { .. } => "adapter_tensor_invalid",
             AdapterError::Module { .. } => "adapter_module_mismatch",
             AdapterError::Candle(_) => "adapter_internal_error",
+            AdapterError::StoreUnavailable(_) => "adapter_store_unavailable",
+            AdapterError::StoreCorrupt(_) => "adapter_store_corrupt",
+            AdapterError::StoreGone(_) => "adapter_not_found",
+        }
+    }
+
+    /// A store failure met while loading.
+    pub fn from_store(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(n) => AdapterError::StoreGone(n),
+            e @ StoreError::Corrupt { .. } => AdapterError::StoreCorrupt(e.to_string()),
+            StoreError::Io { path, source } => AdapterError::Io { path, source },
+            e => AdapterError::StoreUnavailable(e.to_string()),
         }
     }
 }

@@ -9,7 +9,9 @@ use tokio::sync::mpsc::unbounded_channel;
 use super::request::ValidRequest;
 use super::types::*;
 use super::EngineError;
-use crate::adapter::{AdapterInfo, Catalog, CatalogError, Upload};
+use crate::adapter::{
+    AdapterInfo, Catalog, CatalogError, DiskCacheStats, StoreError, StoreHealth, Upload,
+};
 use crate::model::{Llama, LoadedModel, ModelInfo, Tokenizer};
 
 /// The cloneable handle to the engine.
@@ -158,6 +160,30 @@ impl Engine {
     /// request loads the current files).
     pub fn evict_adapter(&self, name: &str) {
         self.invalidate(name)();
+    }
+
+    /// Take in what other replicas changed in a shared adapter store (a no-op for a folder
+    /// store): changed names are dropped from the caches, so their next request loads the
+    /// current version; running requests finish on theirs. Blocking (network); the server
+    /// calls it every `--adapter-refresh` seconds on a thread of its own.
+    pub fn refresh_adapters(&self) -> Result<Vec<String>, StoreError> {
+        self.catalog.refresh(|name| self.invalidate(name)())
+    }
+
+    /// A request names `name`, unknown here: look in a shared store now (rate-limited per
+    /// name) rather than at the next refresh. True if it exists. Blocking (network).
+    pub fn lookup_adapter(&self, name: &str) -> bool {
+        self.catalog.lookup(name, self.invalidate(name))
+    }
+
+    /// Whether the adapter store answers (always, for a folder store).
+    pub fn store_health(&self) -> StoreHealth {
+        self.catalog.store().health()
+    }
+
+    /// The disk cache below the in-memory LRU, for an object store.
+    pub fn disk_cache_stats(&self) -> Option<DiskCacheStats> {
+        self.catalog.store().disk_cache()
     }
 
     /// Whether a request may name `name`.

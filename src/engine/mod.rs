@@ -18,7 +18,9 @@ mod worker;
 
 /// The adapter vocabulary the engine's verbs speak (re-exported so callers need only the
 /// engine).
-pub use crate::adapter::{AdapterError, AdapterInfo, CatalogError, Upload};
+pub use crate::adapter::{
+    AdapterError, AdapterInfo, CatalogError, DiskCacheStats, StoreError, StoreHealth, Upload,
+};
 pub use generate::{
     generate, generate_with_stats, FinishReason, GenerateOutput, GenerateRequest, GenerateStats,
     MAX_LOGPROBS,

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::*;
-use super::generation::{finish_str, request_id, token_text, tokenize, SamplingFields};
+use super::generation::{finish_str, request_id, token_text, tokenize, validate, SamplingFields};
 use super::stream::{self, Collected, Render, TokenChunk};
 use super::{now_secs, ApiError, AppState, ErrorBody, JsonBody};
 use crate::engine::{
@@ -126,7 +126,7 @@ pub async fn chat(
     refuse_unsupported(&req)?;
     let prompt_text = render_chat(&s, &req.messages)?;
     let prompt = tokenize(&s, vec![prompt_text]).await?.remove(0);
-    let valid = s.engine.validate(engine_request(&req, prompt))?;
+    let valid = validate(&s, engine_request(&req, prompt)).await?;
     let render = Chat {
         s: s.clone(),
         id: request_id("chatcmpl"),

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::*;
-use super::generation::{finish_str, request_id, token_text, tokenize, SamplingFields};
+use super::generation::{finish_str, request_id, token_text, tokenize, validate, SamplingFields};
 use super::stream::{self, Collected, Render, TokenChunk};
 use super::{now_secs, ApiError, AppState, ErrorBody, JsonBody};
 use crate::engine::{
@@ -31,7 +31,7 @@ pub async fn completions(
         Prompt::Tokens(ids) => vec![ids],
         Prompt::TokenLists(l) => l,
     };
-    let valid = s.engine.validate(engine_request(&req, prompts))?;
+    let valid = validate(&s, engine_request(&req, prompts)).await?;
     let render = Completions {
         s: s.clone(),
         id: request_id("cmpl"),

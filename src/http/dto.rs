@@ -431,3 +431,24 @@ pub struct AdapterUpload {
 pub struct Health {
     pub status: &'static str,
 }
+
+/// `GET /ready`: whether this replica can serve every adapter. `/health` stays up while the
+/// adapter store is unreachable (cached adapters keep serving); this says so.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Ready {
+    /// `ready`, or `adapter_store_unavailable` (with status 503).
+    pub status: &'static str,
+    pub adapter_store: StoreState,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct StoreState {
+    /// `file://DIR` or `s3://BUCKET/PREFIX`.
+    pub url: String,
+    /// Shared by replicas (an object store).
+    pub remote: bool,
+    /// The last operation on the store succeeded.
+    pub up: bool,
+    /// The last failure while down.
+    pub error: Option<String>,
+}

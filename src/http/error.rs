@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::engine::{AdapterError, CatalogError, EngineError};
+use crate::engine::{AdapterError, CatalogError, EngineError, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -47,6 +47,15 @@ pub enum ApiError {
     Timeout(u64),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The shared adapter store cannot be reached (uploads, and adapters not cached here).
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// A conditional write lost to another replica's concurrent write of the same name.
+    #[error("{0}")]
+    AdapterConflict(String),
+    /// The store's copy of an adapter does not match its manifest.
+    #[error("{0}")]
+    StoreCorrupt(String),
 }
 
 /// OpenAI's error body.
@@ -109,6 +118,21 @@ impl ApiError {
                 StatusCode::CONFLICT,
                 "invalid_request_error",
                 "adapter_exists",
+            ),
+            StoreUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "adapter_store_unavailable",
+            ),
+            AdapterConflict(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "adapter_conflict",
+            ),
+            StoreCorrupt(_) => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                "adapter_store_corrupt",
             ),
             AdapterInvalid { code, .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -186,7 +210,7 @@ impl IntoResponse for ApiError {
             tracing::error!("{self}");
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
-        if matches!(self, ApiError::Overloaded) {
+        if matches!(self, ApiError::Overloaded | ApiError::StoreUnavailable(_)) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -224,6 +248,9 @@ impl ApiError {
         };
         match e {
             AdapterError::Candle(_) => ApiError::Internal(msg),
+            AdapterError::StoreUnavailable(_) => ApiError::StoreUnavailable(msg),
+            AdapterError::StoreCorrupt(_) => ApiError::StoreCorrupt(msg),
+            AdapterError::StoreGone(n) => ApiError::AdapterNotFound(n.clone()),
             e => ApiError::AdapterInvalid {
                 code: e.code(),
                 msg,
@@ -240,6 +267,19 @@ impl ApiError {
             CatalogError::Invalid(e) => ApiError::adapter(&e, None),
             CatalogError::PathMissing(_) | CatalogError::PathOutsideRoot(_) => {
                 ApiError::invalid("lora_path", e.to_string())
+            }
+            CatalogError::NoRegistrationRoot => ApiError::invalid("lora_path", e.to_string()),
+            CatalogError::Store(StoreError::Unavailable(_)) => {
+                ApiError::StoreUnavailable(e.to_string())
+            }
+            CatalogError::Store(StoreError::Conflict(_)) => {
+                ApiError::AdapterConflict(e.to_string())
+            }
+            CatalogError::Store(StoreError::Corrupt { .. }) => {
+                ApiError::StoreCorrupt(e.to_string())
+            }
+            CatalogError::Store(StoreError::Config(_)) => {
+                ApiError::invalid("config", e.to_string())
             }
             CatalogError::Store(_) | CatalogError::Root { .. } => ApiError::Internal(e.to_string()),
         }

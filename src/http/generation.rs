@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{now_secs, ApiError, AppState};
-use crate::engine::{FinishReason, SamplingParams};
+use crate::engine::{AdapterSpec, EngineRequest, FinishReason, SamplingParams, ValidRequest};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -60,6 +60,25 @@ pub(super) async fn tokenize(s: &AppState, texts: Vec<String>) -> Result<Vec<Vec
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+/// The engine's validation, after a name this replica does not know was looked up in a shared
+/// adapter store (uploaded elsewhere a moment ago, before the next refresh saw it).
+pub(super) async fn validate(s: &AppState, req: EngineRequest) -> Result<ValidRequest, ApiError> {
+    if s.engine.store_health().remote {
+        let adapter = match &req.adapter {
+            Some(AdapterSpec::Named(n)) => Some(n.as_str()),
+            _ => None,
+        };
+        for name in [req.model.as_deref(), adapter].into_iter().flatten() {
+            if name.is_empty() || name == s.engine.info().id || s.engine.adapter_exists(name) {
+                continue;
+            }
+            let (engine, name) = (s.engine.clone(), name.to_string());
+            let _ = tokio::task::spawn_blocking(move || engine.lookup_adapter(&name)).await;
+        }
+    }
+    Ok(s.engine.validate(req)?)
 }
 
 pub(super) fn token_text(s: &AppState, id: u32) -> String {

@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use super::{now_secs, AppState};
+use super::AppState;
 
 const BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -66,6 +67,10 @@ struct Inner {
     tpot: Histogram,
     prompt_tokens: u64,
     completion_tokens: u64,
+    /// The running and waiting adapter lists last seen, and when they last changed (the
+    /// value of `vllm:lora_requests_info`, as vLLM reports it).
+    lora_lists: (String, String),
+    lora_changed: f64,
 }
 
 #[derive(Debug, Default)]
@@ -84,6 +89,21 @@ impl Metrics {
                 .or_default()
                 .observe(secs);
         }
+    }
+
+    /// When the adapter lists last changed, `lists` being what they are now.
+    fn lora_changed(&self, lists: &(String, String)) -> f64 {
+        let Ok(mut m) = self.inner.lock() else {
+            return 0.0;
+        };
+        if m.lora_changed == 0.0 || m.lora_lists != *lists {
+            m.lora_lists = lists.clone();
+            m.lora_changed = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+        }
+        m.lora_changed
     }
 
     pub fn observe_ttft(&self, secs: f64) {
@@ -216,13 +236,31 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
         "# TYPE dora_adapter_mode_info gauge\ndora_adapter_mode_info{{mode=\"{}\"}} 1",
         st.mode.as_str()
     );
+    let h = s.engine.store_health();
     let _ = writeln!(
         out,
-        "# TYPE vllm:lora_requests_info gauge\nvllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
+        "# HELP dora_adapter_store_up Whether the adapter store answered its last request.\n# TYPE dora_adapter_store_up gauge\ndora_adapter_store_up{{remote=\"{}\"}} {}",
+        h.remote,
+        u8::from(h.up)
+    );
+    if let Some(d) = s.engine.disk_cache_stats() {
+        for (name, kind, v) in [
+            ("dora_adapter_disk_cache_bytes", "gauge", d.bytes),
+            ("dora_adapter_disk_cache_entries", "gauge", d.entries as u64),
+            ("dora_adapter_disk_cache_hits_total", "counter", d.hits),
+            ("dora_adapter_disk_cache_misses_total", "counter", d.misses),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v}");
+        }
+    }
+    let lists = (st.running_adapters.join(","), st.waiting_adapters.join(","));
+    let changed = s.metrics.lora_changed(&lists);
+    let _ = writeln!(
+        out,
+        "# HELP vllm:lora_requests_info Running and waiting adapters; the value is when the lists last changed (Unix seconds).\n# TYPE vllm:lora_requests_info gauge\nvllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {changed}",
         st.max_running,
-        esc(&st.running_adapters.join(",")),
-        esc(&st.waiting_adapters.join(",")),
-        now_secs()
+        esc(&lists.0),
+        esc(&lists.1),
     );
     (
         [(

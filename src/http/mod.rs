@@ -95,6 +95,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(v1)
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::serve))
         .layer(DefaultBodyLimit::max(state.cfg.max_upload_bytes))
@@ -102,8 +103,40 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<dto::Health> {
+/// Liveness: the model is loaded and the server answers.
+#[utoipa::path(get, path = "/health", tag = "health",
+    responses((status = 200, body = dto::Health, description = "The server is up")))]
+pub async fn health() -> Json<dto::Health> {
     Json(dto::Health { status: "ok" })
+}
+
+/// Readiness: up, and the adapter store answers. 503 while an object store is unreachable
+/// (adapters cached here still serve; uploads and uncached adapters get 503
+/// `adapter_store_unavailable`); the replica recovers by itself when the store returns.
+#[utoipa::path(get, path = "/ready", tag = "health",
+    responses((status = 200, body = dto::Ready, description = "Ready"),
+              (status = 503, body = dto::Ready, description = "The adapter store is unreachable")))]
+pub async fn ready(State(s): State<AppState>) -> Response {
+    let h = s.engine.store_health();
+    let body = dto::Ready {
+        status: if h.up {
+            "ready"
+        } else {
+            "adapter_store_unavailable"
+        },
+        adapter_store: dto::StoreState {
+            url: h.url,
+            remote: h.remote,
+            up: h.up,
+            error: h.error,
+        },
+    };
+    let status = if h.up {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 /// Constant-time comparison, so keys cannot be guessed byte by byte from timings.

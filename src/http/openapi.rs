@@ -23,8 +23,10 @@ use super::error::{ErrorBody, ErrorDetail};
         super::adapters::delete,
         super::adapters::load_lora,
         super::adapters::unload_lora,
+        super::health,
+        super::ready,
     ),
-    components(schemas(ErrorBody, ErrorDetail, Health))
+    components(schemas(ErrorBody, ErrorDetail, Health, Ready, StoreState))
 )]
 pub struct ApiDoc;
 

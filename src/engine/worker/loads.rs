@@ -18,13 +18,11 @@ impl Worker {
             return;
         };
         let (model, tx) = (Arc::clone(&self.model), self.tx.clone());
+        let catalog = Arc::clone(&self.catalog);
         let delay = self.cfg.load_delay;
         std::thread::spawn(move || {
             let start = Instant::now();
-            let result = adapter::load_dir(&resolved.dir, &*model).map(|mut a| {
-                a.name = name.clone();
-                a
-            });
+            let result = catalog.load(&name, &resolved, &*model);
             let secs = start.elapsed().as_secs_f64();
             if !delay.is_zero() {
                 std::thread::sleep(delay);

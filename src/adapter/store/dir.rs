@@ -1,4 +1,4 @@
-//! The on-disk adapter store: adapter `NAME` is the folder `ROOT/NAME` holding
+//! The folder store (`file://DIR`, the default): adapter `NAME` is the folder `ROOT/NAME` holding
 //! `adapter_config.json` and `adapter_model.safetensors`. It is the source of truth for names.
 //!
 //! Writes are atomic: files go to a hidden temporary folder, are fsynced, and the folder is
@@ -12,22 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::valid_name;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("adapter name {0:?} is invalid: use 1–64 characters from A-Z a-z 0-9 . _ - starting with a letter or digit")]
-    InvalidName(String),
-    #[error("adapter {0:?} already exists; pass replace=true to replace it")]
-    Exists(String),
-    #[error("adapter {0:?} is not in the adapter store")]
-    NotFound(String),
-    #[error("adapter store {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
+use super::StoreError;
+use crate::adapter::valid_name;
 
 const TMP: &str = ".tmp-";
 const OLD: &str = ".old-";
@@ -44,7 +30,7 @@ fn unique() -> String {
 }
 
 #[derive(Debug)]
-pub struct AdapterStore {
+pub struct DirStore {
     root: PathBuf,
     /// Serialises writers: concurrent uploads of one name never interleave their renames.
     write_lock: Mutex<()>,
@@ -52,7 +38,7 @@ pub struct AdapterStore {
     write_pause: std::time::Duration,
 }
 
-impl AdapterStore {
+impl DirStore {
     /// Open (creating if needed) the store at `root`, cleaning up after interrupted writes.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let io = |source| StoreError::Io {
@@ -260,7 +246,7 @@ mod tests {
     #[test]
     fn writes_replaces_deletes_and_recovers() {
         let root = tempfile::tempdir().unwrap();
-        let store = AdapterStore::open(root.path()).unwrap();
+        let store = DirStore::open(root.path()).unwrap();
         store.write("a-1", b"{}", b"x", false).unwrap();
         assert!(matches!(
             store.write("a-1", b"{}", b"y", false),
@@ -287,7 +273,7 @@ mod tests {
         fs::create_dir(root.path().join(".old-c-x-1-2")).unwrap();
         fs::write(root.path().join(".old-c-x-1-2/adapter_config.json"), b"{}").unwrap();
         fs::create_dir(root.path().join(".old-a-1-9-9")).unwrap();
-        let store = AdapterStore::open(root.path()).unwrap();
+        let store = DirStore::open(root.path()).unwrap();
         assert_eq!(store.list(), vec!["a-1", "c-x"]);
         assert_eq!(fs::read_dir(root.path()).unwrap().count(), 2);
         store.delete("a-1").unwrap();
