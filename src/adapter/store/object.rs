@@ -658,7 +658,12 @@ impl Inner {
                 // Another writer's manifest won: ours was never visible; drop its objects.
                 let _ = self.store.delete(&wpath).await;
                 let _ = self.store.delete(&cpath).await;
-                Err(self.error(name, e))
+                // Two creates: "exists" answers a plain upload; a replace lost a race.
+                Err(if replace {
+                    StoreError::Conflict(name.to_string())
+                } else {
+                    self.error(name, e)
+                })
             }
             // Unknown outcome (the manifest may have landed): the objects stay.
             Err(e) => Err(self.error(name, e)),
