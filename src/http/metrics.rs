@@ -1,15 +1,26 @@
-//! `GET /metrics`: Prometheus text. Request counts and latency, time to first token and per
-//! output token, token counters, queue depth, adapter cache counters, and the gauges the
-//! Kubernetes Gateway API Inference Extension scrapes for LoRA-affinity routing.
+//! `GET /metrics`: the Prometheus text format (0.0.4), written by the `prometheus-client`
+//! crate. Request counts and latency, time to first token and per output token, token
+//! counters, queue depth, adapter cache and store counters, and the gauges the Kubernetes
+//! Gateway API Inference Extension (and llm-d) scrape for LoRA-affinity routing, under vLLM's
+//! names: `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+//! `vllm:kv_cache_usage_perc`, `vllm:lora_requests_info`.
+//!
+//! Histograms and request counters live here; everything the engine knows is read from its
+//! stats at scrape time into constant gauges and counters of a registry built per scrape.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use super::AppState;
 
@@ -17,256 +28,293 @@ const BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+type Labels = Vec<(String, String)>;
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
-impl Histogram {
-    fn observe(&mut self, v: f64) {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if v <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += v;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}",
-                self.counts[i]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    requests: BTreeMap<(String, u16), u64>,
-    latency: BTreeMap<String, Histogram>,
+/// The request-side metrics, kept between scrapes.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram, fn() -> Histogram>,
     ttft: Histogram,
     tpot: Histogram,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
     /// The running and waiting adapter lists last seen, and when they last changed (the
     /// value of `vllm:lora_requests_info`, as vLLM reports it).
-    lora_lists: (String, String),
-    lora_changed: f64,
+    lora: Mutex<((String, String), f64)>,
 }
 
-#[derive(Debug, Default)]
-pub struct Metrics {
-    inner: Mutex<Inner>,
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(histogram),
+            ttft: histogram(),
+            tpot: histogram(),
+            prompt_tokens: Counter::default(),
+            completion_tokens: Counter::default(),
+            lora: Mutex::default(),
+        }
+    }
 }
 
 impl Metrics {
     pub fn record_request(&self, endpoint: &str, status: u16, secs: f64) {
-        if let Ok(mut m) = self.inner.lock() {
-            *m.requests
-                .entry((endpoint.to_string(), status))
-                .or_default() += 1;
-            m.latency
-                .entry(endpoint.to_string())
-                .or_default()
-                .observe(secs);
+        self.requests
+            .get_or_create(&vec![
+                ("endpoint".into(), endpoint.into()),
+                ("status".into(), status.to_string()),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("endpoint".into(), endpoint.into())])
+            .observe(secs);
+    }
+
+    pub fn observe_ttft(&self, secs: f64) {
+        self.ttft.observe(secs);
+    }
+
+    /// A finished completion: its tokens and its whole duration.
+    pub fn record_tokens(&self, prompt: usize, completion: usize, secs: f64) {
+        self.prompt_tokens.inc_by(prompt as u64);
+        self.completion_tokens.inc_by(completion as u64);
+        if completion > 0 {
+            self.tpot.observe(secs / completion as f64);
         }
     }
 
     /// When the adapter lists last changed, `lists` being what they are now.
     fn lora_changed(&self, lists: &(String, String)) -> f64 {
-        let Ok(mut m) = self.inner.lock() else {
-            return 0.0;
-        };
-        if m.lora_changed == 0.0 || m.lora_lists != *lists {
-            m.lora_lists = lists.clone();
-            m.lora_changed = SystemTime::now()
+        let mut m = self.lora.lock().unwrap_or_else(|p| p.into_inner());
+        if m.1 == 0.0 || m.0 != *lists {
+            m.0 = lists.clone();
+            m.1 = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0);
         }
-        m.lora_changed
-    }
-
-    pub fn observe_ttft(&self, secs: f64) {
-        if let Ok(mut m) = self.inner.lock() {
-            m.ttft.observe(secs);
-        }
-    }
-
-    /// A finished completion: its tokens and its whole duration.
-    pub fn record_tokens(&self, prompt: usize, completion: usize, secs: f64) {
-        if let Ok(mut m) = self.inner.lock() {
-            m.prompt_tokens += prompt as u64;
-            m.completion_tokens += completion as u64;
-            if completion > 0 {
-                m.tpot.observe(secs / completion as f64);
-            }
-        }
+        m.1
     }
 }
 
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+fn gauge(r: &mut Registry, name: &str, help: &str, v: f64) {
+    r.register(name, help, ConstGauge::<f64>::new(v));
+}
+
+/// A counter read from the engine; the encoder adds `_total` to `name`.
+fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
+    r.register(name, help, ConstCounter::new(v));
+}
+
+/// A gauge of value `v` with one labelled series.
+fn labelled(r: &mut Registry, name: &str, help: &str, labels: Labels, v: f64) {
+    let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    family.get_or_create(&labels).set(v);
+    r.register(name, help, family);
 }
 
 pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
     let st = s.engine.stats();
-    let mut out = String::new();
-    {
-        let m = s.metrics.inner.lock().map(|m| {
-            (
-                m.requests.clone(),
-                m.latency.clone(),
-                m.ttft.clone(),
-                m.tpot.clone(),
-                m.prompt_tokens,
-                m.completion_tokens,
-            )
-        });
-        if let Ok((requests, latency, ttft, tpot, pt, ct)) = m {
-            out.push_str("# HELP dora_requests_total HTTP requests by endpoint and status.\n# TYPE dora_requests_total counter\n");
-            for ((e, code), n) in &requests {
-                let _ = writeln!(
-                    out,
-                    "dora_requests_total{{endpoint=\"{}\",status=\"{code}\"}} {n}",
-                    esc(e)
-                );
-            }
-            out.push_str("# HELP dora_request_duration_seconds HTTP request latency.\n# TYPE dora_request_duration_seconds histogram\n");
-            for (e, h) in &latency {
-                h.render(
-                    &mut out,
-                    "dora_request_duration_seconds",
-                    &format!("endpoint=\"{}\"", esc(e)),
-                );
-            }
-            out.push_str("# HELP dora_time_to_first_token_seconds Time to first token.\n# TYPE dora_time_to_first_token_seconds histogram\n");
-            ttft.render(&mut out, "dora_time_to_first_token_seconds", "");
-            out.push_str("# HELP dora_time_per_output_token_seconds Request duration per output token.\n# TYPE dora_time_per_output_token_seconds histogram\n");
-            tpot.render(&mut out, "dora_time_per_output_token_seconds", "");
-            let _ = writeln!(
-                out,
-                "# TYPE dora_prompt_tokens_total counter\ndora_prompt_tokens_total {pt}"
-            );
-            let _ = writeln!(
-                out,
-                "# TYPE dora_generation_tokens_total counter\ndora_generation_tokens_total {ct}"
-            );
-        }
-    }
+    let m = &s.metrics;
+    let mut r = Registry::default();
+    r.register(
+        "dora_requests",
+        "HTTP requests by endpoint and status",
+        m.requests.clone(),
+    );
+    r.register(
+        "dora_request_duration_seconds",
+        "HTTP request latency",
+        m.latency.clone(),
+    );
+    r.register(
+        "dora_time_to_first_token_seconds",
+        "Time to first token",
+        m.ttft.clone(),
+    );
+    r.register(
+        "dora_time_per_output_token_seconds",
+        "Request duration per output token",
+        m.tpot.clone(),
+    );
+    r.register(
+        "dora_prompt_tokens",
+        "Prompt tokens of finished requests",
+        m.prompt_tokens.clone(),
+    );
+    r.register(
+        "dora_generation_tokens",
+        "Generated tokens of finished requests",
+        m.completion_tokens.clone(),
+    );
     let c = &st.adapter_cache;
-    for (name, kind, v) in [
-        ("dora_queue_depth", "gauge", st.waiting as f64),
-        ("dora_running_requests", "gauge", st.running as f64),
-        ("dora_kv_cache_bytes", "gauge", st.kv_bytes as f64),
-        ("dora_adapter_cache_hits_total", "counter", c.hits as f64),
+    let kv_usage = if st.kv_capacity_bytes > 0 {
+        (st.kv_bytes as f64 / st.kv_capacity_bytes as f64).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    for (name, help, v) in [
         (
-            "dora_adapter_cache_misses_total",
-            "counter",
-            c.misses as f64,
-        ),
-        ("dora_adapter_loads_total", "counter", c.loads as f64),
-        (
-            "dora_adapter_load_failures_total",
-            "counter",
-            c.load_failures as f64,
+            "dora_queue_depth",
+            "Requests waiting to run",
+            st.waiting as f64,
         ),
         (
-            "dora_adapter_load_seconds_total",
-            "counter",
-            c.load_secs_total,
+            "dora_running_requests",
+            "Requests running",
+            st.running as f64,
         ),
         (
-            "dora_adapter_evictions_total",
-            "counter",
-            c.evictions as f64,
+            "dora_kv_cache_bytes",
+            "KV cache bytes held",
+            st.kv_bytes as f64,
         ),
-        ("dora_adapter_cache_bytes", "gauge", c.bytes_resident as f64),
+        (
+            "dora_adapter_cache_bytes",
+            "Bytes of adapters loaded in memory",
+            c.bytes_resident as f64,
+        ),
         (
             "dora_adapters_resident",
-            "gauge",
+            "Adapters loaded in memory",
             c.adapters_resident as f64,
         ),
-        ("dora_merged_cache_bytes", "gauge", st.merged_bytes as f64),
-        ("dora_merges_total", "counter", st.merges as f64),
         (
-            "dora_steps_unmerged_total",
-            "counter",
-            st.steps_unmerged as f64,
+            "dora_merged_cache_bytes",
+            "Bytes of merged weight copies",
+            st.merged_bytes as f64,
         ),
-        ("dora_steps_merged_total", "counter", st.steps_merged as f64),
-        ("dora_steps_base_total", "counter", st.steps_base as f64),
-        ("vllm:num_requests_waiting", "gauge", st.waiting as f64),
-        ("vllm:num_requests_running", "gauge", st.running as f64),
+        (
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled",
+            st.waiting as f64,
+        ),
+        (
+            "vllm:num_requests_running",
+            "Requests running",
+            st.running as f64,
+        ),
         (
             "vllm:kv_cache_usage_perc",
-            "gauge",
-            if st.kv_capacity_bytes > 0 {
-                st.kv_bytes as f64 / st.kv_capacity_bytes as f64
-            } else {
-                0.0
-            },
+            "KV cache usage, 0 to 1",
+            kv_usage,
         ),
     ] {
-        let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v}");
+        gauge(&mut r, name, help, v);
     }
-    let _ = writeln!(
-        out,
-        "# TYPE dora_adapter_mode_info gauge\ndora_adapter_mode_info{{mode=\"{}\"}} 1",
-        st.mode.as_str()
+    // vLLM's name before v0.10, still the default of older GIE endpoint pickers.
+    gauge(
+        &mut r,
+        "vllm:gpu_cache_usage_perc",
+        "KV cache usage, 0 to 1 (the older vLLM name)",
+        kv_usage,
+    );
+    for (name, help, v) in [
+        (
+            "dora_adapter_cache_hits",
+            "Adapter requests served from memory",
+            c.hits,
+        ),
+        (
+            "dora_adapter_cache_misses",
+            "Adapter requests that needed a load",
+            c.misses,
+        ),
+        ("dora_adapter_loads", "Adapter loads", c.loads),
+        (
+            "dora_adapter_load_failures",
+            "Adapter loads that failed",
+            c.load_failures,
+        ),
+        (
+            "dora_adapter_evictions",
+            "Adapters evicted from memory",
+            c.evictions,
+        ),
+        ("dora_merges", "Merged weight copies built", st.merges),
+        (
+            "dora_steps_unmerged",
+            "Engine steps with adapters unmerged",
+            st.steps_unmerged,
+        ),
+        (
+            "dora_steps_merged",
+            "Engine steps on a merged adapter",
+            st.steps_merged,
+        ),
+        (
+            "dora_steps_base",
+            "Engine steps on the base model only",
+            st.steps_base,
+        ),
+    ] {
+        counter(&mut r, name, help, v);
+    }
+    r.register(
+        "dora_adapter_load_seconds",
+        "Seconds spent loading adapters",
+        ConstCounter::new(c.load_secs_total),
+    );
+    labelled(
+        &mut r,
+        "dora_adapter_mode_info",
+        "How adapters are applied",
+        vec![("mode".into(), st.mode.as_str().into())],
+        1.0,
     );
     let h = s.engine.store_health();
-    let _ = writeln!(
-        out,
-        "# HELP dora_adapter_store_up Whether the adapter store answered its last request.\n# TYPE dora_adapter_store_up gauge\ndora_adapter_store_up{{remote=\"{}\"}} {}",
-        h.remote,
-        u8::from(h.up)
+    labelled(
+        &mut r,
+        "dora_adapter_store_up",
+        "Whether the adapter store answered its last request",
+        vec![("remote".into(), h.remote.to_string())],
+        f64::from(u8::from(h.up)),
     );
     if let Some(d) = s.engine.disk_cache_stats() {
-        for (name, kind, v) in [
-            ("dora_adapter_disk_cache_bytes", "gauge", d.bytes),
-            ("dora_adapter_disk_cache_entries", "gauge", d.entries as u64),
-            ("dora_adapter_disk_cache_hits_total", "counter", d.hits),
-            ("dora_adapter_disk_cache_misses_total", "counter", d.misses),
-        ] {
-            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v}");
-        }
+        gauge(
+            &mut r,
+            "dora_adapter_disk_cache_bytes",
+            "Bytes of adapters in the local disk cache",
+            d.bytes as f64,
+        );
+        gauge(
+            &mut r,
+            "dora_adapter_disk_cache_entries",
+            "Adapter versions in the local disk cache",
+            d.entries as f64,
+        );
+        counter(
+            &mut r,
+            "dora_adapter_disk_cache_hits",
+            "Adapter fetches served by the disk cache",
+            d.hits,
+        );
+        counter(
+            &mut r,
+            "dora_adapter_disk_cache_misses",
+            "Adapter fetches that went to the object store",
+            d.misses,
+        );
     }
     let lists = (st.running_adapters.join(","), st.waiting_adapters.join(","));
-    let changed = s.metrics.lora_changed(&lists);
-    let _ = writeln!(
-        out,
-        "# HELP vllm:lora_requests_info Running and waiting adapters; the value is when the lists last changed (Unix seconds).\n# TYPE vllm:lora_requests_info gauge\nvllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {changed}",
-        st.max_running,
-        esc(&lists.0),
-        esc(&lists.1),
+    let changed = m.lora_changed(&lists);
+    labelled(
+        &mut r,
+        "vllm:lora_requests_info",
+        "Running and waiting adapters; the value is when the lists last changed (Unix seconds)",
+        vec![
+            ("max_lora".into(), st.max_running.to_string()),
+            ("running_lora_adapters".into(), lists.0),
+            ("waiting_lora_adapters".into(), lists.1),
+        ],
+        changed,
     );
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
+    let mut out = String::new();
+    let _ = prometheus_text::encode(&mut out, &r);
+    ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], out)
 }
