@@ -17,7 +17,9 @@ pub use config::{AdapterConfig, ModuleSelector};
 pub use load::{
     digest, load_bytes, load_dir, next_adapter_id, Adapter, AdapterInfo, AdapterKind, ModuleInfo,
 };
-pub use store::{AdapterStore, DiskCacheStats, RemoteOptions, StoreError, StoreHealth};
+pub use store::{
+    AdapterStore, DiskCacheStats, ObjectAdapterStore, RemoteOptions, StoreError, StoreHealth,
+};
 pub use synth::{write_random_adapter, SynthSpec};
 
 /// Whether `name` is a valid adapter name: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` (so it is

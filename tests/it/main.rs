@@ -4,6 +4,7 @@ mod adapters;
 mod api;
 mod catalog;
 mod cli;
+mod deploy;
 mod engine;
 mod hostile;
 mod http;
@@ -15,6 +16,7 @@ mod props;
 #[cfg(target_os = "linux")]
 mod readme;
 mod real_model;
+mod shared_store;
 mod stored;
 mod storms;
 mod util;

@@ -45,6 +45,8 @@ pub struct Opts<'a> {
     pub load_delay: std::time::Duration,
     /// The adapter cache's byte budget (the engine's default when `None`).
     pub adapter_cache_bytes: Option<usize>,
+    /// The adapters (default: a folder store holding dora-all-r8 and lora-r8).
+    pub catalog: Option<Catalog>,
 }
 
 impl Default for Opts<'_> {
@@ -57,6 +59,7 @@ impl Default for Opts<'_> {
             gate: None,
             load_delay: std::time::Duration::ZERO,
             adapter_cache_bytes: None,
+            catalog: None,
         }
     }
 }
@@ -71,7 +74,9 @@ pub fn server_opts(o: Opts) -> Server {
             std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
     }
-    let catalog = Catalog::open(store_dir.path()).unwrap();
+    let catalog = o
+        .catalog
+        .unwrap_or_else(|| Catalog::open(store_dir.path()).unwrap());
     let mut model = load("tiny-llama");
     model.info.id = "tiny-llama".into(); // as --served-model-name tiny-llama
     let engine = Engine::start(

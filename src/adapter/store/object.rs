@@ -120,7 +120,10 @@ pub struct Fetched {
 }
 
 struct Inner {
+    /// Manifests, listings and deletes: small requests, a short timeout.
     store: Arc<dyn ObjectStore>,
+    /// Version objects (the weights), with `RemoteOptions::timeout`.
+    data: Arc<dyn ObjectStore>,
     prefix: ObjPath,
     url: String,
     index: RwLock<HashMap<String, Known>>,
@@ -173,7 +176,7 @@ impl ObjectAdapterStore {
         let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
             .iter()
             .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
-        let mut b = AmazonS3Builder::from_env()
+        let b = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
@@ -183,34 +186,43 @@ impl ObjectAdapterStore {
                 },
                 max_retries: 2,
                 retry_timeout: Duration::from_secs(5),
-            })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(2))
-                    .with_timeout(opts.timeout)
-                    .with_allow_http(
-                        endpoint
-                            .as_deref()
-                            .is_some_and(|e| e.starts_with("http://")),
-                    ),
-            );
-        if let Some(e) = &endpoint {
-            b = b.with_endpoint(e);
-        }
+            });
+        let b = match &endpoint {
+            Some(e) => b.with_endpoint(e),
+            None => b,
+        };
+        let client = |timeout| {
+            ClientOptions::new()
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_timeout(timeout)
+                .with_allow_http(
+                    endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("http://")),
+                )
+        };
         let secrets = ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
             .iter()
             .filter_map(|k| std::env::var(k).ok().filter(|v| v.len() >= 4))
             .collect::<Vec<_>>();
-        let store = b
-            .build()
-            .map_err(|e| StoreError::Config(scrub(&e.to_string(), &secrets)))?;
+        let build = |timeout| {
+            b.clone()
+                .with_client_options(client(timeout))
+                .build()
+                .map_err(|e| StoreError::Config(scrub(&e.to_string(), &secrets)))
+        };
+        let meta = build(Duration::from_secs(10))?;
+        let data = build(opts.timeout)?;
         let url = format!("s3://{bucket}/{prefix}");
-        Self::new(Arc::new(store), prefix, url, secrets, opts)
+        Self::new(Arc::new(meta), Arc::new(data), prefix, url, secrets, opts)
     }
 
-    /// A store over any `object_store` backend (tests use the in-memory one).
+    /// A store over any `object_store` backend (tests use the in-memory one): `store` for
+    /// manifests and listings, `data` for version objects (the same store, with a longer
+    /// timeout for large adapters).
     pub fn new(
         store: Arc<dyn ObjectStore>,
+        data: Arc<dyn ObjectStore>,
         prefix: &str,
         url: String,
         secrets: Vec<String>,
@@ -230,6 +242,7 @@ impl ObjectAdapterStore {
             .map_err(|e| StoreError::Config(format!("cannot start the store's runtime: {e}")))?;
         let inner = Arc::new(Inner {
             store,
+            data,
             prefix: ObjPath::from(prefix.trim_matches('/')),
             url: url.clone(),
             index: RwLock::default(),
@@ -547,7 +560,7 @@ impl Inner {
             });
         }
         let path = self.version_path(name, &manifest.version, WEIGHTS);
-        let got = self.note(self.store.get(&path).await);
+        let got = self.note(self.data.get(&path).await);
         let weights = match got {
             Ok(r) => self
                 .note(r.bytes().await)
@@ -612,13 +625,13 @@ impl Inner {
         let cpath = self.version_path(name, &version, CONFIG);
         // The version's objects first; nothing names them until the manifest lands.
         self.note(
-            self.store
+            self.data
                 .put(&wpath, PutPayload::from(weights.clone()))
                 .await,
         )
         .map_err(|e| self.error(name, e))?;
         self.note(
-            self.store
+            self.data
                 .put(&cpath, PutPayload::from(config.clone().into_bytes()))
                 .await,
         )
@@ -841,6 +854,7 @@ mod tests {
         };
         let store: Arc<dyn ObjectStore> = mem.clone();
         ObjectAdapterStore::new(
+            store.clone(),
             store,
             "team/a",
             "memory://".into(),
