@@ -9,16 +9,22 @@
 #   scripts/fetch-model.sh && cargo build --release && benches/decode.sh [ROUNDS] [TOKENS]
 #
 # Writes benches/data/decode_modes.json and regenerates benches/DECODE.md (benches/report.py).
+# KERNELS=generic (or --kernels generic as the first argument) runs candle's tensor ops only,
+# the device-generic path a GPU runs, to show what that fallback costs on this CPU.
 # MODEL, COUNTS (default "1 4 8 16") and OUT (default decode_modes) measure another model, e.g.
 #   MODEL=models/bench/Llama-3.2-1B-shaped.Q4_K_M.gguf COUNTS="1 8" OUT=decode_modes_1b benches/decode.sh 2 32
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 bin=target/release/dora-serve
+kernels=${KERNELS:-cpu}
+if [ "${1:-}" = "--kernels" ]; then kernels=$2; shift 2; fi
 rounds=${1:-3}
 tokens=${2:-64}
 counts=${COUNTS:-1 4 8 16}
-out=${OUT:-decode_modes}
+default_out=decode_modes
+if [ "$kernels" = generic ]; then default_out=decode_modes_generic; fi
+out=${OUT:-$default_out}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 [ -s "$model" ] || { echo "run scripts/fetch-model.sh first" >&2; exit 1; }
@@ -38,7 +44,7 @@ batch() { # n adapters(0 = base, 1 = one, 8 = mixed)
   echo "$f"
 }
 rate() { # file mode
-  "$bin" generate --model "$model" --batch "$1" --mode "$2" --max-tokens "$tokens" --ignore-eos --json 2>&1 >/dev/null |
+  "$bin" generate --model "$model" --kernels "$kernels" --batch "$1" --mode "$2" --max-tokens "$tokens" --ignore-eos --json 2>&1 >/dev/null |
     sed -n 's/.*decode \([0-9.]*\) tok\/s.*/\1/p'
 }
 : >"$work/rounds.jsonl"

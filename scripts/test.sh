@@ -21,6 +21,12 @@ step "real-model tests (SmolLM2-135M-Instruct Q4_1 GGUF)"
 scripts/fetch-model.sh
 cargo test --test it -- --ignored real_model 2>&1
 
+step "real-model parity on the device-generic path (DORA_KERNELS=generic: candle's ops only)"
+# `cargo test` already runs the tiny-model parity tests on both paths (tests/it/generic.rs).
+# Left out: the README walkthrough (the same commands) and the bf16 merged-weights error over
+# a stored base (the generic path dequantises the base at load, as a GPU does).
+DORA_KERNELS=generic cargo test --test it -- --ignored real_model --skip readme --skip bf16_merged 2>&1
+
 step "fuzz targets build (cargo check)"
 CARGO_TARGET_DIR=target/fuzz-check cargo check --manifest-path fuzz/Cargo.toml --bins 2>&1
 

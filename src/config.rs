@@ -420,6 +420,11 @@ pub struct ModelArgs {
     pub merged_dtype: MergedDTypeArg,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    /// `cpu`: this machine's CPU kernels where they apply; `generic`: candle's tensor ops
+    /// only, the code a GPU runs (stored formats are then dequantised at load). Default:
+    /// DORA_KERNELS, else cpu.
+    #[arg(long, value_parser = ["cpu", "generic"])]
+    pub kernels: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

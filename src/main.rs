@@ -55,6 +55,13 @@ fn main() -> anyhow::Result<()> {
 
 /// Load the model, with a progress line on stderr (it takes seconds on a real model).
 fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
+    if let Some(k) = args
+        .kernels
+        .as_deref()
+        .and_then(dora_serve::ops::kernels::Kernels::parse)
+    {
+        dora_serve::ops::kernels::set(k);
+    }
     let device = args
         .device
         .open()
@@ -80,13 +87,14 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         Ok(m) => {
             let c = m.model.config();
             eprintln!(
-                " done in {:.2}s ({} layers, hidden {}, vocab {}, context {}); weights: {}",
+                " done in {:.2}s ({} layers, hidden {}, vocab {}, context {}); weights: {}; kernels: {}",
                 start.elapsed().as_secs_f64(),
                 c.num_hidden_layers,
                 c.hidden_size,
                 c.vocab_size,
                 c.max_context,
-                m.model.weights_summary()
+                m.model.weights_summary(),
+                dora_serve::ops::kernels::get().as_str()
             );
         }
         Err(_) => eprintln!(" failed"),

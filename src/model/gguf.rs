@@ -233,7 +233,7 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
     // Every tensor under its HF name: base matrices kept as stored (memory-mapped) when asked
     // and the device is the CPU, everything else dequantised to the serving dtype.
     let device = &opts.device;
-    let keep = opts.stored && device.is_cpu();
+    let keep = opts.stored && crate::ops::kernels::fast_on(device);
     let map = if keep {
         // SAFETY: the file is mapped read-only; like every server that maps its weights (and
         // llama.cpp), we rely on no one truncating the model file while it is served.

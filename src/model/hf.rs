@@ -154,7 +154,7 @@ pub(super) fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
             path: dir.to_path_buf(),
             source,
         })?;
-    let stored = if opts.stored && opts.device.is_cpu() {
+    let stored = if opts.stored && crate::ops::kernels::fast_on(&opts.device) {
         stored_matrices(&files).map_err(|source| ModelError::Weights {
             path: dir.to_path_buf(),
             source,

@@ -21,7 +21,7 @@ pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<T
     }
     if [q, k, v]
         .iter()
-        .any(|t| t.dtype() != DType::F32 || !t.device().is_cpu())
+        .any(|t| t.dtype() != DType::F32 || !super::kernels::fast_on(t.device()))
     {
         return Ok(None);
     }

@@ -54,7 +54,7 @@ impl<G: std::ops::Deref<Target = Storage>> View<G> {
 
 /// `t`'s values if it is a contiguous f32 tensor on the CPU.
 pub(super) fn view(t: &Tensor) -> Option<View<impl std::ops::Deref<Target = Storage> + '_>> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+    if t.dtype() != DType::F32 || !super::kernels::fast_on(t.device()) {
         return None;
     }
     let (guard, layout) = t.storage_and_layout();

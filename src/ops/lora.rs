@@ -101,7 +101,8 @@ pub fn dora_norm(w0: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tens
             b.dims()
         );
     }
-    if !(w0.device().is_cpu() && [w0, a, b].iter().all(|t| t.dtype() == DType::F32)) {
+    if !(super::kernels::fast_on(w0.device()) && [w0, a, b].iter().all(|t| t.dtype() == DType::F32))
+    {
         return dora_norm_generic(w0, a, b, scale);
     }
     let a = a.contiguous()?;

@@ -6,6 +6,7 @@ mod cpu;
 pub mod attention;
 mod dequant;
 mod fused;
+pub mod kernels;
 mod linear;
 mod lora;
 mod pool;

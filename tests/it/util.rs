@@ -16,10 +16,20 @@ pub fn load(name: &str) -> LoadedModel {
     load_as(name, DType::F32)
 }
 
+/// The device the whole-model tests load onto: `DORA_TEST_DEVICE=cuda` (or `metal`) runs
+/// them on a GPU (scripts/gpu-check.sh); the CPU otherwise.
+pub fn device() -> Device {
+    match std::env::var("DORA_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("DORA_TEST_DEVICE=cuda: no CUDA device"),
+        Ok("metal") => Device::new_metal(0).expect("DORA_TEST_DEVICE=metal: no Metal device"),
+        _ => Device::Cpu,
+    }
+}
+
 pub fn load_as(name: &str, dtype: DType) -> LoadedModel {
     let opts = LoadOptions {
         dtype,
-        device: Device::Cpu,
+        device: device(),
         stored: false,
     };
     model::load(&fixtures().join(name), &opts).unwrap_or_else(|e| panic!("loading {name}: {e}"))
