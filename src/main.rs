@@ -151,9 +151,14 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(url) => {
             let remote = adapter::RemoteOptions {
                 disk_cache_dir: args.adapter_disk_cache_dir.clone().unwrap_or_else(|| {
+                    // One folder per replica on a host: by port, or by process for --port 0.
+                    let who = match args.port {
+                        0 => format!("pid-{}", std::process::id()),
+                        p => format!("port-{p}"),
+                    };
                     std::env::temp_dir()
                         .join("dora-serve-adapter-cache")
-                        .join(args.port.to_string())
+                        .join(who)
                 }),
                 disk_cache_bytes: args.adapter_disk_cache_bytes as u64,
                 ..Default::default()

@@ -256,6 +256,11 @@ impl Catalog {
         let _changing = self.lock_changes();
         let registered = self.names_mut().registered.remove(name).is_some();
         if !registered {
+            // A shared store's name this replica has not seen yet (uploaded elsewhere an
+            // instant ago) is looked up rather than refused.
+            if valid_name(name) && !self.store.exists(name) {
+                self.store.lookup(name);
+            }
             if !valid_name(name) || !self.store.exists(name) {
                 return Err(CatalogError::NotFound(name.to_string()));
             }

@@ -253,6 +253,16 @@ async fn replicas_share_uploads_replaces_and_deletes_and_ride_out_an_outage() {
     assert_eq!(call(&a.app, get("/ready")).await.0, StatusCode::OK);
     assert_eq!(complete(&a, "cold").await.0, StatusCode::OK);
 
+    // A name uploaded on B that A has not seen yet can be deleted through A at once.
+    assert_eq!(
+        upload(&b, "brief", "lora-r8", false).await.0,
+        StatusCode::CREATED
+    );
+    let del = axum::http::Request::delete("/v1/adapters/brief")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    assert_eq!(call(&a.app, del).await.0, StatusCode::OK);
+
     // Deleted on A: B stops listing it at its next refresh, and answers 404 for it.
     let del = axum::http::Request::delete("/v1/adapters/shared")
         .body(axum::body::Body::empty())
