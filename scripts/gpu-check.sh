@@ -13,15 +13,8 @@ cd "$(dirname "$0")/.."
 mode=${1:-}
 case "$mode" in
 build)
-  venv=${CUDA_VENV:-target/cuda-venv}
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  # CUDA 13's nvcc wheel is the one that ships the nvcc driver (the cu12 wheels hold ptxas only).
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-    nvidia-cuda-nvcc==13.5.37 nvidia-cuda-runtime==13.5.37 nvidia-cuda-crt==13.5.37 \
-    nvidia-nvvm==13.5.37 nvidia-cuda-cccl==13.3.5.0.6
-  cuda=$(echo "$venv"/lib/python3*/site-packages/nvidia/cu13)
-  export PATH="$cuda/bin:$PATH" CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_HOME="$cuda"
-  export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} # H100/H200
+  # shellcheck source=scripts/cuda-env.sh
+  . scripts/cuda-env.sh
   export CARGO_TARGET_DIR=target/cuda
   cargo build --release --features cuda --bin dora-serve
   cargo test --release --features cuda --test it --no-run 2>&1 | tee target/cuda-it.log

