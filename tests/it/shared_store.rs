@@ -81,26 +81,14 @@ impl ObjectStore for Switch {
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
-        if self.down.load(Ordering::SeqCst) {
-            return futures_util::stream::once(async {
-                Err(object_store::Error::Generic {
-                    store: "switch",
-                    source: "connection refused".into(),
-                })
-            })
-            .boxed();
+        if let Err(e) = self.check() {
+            return futures_util::stream::once(async { Err(e) }).boxed();
         }
         self.inner.delete_stream(locations)
     }
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        if self.down.load(Ordering::SeqCst) {
-            return futures_util::stream::once(async {
-                Err(object_store::Error::Generic {
-                    store: "switch",
-                    source: "connection refused".into(),
-                })
-            })
-            .boxed();
+        if let Err(e) = self.check() {
+            return futures_util::stream::once(async { Err(e) }).boxed();
         }
         self.inner.list(prefix)
     }
