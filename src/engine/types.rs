@@ -31,6 +31,10 @@ pub struct EngineConfig {
     /// Test hook: a pause between reading a cold adapter's files and handing the load to the
     /// worker, so a test can replace the adapter while the load is in flight (zero in service).
     pub load_delay: Duration,
+    /// Test hook: each cold load, once its files are read, waits for one of this gate's
+    /// permits before it is handed to the worker (up to a minute), so a test decides whether
+    /// a replace or delete lands while the load is in flight (`None` in service).
+    pub load_gate: Option<StepGate>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -47,6 +51,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("step_gate", &self.step_gate)
             .field("step_delay", &self.step_delay)
             .field("load_delay", &self.load_delay)
+            .field("load_gate", &self.load_gate)
             .finish_non_exhaustive()
     }
 }
@@ -73,6 +78,7 @@ impl Default for EngineConfig {
             step_gate: None,
             step_delay: Duration::ZERO,
             load_delay: Duration::ZERO,
+            load_gate: None,
         }
     }
 }

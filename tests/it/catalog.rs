@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use dora_serve::engine::EngineStats;
+use dora_serve::engine::{EngineStats, StepGate};
 use serde_json::{json, Value};
 
 use crate::web::*;
@@ -228,12 +228,14 @@ fn request_while_loading(
 }
 
 /// A load that read a name's files before they were replaced never serves: the requests
-/// waiting on it get the new version, and so does every later one. (Each cold load here pauses
-/// 300 ms after reading its files, so the replace certainly lands while it is in flight.)
+/// waiting on it get the new version, and so does every later one. (Each cold load here waits
+/// at a gate after reading its files, opened only once the replace has answered, so the replace
+/// lands while the load is in flight however slow the machine.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_overtaken_by_a_replace_never_serves_the_old_files() {
+    let gate = StepGate::closed();
     let s = server_opts(Opts {
-        load_delay: Duration::from_millis(300),
+        load_gate: Some(gate.clone()),
         ..Opts::default()
     });
     let (a, b) = (fixture_files("dora-all-r8"), fixture_files("lora-r8"));
@@ -245,8 +247,10 @@ async fn a_load_overtaken_by_a_replace_never_serves_the_old_files() {
         stats_when(&s, "evicted", |st| {
             !st.loaded_adapters.iter().any(|n| n == "racer")
         });
+        gate.close();
         let request = request_while_loading(&s, "racer");
         let new_digest = replace(&s, "racer", new).await;
+        gate.open();
         assert_ne!(old_digest, new_digest);
         let (st, v, _) = request.await.unwrap();
         assert_eq!(st, StatusCode::OK, "{v}");
@@ -264,6 +268,7 @@ async fn a_load_overtaken_by_a_replace_never_serves_the_old_files() {
     stats_when(&s, "evicted", |st| {
         !st.loaded_adapters.iter().any(|n| n == "racer")
     });
+    gate.close();
     let request = request_while_loading(&s, "racer");
     let (st, _, text) = call(
         &s.app,
@@ -273,6 +278,7 @@ async fn a_load_overtaken_by_a_replace_never_serves_the_old_files() {
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{text}");
+    gate.open();
     let (st, v, _) = request.await.unwrap();
     assert_error(st, &v, StatusCode::NOT_FOUND, "adapter_not_found");
 }

@@ -45,6 +45,8 @@ pub struct Opts<'a> {
     pub load_delay: std::time::Duration,
     /// The adapter cache's byte budget (the engine's default when `None`).
     pub adapter_cache_bytes: Option<usize>,
+    /// Cold loads wait for this gate's permits once their files are read.
+    pub load_gate: Option<StepGate>,
     /// The adapters (default: a folder store holding dora-all-r8 and lora-r8).
     pub catalog: Option<Catalog>,
 }
@@ -59,6 +61,7 @@ impl Default for Opts<'_> {
             gate: None,
             load_delay: std::time::Duration::ZERO,
             adapter_cache_bytes: None,
+            load_gate: None,
             catalog: None,
         }
     }
@@ -89,6 +92,7 @@ pub fn server_opts(o: Opts) -> Server {
             mode: AdapterMode::Auto,
             step_gate: o.gate,
             load_delay: o.load_delay,
+            load_gate: o.load_gate,
             adapter_cache_bytes: o
                 .adapter_cache_bytes
                 .unwrap_or(EngineConfig::default().adapter_cache_bytes),

@@ -20,12 +20,17 @@ impl Worker {
         let (model, tx) = (Arc::clone(&self.model), self.tx.clone());
         let catalog = Arc::clone(&self.catalog);
         let delay = self.cfg.load_delay;
+        let gate = self.cfg.load_gate.clone();
         std::thread::spawn(move || {
             let start = Instant::now();
             let result = catalog.load(&name, &resolved, &*model);
             let secs = start.elapsed().as_secs_f64();
             if !delay.is_zero() {
                 std::thread::sleep(delay);
+            }
+            if let Some(g) = gate {
+                let until = Instant::now() + std::time::Duration::from_secs(60);
+                while !g.pass(std::time::Duration::from_millis(50)) && Instant::now() < until {}
             }
             let _ = tx.send(Command::Loaded {
                 name,
