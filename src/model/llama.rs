@@ -154,11 +154,14 @@ impl Attention {
     /// reads kv head `h / groups`, as transformers' `repeat_kv`), so no kv copy is made.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize) -> Result<Tensor> {
         let (nh, len, hd) = q.dims3()?;
-        if len == 1 {
-            let scale = 1.0 / (hd as f32).sqrt();
-            if let Some(y) = crate::ops::attention::decode(q, k, v, scale)? {
-                return Ok(y);
-            }
+        let fast_scale = 1.0 / (hd as f32).sqrt();
+        let fast = if len == 1 {
+            crate::ops::attention::decode(q, k, v, fast_scale)?
+        } else {
+            crate::ops::attention::prefill(q, k, v, pos, fast_scale)?
+        };
+        if let Some(y) = fast {
+            return Ok(y);
         }
         let total = k.dim(1)?;
         let groups = nh / self.num_kv_heads;
@@ -550,6 +553,11 @@ impl Llama {
 
     /// The format merged weights over a stored base are kept in: F32 (the default), BF16 or
     /// F16.
+    /// What merged weights over a stored base are kept in.
+    pub fn merged_dtype(&self) -> GgmlDType {
+        self.merged_dtype
+    }
+
     pub fn set_merged_dtype(&mut self, dtype: GgmlDType) -> Result<()> {
         if !matches!(dtype, GgmlDType::F32 | GgmlDType::BF16 | GgmlDType::F16) {
             candle_core::bail!("merged weights are kept in F32, BF16 or F16, not {dtype:?}");

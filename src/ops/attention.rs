@@ -4,10 +4,18 @@
 //! `[groups, hd] × [hd, len]` product, a softmax and a `[groups, len] × [len, hd]` product.
 //! candle's gemm costs more to set up for these than they cost to compute (7–8% of decode at
 //! 8 sequences once the cache became a strided view of a growing buffer), so here they are
-//! three loops over the cache rows. Prefill (several query rows, a causal mask) stays on
-//! candle's ops, which remain the reference.
+//! three loops over the cache rows.
+//!
+//! A prefill chunk (several query rows, causal) is tiled flash-style ([`prefill`]): per query
+//! head and block of [`BQ`] query rows, the keys are read in blocks of [`BK`] with an online
+//! softmax (running max and sum, the output rescaled when the max grows), so no `len × total`
+//! score matrix is ever formed and keys past a row's position are never read. Parts run on
+//! [`super::pool`]. candle's ops (scores, mask, softmax, product) remain the reference and the
+//! path of every other device and dtype.
 
 use candle_core::{DType, Result, Storage, Tensor};
+
+use super::cpu::Out;
 
 /// `softmax(q·kᵀ · scale)·v` for `q` `[heads, 1, hd]` and `k`, `v` `[kv_heads, len, hd]` (rows
 /// contiguous, any head stride), query head `h` reading kv head `h / (heads / kv_heads)`.
@@ -79,6 +87,366 @@ pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<T
     )?))
 }
 
+/// Query rows per part of [`prefill`].
+pub const BQ: usize = 16;
+/// Keys per block of [`prefill`]'s online softmax.
+pub const BK: usize = 64;
+/// Lanes of [`prefill`]'s reductions (one AVX-512 register of f32).
+const LANES: usize = 16;
+
+/// Causal `softmax(q·kᵀ · scale)·v` for a prefill chunk: `q` `[heads, len, hd]` whose row `i`
+/// sits at absolute position `pos + i`, over `k`, `v` `[kv_heads, pos + len, hd]` (rows
+/// contiguous, any head stride: the KV cache's views), query head `h` reading kv head
+/// `h / (heads / kv_heads)`; row `i` sees keys `0..=pos + i`. Equal to candle's masked
+/// softmax and products up to summation order and [`exp`]'s rounding (within 2 ulp of
+/// `f32::exp`). `None` where it does not apply (other devices, dtypes, layouts, or head
+/// sizes other than 8, 16, 32, 64, 80, 96, 128 and 256).
+pub fn prefill(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: usize,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    let (Ok((nh, len, hd)), Ok((kvh, total, hd2))) = (q.dims3(), k.dims3()) else {
+        return Ok(None);
+    };
+    if hd != hd2 || v.dims() != k.dims() || kvh == 0 || nh % kvh != 0 || len == 0 {
+        return Ok(None);
+    }
+    if total != pos + len || ![8, 16, 32, 64, 80, 96, 128, 256].contains(&hd) {
+        return Ok(None);
+    }
+    if [q, k, v]
+        .iter()
+        .any(|t| t.dtype() != DType::F32 || !super::kernels::fast_on(t.device()))
+    {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+        return Ok(None);
+    };
+    let (kst, vst) = (kl.stride(), vl.stride());
+    if kst[1] != hd || kst[2] != 1 || vst[1] != hd || vst[2] != 1 {
+        return Ok(None);
+    }
+    let qall = &qs.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + nh * len * hd];
+    let (kall, vall) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
+    let mut heads_kv = Vec::with_capacity(kvh);
+    for g in 0..kvh {
+        let (Some(kg), Some(vg)) = (
+            head_rows(kall, kl.start_offset() + g * kst[0], total * hd),
+            head_rows(vall, vl.start_offset() + g * vst[0], total * hd),
+        ) else {
+            return Ok(None);
+        };
+        heads_kv.push((kg, vg));
+    }
+    let groups = nh / kvh;
+    let blocks = len.div_ceil(BQ);
+    // Keys transposed once per call, `[kv_heads, hd, padded]` with zeros past `total`, so a
+    // key block's scores are `hd` contiguous axpys for every part that reads it.
+    let padded = total.div_ceil(BK) * BK;
+    let mut kt = vec![0f32; kvh * hd * padded];
+    for (g, (kg, _)) in heads_kv.iter().enumerate() {
+        transpose(
+            kg,
+            hd,
+            total,
+            &mut kt[g * hd * padded..(g + 1) * hd * padded],
+            padded,
+        );
+    }
+    let mut out = vec![0f32; nh * len * hd];
+    let dst = Out(out.as_mut_ptr());
+    // Later query blocks see more keys: hand them out first so the last parts are short.
+    let part = |p: usize| {
+        let (qb, h) = (blocks - 1 - p / nh, p % nh);
+        let (kg, vg) = heads_kv[h / groups];
+        let i0 = qb * BQ;
+        let rows = BQ.min(len - i0);
+        let at = (h * len + i0) * hd;
+        // SAFETY: parts write disjoint rows (one head, one query block each) of `out`,
+        // which outlives `pool::run`.
+        let o = unsafe { dst.slice(at, rows * hd) };
+        let keys = pos + i0 + rows;
+        let qrows = &qall[at..at + rows * hd];
+        let _ = kg;
+        let g = h / groups;
+        let ktg = &kt[g * hd * padded..(g + 1) * hd * padded];
+        let vv = &vg[..keys * hd];
+        let first = pos + i0;
+        match hd {
+            8 => flash_8(qrows, ktg, padded, vv, first, scale, o),
+            16 => flash_16(qrows, ktg, padded, vv, first, scale, o),
+            32 => flash_32(qrows, ktg, padded, vv, first, scale, o),
+            64 => flash_64(qrows, ktg, padded, vv, first, scale, o),
+            80 => flash_80(qrows, ktg, padded, vv, first, scale, o),
+            96 => flash_96(qrows, ktg, padded, vv, first, scale, o),
+            128 => flash_128(qrows, ktg, padded, vv, first, scale, o),
+            _ => flash_256(qrows, ktg, padded, vv, first, scale, o),
+        }
+    };
+    super::pool::run(nh * blocks, &part);
+    Ok(Some(Tensor::from_vec(
+        out,
+        (nh, len, hd),
+        &candle_core::Device::Cpu,
+    )?))
+}
+
+macro_rules! flash_for {
+    ($($name:ident $plain:ident $hd:literal),*) => {$(
+        #[inline(always)]
+        fn $plain(
+            q: &[f32],
+            kt: &[f32],
+            stride: usize,
+            v: &[f32],
+            first: usize,
+            scale: f32,
+            out: &mut [f32],
+        ) {
+            flash_part::<$hd>(q, kt, stride, v, first, scale, out)
+        }
+        simd_dispatch!(
+            fn $name(
+                q: &[f32],
+                kt: &[f32],
+                stride: usize,
+                v: &[f32],
+                first: usize,
+                scale: f32,
+                out: &mut [f32],
+            ) = $plain
+        );
+    )*};
+}
+flash_for!(
+    flash_8 flash_8_plain 8,
+    flash_16 flash_16_plain 16,
+    flash_32 flash_32_plain 32,
+    flash_64 flash_64_plain 64,
+    flash_80 flash_80_plain 80,
+    flash_96 flash_96_plain 96,
+    flash_128 flash_128_plain 128,
+    flash_256 flash_256_plain 256
+);
+
+/// `kt[d * stride + j] = k[j * hd + d]` for the `keys` rows of `k`.
+fn transpose(k: &[f32], hd: usize, keys: usize, kt: &mut [f32], stride: usize) {
+    for (j, row) in k.chunks_exact(hd).take(keys).enumerate() {
+        for (d, &x) in row.iter().enumerate() {
+            kt[d * stride + j] = x;
+        }
+    }
+}
+
+/// One part of [`prefill`]: query rows `q` (`rows × HD`, row `i` at position `first + i`)
+/// over the transposed keys `kt` (`HD` rows of `stride`, zero past the last key) and the
+/// values `v` (`(first + rows) × HD`: every key the last row sees), into `out` (`rows × HD`,
+/// zeroed). Plain loops, closure-free, for [`simd_dispatch`]: scores of a key block are one
+/// fused axpy per head dimension, the value product one per key into a register-sized
+/// accumulator row.
+#[inline(always)]
+fn flash_part<const HD: usize>(
+    q: &[f32],
+    kt: &[f32],
+    stride: usize,
+    v: &[f32],
+    first: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let rows = out.len() / HD;
+    let keys = first + rows;
+    let mut m = [f32::NEG_INFINITY; BQ];
+    let mut l = [0f32; BQ];
+    let mut kb = 0;
+    while kb < keys {
+        let bk = BK.min(keys - kb);
+        // Rows in pairs (the last one paired with itself when `rows` is odd): each key
+        // tile and value row loaded once feeds two independent accumulator chains.
+        let mut i = 0;
+        while i < rows {
+            let pair = [i, (i + 1).min(rows - 1)];
+            i += 2;
+            // Row r sees keys 0..=first + r; a row that sees none of this block gets n = 0
+            // and is left exactly as it was (p = 0 everywhere, correction 1).
+            let mut n = [0usize; 2];
+            for r in 0..2 {
+                n[r] = bk.min((first + pair[r] + 1).saturating_sub(kb));
+            }
+            if n[1] == 0 {
+                continue;
+            }
+            let mut s = [[0f32; BK]; 2];
+            let (q0, q1) = (
+                &q[pair[0] * HD..(pair[0] + 1) * HD],
+                &q[pair[1] * HD..(pair[1] + 1) * HD],
+            );
+            scores2(q0, q1, kt, stride, kb, &mut s);
+            let mut corr = [1f32; 2];
+            let mut new_m = [0f32; 2];
+            let mut new_l = [0f32; 2];
+            for r in 0..2 {
+                let (sr, nr) = (&mut s[r], n[r]);
+                // Reductions over lanes, so that each loop vectorises (a float reduction in
+                // one accumulator cannot be reordered by the compiler).
+                for (j, v) in sr.iter_mut().enumerate() {
+                    *v = if j < nr {
+                        *v * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                let mut lanes = [f32::NEG_INFINITY; LANES];
+                for c in 0..BK / LANES {
+                    for x in 0..LANES {
+                        lanes[x] = lanes[x].max(sr[c * LANES + x]);
+                    }
+                }
+                let mut mx = m[pair[r]];
+                for x in lanes {
+                    mx = mx.max(x);
+                }
+                for (j, v) in sr.iter_mut().enumerate() {
+                    *v = if j < nr { exp(*v - mx) } else { 0.0 };
+                }
+                let mut lanes = [0f32; LANES];
+                for c in 0..BK / LANES {
+                    for x in 0..LANES {
+                        lanes[x] += sr[c * LANES + x];
+                    }
+                }
+                let sum: f32 = lanes.iter().sum();
+                if nr > 0 {
+                    corr[r] = exp(m[pair[r]] - mx);
+                }
+                new_m[r] = mx;
+                new_l[r] = l[pair[r]] * corr[r] + sum;
+            }
+            let mut acc = [[0f32; HD]; 2];
+            for r in 0..2 {
+                for d in 0..HD {
+                    acc[r][d] = out[pair[r] * HD + d] * corr[r];
+                }
+            }
+            for j in 0..n[1] {
+                let (p0, p1) = (s[0][j], s[1][j]);
+                let vrow = &v[(kb + j) * HD..(kb + j + 1) * HD];
+                for d in 0..HD {
+                    acc[0][d] = p0.mul_add(vrow[d], acc[0][d]);
+                    acc[1][d] = p1.mul_add(vrow[d], acc[1][d]);
+                }
+            }
+            for r in 0..2 {
+                m[pair[r]] = new_m[r];
+                l[pair[r]] = new_l[r];
+                out[pair[r] * HD..(pair[r] + 1) * HD].copy_from_slice(&acc[r]);
+            }
+        }
+        kb += BK;
+    }
+    for i in 0..rows {
+        let inv = 1.0 / l[i];
+        for d in 0..HD {
+            out[i * HD + d] *= inv;
+        }
+    }
+}
+
+/// Scores of two query rows against key block `kb..kb + BK` of the transposed keys:
+/// `s[r][j] = Σ_d q_r[d] · kt[d·stride + kb + j]`, fused multiply-adds in `d` order.
+#[inline(always)]
+fn scores2(q0: &[f32], q1: &[f32], kt: &[f32], stride: usize, kb: usize, s: &mut [[f32; BK]; 2]) {
+    let hd = q0.len();
+    assert!(q1.len() == hd && (hd - 1) * stride + kb + BK <= kt.len());
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, and every row read lies in `kt` (asserted above).
+        unsafe { scores2_avx512(q0, q1, kt, stride, kb, s) };
+        return;
+    }
+    for d in 0..hd {
+        let row = &kt[d * stride + kb..d * stride + kb + BK];
+        for j in 0..BK {
+            s[0][j] = q0[d].mul_add(row[j], s[0][j]);
+            s[1][j] = q1[d].mul_add(row[j], s[1][j]);
+        }
+    }
+}
+
+/// [`scores2`] with its eight accumulators held in registers (the compiler kept the plain
+/// loop's in memory, a store and a reload per multiply-add).
+///
+/// # Safety
+/// AVX-512F, `q1.len() == q0.len()` and `(hd - 1)·stride + kb + BK ≤ kt.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores2_avx512(
+    q0: &[f32],
+    q1: &[f32],
+    kt: &[f32],
+    stride: usize,
+    kb: usize,
+    s: &mut [[f32; BK]; 2],
+) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(BK == 64);
+    let z = _mm512_setzero_ps();
+    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+    let (mut b0, mut b1, mut b2, mut b3) = (z, z, z, z);
+    let base = kt.as_ptr().add(kb);
+    for d in 0..q0.len() {
+        let row = base.add(d * stride);
+        let (k0, k1) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)));
+        let (k2, k3) = (_mm512_loadu_ps(row.add(32)), _mm512_loadu_ps(row.add(48)));
+        let x = _mm512_set1_ps(*q0.get_unchecked(d));
+        let y = _mm512_set1_ps(*q1.get_unchecked(d));
+        a0 = _mm512_fmadd_ps(x, k0, a0);
+        a1 = _mm512_fmadd_ps(x, k1, a1);
+        a2 = _mm512_fmadd_ps(x, k2, a2);
+        a3 = _mm512_fmadd_ps(x, k3, a3);
+        b0 = _mm512_fmadd_ps(y, k0, b0);
+        b1 = _mm512_fmadd_ps(y, k1, b1);
+        b2 = _mm512_fmadd_ps(y, k2, b2);
+        b3 = _mm512_fmadd_ps(y, k3, b3);
+    }
+    let (p, r) = (s[0].as_mut_ptr(), s[1].as_mut_ptr());
+    _mm512_storeu_ps(p, a0);
+    _mm512_storeu_ps(p.add(16), a1);
+    _mm512_storeu_ps(p.add(32), a2);
+    _mm512_storeu_ps(p.add(48), a3);
+    _mm512_storeu_ps(r, b0);
+    _mm512_storeu_ps(r.add(16), b1);
+    _mm512_storeu_ps(r.add(32), b2);
+    _mm512_storeu_ps(r.add(48), b3);
+}
+
+/// `e^x` in f32 within 2 ulp of `f32::exp` (Cephes' `expf`: `x = n·ln2 + r`, a degree-6
+/// polynomial for `e^r`, `2^n` built in the exponent bits), branch-free so that loops of it
+/// vectorise. Inputs below −87.3 give ≈1.2e-38 instead of 0 (and −∞ does too); the callers
+/// mask those entries themselves.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + f32::from_bits(0x3F00_0002); // Cephes' 5.0000001e-1, as f32
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// `len` values of `all` from `at`, or `None` if the layout points outside the storage.
 fn head_rows(all: &[f32], at: usize, len: usize) -> Option<&[f32]> {
     all.get(at..at + len)
@@ -124,5 +492,112 @@ mod tests {
             let d = crate::ops::max_abs_diff(&got, &want);
             assert!(d < 1e-5, "len {len}: {d}");
         }
+    }
+
+    /// candle's masked attention, as `Llama::attend` computes it off the fast path.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, scale: f32) -> Tensor {
+        let (nh, len, hd) = q.dims3().unwrap();
+        let (kvh, total, _) = k.dims3().unwrap();
+        let groups = nh / kvh;
+        let qg = q.reshape((kvh, groups * len, hd)).unwrap();
+        let att = (qg.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| {
+                (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (len, total), q.device()).unwrap();
+        let att = att
+            .reshape((kvh, groups, len, total))
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap()
+            .reshape((kvh, groups * len, total))
+            .unwrap();
+        let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
+        att.matmul(&v.contiguous().unwrap())
+            .unwrap()
+            .reshape((nh, len, hd))
+            .unwrap()
+    }
+
+    /// Flash-style prefill against candle's masked attention: odd lengths around the query
+    /// and key block sizes, chunks that start mid-sequence (and mid-block), GQA ratios 1, 3
+    /// and 4, every supported head size, over strided views of a larger cache buffer.
+    #[test]
+    fn prefill_equals_masked_attention() {
+        let dev = Device::Cpu;
+        let cases = [
+            // (heads, kv heads, hd, pos, len)
+            (4, 4, 64, 0, 1),
+            (4, 2, 8, 3, 21),
+            (4, 2, 16, 0, 40),
+            (4, 4, 64, 0, 2),
+            (6, 2, 64, 0, 17),
+            (6, 2, 64, 5, 16),
+            (8, 2, 64, 63, 65),
+            (9, 3, 64, 100, 37),
+            (4, 1, 32, 0, 130),
+            (4, 2, 80, 31, 33),
+            (4, 2, 96, 1, 64),
+            (4, 2, 128, 64, 64),
+            (2, 1, 256, 7, 29),
+            (6, 2, 64, 0, 300),
+        ];
+        for (nh, kvh, hd, pos, len) in cases {
+            let total = pos + len;
+            let cap = total + 9;
+            let q = Tensor::randn(0f32, 1.0, (nh, len, hd), &dev).unwrap();
+            let kb = Tensor::randn(0f32, 1.0, (kvh, cap, hd), &dev).unwrap();
+            let vb = Tensor::randn(0f32, 1.0, (kvh, cap, hd), &dev).unwrap();
+            // Large logits make the running max move and stress the rescaling.
+            let kb = (kb * 3.0).unwrap();
+            let (k, v) = (
+                kb.narrow(1, 0, total).unwrap(),
+                vb.narrow(1, 0, total).unwrap(),
+            );
+            let scale = 1.0 / (hd as f32).sqrt();
+            let got = prefill(&q, &k, &v, pos, scale).unwrap().expect("applies");
+            let want = reference(&q, &k, &v, pos, scale);
+            let d = crate::ops::max_abs_diff(&got, &want);
+            assert!(
+                d < 2e-5,
+                "{nh}/{kvh} heads, hd {hd}, pos {pos}, len {len}: {d}"
+            );
+        }
+    }
+
+    /// Where the fast path does not apply it says so, leaving the caller on candle's ops.
+    #[test]
+    fn prefill_declines_what_it_does_not_cover() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((2, 4, 48), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 4, 48), DType::F32, &dev).unwrap();
+        assert!(prefill(&q, &k, &k, 0, 1.0).unwrap().is_none(), "hd 48");
+        let q = Tensor::zeros((2, 4, 64), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 5, 64), DType::F32, &dev).unwrap();
+        assert!(
+            prefill(&q, &k, &k, 0, 1.0).unwrap().is_none(),
+            "total ≠ pos + len"
+        );
+        let k = Tensor::zeros((1, 4, 64), DType::BF16, &dev).unwrap();
+        let q16 = q.to_dtype(DType::BF16).unwrap();
+        assert!(prefill(&q16, &k, &k, 0, 1.0).unwrap().is_none(), "bf16");
+    }
+
+    /// [`exp`] within 2 ulp of `f32::exp` over the range softmax uses, and ≈0 below it.
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut worst = 0u32;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (got, want) = (exp(x), x.exp());
+            let ulp = (got.to_bits() as i64 - want.to_bits() as i64).unsigned_abs() as u32;
+            worst = worst.max(ulp);
+            x += 1.0e-3;
+        }
+        assert!(worst <= 2, "worst {worst} ulp");
+        assert!(exp(f32::NEG_INFINITY) < 1.3e-38);
+        assert_eq!(exp(0.0), 1.0);
     }
 }
