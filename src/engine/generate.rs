@@ -53,7 +53,7 @@ pub struct GenerateOutput {
 /// Where the time of a [`generate`] call went.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GenerateStats {
-    /// The first step of each batch: prompts prefilled, first tokens sampled.
+    /// Steps that fed prompt chunks (prompts prefilled, first tokens sampled).
     pub prefill_secs: f64,
     /// All later steps.
     pub decode_secs: f64,
@@ -84,6 +84,10 @@ struct RefSeq {
 }
 
 pub const MAX_LOGPROBS: usize = 20;
+
+/// Prompt tokens fed per sequence per step of [`generate`]: the server's default
+/// `--max-step-tokens`.
+pub const PREFILL_CHUNK: usize = 512;
 
 fn check(model: &Llama, req: &GenerateRequest) -> Result<(), EngineError> {
     let cfg = model.config();
@@ -206,7 +210,11 @@ fn run_batch(
         })
         .collect();
 
-    let mut prefill = true;
+    // Prompts are fed in chunks of at most PREFILL_CHUNK tokens a step, as the server's
+    // scheduler feeds them (`--max-step-tokens`, same default), so both run the same chunked
+    // attention over the cache; the step that feeds a prompt's last chunk samples its first
+    // token.
+    let mut fed = vec![0usize; seqs.len()];
     loop {
         let step_start = Instant::now();
         let mut active: Vec<(usize, &mut RefSeq)> = seqs
@@ -217,12 +225,19 @@ fn run_batch(
         if active.is_empty() {
             break;
         }
-        // Feed the whole prompt first, then the last sampled token.
+        let prefill = active
+            .iter()
+            .any(|(i, _)| fed[*i] < reqs[*i].prompt_token_ids.len());
         let feeds: Vec<Vec<u32>> = active
             .iter()
-            .map(|(i, s)| match s.out.last() {
-                Some(&t) if !prefill => vec![t],
-                _ => reqs[*i].prompt_token_ids.clone(),
+            .map(|(i, s)| {
+                let prompt = &reqs[*i].prompt_token_ids;
+                if fed[*i] < prompt.len() {
+                    let end = (fed[*i] + PREFILL_CHUNK).min(prompt.len());
+                    prompt[fed[*i]..end].to_vec()
+                } else {
+                    vec![*s.out.last().expect("a decoding sequence has output")]
+                }
             })
             .collect();
         let logits = {
@@ -238,8 +253,15 @@ fn run_batch(
                 .collect();
             model.forward(&mut inputs, merged)?
         };
-        for ((i, seq), logits) in active.iter_mut().zip(logits) {
+        for (((i, seq), logits), tokens) in active.iter_mut().zip(logits).zip(&feeds) {
             let req = reqs[*i];
+            let decoding = fed[*i] >= req.prompt_token_ids.len();
+            if !decoding {
+                fed[*i] += tokens.len();
+                if fed[*i] < req.prompt_token_ids.len() {
+                    continue;
+                }
+            }
             let row = logits.squeeze(0)?;
             let token = seq.sampler.sample(&row, &seq.out)?;
             if req.stop_token_ids.contains(&token) {
@@ -265,7 +287,6 @@ fn run_batch(
         } else {
             stats.decode_secs += secs;
         }
-        prefill = false;
     }
 
     seqs.into_iter()
