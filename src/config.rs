@@ -107,6 +107,14 @@ pub struct BenchArgs {
     /// Prompt length in words (about one token each): N or A:B.
     #[arg(long, default_value = "32", value_parser = parse_range)]
     pub prompt_words: Range,
+    /// Shared-prefix workload: N system prompts of --prefix-words words each; every request
+    /// starts with one of them (chosen uniformly, whatever its adapter) followed by its own
+    /// --prompt-words words. 0: no shared prefixes.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefixes: usize,
+    /// Length of each shared prefix in words (about one token each).
+    #[arg(long, default_value_t = 2000)]
+    pub prefix_words: usize,
     /// Output tokens per request: N or A:B (generated to that length: ignore_eos).
     #[arg(long, default_value = "64", value_parser = parse_range)]
     pub max_tokens: Range,
@@ -205,6 +213,11 @@ pub struct ServeArgs {
     /// Byte budget of merged weight copies (merged and auto modes).
     #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
     pub merged_cache_bytes: usize,
+    /// Byte budget of the prefix cache: keys and values of full 16-token prompt blocks, per
+    /// base or adapter version, shared by every request (LRU; blocks in use by running
+    /// sequences stay). 0 turns it off.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub prefix_cache_bytes: usize,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 16)]
     pub max_running: usize,

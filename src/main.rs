@@ -188,6 +188,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             mode: args.adapter_mode,
             adapter_cache_bytes: args.adapter_cache_bytes,
             merged_cache_bytes: args.merged_cache_bytes,
+            prefix_cache_bytes: args.prefix_cache_bytes,
             step_delay: std::time::Duration::from_millis(args.test_step_delay_ms),
             ..EngineConfig::default()
         },

@@ -9,6 +9,7 @@ mod generate;
 mod handle;
 mod hooks;
 mod merged_cache;
+pub mod prefix_cache;
 mod request;
 mod sampling;
 pub mod scheduler;

@@ -23,6 +23,8 @@ pub struct EngineConfig {
     pub turn_steps: usize,
     pub adapter_cache_bytes: usize,
     pub merged_cache_bytes: usize,
+    /// Byte budget of the prefix cache (0: off).
+    pub prefix_cache_bytes: usize,
     /// Test hook: every step waits for the gate's permit (`None`: steps run freely).
     pub step_gate: Option<StepGate>,
     /// Test hook: a pause after each step, so the real process can be made slow enough for a
@@ -48,6 +50,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("turn_steps", &self.turn_steps)
             .field("adapter_cache_bytes", &self.adapter_cache_bytes)
             .field("merged_cache_bytes", &self.merged_cache_bytes)
+            .field("prefix_cache_bytes", &self.prefix_cache_bytes)
             .field("step_gate", &self.step_gate)
             .field("step_delay", &self.step_delay)
             .field("load_delay", &self.load_delay)
@@ -60,7 +63,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_running: 16,
-            max_step_tokens: 512,
+            max_step_tokens: super::generate::PREFILL_CHUNK,
             max_queued: 256,
             mode: AdapterMode::Unmerged,
             // From benches/DECODE.md, "auto's crossover" (`benches/decode.sh 3 64`, committed in
@@ -75,6 +78,7 @@ impl Default for EngineConfig {
             turn_steps: 32,
             adapter_cache_bytes: 1 << 30,
             merged_cache_bytes: 2 << 30,
+            prefix_cache_bytes: 1 << 30,
             step_gate: None,
             step_delay: Duration::ZERO,
             load_delay: Duration::ZERO,
@@ -135,6 +139,8 @@ pub enum Event {
     Done {
         finish_reason: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
         completion_tokens: usize,
         adapter: Option<AdapterVersion>,
         /// Any text still held back (end of generation).
@@ -188,6 +194,13 @@ pub struct EngineStats {
     pub kv_capacity_bytes: usize,
     /// The `--adapter-mode`.
     pub mode: AdapterMode,
+    /// Prefix cache: prompt tokens looked up and found (vLLM counts tokens), bytes and blocks
+    /// held, and its budget.
+    pub prefix_queries: u64,
+    pub prefix_hits: u64,
+    pub prefix_bytes: usize,
+    pub prefix_blocks: usize,
+    pub prefix_budget: usize,
 }
 
 pub(super) enum Command {

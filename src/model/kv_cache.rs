@@ -111,6 +111,30 @@ impl KvCache {
         Ok((l.k.narrow(1, 0, l.used)?, l.v.narrow(1, 0, l.used)?))
     }
 
+    /// A copy of positions `start..start + n` (all held) of `layer`'s keys and values, each
+    /// `[num_kv_heads, n, head_dim]`, sharing nothing with the buffers.
+    pub(crate) fn positions(
+        &self,
+        layer: usize,
+        start: usize,
+        n: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        if start + n > self.len {
+            candle_core::bail!(
+                "positions {start}..{} of a cache of {}",
+                start + n,
+                self.len
+            );
+        }
+        let l = self.layers[layer]
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} holds nothing")))?;
+        Ok((
+            l.k.narrow(1, start, n)?.force_contiguous()?,
+            l.v.narrow(1, start, n)?.force_contiguous()?,
+        ))
+    }
+
     /// Record that a forward over `n` new positions completed on every layer.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;

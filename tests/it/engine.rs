@@ -713,3 +713,145 @@ fn invalid_requests_are_refused_at_submit() {
     };
     assert!(err(request(&[5], None, 4, hot)).contains("temperature"));
 }
+
+/// A long prompt with a shared head: `head` tokens common to every request of a test, then a
+/// tail of its own.
+fn shared_prompt(head: usize, tail: u32) -> Vec<u32> {
+    (0..head as u32)
+        .map(|i| (i * 7 + 3) % 300 + 10)
+        .chain((0..5).map(|i| (tail * 31 + i * 13) % 300 + 10))
+        .collect()
+}
+
+#[derive(Debug)]
+struct Scored {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    cached: usize,
+}
+
+fn scored(mut s: EventStream) -> Scored {
+    let mut o = Scored {
+        tokens: vec![],
+        logprobs: vec![],
+        cached: usize::MAX,
+    };
+    while let Some(e) = s.blocking_next() {
+        match e {
+            Event::Token {
+                token_id, logprob, ..
+            } => {
+                o.tokens.push(token_id);
+                o.logprobs.push(logprob.expect("asked for").logprob);
+            }
+            Event::Done { cached_tokens, .. } => {
+                o.cached = cached_tokens;
+                break;
+            }
+            Event::Error(e) => panic!("{e}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+    o
+}
+
+fn scored_request(prompt: &[u32], adapter: Option<&str>) -> EngineRequest {
+    EngineRequest {
+        logprobs: Some(dora_serve::engine::LogprobsAsk::top(2)),
+        ..request(prompt, adapter, 6, SamplingParams::default())
+    }
+}
+
+/// The prefix cache changes nothing but the work done: with it, requests that share a long
+/// prompt head (across chunked prefills that cross block boundaries, in mixed batches of the
+/// base and two adapters) give the same greedy tokens as without it, logprobs within 1e-5,
+/// and report the tokens they did not compute; each adapter's blocks are its own.
+#[test]
+fn prefix_cache_changes_nothing_but_the_work() {
+    let s = store();
+    let adapters = [None, Some("dora-all-r8"), Some("lora-r8")];
+    let run = |budget: usize| {
+        let e = engine(s.path(), AdapterMode::Unmerged, |c| {
+            c.prefix_cache_bytes = budget;
+            c.max_step_tokens = 24;
+        });
+        let mut out = Vec::new();
+        // First wave: one request per namespace fills the cache.
+        for a in adapters {
+            out.push(scored(
+                submit(&e, scored_request(&shared_prompt(70, 0), a)).unwrap(),
+            ));
+        }
+        // Second wave, concurrent: every namespace again, with other tails, one batch.
+        let wave: Vec<EventStream> = (1..4)
+            .flat_map(|t| adapters.map(|a| (t, a)))
+            .map(|(t, a)| submit(&e, scored_request(&shared_prompt(70, t), a)).unwrap())
+            .collect();
+        out.extend(wave.into_iter().map(scored));
+        // A prompt that is exactly the cached head plus one block boundary's worth.
+        out.push(scored(
+            submit(&e, scored_request(&shared_prompt(75, 0)[..64], None)).unwrap(),
+        ));
+        (out, idle(&e))
+    };
+    let (cold, st_off) = run(0);
+    let (warm, st_on) = run(1 << 30);
+    assert_eq!(st_off.prefix_hits, 0);
+    assert!(cold.iter().all(|o| o.cached == 0));
+    for (i, (a, b)) in cold.iter().zip(&warm).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}: greedy tokens");
+        let d = a
+            .logprobs
+            .iter()
+            .zip(&b.logprobs)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-5, "request {i}: logprobs differ by {d}");
+    }
+    // First wave: nothing cached yet. Second wave: the 70-token head holds 4 full blocks.
+    assert!(warm[..3].iter().all(|o| o.cached == 0), "{warm:?}");
+    assert!(warm[3..12].iter().all(|o| o.cached == 64), "{warm:?}");
+    // 64 tokens = 4 blocks, but the block of the last token is always computed.
+    assert_eq!(warm[12].cached, 48);
+    assert_eq!(st_on.prefix_hits, 9 * 64 + 48);
+    let queried: usize = (0..12).map(|_| 75).sum::<usize>() + 64;
+    assert_eq!(st_on.prefix_queries as usize, queried);
+    assert!(st_on.prefix_bytes > 0 && st_on.prefix_blocks >= 3 * 4);
+}
+
+/// A replaced adapter's requests never hit the blocks its old version wrote; prompt
+/// log-probability requests compute every position (and still fill the cache).
+#[test]
+fn prefix_cache_keys_follow_the_adapter_version() {
+    let s = store();
+    let e = engine(s.path(), AdapterMode::Unmerged, |c| c.max_step_tokens = 24);
+    let p = shared_prompt(40, 0);
+    let first = scored(submit(&e, scored_request(&p, Some("dora-all-r8"))).unwrap());
+    let again = scored(submit(&e, scored_request(&p, Some("dora-all-r8"))).unwrap());
+    assert_eq!((first.cached, again.cached), (0, 32));
+    assert_eq!(first.tokens, again.tokens);
+    copy_dir(
+        &fixtures().join("adapters/lora-r8"),
+        &s.path().join("dora-all-r8"),
+    );
+    e.evict_adapter("dora-all-r8");
+    let replaced = scored(submit(&e, scored_request(&p, Some("dora-all-r8"))).unwrap());
+    assert_eq!(
+        replaced.cached, 0,
+        "the new version computes its own prefix"
+    );
+    let want = alone(&p, Some("lora-r8"), 6, &SamplingParams::default());
+    assert_eq!(replaced.tokens, want);
+    let with_prompt_lps = EngineRequest {
+        prompt_logprobs: true,
+        ..scored_request(&p, Some("dora-all-r8"))
+    };
+    let lps = scored(submit(&e, with_prompt_lps).unwrap());
+    assert_eq!(
+        lps.cached, 0,
+        "prompt log-probabilities need every position"
+    );
+    assert_eq!(lps.tokens, want);
+    let st = idle(&e);
+    assert_eq!(st.prefix_hits, 32);
+}

@@ -18,6 +18,7 @@ mod loads;
 
 use super::handle::Engine;
 use super::merged_cache::MergedCache;
+use super::prefix_cache::{self, BlockKey, BlockKv, PrefixCache, BLOCK};
 use super::sampling::{logprobs_of, Sampler, TokenLogprob};
 use super::scheduler::{Plan, Running, Scheduler, SchedulerConfig, SeqId, StepApply, Waiting};
 use super::text::TextState;
@@ -39,6 +40,7 @@ pub(super) fn spawn(engine: &Engine, rx: Receiver<Command>, cfg: EngineConfig) {
         }),
         cache: AdapterCache::new(cfg.adapter_cache_bytes),
         merged: MergedCache::new(cfg.merged_cache_bytes),
+        prefix: PrefixCache::new(cfg.prefix_cache_bytes),
         cfg,
         model: Arc::clone(&engine.model),
         catalog: Arc::clone(&engine.catalog),
@@ -84,6 +86,16 @@ struct Seq {
     queued: bool,
     /// Prompt log-probabilities gathered over prefill chunks.
     prompt_lps: Vec<TokenLogprob>,
+    /// The prompt's block keys for the prefix cache (`None` until its adapter is known).
+    prefix_keys: Option<Vec<BlockKey>>,
+    /// Prefix blocks this sequence restored or wrote, held so that none is evicted while it
+    /// runs; the count of leading prompt blocks already in the cache.
+    prefix_held: Vec<Arc<BlockKv>>,
+    /// Prompt tokens restored from the prefix cache.
+    cached_tokens: usize,
+    /// Ran a step on lossy merged weights (`--merged-dtype` bf16/f16): its keys and values
+    /// are not those of the exact path, so none of its blocks is cached from then on.
+    prefix_lossy: bool,
 }
 
 impl Seq {
@@ -101,6 +113,7 @@ struct Worker {
     sched: Scheduler,
     cache: AdapterCache,
     merged: MergedCache,
+    prefix: PrefixCache,
     model: Arc<Llama>,
     catalog: Arc<Catalog>,
     tokenizer: Arc<Tokenizer>,
@@ -225,6 +238,10 @@ impl Worker {
             text: TextState::default(),
             queued: true,
             prompt_lps: Vec::new(),
+            prefix_keys: None,
+            prefix_held: Vec::new(),
+            cached_tokens: 0,
+            prefix_lossy: false,
             events,
             req,
         };
@@ -307,6 +324,13 @@ impl Worker {
             return Ok(());
         }
         let merged = self.apply(&rows, apply)?;
+        if merged.is_some() && self.model.merged_dtype() != candle_core::quantized::GgmlDType::F32 {
+            for (id, _) in &rows {
+                if let Some(s) = self.seqs.get_mut(id) {
+                    s.prefix_lossy = true;
+                }
+            }
+        }
         if let Some(msg) = self.cfg.step_gate.as_ref().and_then(|g| g.take_fault()) {
             return Err(EngineError::Internal(msg));
         }
@@ -328,11 +352,13 @@ impl Worker {
             self.absorb(id, s, logits, tokens.len())?;
         }
         self.cache.evict_to_budget();
+        self.prefix.evict_to_budget();
         Ok(())
     }
 
     /// Ask the scheduler for this step, from views of the running and waiting sequences.
     fn plan(&mut self) -> Plan {
+        self.key_prompts();
         let key = |s: &Seq| s.lease.as_ref().map(|l| l.weights.id());
         let running: Vec<Running> = self
             .running
@@ -354,7 +380,7 @@ impl Worker {
                 Waiting {
                     id: *id,
                     adapter: key(s),
-                    prompt_len: s.req.prompt_token_ids.len(),
+                    prompt_len: s.req.prompt_token_ids.len() - BLOCK * self.cached_blocks(s),
                 }
             })
             .collect();
@@ -365,10 +391,110 @@ impl Worker {
         for id in admit {
             self.waiting.retain(|w| w != id);
             self.running.push(*id);
-            if let Some(s) = self.seqs.get_mut(id) {
+            if let Some(mut s) = self.seqs.remove(id) {
                 s.queued = false;
                 self.queued.fetch_sub(1, Ordering::AcqRel);
+                self.restore_prefix(&mut s);
+                self.seqs.insert(*id, s);
             }
+        }
+    }
+
+    /// Key the prompts of waiting sequences whose adapter (and so namespace) is now known.
+    fn key_prompts(&mut self) {
+        if !self.prefix.enabled() {
+            return;
+        }
+        for id in &self.waiting {
+            let Some(s) = self.seqs.get_mut(id) else {
+                continue;
+            };
+            if s.prefix_keys.is_none() {
+                let namespace = match &s.lease {
+                    None => "base".to_string(),
+                    Some(l) => format!("adapter\0{}\0{}", l.name, l.info.digest),
+                };
+                s.prefix_keys = Some(prefix_cache::block_keys(
+                    &namespace,
+                    &s.req.prompt_token_ids,
+                ));
+            }
+        }
+    }
+
+    /// How many leading blocks of a waiting sequence's prompt the prefix cache would restore:
+    /// never the block of the prompt's last token (its logits must be computed), and none
+    /// for prompt log-probabilities (every position's logits are needed).
+    fn cached_blocks(&self, s: &Seq) -> usize {
+        match &s.prefix_keys {
+            Some(keys) if s.fed == 0 && s.req.prompt_logprobs.is_none() => {
+                let plen = s.req.prompt_token_ids.len();
+                self.prefix
+                    .peek(keys, &s.req.prompt_token_ids, (plen - 1) / BLOCK)
+            }
+            _ => 0,
+        }
+    }
+
+    /// At admission, copy the cached leading blocks into the sequence's cache: the blocks
+    /// [`cached_blocks`](Self::cached_blocks) counted when the step was planned (nothing
+    /// changes the prefix cache in between).
+    fn restore_prefix(&mut self, s: &mut Seq) {
+        let Some(keys) = &s.prefix_keys else { return };
+        let plen = s.req.prompt_token_ids.len();
+        if s.fed != 0 || s.req.prompt_logprobs.is_some() {
+            return;
+        }
+        let blocks = self
+            .prefix
+            .take(keys, &s.req.prompt_token_ids, (plen - 1) / BLOCK, plen);
+        if blocks.is_empty() {
+            return;
+        }
+        match prefix_cache::restore(&mut s.cache, &blocks) {
+            Ok(()) => {
+                s.fed = blocks.len() * BLOCK;
+                s.cached_tokens = s.fed;
+                s.prefix_held = blocks;
+            }
+            Err(e) => {
+                // Prefill then starts from the first token: slower, still right.
+                tracing::warn!("restoring cached prefix blocks failed: {e}");
+                s.cache = self.model.new_cache();
+            }
+        }
+    }
+
+    /// Cache the sequence's newly completed full prompt blocks.
+    fn remember_prefix(&mut self, s: &mut Seq) {
+        if !self.prefix.enabled() || s.prefix_lossy {
+            return;
+        }
+        let Some(keys) = &s.prefix_keys else { return };
+        let done = (s.fed / BLOCK).min(keys.len());
+        for b in s.prefix_held.len()..done {
+            let key = keys[b];
+            let parent = b.checked_sub(1).map(|p| keys[p]);
+            let tokens = &s.req.prompt_token_ids[b * BLOCK..(b + 1) * BLOCK];
+            let kv = if self.prefix.contains(&key) {
+                None
+            } else {
+                match prefix_cache::snapshot(&s.cache, b) {
+                    Ok(kv) => Some(kv),
+                    Err(e) => {
+                        tracing::warn!("copying a prefix block failed: {e}");
+                        return;
+                    }
+                }
+            };
+            let held = match kv {
+                Some(kv) => self.prefix.insert(key, parent, tokens, kv),
+                None => match self.prefix.get(&key) {
+                    Some(kv) => kv,
+                    None => return,
+                },
+            };
+            s.prefix_held.push(held);
         }
     }
 
@@ -473,6 +599,7 @@ impl Worker {
         if prefilling {
             s.fed += fed_now;
             self.counters.prompt_tokens += fed_now as u64;
+            self.remember_prefix(&mut s);
             if s.fed < plen {
                 self.seqs.insert(id, s);
                 return Ok(());
@@ -500,6 +627,7 @@ impl Worker {
             Event::Done {
                 finish_reason: reason,
                 prompt_tokens: s.req.prompt_token_ids.len(),
+                cached_tokens: s.cached_tokens,
                 completion_tokens: s.out.len(),
                 adapter: s.lease.as_ref().map(|l| AdapterVersion {
                     name: l.name.clone(),
@@ -570,6 +698,11 @@ impl Worker {
         stats.adapter_cache = self.cache.stats();
         stats.merged_bytes = self.merged.bytes();
         stats.merges = self.merged.merges;
+        stats.prefix_queries = self.prefix.queries;
+        stats.prefix_hits = self.prefix.hits;
+        stats.prefix_bytes = self.prefix.bytes();
+        stats.prefix_blocks = self.prefix.blocks();
+        stats.prefix_budget = self.prefix.budget();
         stats.loaded_adapters = self.cache.names();
         let mut merged: Vec<String> = self
             .merged
