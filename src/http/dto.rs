@@ -120,6 +120,14 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// As OpenAI reports it: how many prompt tokens were not computed again.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 /// Legacy completions log-probabilities.

@@ -153,11 +153,25 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
         m.completion_tokens.clone(),
     );
     let c = &st.adapter_cache;
-    let kv_usage = if st.kv_capacity_bytes > 0 {
-        (st.kv_bytes as f64 / st.kv_capacity_bytes as f64).clamp(0.0, 1.0)
+    // Cached prefix blocks are KV too: held bytes over running capacity plus the prefix budget.
+    let kv_capacity = st.kv_capacity_bytes + st.prefix_budget;
+    let kv_usage = if kv_capacity > 0 {
+        ((st.kv_bytes + st.prefix_bytes) as f64 / kv_capacity as f64).clamp(0.0, 1.0)
     } else {
         0.0
     };
+    counter(
+        &mut r,
+        "vllm:prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache",
+        st.prefix_queries,
+    );
+    counter(
+        &mut r,
+        "vllm:prefix_cache_hits",
+        "Prompt tokens found in the prefix cache",
+        st.prefix_hits,
+    );
     for (name, help, v) in [
         (
             "dora_queue_depth",
@@ -183,6 +197,16 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
             "dora_adapters_resident",
             "Adapters loaded in memory",
             c.adapters_resident as f64,
+        ),
+        (
+            "dora_prefix_cache_bytes",
+            "Bytes of cached prefix blocks",
+            st.prefix_bytes as f64,
+        ),
+        (
+            "dora_prefix_cache_blocks",
+            "Cached prefix blocks",
+            st.prefix_blocks as f64,
         ),
         (
             "dora_merged_cache_bytes",

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use serde::Serialize;
 
-use super::dto::Usage;
+use super::dto::{PromptTokensDetails, Usage};
 use super::{ApiError, AppState};
 use crate::engine::{AdapterVersion, Event, EventStream, FinishReason, TokenLogprob, ValidRequest};
 
@@ -87,7 +87,7 @@ pub(super) async fn collect(s: &AppState, started: Started) -> Result<Outcome, A
     let clock = started.clock;
     let mut out = Outcome {
         choices: Vec::with_capacity(started.choices.len()),
-        usage: usage(0, 0),
+        usage: usage(0, 0, 0),
         served: None,
     };
     for mut ch in started.choices {
@@ -115,13 +115,19 @@ pub(super) async fn collect(s: &AppState, started: Started) -> Result<Outcome, A
                 Event::Done {
                     finish_reason,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                     adapter,
                     text,
                 } => {
                     c.text.push_str(&text);
                     c.finish = Some(finish_reason);
-                    add(&mut out.usage, prompt_tokens, completion_tokens);
+                    add(
+                        &mut out.usage,
+                        prompt_tokens,
+                        completion_tokens,
+                        cached_tokens,
+                    );
                     out.served = adapter;
                     s.metrics.record_tokens(
                         prompt_tokens,
@@ -143,18 +149,20 @@ pub(super) async fn collect(s: &AppState, started: Started) -> Result<Outcome, A
     Ok(out)
 }
 
-pub(super) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+pub(super) fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Usage {
     Usage {
         prompt_tokens,
         completion_tokens,
         total_tokens: prompt_tokens + completion_tokens,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens },
     }
 }
 
-fn add(u: &mut Usage, prompt_tokens: usize, completion_tokens: usize) {
+fn add(u: &mut Usage, prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) {
     *u = usage(
         u.prompt_tokens + prompt_tokens,
         u.completion_tokens + completion_tokens,
+        u.prompt_tokens_details.cached_tokens + cached_tokens,
     );
 }
 
@@ -258,12 +266,18 @@ impl<R: Render> Streaming<R> {
                 Event::Done {
                     finish_reason,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                     text,
                     adapter,
                 } => {
                     self.remaining -= 1;
-                    add(&mut self.usage, prompt_tokens, completion_tokens);
+                    add(
+                        &mut self.usage,
+                        prompt_tokens,
+                        completion_tokens,
+                        cached_tokens,
+                    );
                     self.s.metrics.record_tokens(
                         prompt_tokens,
                         completion_tokens,
@@ -313,7 +327,7 @@ pub(super) fn sse<R: Render>(
         render,
         clock: started.clock,
         include_usage,
-        usage: usage(0, 0),
+        usage: usage(0, 0, 0),
         started: HashSet::new(),
         done: false,
     };

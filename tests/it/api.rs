@@ -364,7 +364,17 @@ async fn chat_forms_render_through_the_template() {
         parts["choices"][0]["message"],
         plain["choices"][0]["message"]
     );
-    assert_eq!(parts["usage"], plain["usage"]);
+    // The same prompt again: its first full block now comes from the prefix cache.
+    assert_eq!(
+        parts["usage"]["prompt_tokens"],
+        plain["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        parts["usage"]["completion_tokens"],
+        plain["usage"]["completion_tokens"]
+    );
+    assert_eq!(plain["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(parts["usage"]["prompt_tokens_details"]["cached_tokens"], 16);
     let exp = &expected()["tiny-llama"][4];
     assert_eq!(
         plain["choices"][0]["message"]["content"],
