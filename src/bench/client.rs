@@ -17,6 +17,10 @@ pub struct Record {
     pub end: f64,
     pub prompt_tokens: usize,
     pub output_tokens: usize,
+    /// Prompt tokens the server took from its prefix cache
+    /// (`usage.prompt_tokens_details.cached_tokens`).
+    #[serde(default)]
+    pub cached_tokens: usize,
     pub adapter: Option<String>,
     /// `ok`, an API error `code`, `http_NNN`, or `connection`.
     pub outcome: String,
@@ -62,6 +66,7 @@ pub async fn send(
         end: start,
         prompt_tokens: 0,
         output_tokens: 0,
+        cached_tokens: 0,
         adapter: spec.adapter,
         outcome: "ok".into(),
     };
@@ -130,6 +135,9 @@ pub async fn send(
             if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                 rec.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
                 rec.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                rec.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0) as usize;
             }
         }
     }

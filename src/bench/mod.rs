@@ -205,14 +205,17 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
     let base_fraction = args
         .base_fraction
         .unwrap_or(if adapters.is_empty() { 1.0 } else { 0.0 });
-    let workload = Arc::new(Mutex::new(Workload::new(
-        args.seed,
-        adapters.clone(),
-        args.zipf,
-        base_fraction,
-        args.prompt_words,
-        args.max_tokens,
-    )));
+    let workload = Arc::new(Mutex::new(
+        Workload::new(
+            args.seed,
+            adapters.clone(),
+            args.zipf,
+            base_fraction,
+            args.prompt_words,
+            args.max_tokens,
+        )
+        .with_shared_prefixes(args.seed, args.shared_prefixes, args.prefix_words),
+    ));
     if args.preload {
         preload(&client, &url, key, &adapters, args.quiet).await?;
     }

@@ -116,6 +116,9 @@ pub struct Report {
     pub requests_per_s: f64,
     pub output_tokens_per_s: f64,
     pub prompt_tokens_per_s: f64,
+    /// Of the counted requests' prompt tokens, the fraction served from the prefix cache.
+    #[serde(default)]
+    pub cached_prompt_fraction: f64,
     pub ttft_s: Percentiles,
     pub tpot_s: Percentiles,
     pub e2e_s: Percentiles,
@@ -169,6 +172,15 @@ impl Report {
             requests_per_s: per_s(ok.len() as f64),
             output_tokens_per_s: per_s(ok.iter().map(|r| r.output_tokens).sum::<usize>() as f64),
             prompt_tokens_per_s: per_s(ok.iter().map(|r| r.prompt_tokens).sum::<usize>() as f64),
+            cached_prompt_fraction: {
+                let prompt: usize = ok.iter().map(|r| r.prompt_tokens).sum();
+                let cached: usize = ok.iter().map(|r| r.cached_tokens).sum();
+                if prompt == 0 {
+                    0.0
+                } else {
+                    cached as f64 / prompt as f64
+                }
+            },
             ttft_s: Percentiles::of(ok.iter().filter_map(|r| r.ttft).collect()),
             tpot_s: Percentiles::of(ok.iter().filter_map(|r| r.tpot()).collect()),
             e2e_s: Percentiles::of(ok.iter().map(|r| r.e2e()).collect()),
@@ -210,6 +222,13 @@ impl Report {
             "throughput: {:.2} req/s, {:.1} output tok/s, {:.1} prompt tok/s",
             self.requests_per_s, self.output_tokens_per_s, self.prompt_tokens_per_s
         );
+        if self.cached_prompt_fraction > 0.0 {
+            let _ = writeln!(
+                s,
+                "prompt tokens from the prefix cache: {:.1}%",
+                self.cached_prompt_fraction * 100.0
+            );
+        }
         let _ = writeln!(s, "latency (ms)        p50       p90       p99      mean");
         let _ = writeln!(s, "  ttft        {}", ms(&self.ttft_s));
         let _ = writeln!(s, "  tpot        {}", ms(&self.tpot_s));

@@ -164,6 +164,16 @@ pub struct Workload {
     base_fraction: f64,
     prompt_words: Range,
     max_tokens: Range,
+    /// Shared system prompts; each request starts with one when there are any.
+    prefixes: Vec<String>,
+}
+
+/// `n` words from `rng`.
+fn words(rng: &mut Rng, n: usize) -> String {
+    let w: Vec<&str> = (0..n)
+        .map(|_| WORDS[(rng.next_u64() % WORDS.len() as u64) as usize])
+        .collect();
+    w.join(" ")
 }
 
 impl Workload {
@@ -183,7 +193,20 @@ impl Workload {
             base_fraction,
             prompt_words,
             max_tokens,
+            prefixes: Vec::new(),
         }
+    }
+
+    /// The shared-prefix workload: `n` system prompts of `words` words, each from its own
+    /// generator (the same for the same seed, whatever else the run asks for).
+    pub fn with_shared_prefixes(mut self, seed: u64, n: usize, prefix_words: usize) -> Self {
+        self.prefixes = (0..n)
+            .map(|i| {
+                let mut rng = Rng::new(seed ^ 0x5EED_0000_0000_0000 ^ ((i as u64) << 1));
+                format!("System prompt {i}: {}\n", words(&mut rng, prefix_words))
+            })
+            .collect();
+        self
     }
 
     pub fn next_spec(&mut self) -> Spec {
@@ -192,13 +215,16 @@ impl Workload {
         } else {
             Some(self.adapters[self.zipf.sample(&mut self.rng)].clone())
         };
+        let prefix = if self.prefixes.is_empty() {
+            ""
+        } else {
+            &self.prefixes[(self.rng.next_u64() % self.prefixes.len() as u64) as usize]
+        };
         let n = self.rng.in_range(self.prompt_words);
-        let words: Vec<&str> = (0..n)
-            .map(|_| WORDS[(self.rng.next_u64() % WORDS.len() as u64) as usize])
-            .collect();
+        let own = words(&mut self.rng, n);
         Spec {
             adapter,
-            prompt: words.join(" "),
+            prompt: format!("{prefix}{own}"),
             max_tokens: self.rng.in_range(self.max_tokens),
         }
     }
@@ -252,5 +278,32 @@ mod tests {
             .all(|s| (4..=8).contains(&s.prompt.split(' ').count())));
         let mean_gap = (0..20_000).map(|_| w.gap(50.0)).sum::<f64>() / 20_000.0;
         assert!((mean_gap - 0.02).abs() < 0.001, "{mean_gap}");
+    }
+
+    #[test]
+    fn shared_prefixes_lead_every_prompt() {
+        let r = |lo, hi| Range { lo, hi };
+        let make = || {
+            Workload::new(5, vec!["a".into()], 0.0, 0.5, r(3, 3), r(8, 8))
+                .with_shared_prefixes(5, 3, 100)
+        };
+        let mut w = make();
+        let specs: Vec<Spec> = (0..300).map(|_| w.next_spec()).collect();
+        let mut seen = std::collections::BTreeMap::new();
+        for s in &specs {
+            let (prefix, own) = s.prompt.split_once('\n').expect("a prefix line");
+            assert_eq!(prefix.split(' ').count(), 3 + 100, "{prefix}");
+            assert_eq!(own.split(' ').count(), 3);
+            *seen.entry(prefix.to_string()).or_insert(0) += 1;
+        }
+        // Three distinct prefixes, each used by about a third of the requests, and the same
+        // again for the same seed.
+        assert_eq!(seen.len(), 3);
+        assert!(seen.values().all(|&c| (70..=130).contains(&c)), "{seen:?}");
+        let again: Vec<String> = {
+            let mut w = make();
+            (0..300).map(|_| w.next_spec().prompt).collect()
+        };
+        assert!(specs.iter().zip(&again).all(|(a, b)| a.prompt == *b));
     }
 }

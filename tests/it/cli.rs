@@ -281,6 +281,71 @@ fn adapter_inspect_describes_or_explains() {
 }
 
 #[test]
+fn bench_shared_prefixes_hit_the_prefix_cache_per_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("p.json");
+    let out = dora()
+        .args(["bench", "--spawn-model"])
+        .arg(fixtures().join("tiny-llama"))
+        .args([
+            "--make-adapters",
+            "1",
+            "--rank",
+            "4",
+            "--base-fraction",
+            "0.5",
+        ])
+        .args(["--shared-prefixes", "1", "--prefix-words", "64"])
+        .args(["--requests", "10", "--concurrency", "1", "--warmup", "0"])
+        .args([
+            "--max-tokens",
+            "2",
+            "--prompt-words",
+            "3",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("from the prefix cache"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let mut records: Vec<&serde_json::Value> = r["records"].as_array().unwrap().iter().collect();
+    records.sort_by(|a, b| {
+        a["start"]
+            .as_f64()
+            .partial_cmp(&b["start"].as_f64())
+            .unwrap()
+    });
+    // One client, one shared prefix: the first request on the base and the first on the
+    // adapter compute it; every later one on the same base or adapter reuses its full blocks,
+    // and none reuses the other's.
+    let mut seen = std::collections::BTreeSet::new();
+    for x in &records {
+        let key = x["adapter"].to_string();
+        let cached = x["cached_tokens"].as_u64().unwrap();
+        let prompt = x["prompt_tokens"].as_u64().unwrap();
+        if seen.insert(key) {
+            assert_eq!(cached, 0, "{x}");
+        } else {
+            assert!(cached >= 64 && cached < prompt && cached % 16 == 0, "{x}");
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both the base and the adapter ran: {records:?}"
+    );
+    assert!(r["cached_prompt_fraction"].as_f64().unwrap() > 0.3, "{r}");
+}
+
+#[test]
 fn bench_drives_a_spawned_server_and_reports() {
     let tmp = tempfile::tempdir().unwrap();
     let (json, svg) = (tmp.path().join("a.json"), tmp.path().join("a.svg"));
