@@ -43,7 +43,12 @@
 //!   [`engine::generate`], the plain reference generation loop, and test hooks: a
 //!   [`engine::StepGate`] that holds every step until a test allows it (and can inject a failed
 //!   step), and a per-step delay, so tests decide when the engine moves instead of racing it.
-//!   Steps are counted by how adapters applied: merged, unmerged, or base-only.
+//!   Steps are counted by how adapters applied: merged, unmerged, or base-only. The
+//!   [`engine::prefix_cache`] keeps the KV of full 16-token prompt blocks under a byte budget
+//!   (`--prefix-cache-bytes`), keyed by a chained SHA-256 of the tokens and of what shaped
+//!   them (base, or adapter name + digest), LRU-evicted except for blocks running sequences
+//!   hold; the worker restores a prompt's cached blocks at admission and stores new ones
+//!   after each prefill chunk.
 //! - [`adapter`] — PEFT LoRA/DoRA adapters: `adapter_config.json` (every field understood,
 //!   harmless, or refused by name), `adapter_model.safetensors` (every tensor must map to a
 //!   targeted module of the base, with the config's rank), `g = m/‖W0 + s·B·A‖` precomputed at
@@ -75,7 +80,10 @@
 //!   for the rest); the small-row f32 matmul kernel for decode steps (AVX-512 register tiles,
 //!   a portable version of the same tiling), its stored-format forms (a fused one-row dot
 //!   per block, dequantised strips through the same tiles, dequantised tiles through candle's
-//!   gemm for prefill) and the spinning helper pool they and the unmerged rows run on. The
+//!   gemm for prefill) and the spinning helper pool they and the unmerged rows run on;
+//!   [`ops::attention`]: decode attention and the tiled causal prefill attention (online
+//!   softmax over 64-key blocks, GQA-aware, query blocks on the pool; candle's masked
+//!   attention is its reference and the generic path). The
 //!   engine thread runs inside its own rayon pool, so candle's parallel ops share work with it.
 //!
 //! The forward pass is packed: all sequences' new tokens form one `[tokens, hidden]` matrix
