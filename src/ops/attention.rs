@@ -148,7 +148,9 @@ pub fn prefill(
     }
     let groups = nh / kvh;
     let blocks = len.div_ceil(BQ);
-    // Keys transposed once per call, `[kv_heads, hd, padded]` with zeros past `total`, so a
+    // Keys transposed once per call into `[kv_heads, key block, hd, BK]` tiles, zeros past
+    // `total`: a key block's scores are `hd` contiguous axpys over one contiguous tile (rows
+    // `padded` apart instead thrashed the L1 sets: a power-of-two stride).
     // key block's scores are `hd` contiguous axpys for every part that reads it.
     let padded = total.div_ceil(BK) * BK;
     let mut kt = vec![0f32; kvh * hd * padded];
@@ -158,7 +160,6 @@ pub fn prefill(
             hd,
             total,
             &mut kt[g * hd * padded..(g + 1) * hd * padded],
-            padded,
         );
     }
     let mut out = vec![0f32; nh * len * hd];
@@ -181,14 +182,14 @@ pub fn prefill(
         let vv = &vg[..keys * hd];
         let first = pos + i0;
         match hd {
-            8 => flash_8(qrows, ktg, padded, vv, first, scale, o),
-            16 => flash_16(qrows, ktg, padded, vv, first, scale, o),
-            32 => flash_32(qrows, ktg, padded, vv, first, scale, o),
-            64 => flash_64(qrows, ktg, padded, vv, first, scale, o),
-            80 => flash_80(qrows, ktg, padded, vv, first, scale, o),
-            96 => flash_96(qrows, ktg, padded, vv, first, scale, o),
-            128 => flash_128(qrows, ktg, padded, vv, first, scale, o),
-            _ => flash_256(qrows, ktg, padded, vv, first, scale, o),
+            8 => flash_8(qrows, ktg, vv, first, scale, o),
+            16 => flash_16(qrows, ktg, vv, first, scale, o),
+            32 => flash_32(qrows, ktg, vv, first, scale, o),
+            64 => flash_64(qrows, ktg, vv, first, scale, o),
+            80 => flash_80(qrows, ktg, vv, first, scale, o),
+            96 => flash_96(qrows, ktg, vv, first, scale, o),
+            128 => flash_128(qrows, ktg, vv, first, scale, o),
+            _ => flash_256(qrows, ktg, vv, first, scale, o),
         }
     };
     super::pool::run(nh * blocks, &part);
@@ -205,19 +206,17 @@ macro_rules! flash_for {
         fn $plain(
             q: &[f32],
             kt: &[f32],
-            stride: usize,
             v: &[f32],
             first: usize,
             scale: f32,
             out: &mut [f32],
         ) {
-            flash_part::<$hd>(q, kt, stride, v, first, scale, out)
+            flash_part::<$hd>(q, kt, v, first, scale, out)
         }
         simd_dispatch!(
             fn $name(
                 q: &[f32],
                 kt: &[f32],
-                stride: usize,
                 v: &[f32],
                 first: usize,
                 scale: f32,
@@ -237,17 +236,19 @@ flash_for!(
     flash_256 flash_256_plain 256
 );
 
-/// `kt[d * stride + j] = k[j * hd + d]` for the `keys` rows of `k`.
-fn transpose(k: &[f32], hd: usize, keys: usize, kt: &mut [f32], stride: usize) {
+/// Tiles of [`BK`] keys: `kt[(j / BK)·hd·BK + d·BK + j % BK] = k[j·hd + d]` for the `keys`
+/// rows of `k`.
+fn transpose(k: &[f32], hd: usize, keys: usize, kt: &mut [f32]) {
     for (j, row) in k.chunks_exact(hd).take(keys).enumerate() {
+        let tile = &mut kt[(j / BK) * hd * BK + j % BK..];
         for (d, &x) in row.iter().enumerate() {
-            kt[d * stride + j] = x;
+            tile[d * BK] = x;
         }
     }
 }
 
 /// One part of [`prefill`]: query rows `q` (`rows × HD`, row `i` at position `first + i`)
-/// over the transposed keys `kt` (`HD` rows of `stride`, zero past the last key) and the
+/// over the transposed key tiles `kt` (see [`transpose`]; zero past the last key) and the
 /// values `v` (`(first + rows) × HD`: every key the last row sees), into `out` (`rows × HD`,
 /// zeroed). Plain loops, closure-free, for [`simd_dispatch`]: scores of a key block are one
 /// fused axpy per head dimension, the value product one per key into a register-sized
@@ -256,7 +257,6 @@ fn transpose(k: &[f32], hd: usize, keys: usize, kt: &mut [f32], stride: usize) {
 fn flash_part<const HD: usize>(
     q: &[f32],
     kt: &[f32],
-    stride: usize,
     v: &[f32],
     first: usize,
     scale: f32,
@@ -289,7 +289,7 @@ fn flash_part<const HD: usize>(
                 &q[pair[0] * HD..(pair[0] + 1) * HD],
                 &q[pair[1] * HD..(pair[1] + 1) * HD],
             );
-            scores2(q0, q1, kt, stride, kb, &mut s);
+            scores2(q0, q1, &kt[kb * HD..(kb + BK) * HD], &mut s);
             let mut corr = [1f32; 2];
             let mut new_m = [0f32; 2];
             let mut new_l = [0f32; 2];
@@ -336,14 +336,7 @@ fn flash_part<const HD: usize>(
                     acc[r][d] = out[pair[r] * HD + d] * corr[r];
                 }
             }
-            for j in 0..n[1] {
-                let (p0, p1) = (s[0][j], s[1][j]);
-                let vrow = &v[(kb + j) * HD..(kb + j + 1) * HD];
-                for d in 0..HD {
-                    acc[0][d] = p0.mul_add(vrow[d], acc[0][d]);
-                    acc[1][d] = p1.mul_add(vrow[d], acc[1][d]);
-                }
-            }
+            values2(&s, n[1], &v[kb * HD..(kb + n[1]) * HD], &mut acc);
             for r in 0..2 {
                 m[pair[r]] = new_m[r];
                 l[pair[r]] = new_l[r];
@@ -360,20 +353,92 @@ fn flash_part<const HD: usize>(
     }
 }
 
-/// Scores of two query rows against key block `kb..kb + BK` of the transposed keys:
-/// `s[r][j] = Σ_d q_r[d] · kt[d·stride + kb + j]`, fused multiply-adds in `d` order.
+/// The value product of two rows over `n` keys: `acc[r][d] += Σ_j p[r][j] · v[j·HD + d]`,
+/// fused multiply-adds in `j` order.
 #[inline(always)]
-fn scores2(q0: &[f32], q1: &[f32], kt: &[f32], stride: usize, kb: usize, s: &mut [[f32; BK]; 2]) {
-    let hd = q0.len();
-    assert!(q1.len() == hd && (hd - 1) * stride + kb + BK <= kt.len());
+fn values2<const HD: usize>(p: &[[f32; BK]; 2], n: usize, v: &[f32], acc: &mut [[f32; HD]; 2]) {
+    assert!(n <= BK && v.len() == n * HD);
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, and every row read lies in `kt` (asserted above).
-        unsafe { scores2_avx512(q0, q1, kt, stride, kb, s) };
+    if HD.is_multiple_of(64) && is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, HD is a multiple of 64, and `v` holds n rows of HD.
+        unsafe { values2_avx512::<HD>(p, n, v, acc) };
         return;
     }
-    for d in 0..hd {
-        let row = &kt[d * stride + kb..d * stride + kb + BK];
+    for j in 0..n {
+        let (p0, p1) = (p[0][j], p[1][j]);
+        let vrow = &v[j * HD..(j + 1) * HD];
+        for d in 0..HD {
+            acc[0][d] = p0.mul_add(vrow[d], acc[0][d]);
+            acc[1][d] = p1.mul_add(vrow[d], acc[1][d]);
+        }
+    }
+}
+
+/// [`values2`] in 64-column strips with its eight accumulators in registers (the plain
+/// loop's stayed in memory: a load and a store around every multiply-add).
+///
+/// # Safety
+/// AVX-512F, `HD % 64 == 0`, `n ≤ BK` and `v.len() == n·HD`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn values2_avx512<const HD: usize>(
+    p: &[[f32; BK]; 2],
+    n: usize,
+    v: &[f32],
+    acc: &mut [[f32; HD]; 2],
+) {
+    use std::arch::x86_64::*;
+    let (o0, o1) = (acc[0].as_mut_ptr(), acc[1].as_mut_ptr());
+    for c in (0..HD).step_by(64) {
+        let (mut a0, mut a1) = (_mm512_loadu_ps(o0.add(c)), _mm512_loadu_ps(o0.add(c + 16)));
+        let (mut a2, mut a3) = (
+            _mm512_loadu_ps(o0.add(c + 32)),
+            _mm512_loadu_ps(o0.add(c + 48)),
+        );
+        let (mut b0, mut b1) = (_mm512_loadu_ps(o1.add(c)), _mm512_loadu_ps(o1.add(c + 16)));
+        let (mut b2, mut b3) = (
+            _mm512_loadu_ps(o1.add(c + 32)),
+            _mm512_loadu_ps(o1.add(c + 48)),
+        );
+        for j in 0..n {
+            let row = v.as_ptr().add(j * HD + c);
+            let (v0, v1) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)));
+            let (v2, v3) = (_mm512_loadu_ps(row.add(32)), _mm512_loadu_ps(row.add(48)));
+            let x = _mm512_set1_ps(*p[0].get_unchecked(j));
+            let y = _mm512_set1_ps(*p[1].get_unchecked(j));
+            a0 = _mm512_fmadd_ps(x, v0, a0);
+            a1 = _mm512_fmadd_ps(x, v1, a1);
+            a2 = _mm512_fmadd_ps(x, v2, a2);
+            a3 = _mm512_fmadd_ps(x, v3, a3);
+            b0 = _mm512_fmadd_ps(y, v0, b0);
+            b1 = _mm512_fmadd_ps(y, v1, b1);
+            b2 = _mm512_fmadd_ps(y, v2, b2);
+            b3 = _mm512_fmadd_ps(y, v3, b3);
+        }
+        _mm512_storeu_ps(o0.add(c), a0);
+        _mm512_storeu_ps(o0.add(c + 16), a1);
+        _mm512_storeu_ps(o0.add(c + 32), a2);
+        _mm512_storeu_ps(o0.add(c + 48), a3);
+        _mm512_storeu_ps(o1.add(c), b0);
+        _mm512_storeu_ps(o1.add(c + 16), b1);
+        _mm512_storeu_ps(o1.add(c + 32), b2);
+        _mm512_storeu_ps(o1.add(c + 48), b3);
+    }
+}
+
+/// Scores of two query rows against one key tile (`hd` rows of [`BK`] keys):
+/// `s[r][j] = Σ_d q_r[d] · tile[d·BK + j]`, fused multiply-adds in `d` order.
+#[inline(always)]
+fn scores2(q0: &[f32], q1: &[f32], tile: &[f32], s: &mut [[f32; BK]; 2]) {
+    let hd = q0.len();
+    assert!(q1.len() == hd && tile.len() == hd * BK);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, and the tile holds hd rows of BK (asserted above).
+        unsafe { scores2_avx512(q0, q1, tile, s) };
+        return;
+    }
+    for (d, row) in tile.chunks_exact(BK).enumerate() {
         for j in 0..BK {
             s[0][j] = q0[d].mul_add(row[j], s[0][j]);
             s[1][j] = q1[d].mul_add(row[j], s[1][j]);
@@ -385,25 +450,18 @@ fn scores2(q0: &[f32], q1: &[f32], kt: &[f32], stride: usize, kb: usize, s: &mut
 /// loop's in memory, a store and a reload per multiply-add).
 ///
 /// # Safety
-/// AVX-512F, `q1.len() == q0.len()` and `(hd - 1)·stride + kb + BK ≤ kt.len()`.
+/// AVX-512F, `q1.len() == q0.len()` and `tile.len() == q0.len()·BK`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores2_avx512(
-    q0: &[f32],
-    q1: &[f32],
-    kt: &[f32],
-    stride: usize,
-    kb: usize,
-    s: &mut [[f32; BK]; 2],
-) {
+unsafe fn scores2_avx512(q0: &[f32], q1: &[f32], tile: &[f32], s: &mut [[f32; BK]; 2]) {
     use std::arch::x86_64::*;
     const _: () = assert!(BK == 64);
     let z = _mm512_setzero_ps();
     let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
     let (mut b0, mut b1, mut b2, mut b3) = (z, z, z, z);
-    let base = kt.as_ptr().add(kb);
+    let base = tile.as_ptr();
     for d in 0..q0.len() {
-        let row = base.add(d * stride);
+        let row = base.add(d * BK);
         let (k0, k1) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)));
         let (k2, k3) = (_mm512_loadu_ps(row.add(32)), _mm512_loadu_ps(row.add(48)));
         let x = _mm512_set1_ps(*q0.get_unchecked(d));
@@ -444,7 +502,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + f32::from_bits(0x3F00_0002); // Cephes' 5.0000001e-1, as f32
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from n's bits: n + 1.5·2²³ holds the integer n in its low mantissa bits (x is
+    // clamped, so n is in [-126, 128]). Float adds and integer ops only, which vectorise
+    // (`n as i32` saturates lane by lane); a NaN stays NaN through y.
+    let e = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    y * f32::from_bits(e.wrapping_add(127) << 23)
 }
 
 /// `len` values of `all` from `at`, or `None` if the layout points outside the storage.
