@@ -141,6 +141,14 @@ pub struct BenchArgs {
     pub quiet: bool,
 }
 
+/// A share in (0, 1].
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a share in (0, 1], e.g. 0.25 or 1")),
+    }
+}
+
 /// Byte sizes: plain numbers or with a KiB/MiB/GiB (or K/M/G) suffix.
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let t = s.trim();
@@ -224,6 +232,12 @@ pub struct ServeArgs {
     /// Tokens per engine step (prefill chunks + decodes).
     #[arg(long, default_value_t = 512)]
     pub max_step_tokens: usize,
+    /// While sequences decode, the most of the step time that steps carrying prompt chunks
+    /// may take, in (0, 1]: lower keeps decoding streams' time per token nearer their pace
+    /// alone (about 1/(1 − share) of it) and makes long prompts wait longer for their first
+    /// token. 1 (the default): prompts use every step's spare token budget.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_share)]
+    pub prefill_share: f64,
     /// Requests waiting beyond the running ones; more get 429.
     #[arg(long, default_value_t = 256)]
     pub max_queued: usize,

@@ -189,6 +189,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             adapter_cache_bytes: args.adapter_cache_bytes,
             merged_cache_bytes: args.merged_cache_bytes,
             prefix_cache_bytes: args.prefix_cache_bytes,
+            prefill_share: args.prefill_share,
             step_delay: std::time::Duration::from_millis(args.test_step_delay_ms),
             ..EngineConfig::default()
         },

@@ -46,7 +46,11 @@ pub enum StepApply {
     Merged(AdapterKey),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// While prompt chunks are held back for `prefill_share`, prompts with at most this many
+/// tokens left are still fed.
+pub const HELD_SHORT_PROMPT: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedulerConfig {
     pub max_running: usize,
     /// Tokens fed through the model in one step, over all rows (prefill chunks + decodes).
@@ -56,6 +60,12 @@ pub struct SchedulerConfig {
     pub merge_after: usize,
     /// `Merged`: steps one adapter group keeps the model before the next group's turn.
     pub turn_steps: usize,
+    /// While sequences decode, the most of the step time that steps carrying prompt chunks
+    /// may take (Sarathi-style stall control): a step whose prefill would push the share past
+    /// it feeds only the decoding rows, so their time per token stays near
+    /// `1 / (1 − share)` of decode alone while long prompts still progress. 1.0: no limit
+    /// (prompts get every step's spare budget, the fastest time to first token).
+    pub prefill_share: f64,
 }
 
 /// A running sequence as the scheduler sees it.
@@ -92,19 +102,53 @@ pub struct Scheduler {
     single_adapter_steps: usize,
     /// `Merged`: the group that has the model, and for how many more steps.
     turn: Option<(AdapterKey, usize)>,
+    /// Recent seconds of steps that carried prompt chunks while sequences decoded, and of
+    /// steps that only decoded (see [`Scheduler::observe`]).
+    prefill_secs: f64,
+    decode_secs: f64,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
         assert!(
-            cfg.max_running > 0 && cfg.max_step_tokens > 0,
+            cfg.max_running > 0
+                && cfg.max_step_tokens > 0
+                && cfg.prefill_share > 0.0
+                && cfg.prefill_share <= 1.0,
             "validated by the config"
         );
         Self {
             cfg,
             single_adapter_steps: 0,
             turn: None,
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
         }
+    }
+
+    /// After each step: how long it took, whether it fed prompt tokens and whether it
+    /// decoded. The prefill share is kept over steps that decoded, in a window that halves
+    /// past 10 s so that it follows the load; a step with no decoding row starts afresh.
+    pub fn observe(&mut self, secs: f64, prefill: bool, decode: bool) {
+        if !decode {
+            (self.prefill_secs, self.decode_secs) = (0.0, 0.0);
+            return;
+        }
+        if prefill {
+            self.prefill_secs += secs;
+        } else {
+            self.decode_secs += secs;
+        }
+        if self.prefill_secs + self.decode_secs > 10.0 {
+            self.prefill_secs /= 2.0;
+            self.decode_secs /= 2.0;
+        }
+    }
+
+    /// Whether this step's prompt chunks must wait so the decoding rows keep their pace.
+    fn hold_prefill(&self) -> bool {
+        self.cfg.prefill_share < 1.0
+            && self.prefill_secs > self.cfg.prefill_share * (self.prefill_secs + self.decode_secs)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -161,8 +205,13 @@ impl Scheduler {
         // 3. Tokens: every decoding row gets its one token first (cheap, and latency-critical),
         // then prompts are fed in chunks, oldest first, while the step budget lasts.
         let mut budget = self.cfg.max_step_tokens;
-        let (decoding, prefilling): (Vec<&Running>, Vec<&Running>) =
+        let (decoding, mut prefilling): (Vec<&Running>, Vec<&Running>) =
             eligible.partition(|c| c.pending_prompt == 0);
+        if !decoding.is_empty() && self.hold_prefill() {
+            // Short prompts (new chat turns) still start: they cost about a decode step, and
+            // holding them starved new streams (8 streams' output fell from 218 to 32 tok/s).
+            prefilling.retain(|c| c.pending_prompt <= HELD_SHORT_PROMPT);
+        }
         for c in decoding {
             if budget == 0 {
                 break;
@@ -218,6 +267,7 @@ mod tests {
             mode,
             merge_after: 2,
             turn_steps: 2,
+            prefill_share: 1.0,
         }
     }
 
@@ -337,6 +387,66 @@ mod tests {
         ];
         for (step, (rows, want)) in script.into_iter().enumerate() {
             assert_eq!(s.plan(rows, &[]).apply, Some(want), "step {step}");
+        }
+    }
+
+    #[test]
+    fn prefill_share_spaces_prompt_chunks_between_decode_steps() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            prefill_share: 0.25,
+            ..cfg(AdapterMode::Unmerged)
+        });
+        let running = [run(1, None, 0), run(2, None, 0), run(3, None, 100)];
+        let (mut prefill_steps, mut fed, mut clock) = (0, 0, 0.0);
+        for _ in 0..400 {
+            let plan = s.plan(&running, &[]);
+            // Decoding rows get their token every step, held prefill or not.
+            assert!(plan.rows.contains(&(1, 1)) && plan.rows.contains(&(2, 1)));
+            let chunk = plan.rows.iter().find(|(id, _)| *id == 3).map(|r| r.1);
+            // A step with a prompt chunk costs 0.3 s, a decode-only step 0.03 s.
+            let secs = if chunk.is_some() { 0.3 } else { 0.03 };
+            s.observe(secs, chunk.is_some(), true);
+            prefill_steps += chunk.is_some() as usize;
+            fed += chunk.unwrap_or(0);
+            clock += secs;
+        }
+        // About a quarter of the time went to steps with prefill; prompts still progressed.
+        let share = prefill_steps as f64 * 0.3 / clock;
+        assert!((0.2..=0.3).contains(&share), "{share}");
+        assert!(
+            fed >= 8 * prefill_steps && prefill_steps >= 8,
+            "{fed} {prefill_steps}"
+        );
+
+        // A short prompt is fed even while long ones are held.
+        let short = [
+            run(1, None, 0),
+            run(2, None, 0),
+            run(3, None, 100),
+            run(4, None, 5),
+        ];
+        let mut held = 0;
+        for _ in 0..40 {
+            let plan = s.plan(&short, &[]);
+            assert!(plan.rows.contains(&(4, 5)), "{plan:?}");
+            held += !plan.rows.iter().any(|(id, _)| *id == 3) as usize;
+            s.observe(0.03, true, true);
+        }
+        assert!(held > 0, "the long prompt was held in some step");
+
+        // Without decoding rows nothing is held, and the share starts afresh.
+        s.observe(0.3, true, false);
+        let alone = s.plan(&[run(3, None, 100)], &[]);
+        assert_eq!(alone.rows, vec![(3, 10)]);
+        let plan = s.plan(&running, &[]);
+        assert!(plan.rows.iter().any(|(id, _)| *id == 3), "{plan:?}");
+
+        // 1.0 never holds.
+        let mut free = Scheduler::new(cfg(AdapterMode::Unmerged));
+        for _ in 0..50 {
+            let plan = free.plan(&running, &[]);
+            assert!(plan.rows.iter().any(|(id, _)| *id == 3));
+            free.observe(0.3, true, true);
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct EngineConfig {
     pub merged_cache_bytes: usize,
     /// Byte budget of the prefix cache (0: off).
     pub prefix_cache_bytes: usize,
+    /// While sequences decode, the most of the step time prompt chunks may take (1.0: no
+    /// limit); see [`super::scheduler::SchedulerConfig::prefill_share`].
+    pub prefill_share: f64,
     /// Test hook: every step waits for the gate's permit (`None`: steps run freely).
     pub step_gate: Option<StepGate>,
     /// Test hook: a pause after each step, so the real process can be made slow enough for a
@@ -51,6 +54,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("adapter_cache_bytes", &self.adapter_cache_bytes)
             .field("merged_cache_bytes", &self.merged_cache_bytes)
             .field("prefix_cache_bytes", &self.prefix_cache_bytes)
+            .field("prefill_share", &self.prefill_share)
             .field("step_gate", &self.step_gate)
             .field("step_delay", &self.step_delay)
             .field("load_delay", &self.load_delay)
@@ -79,6 +83,7 @@ impl Default for EngineConfig {
             adapter_cache_bytes: 1 << 30,
             merged_cache_bytes: 2 << 30,
             prefix_cache_bytes: 1 << 30,
+            prefill_share: 1.0,
             step_gate: None,
             step_delay: Duration::ZERO,
             load_delay: Duration::ZERO,

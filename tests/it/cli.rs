@@ -95,6 +95,21 @@ fn generate_without_logprobs_omits_them_and_reports_errors() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
+
+    for bad in ["0", "1.5", "x"] {
+        let out = dora()
+            .args(["serve", "--model"])
+            .arg(fixtures().join("tiny-llama"))
+            .args(["--prefill-share", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--prefill-share") && err.contains("(0, 1]"),
+            "{err}"
+        );
+    }
 }
 
 #[derive(serde::Deserialize)]

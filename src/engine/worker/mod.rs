@@ -37,6 +37,7 @@ pub(super) fn spawn(engine: &Engine, rx: Receiver<Command>, cfg: EngineConfig) {
             mode: cfg.mode,
             merge_after: cfg.merge_after,
             turn_steps: cfg.turn_steps,
+            prefill_share: cfg.prefill_share,
         }),
         cache: AdapterCache::new(cfg.adapter_cache_bytes),
         merged: MergedCache::new(cfg.merged_cache_bytes),
@@ -323,6 +324,12 @@ impl Worker {
         if rows.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
+        let (prefill, decode) = rows.iter().fold((false, false), |(p, d), (id, _)| {
+            let s = &self.seqs[id];
+            let prompt = s.fed < s.req.prompt_token_ids.len();
+            (p || prompt, d || !prompt)
+        });
         let merged = self.apply(&rows, apply)?;
         if merged.is_some() && self.model.merged_dtype() != candle_core::quantized::GgmlDType::F32 {
             for (id, _) in &rows {
@@ -351,6 +358,8 @@ impl Worker {
         for (((id, s), logits), tokens) in seqs.into_iter().zip(logits).zip(&feeds) {
             self.absorb(id, s, logits, tokens.len())?;
         }
+        self.sched
+            .observe(started.elapsed().as_secs_f64(), prefill, decode);
         self.cache.evict_to_budget();
         self.prefix.evict_to_budget();
         Ok(())
