@@ -8,8 +8,10 @@
 # Then, once per round on each file, the prefix cache: a server with the cache on gets a
 # CACHED-token prompt (default 2048), then the same prompt plus 50 new tokens; the second
 # request's time is the cached TTFT, next to the uncached time of a prompt of the same length.
-# And the cost to other streams: TPOT p99 of 8 closed-loop streams (`dora-serve bench`, 64
-# tokens each, BENCH_S seconds) alone, then while 4096-token prompts are sent back to back.
+# And the cost to other streams: TPOT p99 of 8 closed-loop streams (`dora-serve bench`, 32
+# tokens each, BENCH_S seconds, default 30) alone, then with one 4096-token prompt sent 3 s in
+# (and that prompt's own time), on the default scheduler and with `--prefill-share SHARE`
+# (default 0.25).
 #
 #   benches/peers/llamacpp_build.sh && cargo build --release && benches/peers/prefill_vs_llamacpp.sh [ROUNDS] [FILE...]
 #
@@ -22,7 +24,8 @@ rounds=${1:-3}
 shift $(($# < 1 ? $# : 1))
 lens=${LENS:-512 2048 4096 8000}
 cached=${CACHED:-2048}
-BENCH_S=${BENCH_S:-20}
+BENCH_S=${BENCH_S:-30}
+SHARE=${SHARE:-0.25}
 build=${LLAMACPP:-/tmp/llamacpp}
 bin=target/release/dora-serve
 src="$build/SmolLM2-135M-Instruct.F32.gguf"
@@ -73,6 +76,26 @@ post() { # PORT BODY → seconds
   curl -sf -o "$work/out.json" -w '%{time_total}' -H 'content-type: application/json' \
     --data-binary "@$2" "http://127.0.0.1:$1/v1/completions"
 }
+streams() { # LOADS... → appends "LOAD": {...} to $tp (server on $port)
+  for load in "$@"; do
+    : >"$work/long_times"
+    if [ "$load" != alone ]; then # one 4096-token prompt, 3 s into the run
+      (sleep 3 && post "$port" "$work/long.json" >"$work/long_times") &
+      loop=$!
+    fi
+    "$bin" bench --url "http://127.0.0.1:$port" --concurrency 8 --max-tokens 32 --prompt-words 16 \
+      --duration "$BENCH_S" --warmup 2 --seed "$r" --quiet --json "$work/$load.json" >/dev/null
+    [ "$load" != alone ] && wait $loop
+    tp+="\"$load\": $(python3 - "$work/$load.json" "$work/long_times" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t = [float(x) for x in open(sys.argv[2]) if x.strip()]
+print(json.dumps({"tpot_p99_s": r["tpot_s"]["p99"], "output_tokens_per_s": r["output_tokens_per_s"],
+                  "long_prompt_s": t[0] if t else None}))
+PY
+), "
+  done
+}
 : >"$work/rounds.jsonl"
 for ((r = 1; r <= rounds; r++)); do
   bodies "$r"
@@ -87,21 +110,10 @@ for ((r = 1; r <= rounds; r++)); do
     port=$((port + 1))
     serve "$f" "$port" --prefix-cache-bytes 0
     post "$port" "$work/warm.json" >/dev/null # first-request warm-up
-    d=""
+    d="" tp=""
     for n in $lens; do d+="\"$n\": $(post "$port" "$work/p$n.json"), "; done
     miss=$(post "$port" "$work/miss.json")
-    # 8 decoding streams alone, then while 4k-token prompts are prefilled one after another.
-    tp=""
-    for load in alone prefill; do
-      if [ $load = prefill ]; then
-        (while :; do post "$port" "$work/long.json" >/dev/null || sleep 0.1; done) &
-        loop=$!
-      fi
-      "$bin" bench --url "http://127.0.0.1:$port" --concurrency 8 --max-tokens 64 --prompt-words 16 \
-        --duration "$BENCH_S" --warmup 2 --seed "$r" --quiet --json "$work/$load.json" >/dev/null
-      [ $load = prefill ] && { kill $loop; wait $loop 2>/dev/null || true; }
-      tp+="\"$load\": $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps({"tpot_p99_s": r["tpot_s"]["p99"], "output_tokens_per_s": r["output_tokens_per_s"]}))' "$work/$load.json"), "
-    done
+    streams alone prefill
     kill "${pids[-1]}" && wait "${pids[-1]}" 2>/dev/null || true
     port=$((port + 1))
     serve "$f" "$port"
@@ -109,6 +121,11 @@ for ((r = 1; r <= rounds; r++)); do
     hit=$(post "$port" "$work/hit.json")
     grep -q '"cached_tokens":'"$cached" "$work/out.json" ||
       { echo "expected $cached cached tokens: $(cat "$work/out.json")" >&2; exit 1; }
+    kill "${pids[-1]}" && wait "${pids[-1]}" 2>/dev/null || true
+    port=$((port + 1))
+    serve "$f" "$port" --prefix-cache-bytes 0 --prefill-share "$SHARE"
+    post "$port" "$work/warm.json" >/dev/null
+    streams "prefill_share_$SHARE"
     kill "${pids[-1]}" && wait "${pids[-1]}" 2>/dev/null || true
     line+="\"$q\": {\"llamacpp_pp_s\": {${l%, }}, \"dora_ttft_s\": {${d%, }}, "
     line+="\"dora_uncached_s\": $miss, \"dora_cached_s\": $hit, \"streams8\": {${tp%, }}}, "
@@ -121,6 +138,7 @@ path, rounds, build, cached, *files = sys.argv[1:]
 env = "" if os.environ.get("LENS") is None else f"LENS='{os.environ['LENS']}' "
 args = "" if all(os.path.dirname(f) == build for f in files) else " " + " ".join(files)
 data = {
+    "share": float(os.environ.get("SHARE", "0.25")),
     "command": f"{env}benches/peers/prefill_vs_llamacpp.sh {rounds}{args}",
     "cached_prefix": int(cached),
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
