@@ -21,10 +21,61 @@ use super::cpu::Out;
 /// contiguous, any head stride), query head `h` reading kv head `h / (heads / kv_heads)`.
 /// `None` where it does not apply (other devices, dtypes or layouts).
 pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<Tensor>> {
-    let (Ok((nh, 1, hd)), Ok((kvh, len, hd2))) = (q.dims3(), k.dims3()) else {
+    let (Ok((nh, 1, _)), Ok((kvh, len, hd))) = (q.dims3(), k.dims3()) else {
         return Ok(None);
     };
-    if hd != hd2 || v.dims() != k.dims() || kvh == 0 || nh % kvh != 0 || len == 0 {
+    let Some(out) = with_views(q, k, v, |q, heads_kv| {
+        let groups = nh / kvh;
+        let mut out = vec![0f32; nh * hd];
+        let mut scores = vec![0f32; len];
+        for (g, &(kg, vg)) in heads_kv.iter().enumerate() {
+            for h in g * groups..(g + 1) * groups {
+                let qh = &q[h * hd..(h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (s, krow) in scores.iter_mut().zip(kg.chunks_exact(hd)) {
+                    *s = dot(qh, krow) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[h * hd..(h + 1) * hd];
+                for (&p, vrow) in scores.iter().zip(vg.chunks_exact(hd)) {
+                    let p = p / sum;
+                    for (oi, &vi) in o.iter_mut().zip(vrow) {
+                        *oi += p * vi;
+                    }
+                }
+            }
+        }
+        out
+    })?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Tensor::from_vec(
+        out,
+        (nh, 1, hd),
+        &candle_core::Device::Cpu,
+    )?))
+}
+
+/// The f32 CPU slices attention reads, handed to `f`: `q`'s rows (`[heads, rows, hd]`, made
+/// contiguous) and each kv head's key and value rows (`keys · hd`, from views with contiguous
+/// rows and any head stride). `None` where the fast paths do not apply (other devices, dtypes
+/// or layouts, shapes that do not match).
+fn with_views<R>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    f: impl FnOnce(&[f32], &[(&[f32], &[f32])]) -> R,
+) -> Result<Option<R>> {
+    let (Ok((nh, rows, hd)), Ok((kvh, keys, hd2))) = (q.dims3(), k.dims3()) else {
+        return Ok(None);
+    };
+    if hd != hd2 || v.dims() != k.dims() || kvh == 0 || nh % kvh != 0 || rows == 0 || keys == 0 {
         return Ok(None);
     }
     if [q, k, v]
@@ -44,47 +95,19 @@ pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<T
     if kst[1] != hd || kst[2] != 1 || vst[1] != hd || vst[2] != 1 {
         return Ok(None);
     }
-    let q = &qs.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + nh * hd];
+    let qall = &qs.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + nh * rows * hd];
     let (kall, vall) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
-    let rows = |all, start: usize, head_stride: usize, g: usize| {
-        head_rows(all, start + g * head_stride, len * hd)
-    };
-    let groups = nh / kvh;
-    let mut out = vec![0f32; nh * hd];
-    let mut scores = vec![0f32; len];
+    let mut heads_kv = Vec::with_capacity(kvh);
     for g in 0..kvh {
         let (Some(kg), Some(vg)) = (
-            rows(kall, kl.start_offset(), kst[0], g),
-            rows(vall, vl.start_offset(), vst[0], g),
+            head_rows(kall, kl.start_offset() + g * kst[0], keys * hd),
+            head_rows(vall, vl.start_offset() + g * vst[0], keys * hd),
         ) else {
             return Ok(None);
         };
-        for h in g * groups..(g + 1) * groups {
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (s, krow) in scores.iter_mut().zip(kg.chunks_exact(hd)) {
-                *s = dot(qh, krow) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut out[h * hd..(h + 1) * hd];
-            for (&p, vrow) in scores.iter().zip(vg.chunks_exact(hd)) {
-                let p = p / sum;
-                for (oi, &vi) in o.iter_mut().zip(vrow) {
-                    *oi += p * vi;
-                }
-            }
-        }
+        heads_kv.push((kg, vg));
     }
-    Ok(Some(Tensor::from_vec(
-        out,
-        (nh, 1, hd),
-        &candle_core::Device::Cpu,
-    )?))
+    Ok(Some(f(qall, &heads_kv)))
 }
 
 /// Query rows per part of [`prefill`].
@@ -108,91 +131,65 @@ pub fn prefill(
     pos: usize,
     scale: f32,
 ) -> Result<Option<Tensor>> {
-    let (Ok((nh, len, hd)), Ok((kvh, total, hd2))) = (q.dims3(), k.dims3()) else {
+    let (Ok((nh, len, hd)), Ok((kvh, total, _))) = (q.dims3(), k.dims3()) else {
         return Ok(None);
     };
-    if hd != hd2 || v.dims() != k.dims() || kvh == 0 || nh % kvh != 0 || len == 0 {
-        return Ok(None);
-    }
     if total != pos + len || ![8, 16, 32, 64, 80, 96, 128, 256].contains(&hd) {
         return Ok(None);
     }
-    if [q, k, v]
-        .iter()
-        .any(|t| t.dtype() != DType::F32 || !super::kernels::fast_on(t.device()))
-    {
-        return Ok(None);
-    }
-    let q = q.contiguous()?;
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
-        return Ok(None);
-    };
-    let (kst, vst) = (kl.stride(), vl.stride());
-    if kst[1] != hd || kst[2] != 1 || vst[1] != hd || vst[2] != 1 {
-        return Ok(None);
-    }
-    let qall = &qs.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + nh * len * hd];
-    let (kall, vall) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
-    let mut heads_kv = Vec::with_capacity(kvh);
-    for g in 0..kvh {
-        let (Some(kg), Some(vg)) = (
-            head_rows(kall, kl.start_offset() + g * kst[0], total * hd),
-            head_rows(vall, vl.start_offset() + g * vst[0], total * hd),
-        ) else {
-            return Ok(None);
-        };
-        heads_kv.push((kg, vg));
-    }
-    let groups = nh / kvh;
-    let blocks = len.div_ceil(BQ);
-    // Keys transposed once per call into `[kv_heads, key block, hd, BK]` tiles, zeros past
-    // `total`: a key block's scores are `hd` contiguous axpys over one contiguous tile (rows
-    // `padded` apart instead thrashed the L1 sets: a power-of-two stride).
-    // key block's scores are `hd` contiguous axpys for every part that reads it.
-    let padded = total.div_ceil(BK) * BK;
-    let mut kt = vec![0f32; kvh * hd * padded];
-    for (g, (kg, _)) in heads_kv.iter().enumerate() {
-        transpose(
-            kg,
-            hd,
-            total,
-            &mut kt[g * hd * padded..(g + 1) * hd * padded],
-        );
-    }
-    let mut out = vec![0f32; nh * len * hd];
-    let dst = Out(out.as_mut_ptr());
-    // Later query blocks see more keys: hand them out first so the last parts are short.
-    let part = |p: usize| {
-        let (qb, h) = (blocks - 1 - p / nh, p % nh);
-        let (kg, vg) = heads_kv[h / groups];
-        let i0 = qb * BQ;
-        let rows = BQ.min(len - i0);
-        let at = (h * len + i0) * hd;
-        // SAFETY: parts write disjoint rows (one head, one query block each) of `out`,
-        // which outlives `pool::run`.
-        let o = unsafe { dst.slice(at, rows * hd) };
-        let keys = pos + i0 + rows;
-        let qrows = &qall[at..at + rows * hd];
-        let _ = kg;
-        let g = h / groups;
-        let ktg = &kt[g * hd * padded..(g + 1) * hd * padded];
-        let vv = &vg[..keys * hd];
-        let first = pos + i0;
-        match hd {
-            8 => flash_8(qrows, ktg, vv, first, scale, o),
-            16 => flash_16(qrows, ktg, vv, first, scale, o),
-            32 => flash_32(qrows, ktg, vv, first, scale, o),
-            64 => flash_64(qrows, ktg, vv, first, scale, o),
-            80 => flash_80(qrows, ktg, vv, first, scale, o),
-            96 => flash_96(qrows, ktg, vv, first, scale, o),
-            128 => flash_128(qrows, ktg, vv, first, scale, o),
-            _ => flash_256(qrows, ktg, vv, first, scale, o),
+    let Some(out) = with_views(q, k, v, |qall, heads_kv| {
+        let groups = nh / kvh;
+        let blocks = len.div_ceil(BQ);
+        // Keys transposed once per call into `[kv_heads, key block, hd, BK]` tiles, zeros past
+        // `total`: a key block's scores are `hd` contiguous axpys over one contiguous tile (rows
+        // `padded` apart instead thrashed the L1 sets: a power-of-two stride).
+        // key block's scores are `hd` contiguous axpys for every part that reads it.
+        let padded = total.div_ceil(BK) * BK;
+        let mut kt = vec![0f32; kvh * hd * padded];
+        for (g, (kg, _)) in heads_kv.iter().enumerate() {
+            transpose(
+                kg,
+                hd,
+                total,
+                &mut kt[g * hd * padded..(g + 1) * hd * padded],
+            );
         }
+        let mut out = vec![0f32; nh * len * hd];
+        let dst = Out(out.as_mut_ptr());
+        // Later query blocks see more keys: hand them out first so the last parts are short.
+        let part = |p: usize| {
+            let (qb, h) = (blocks - 1 - p / nh, p % nh);
+            let (kg, vg) = heads_kv[h / groups];
+            let i0 = qb * BQ;
+            let rows = BQ.min(len - i0);
+            let at = (h * len + i0) * hd;
+            // SAFETY: parts write disjoint rows (one head, one query block each) of `out`,
+            // which outlives `pool::run`.
+            let o = unsafe { dst.slice(at, rows * hd) };
+            let keys = pos + i0 + rows;
+            let qrows = &qall[at..at + rows * hd];
+            let _ = kg;
+            let g = h / groups;
+            let ktg = &kt[g * hd * padded..(g + 1) * hd * padded];
+            let vv = &vg[..keys * hd];
+            let first = pos + i0;
+            match hd {
+                8 => flash_8(qrows, ktg, vv, first, scale, o),
+                16 => flash_16(qrows, ktg, vv, first, scale, o),
+                32 => flash_32(qrows, ktg, vv, first, scale, o),
+                64 => flash_64(qrows, ktg, vv, first, scale, o),
+                80 => flash_80(qrows, ktg, vv, first, scale, o),
+                96 => flash_96(qrows, ktg, vv, first, scale, o),
+                128 => flash_128(qrows, ktg, vv, first, scale, o),
+                _ => flash_256(qrows, ktg, vv, first, scale, o),
+            }
+        };
+        super::pool::run(nh * blocks, &part);
+        out
+    })?
+    else {
+        return Ok(None);
     };
-    super::pool::run(nh * blocks, &part);
     Ok(Some(Tensor::from_vec(
         out,
         (nh, len, hd),
