@@ -154,7 +154,7 @@ fn adapter_bench(c: &mut Criterion) {
     let spec = SynthSpec {
         rank: 16,
         alpha: 32.0,
-        targets: ProjKind::ALL.to_vec(),
+        targets: ProjKind::SEPARATE.to_vec(),
         dora: true,
         seed: 7,
     };

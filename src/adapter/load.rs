@@ -263,7 +263,7 @@ fn parse_module(path: &str, num_layers: usize) -> Result<(usize, ProjKind), Adap
             module_err(
                 path,
                 "the base model has no such module (adapters may target model.layers.N.self_attn.{q,k,v,o}_proj \
-                 and model.layers.N.mlp.{gate,up,down}_proj)",
+                 and model.layers.N.mlp.{gate,up,down}_proj, or Phi-3's fused self_attn.qkv_proj and mlp.gate_up_proj)",
             )
         }
     };
@@ -327,7 +327,7 @@ fn load_parsed(
     // 1. Every tensor must be understood.
     let (modules, file_dtypes) = read_tensors(&st, num_layers)?;
     // 2. The file and the configuration must describe the same modules.
-    check_targets(&cfg, &modules, num_layers)?;
+    check_targets(&cfg, &modules, base)?;
     // 3. Shapes, DoRA magnitudes, and the precomputed tensors.
     let mut weights = AdapterWeights::new(next_adapter_id(), num_layers);
     let mut infos = Vec::with_capacity(modules.len());
@@ -431,13 +431,18 @@ fn read_tensors(
 fn check_targets(
     cfg: &AdapterConfig,
     modules: &Modules,
-    num_layers: usize,
+    base: &dyn BaseLinears,
 ) -> Result<(), AdapterError> {
-    for layer in 0..num_layers {
+    for layer in 0..base.num_layers() {
         for kind in ProjKind::ALL {
+            let present = modules.contains_key(&(layer, kind));
+            // A family has either the fused or the separate projections: the ones it lacks
+            // cannot be targeted (a tensor for one is refused below, by build_module).
+            if base.linear(layer, kind).is_none() && !present {
+                continue;
+            }
             let path = module_path(layer, kind);
             let targeted = cfg.targets(&path);
-            let present = modules.contains_key(&(layer, kind));
             if targeted && !present {
                 return Err(module_err(
                     &path,

@@ -12,7 +12,7 @@ use super::request::{check_prompt, Param};
 use super::sampling::{logprobs_of, Sampler, SamplingParams, TokenLogprob};
 use super::scheduler::AdapterMode;
 use super::EngineError;
-use crate::model::{KvCache, Llama, LogitsFor, SeqInput, Tokenizer};
+use crate::model::{Decoder, KvCache, LogitsFor, SeqInput, Tokenizer};
 use crate::ops::{AdapterWeights, MergedWeights};
 
 /// Why generation ended.
@@ -89,7 +89,7 @@ pub const MAX_LOGPROBS: usize = 20;
 /// `--max-step-tokens`.
 pub const PREFILL_CHUNK: usize = 512;
 
-fn check(model: &Llama, req: &GenerateRequest) -> Result<(), EngineError> {
+fn check(model: &Decoder, req: &GenerateRequest) -> Result<(), EngineError> {
     let cfg = model.config();
     check_prompt(&req.prompt_token_ids, cfg.vocab_size)?;
     if req.logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
@@ -115,7 +115,7 @@ fn check(model: &Llama, req: &GenerateRequest) -> Result<(), EngineError> {
 
 /// Generate for every request, returning outputs in request order.
 pub fn generate(
-    model: &Llama,
+    model: &Decoder,
     tokenizer: &Tokenizer,
     reqs: &[GenerateRequest],
     mode: AdapterMode,
@@ -125,7 +125,7 @@ pub fn generate(
 
 /// [`generate`], also saying where the time went.
 pub fn generate_with_stats(
-    model: &Llama,
+    model: &Decoder,
     tokenizer: &Tokenizer,
     reqs: &[GenerateRequest],
     mode: AdapterMode,
@@ -192,7 +192,7 @@ pub fn generate_with_stats(
 }
 
 fn run_batch(
-    model: &Llama,
+    model: &Decoder,
     tokenizer: &Tokenizer,
     reqs: &[&GenerateRequest],
     merged: Option<&MergedWeights>,

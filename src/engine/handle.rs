@@ -12,7 +12,7 @@ use super::EngineError;
 use crate::adapter::{
     AdapterInfo, Catalog, CatalogError, DiskCacheStats, StoreError, StoreHealth, Upload,
 };
-use crate::model::{Llama, LoadedModel, ModelInfo, Tokenizer};
+use crate::model::{Decoder, LoadedModel, ModelInfo, Tokenizer};
 
 /// The cloneable handle to the engine.
 #[derive(Clone)]
@@ -21,7 +21,7 @@ pub struct Engine {
     pub(super) queued: Arc<AtomicUsize>,
     pub(super) max_queued: usize,
     pub(super) stats: Arc<Mutex<EngineStats>>,
-    pub(super) model: Arc<Llama>,
+    pub(super) model: Arc<Decoder>,
     pub(super) tokenizer: Arc<Tokenizer>,
     pub(super) info: Arc<ModelInfo>,
     pub(super) catalog: Arc<Catalog>,
@@ -240,7 +240,7 @@ impl Engine {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    pub fn model(&self) -> &Arc<Llama> {
+    pub fn model(&self) -> &Arc<Decoder> {
         &self.model
     }
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::adapter::Lease;
-use crate::model::Llama;
+use crate::model::Decoder;
 use crate::ops::MergedWeights;
 
 /// Merged weights by adapter instance, LRU under a byte budget.
@@ -28,7 +28,7 @@ impl MergedCache {
     pub(super) fn get_or_merge(
         &mut self,
         lease: &Lease,
-        model: &Llama,
+        model: &Decoder,
     ) -> candle_core::Result<Arc<MergedWeights>> {
         self.clock += 1;
         let id = lease.weights.id();

@@ -1,9 +1,11 @@
 //! The model's configuration: the HF `config.json` as written (serde, HF field names), and the
-//! validated [`ModelConfig`] the model is built from. GGUF metadata is mapped onto the same
+//! validated [`ModelConfig`] the decoder is built from. GGUF metadata is mapped onto the same
 //! validated type by the GGUF loader.
 
 use serde::Deserialize;
 
+use super::family::{Activation, Family};
+use super::rope::{parse_scaling, RawRopeParameters, RopeSpec};
 use super::ModelError;
 
 /// `eos_token_id` / `bos_token_id` may be one id or a list of them.
@@ -23,23 +25,10 @@ impl TokenIds {
     }
 }
 
-/// Rotary-embedding parameters: transformers ≥ 5 writes them as `rope_parameters` (theta
-/// included); older configs have `rope_theta` plus an optional `rope_scaling` of the same shape.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct RawRopeParameters {
-    /// transformers 4.x wrote `type` before `rope_type`.
-    #[serde(alias = "type")]
-    pub rope_type: Option<String>,
-    pub rope_theta: Option<f64>,
-    pub factor: Option<f64>,
-    pub low_freq_factor: Option<f64>,
-    pub high_freq_factor: Option<f64>,
-    pub original_max_position_embeddings: Option<usize>,
-}
-
-/// `config.json` of a llama-family checkpoint, field names exactly as HF writes them.
+/// `config.json` of a supported checkpoint, field names exactly as HF writes them (the union
+/// of the families' fields; each family reads its own).
 #[derive(Debug, Clone, Deserialize)]
-pub struct LlamaConfig {
+pub struct HfConfig {
     #[serde(default)]
     pub architectures: Vec<String>,
     pub model_type: Option<String>,
@@ -54,17 +43,36 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<RawRopeParameters>,
-    pub rope_parameters: Option<RawRopeParameters>,
+    /// transformers ≥ 5: one parameter object, or one per layer type (Gemma 3).
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Gemma 3 before transformers 5: the local layers' rope base.
+    pub rope_local_base_freq: Option<f64>,
+    /// Phi-3 keeps LongRoPE's pretraining length outside `rope_scaling`.
+    pub original_max_position_embeddings: Option<usize>,
+    pub partial_rotary_factor: Option<f64>,
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
     #[serde(default)]
-    pub tie_word_embeddings: bool,
+    pub tie_word_embeddings: Option<bool>,
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
     pub hidden_act: Option<String>,
+    /// Gemma's name for the MLP activation.
+    pub hidden_activation: Option<String>,
     pub sliding_window: Option<usize>,
+    /// Qwen2/3: the window applies only when this is true, from `max_window_layers` on.
+    pub use_sliding_window: Option<bool>,
+    pub max_window_layers: Option<usize>,
+    /// Gemma 3 before transformers 5: every `n`-th layer is global.
+    pub sliding_window_pattern: Option<usize>,
+    /// `"sliding_attention"` / `"full_attention"` per layer (transformers ≥ 4.5x writes it).
+    pub layer_types: Option<Vec<String>>,
+    pub query_pre_attn_scalar: Option<f64>,
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    pub use_bidirectional_attention: Option<bool>,
     pub bos_token_id: Option<TokenIds>,
     pub eos_token_id: Option<TokenIds>,
 }
@@ -77,25 +85,10 @@ fn default_max_position_embeddings() -> usize {
     4096
 }
 
-/// How rotary frequencies are derived from the base `theta`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RopeScaling {
-    /// `inv_freq_i = theta^(-2i/d)`.
-    None,
-    /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
-    /// Llama 3.1's band-wise scaling (transformers' `_compute_llama3_parameters`).
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
-}
-
-/// A validated llama-family configuration: every size consistent, every feature supported.
+/// A validated decoder configuration: every size consistent, every feature supported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    pub family: Family,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
@@ -104,16 +97,30 @@ pub struct ModelConfig {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: RopeScaling,
-    /// Per-frequency divisors read from a GGUF `rope_freqs.weight` (llama.cpp's form of
-    /// llama3 scaling); `None` elsewhere.
-    pub rope_freq_factors: Option<Vec<f32>>,
+    /// The rotary embedding of global (full-attention) layers, and of every layer when
+    /// `local_rope` is `None`.
+    pub rope: RopeSpec,
+    /// Gemma 3: the rotary embedding of its sliding-window layers.
+    pub local_rope: Option<RopeSpec>,
+    /// Per layer: the sliding window (keys `pos - w + 1 ..= pos` are seen), or `None` for full
+    /// causal attention.
+    pub layer_windows: Vec<Option<usize>>,
     /// The longest sequence (prompt + generated) this model serves.
     pub max_context: usize,
     pub tie_word_embeddings: bool,
-    pub attention_bias: bool,
+    /// Bias on q, k and v.
+    pub qkv_bias: bool,
+    /// Bias on o.
+    pub o_bias: bool,
     pub mlp_bias: bool,
+    pub activation: Activation,
+    /// The factor attention scores are multiplied by (`head_dim^-½`, or
+    /// `query_pre_attn_scalar^-½` for Gemma).
+    pub attn_scale: f64,
+    /// Gemma 2: scores become `cap · tanh(scores / cap)` before the mask.
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: logits become `cap · tanh(logits / cap)`.
+    pub final_softcap: Option<f64>,
 }
 
 impl ModelConfig {
@@ -152,19 +159,29 @@ impl ModelConfig {
                 self.head_dim
             )));
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+        self.rope.check(self.head_dim).map_err(&bad)?;
+        if let Some(r) = &self.local_rope {
+            r.check(self.head_dim).map_err(&bad)?;
+        }
+        if self.layer_windows.len() != self.num_hidden_layers {
             return Err(bad(format!(
-                "rope_theta must be positive, got {}",
-                self.rope_theta
+                "{} layer types for {} layers",
+                self.layer_windows.len(),
+                self.num_hidden_layers
             )));
         }
-        if let Some(f) = &self.rope_freq_factors {
-            if f.len() != self.head_dim / 2 {
-                return Err(bad(format!(
-                    "rope_freqs has {} entries, expected head_dim/2 = {}",
-                    f.len(),
-                    self.head_dim / 2
-                )));
+        if self.layer_windows.contains(&Some(0)) {
+            return Err(bad("sliding_window must be positive".into()));
+        }
+        for (name, v) in [
+            ("attention scale", Some(self.attn_scale)),
+            ("attn_logit_softcapping", self.attn_softcap),
+            ("final_logit_softcapping", self.final_softcap),
+        ] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(bad(format!("{name} must be positive, got {v}")));
+                }
             }
         }
         Ok(self)
@@ -180,137 +197,211 @@ impl ModelConfig {
         self.num_key_value_heads * self.head_dim
     }
 
-    /// The rotary inverse frequencies, `[head_dim / 2]`, computed in f32 like transformers.
+    /// The rotary embedding of `layer`.
+    pub fn layer_rope(&self, layer: usize) -> &RopeSpec {
+        match (&self.local_rope, self.layer_windows.get(layer)) {
+            (Some(local), Some(Some(_))) => local,
+            _ => &self.rope,
+        }
+    }
+
+    /// The rotary inverse frequencies of global layers, `[head_dim / 2]`.
     pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base = self.rope_theta as f32;
-        let mut inv: Vec<f32> = (0..d)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / d as f32))
-            .collect();
-        match self.rope_scaling {
-            RopeScaling::None => {}
-            RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor as f32),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                let (factor, low, high) = (
-                    factor as f32,
-                    low_freq_factor as f32,
-                    high_freq_factor as f32,
-                );
-                let old_ctx = original_max_position_embeddings as f32;
-                let low_wavelen = old_ctx / low;
-                let high_wavelen = old_ctx / high;
-                for f in inv.iter_mut() {
-                    let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    // transformers: low-frequency bands are divided by `factor`, high ones kept,
-                    // and the medium band is interpolated smoothly between the two.
-                    let scaled = if wavelen > low_wavelen {
-                        *f / factor
-                    } else {
-                        *f
-                    };
-                    let is_medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
-                    *f = if is_medium {
-                        let smooth = (old_ctx / wavelen - low) / (high - low);
-                        (1.0 - smooth) * scaled / factor + smooth * scaled
-                    } else {
-                        scaled
-                    };
-                }
-            }
-        }
-        if let Some(factors) = &self.rope_freq_factors {
-            inv.iter_mut().zip(factors).for_each(|(f, d)| *f /= d);
-        }
-        inv
+        self.rope.inv_freq(self.head_dim, false)
     }
 }
 
-impl LlamaConfig {
+/// The window pattern of `n` layers: every layer sliding, or the `period`-th global.
+pub fn windows_every(n: usize, window: Option<usize>, period: usize) -> Vec<Option<usize>> {
+    (0..n)
+        .map(|i| {
+            if period > 0 && (i + 1) % period == 0 {
+                None
+            } else {
+                window
+            }
+        })
+        .collect()
+}
+
+impl HfConfig {
     /// Resolve the HF config into a validated [`ModelConfig`]; `origin` names the file in errors.
     pub fn into_model_config(self, origin: &str) -> Result<ModelConfig, ModelError> {
         let bad = |msg: String| ModelError::InvalidConfig {
             path: origin.to_string(),
             msg,
         };
-        const SUPPORTED: [&str; 2] = ["llama", "mistral"];
-        if let Some(mt) = &self.model_type {
-            if !SUPPORTED.contains(&mt.as_str()) {
-                return Err(ModelError::UnsupportedArchitecture {
-                    path: origin.to_string(),
-                    arch: mt.clone(),
-                });
+        let model_type = self.model_type.clone().unwrap_or_else(|| "llama".into());
+        let family = Family::from_model_type(&model_type).ok_or_else(|| {
+            ModelError::UnsupportedArchitecture {
+                path: origin.to_string(),
+                arch: model_type.clone(),
             }
+        })?;
+        let traits = family.traits();
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(bad(
+                "use_bidirectional_attention (an embedding model) is not supported: dora-serve serves causal decoders".into(),
+            ));
         }
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
+        let activation = match self.hidden_activation.as_ref().or(self.hidden_act.as_ref()) {
+            None => family.default_activation(),
+            Some(a) => match a.as_str() {
+                "silu" | "swish" => Activation::Silu,
+                "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
+                other => {
+                    return Err(bad(format!(
+                        "hidden_act {other:?} is not supported (supported: silu, gelu_pytorch_tanh)"
+                    )))
+                }
+            },
+        };
+        if let Some(p) = self.partial_rotary_factor {
+            if p != 1.0 {
                 return Err(bad(format!(
-                    "hidden_act {act:?} is not supported (llama uses \"silu\")"
+                    "partial_rotary_factor {p} is not supported (rope over the whole head only)"
                 )));
             }
         }
-        let rope = self.rope_parameters.clone().or(self.rope_scaling.clone());
-        let rope_theta = self
-            .rope_theta
-            .or(rope.as_ref().and_then(|r| r.rope_theta))
-            .unwrap_or(10_000.0);
-        let rope_scaling = match &rope {
-            None => RopeScaling::None,
-            Some(r) => parse_rope_scaling(r).map_err(bad)?,
-        };
         let head_dim = self
             .head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
-        // Mistral's sliding window only matters past its length: serve up to it, exactly.
-        let max_context = match self.sliding_window {
-            Some(w) if w > 0 => self.max_position_embeddings.min(w),
-            _ => self.max_position_embeddings,
+        let n = self.num_hidden_layers;
+
+        // Rope: one parameter object, or one per layer type.
+        let parse = |v: &serde_json::Value| -> Result<RawRopeParameters, ModelError> {
+            serde_json::from_value(v.clone()).map_err(|e| bad(format!("rope parameters: {e}")))
         };
+        let (global_raw, local_raw) = match &self.rope_parameters {
+            Some(v)
+                if v.get("full_attention").is_some() || v.get("sliding_attention").is_some() =>
+            {
+                (
+                    v.get("full_attention").map(parse).transpose()?,
+                    v.get("sliding_attention").map(parse).transpose()?,
+                )
+            }
+            Some(v) if !v.is_null() => (Some(parse(v)?), None),
+            _ => (self.rope_scaling.clone(), None),
+        };
+        let spec =
+            |raw: Option<&RawRopeParameters>, theta: Option<f64>| -> Result<RopeSpec, ModelError> {
+                let theta = theta.or(raw.and_then(|r| r.rope_theta)).unwrap_or(10_000.0);
+                let scaling = match raw {
+                    None => super::rope::RopeScaling::None,
+                    Some(r) => parse_scaling(
+                        r,
+                        self.max_position_embeddings,
+                        self.original_max_position_embeddings,
+                    )
+                    .map_err(&bad)?,
+                };
+                Ok(RopeSpec {
+                    theta,
+                    scaling,
+                    freq_factors: None,
+                })
+            };
+        let rope = spec(global_raw.as_ref(), self.rope_theta)?;
+        let local_rope = match family {
+            Family::Gemma3 => Some(match &local_raw {
+                Some(r) => spec(Some(r), None)?,
+                None => RopeSpec::plain(self.rope_local_base_freq.unwrap_or(10_000.0)),
+            }),
+            _ => None,
+        };
+
+        // Which layers slide: `layer_types` when written, else each family's rule.
+        let window = match family {
+            Family::Gemma2 | Family::Gemma3 => self.sliding_window.or(Some(4096)),
+            _ => self.sliding_window,
+        }
+        .filter(|&w| w > 0);
+        let layer_windows = match &self.layer_types {
+            Some(types) => {
+                if types.len() != n {
+                    return Err(bad(format!(
+                        "layer_types has {} entries for {n} layers",
+                        types.len()
+                    )));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "full_attention" => Ok(None),
+                        "sliding_attention" => window
+                            .map(Some)
+                            .ok_or_else(|| bad("a sliding_attention layer needs sliding_window".into())),
+                        other => Err(bad(format!(
+                            "layer type {other:?} is not supported (supported: full_attention, sliding_attention)"
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            None => match family {
+                Family::Llama => vec![None; n],
+                Family::Mistral | Family::Phi3 => vec![window; n],
+                Family::Qwen2 | Family::Qwen3 => {
+                    let from = self.max_window_layers.unwrap_or(n);
+                    (0..n)
+                        .map(|i| match self.use_sliding_window {
+                            Some(true) if i >= from => window,
+                            _ => None,
+                        })
+                        .collect()
+                }
+                Family::Gemma2 => windows_every(n, window, 2),
+                Family::Gemma3 => {
+                    windows_every(n, window, self.sliding_window_pattern.unwrap_or(6))
+                }
+            },
+        };
+        // Gemma's defaults (transformers' config classes) where the file leaves them out.
+        let attn_scale = match family {
+            Family::Gemma2 | Family::Gemma3 => {
+                self.query_pre_attn_scalar.unwrap_or(256.0).powf(-0.5)
+            }
+            _ => (head_dim as f64).powf(-0.5),
+        };
+        let softcap = |v: Option<f64>| v.filter(|&c| c > 0.0);
+        let (attn_softcap, final_softcap) = match family {
+            Family::Gemma2 => (
+                softcap(self.attn_logit_softcapping.or(Some(50.0))),
+                softcap(self.final_logit_softcapping.or(Some(30.0))),
+            ),
+            Family::Gemma3 => (
+                softcap(self.attn_logit_softcapping),
+                softcap(self.final_logit_softcapping),
+            ),
+            _ => (None, None),
+        };
+        // transformers' default for tie_word_embeddings differs per family (Gemma ties).
+        let tie = self
+            .tie_word_embeddings
+            .unwrap_or(matches!(family, Family::Gemma2 | Family::Gemma3));
         ModelConfig {
+            family,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             vocab_size: self.vocab_size,
-            num_hidden_layers: self.num_hidden_layers,
+            num_hidden_layers: n,
             num_attention_heads: self.num_attention_heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
             head_dim,
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta,
-            rope_scaling,
-            rope_freq_factors: None,
-            max_context,
-            tie_word_embeddings: self.tie_word_embeddings,
-            attention_bias: self.attention_bias,
+            rope,
+            local_rope,
+            layer_windows,
+            max_context: self.max_position_embeddings,
+            tie_word_embeddings: tie,
+            qkv_bias: self.attention_bias || traits.qkv_bias,
+            o_bias: self.attention_bias,
             mlp_bias: self.mlp_bias,
+            activation,
+            attn_scale,
+            attn_softcap,
+            final_softcap,
         }
         .validate(origin)
-    }
-}
-
-fn parse_rope_scaling(r: &RawRopeParameters) -> Result<RopeScaling, String> {
-    let need = |v: Option<f64>, name: &str| {
-        v.ok_or_else(|| format!("rope scaling {:?} needs {name}", r.rope_type))
-    };
-    match r.rope_type.as_deref().unwrap_or("default") {
-        "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: need(r.factor, "factor")?,
-        }),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: need(r.factor, "factor")?,
-            low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
-            high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
-            original_max_position_embeddings: r
-                .original_max_position_embeddings
-                .ok_or("rope scaling \"llama3\" needs original_max_position_embeddings")?,
-        }),
-        other => Err(format!(
-            "rope scaling type {other:?} is not supported (supported: default, linear, llama3)"
-        )),
     }
 }

@@ -1,7 +1,9 @@
-//! Loading a llama-architecture GGUF file: metadata → [`ModelConfig`], every tensor
-//! dequantised to the serving dtype and renamed to HF names with llama.cpp's Q/K row
-//! permutation undone (so adapters trained on the HF checkpoint line up row for row), and the
-//! tokenizer rebuilt from `tokenizer.ggml.*`.
+//! Loading a GGUF file of a supported family (`general.architecture` llama, qwen2, qwen3,
+//! gemma2, gemma3, phi3): metadata → [`ModelConfig`], every tensor renamed to its HF name with
+//! what llama.cpp's converter changed undone (the llama Q/K row permutation, Gemma's `+ 1` on
+//! norm weights), so adapters trained on the HF checkpoint line up row for row; matrices kept
+//! as stored or dequantised to the serving dtype; and the tokenizer rebuilt from
+//! `tokenizer.ggml.*`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,11 +15,13 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::{ModelConfig, RopeScaling};
-use super::tokenizer::GgufBpe;
+use super::config::{windows_every, ModelConfig};
+use super::family::Family;
+use super::rope::{RopeScaling, RopeSpec};
+use super::tokenizer::{GgufBpe, GgufSpm};
 use super::weights::StoredWeights;
 use super::{
-    model_id, Llama, LoadOptions, LoadedModel, ModelError, ModelFormat, ModelInfo, Tokenizer,
+    model_id, Decoder, LoadOptions, LoadedModel, ModelError, ModelFormat, ModelInfo, Tokenizer,
 };
 use crate::ops::stored::{self, StoredMatrix};
 
@@ -124,8 +128,8 @@ impl Meta<'_> {
     }
 }
 
-/// The HF name of a GGUF tensor, or `None` when it is not part of a llama model.
-fn hf_name(gguf: &str) -> Option<String> {
+/// The HF name of a GGUF tensor of `family`, or `None` when it is not part of such a model.
+fn hf_name(gguf: &str, family: Family) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -139,19 +143,37 @@ fn hf_name(gguf: &str) -> Option<String> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
+    let t = family.traits();
     let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
+        "attn_q" if !t.fused_qkv => "self_attn.q_proj",
+        "attn_k" if !t.fused_qkv => "self_attn.k_proj",
+        "attn_v" if !t.fused_qkv => "self_attn.v_proj",
+        "attn_qkv" if t.fused_qkv => "self_attn.qkv_proj",
         "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
+        "attn_q_norm" if t.qk_norm => "self_attn.q_norm",
+        "attn_k_norm" if t.qk_norm => "self_attn.k_norm",
+        "ffn_gate" if !t.fused_gate_up => "mlp.gate_proj",
+        "ffn_up" if t.fused_gate_up => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
+        // Gemma: ffn_norm is the norm before the MLP, post_attention_norm the one after
+        // attention; llama's ffn_norm is HF's post_attention_layernorm.
+        "ffn_norm" if t.sandwich_norms => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if t.sandwich_norms => "post_attention_layernorm",
+        "post_ffw_norm" if t.sandwich_norms => "post_feedforward_layernorm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// GGUF tensors that are not weights of a module: rope factors.
+fn rope_tensor(name: &str) -> bool {
+    matches!(
+        name,
+        "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight"
+    )
 }
 
 /// The stored row of each HF row of a Q/K matrix that llama.cpp permuted: what [`unpermute`]
@@ -197,13 +219,13 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
     let arch = meta
         .string("general.architecture")?
         .ok_or_else(|| meta.err("metadata general.architecture is missing".into()))?;
-    if arch != "llama" {
-        return Err(ModelError::UnsupportedArchitecture {
+    let family =
+        Family::from_gguf_arch(&arch).ok_or_else(|| ModelError::UnsupportedArchitecture {
             path: path.display().to_string(),
-            arch,
-        });
-    }
-    let a = |k: &str| format!("llama.{k}");
+            arch: arch.clone(),
+        })?;
+    let traits = family.traits();
+    let a = |k: &str| format!("{arch}.{k}");
     let hidden = meta.req_usize(&a("embedding_length"))?;
     let heads = meta.req_usize(&a("attention.head_count"))?;
     let kv_heads = meta.usize(&a("attention.head_count_kv"))?.unwrap_or(heads);
@@ -222,9 +244,33 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear {
             factor: meta.f64(&a("rope.scaling.factor"))?.ok_or_else(|| {
-                meta.err("linear rope scaling without llama.rope.scaling.factor".into())
+                meta.err(format!(
+                    "linear rope scaling without {}",
+                    a("rope.scaling.factor")
+                ))
             })?,
         },
+        Some("yarn") => {
+            let factor = meta.f64(&a("rope.scaling.factor"))?.ok_or_else(|| {
+                meta.err(format!(
+                    "yarn rope scaling without {}",
+                    a("rope.scaling.factor")
+                ))
+            })?;
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: meta
+                    .req_usize(&a("rope.scaling.original_context_length"))?,
+                beta_fast: meta.f64(&a("rope.scaling.yarn_beta_fast"))?.unwrap_or(32.0),
+                beta_slow: meta.f64(&a("rope.scaling.yarn_beta_slow"))?.unwrap_or(1.0),
+                truncate: true,
+                attention_factor: if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * factor.ln() + 1.0
+                },
+            }
+        }
         Some(other) => {
             return Err(meta.err(format!("rope scaling type {other:?} is not supported")))
         }
@@ -245,7 +291,7 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
     };
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
     let mut stored = StoredWeights::new();
-    let mut rope_freq_factors = None;
+    let mut rope_tensors: HashMap<String, Vec<f32>> = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -257,16 +303,17 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
                 stored::format_name(info.ggml_dtype)
             )));
         }
-        let hf = if name == "rope_freqs.weight" {
+        let hf = if rope_tensor(name) {
             None
         } else {
-            Some(hf_name(name).ok_or_else(|| {
+            Some(hf_name(name, family).ok_or_else(|| {
                 meta.err(format!(
-                    "tensor {name:?} is not part of a llama model; refusing to guess what it is"
+                    "tensor {name:?} is not part of a {arch} model; refusing to guess what it is"
                 ))
             })?)
         };
         let n_head = match hf.as_deref() {
+            _ if !traits.gguf_qk_permuted => None,
             Some(h) if h.ends_with("q_proj.weight") => Some(heads),
             Some(h) if h.ends_with("k_proj.weight") => Some(kv_heads),
             _ => None,
@@ -289,7 +336,8 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         };
         let t = read(&mut reader).map_err(|e| meta.err(format!("tensor {name}: {e}")))?;
         let Some(hf) = hf else {
-            rope_freq_factors = Some(
+            rope_tensors.insert(
+                name.clone(),
                 t.to_dtype(DType::F32)
                     .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
                     .map_err(|e| meta.err(format!("tensor {name}: {e}")))?,
@@ -298,6 +346,10 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         };
         let t = match n_head {
             Some(n) => unpermute(&t, n),
+            // llama.cpp stored Gemma's norms as `1 + w`; the decoder adds the 1 itself.
+            None if traits.gguf_norms_plus_one && hf.ends_with("norm.weight") => {
+                t.to_dtype(DType::F32).and_then(|t| t - 1.0)
+            }
             None => Ok(t),
         }
         .and_then(|t| t.to_dtype(opts.dtype))
@@ -306,29 +358,113 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
     }
     let has = |n: &str| tensors.contains_key(n) || stored.contains_key(n);
 
+    let layers = meta.req_usize(&a("block_count"))?;
+    let window = meta
+        .usize(&a("attention.sliding_window"))?
+        .filter(|&w| w > 0);
+    let pattern = match meta.get(&a("attention.sliding_window_pattern")) {
+        Some(Value::Array(flags)) => Some(
+            flags
+                .iter()
+                .map(|f| f.to_bool().map(|swa| if swa { window } else { None }))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| meta.err(format!("sliding_window_pattern: {e}")))?,
+        ),
+        Some(_) => Some(windows_every(
+            layers,
+            window,
+            meta.req_usize(&a("attention.sliding_window_pattern"))?,
+        )),
+        None => None,
+    };
+    // Each family's rule where the file states no pattern (as llama.cpp loads them).
+    let layer_windows = match (pattern, family) {
+        (Some(p), _) => p,
+        (None, Family::Gemma2) => windows_every(layers, window.or(Some(4096)), 2),
+        (None, Family::Gemma3) => windows_every(layers, window, 6),
+        (None, Family::Phi3) => vec![window; layers],
+        (None, _) => vec![None; layers],
+    };
+    let theta = meta.f64(&a("rope.freq_base"))?.unwrap_or(10_000.0);
+    let mut rope = RopeSpec {
+        theta,
+        scaling: rope_scaling,
+        freq_factors: rope_tensors.remove("rope_freqs.weight"),
+    };
+    if let (Some(long), Some(short)) = (
+        rope_tensors.remove("rope_factors_long.weight"),
+        rope_tensors.remove("rope_factors_short.weight"),
+    ) {
+        let original = meta.req_usize(&a("rope.scaling.original_context_length"))?;
+        let ctx = meta.req_usize(&a("context_length"))?;
+        let factor = ctx as f64 / original as f64;
+        let attention_factor = match meta.f64(&a("rope.scaling.attn_factor"))? {
+            Some(f) => f,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+        };
+        let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
+        rope.scaling = RopeScaling::LongRope {
+            short_factor: widen(short),
+            long_factor: widen(long),
+            original_max_position_embeddings: original,
+            attention_factor,
+        };
+    }
+    let local_rope = (family == Family::Gemma3).then(|| {
+        RopeSpec::plain(
+            meta.f64(&a("rope.freq_base_swa"))
+                .ok()
+                .flatten()
+                .unwrap_or(10_000.0),
+        )
+    });
+    // llama.cpp (after gemma_pytorch) scales Gemma's queries by 1/√(hidden/heads) for the 27B
+    // models and by 1/√head_dim otherwise; the file does not say query_pre_attn_scalar.
+    let attn_scale = match (family, layers) {
+        (Family::Gemma2, 46) | (Family::Gemma3, 62) => (hidden as f64 / heads as f64).powf(-0.5),
+        _ => (head_dim as f64).powf(-0.5),
+    };
+    let softcap =
+        |k: &str| -> Result<Option<f64>, ModelError> { Ok(meta.f64(&a(k))?.filter(|&c| c > 0.0)) };
+    let (attn_softcap, final_softcap) = match family {
+        Family::Gemma2 => (
+            softcap("attn_logit_softcapping")?,
+            softcap("final_logit_softcapping")?,
+        ),
+        Family::Gemma3 => (None, softcap("final_logit_softcapping")?),
+        _ => (None, None),
+    };
     let cfg = ModelConfig {
+        family,
         hidden_size: hidden,
         intermediate_size: meta.req_usize(&a("feed_forward_length"))?,
         vocab_size: vocab,
-        num_hidden_layers: meta.req_usize(&a("block_count"))?,
+        num_hidden_layers: layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
         rms_norm_eps: meta
             .f64(&a("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5),
-        rope_theta: meta.f64(&a("rope.freq_base"))?.unwrap_or(10_000.0),
-        rope_scaling,
-        rope_freq_factors,
+        rope,
+        local_rope,
+        layer_windows,
         max_context: meta.req_usize(&a("context_length"))?,
         tie_word_embeddings: !has("lm_head.weight"),
-        attention_bias: has("model.layers.0.self_attn.q_proj.bias"),
-        mlp_bias: has("model.layers.0.mlp.gate_proj.bias"),
+        qkv_bias: has("model.layers.0.self_attn.q_proj.bias")
+            || has("model.layers.0.self_attn.qkv_proj.bias"),
+        o_bias: has("model.layers.0.self_attn.o_proj.bias"),
+        mlp_bias: has("model.layers.0.mlp.down_proj.bias"),
+        activation: family.default_activation(),
+        attn_scale,
+        attn_softcap,
+        final_softcap,
     }
     .validate(&path.display().to_string())?;
 
     let vb = VarBuilder::from_tensors(tensors, opts.dtype, device);
-    let model = Llama::with_stored(&cfg, vb, &stored).map_err(|source| ModelError::Weights {
+    let model = Decoder::with_stored(&cfg, vb, &stored).map_err(|source| ModelError::Weights {
         path: path.to_path_buf(),
         source,
     })?;
@@ -358,13 +494,16 @@ fn gguf_tokenizer(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer, ModelEr
     let model = meta
         .string("tokenizer.ggml.model")?
         .ok_or_else(|| meta.err("metadata tokenizer.ggml.model is missing".into()))?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(meta.err(format!(
-            "tokenizer.ggml.model = {model:?} is not supported from GGUF (supported: gpt2, the byte-level BPE); \
-             serve this model from its HF folder instead"
+            "tokenizer.ggml.model = {model:?} is not supported from GGUF (supported: gpt2, the byte-level BPE, \
+             and llama, SentencePiece); serve this model from its HF folder instead"
         )));
     }
     let types = meta.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
+    if model == "llama" {
+        return spm_tokenizer(meta, tokens, types);
+    }
     if !types.is_empty() && types.len() != tokens.len() {
         return Err(meta.err(format!(
             "tokenizer.ggml.token_type has {} entries for {} tokens",
@@ -403,4 +542,52 @@ fn gguf_tokenizer(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer, ModelEr
         }
     }
     Tokenizer::from_gguf_bpe(parts, meta.path)
+}
+
+/// A SentencePiece (`tokenizer.ggml.model = llama`) tokenizer: Llama 2, Mistral, TinyLlama,
+/// Phi-3, Gemma files.
+fn spm_tokenizer(
+    meta: &Meta,
+    tokens: Vec<String>,
+    types: Vec<i64>,
+) -> Result<Tokenizer, ModelError> {
+    let n = tokens.len();
+    let scores: Vec<f32> =
+        match meta.get("tokenizer.ggml.scores") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| meta.err(format!("metadata tokenizer.ggml.scores: {e}")))?
+                .iter()
+                .map(|x| {
+                    x.to_f32()
+                        .map_err(|e| meta.err(format!("metadata tokenizer.ggml.scores: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+            None => return Err(meta.err(
+                "metadata tokenizer.ggml.scores is missing (a SentencePiece vocabulary needs it)"
+                    .into(),
+            )),
+        };
+    let types = if types.is_empty() { vec![1; n] } else { types };
+    let id = |key: &str| -> Result<Option<u32>, ModelError> {
+        match meta.u32(key)? {
+            Some(i) if i as usize >= n => {
+                Err(meta.err(format!("{key} {i} is outside the vocabulary")))
+            }
+            other => Ok(other),
+        }
+    };
+    let bos = id("tokenizer.ggml.bos_token_id")?;
+    let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
+    let parts = GgufSpm {
+        scores,
+        add_space_prefix: meta
+            .bool("tokenizer.ggml.add_space_prefix")?
+            .unwrap_or(true),
+        prepend_bos: if add_bos { bos } else { None },
+        unk: id("tokenizer.ggml.unknown_token_id")?,
+        tokens,
+        types,
+    };
+    Tokenizer::from_gguf_spm(parts, meta.path)
 }

@@ -10,7 +10,7 @@ use super::weights::StoredWeights;
 use serde::Deserialize;
 
 use super::{
-    dedup_push, model_id, read_json, Llama, LlamaConfig, LoadOptions, LoadedModel, ModelError,
+    dedup_push, model_id, read_json, Decoder, HfConfig, LoadOptions, LoadedModel, ModelError,
     ModelFormat, ModelInfo, TokenIds, Tokenizer,
 };
 
@@ -137,7 +137,7 @@ pub(super) fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
             what: "the model configuration (config.json)",
         });
     }
-    let raw: LlamaConfig = read_json(&config_path)?;
+    let raw: HfConfig = read_json(&config_path)?;
     let mut eos = Vec::new();
     dedup_push(&mut eos, raw.eos_token_id.iter().flat_map(|t| t.to_vec()));
     let mut bos = raw
@@ -162,7 +162,7 @@ pub(super) fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
     } else {
         StoredWeights::new()
     };
-    let model = Llama::with_stored(&cfg, vb, &stored).map_err(|source| ModelError::Weights {
+    let model = Decoder::with_stored(&cfg, vb, &stored).map_err(|source| ModelError::Weights {
         path: dir.to_path_buf(),
         source,
     })?;

@@ -13,9 +13,15 @@ use candle_core::{Result, Tensor};
 /// concatenation it replaced copied the whole cache every step, 6% of decode time at 8
 /// sequences and growing with length). Not `Clone`: clones would share the buffers written in
 /// place.
+///
+/// A layer with a sliding window `w` keeps only what a later query can still see: before an
+/// append at position `p`, positions below `p + 1 − w` are dropped (moved out of the buffer
+/// when it would otherwise grow), so its memory stays within about twice `w` plus one chunk,
+/// however long the sequence. Such a layer's views start at [`LayerView::start`].
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
+    windows: Vec<Option<usize>>,
     len: usize,
 }
 
@@ -23,17 +29,34 @@ pub struct KvCache {
 struct LayerKv {
     k: Tensor,
     v: Tensor,
-    /// Positions written (may run ahead of `KvCache::len` until a forward completes).
+    /// Absolute position of the buffer's first row (0 unless a window dropped positions).
+    start: usize,
+    /// Absolute positions written (may run ahead of `KvCache::len` until a forward completes).
     used: usize,
+}
+
+/// One layer's cached keys and values after an append: `[num_kv_heads, used − start,
+/// head_dim]` views of the buffers, the first row at absolute position `start`.
+pub struct LayerView {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub start: usize,
 }
 
 /// The smallest buffer a layer starts with, in positions.
 const MIN_CAPACITY: usize = 64;
 
 impl KvCache {
+    /// A cache without windows.
     pub fn new(num_layers: usize) -> Self {
+        Self::with_windows(vec![None; num_layers])
+    }
+
+    /// A cache whose layer `i` keeps the window `windows[i]` (`None`: every position).
+    pub fn with_windows(windows: Vec<Option<usize>>) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| None).collect(),
+            layers: windows.iter().map(|_| None).collect(),
+            windows,
             len: 0,
         }
     }
@@ -65,7 +88,7 @@ impl KvCache {
         let len = self.len;
         for slot in self.layers.iter_mut() {
             if let Some(l) = slot {
-                l.used = l.used.min(len);
+                l.used = l.used.min(len).max(l.start);
                 if l.used == 0 {
                     *slot = None;
                 }
@@ -74,51 +97,95 @@ impl KvCache {
         Ok(())
     }
 
-    /// Append `[num_kv_heads, n, head_dim]` keys and values to `layer`; returns the whole
-    /// cached keys and values of that layer, `[num_kv_heads, len, head_dim]` views of the
-    /// buffers (each head's rows contiguous).
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    /// Append `[num_kv_heads, n, head_dim]` keys and values to `layer`; returns the layer's
+    /// cached keys and values (see [`LayerView`]; each head's rows contiguous).
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<LayerView> {
         let (heads, n, hd) = k.dims3()?;
+        let window = self.windows[layer];
         let slot = &mut self.layers[layer];
-        let used = slot.as_ref().map_or(0, |l| l.used);
+        let (start, used) = slot.as_ref().map_or((0, 0), |l| (l.start, l.used));
         let cap = slot.as_ref().map_or(0, |l| l.k.dim(1).unwrap_or(0));
-        if used + n > cap {
-            let new_cap = (used + n).max(2 * cap).max(MIN_CAPACITY);
-            let grow = |old: Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
+        // What the first new query (at `used`) can still see.
+        let keep = window.map_or(start, |w| (used + 1).saturating_sub(w).max(start));
+        if used + n - start > cap {
+            let (old_k, old_v) = match slot.as_ref() {
+                Some(l) => (Some(&l.k), Some(&l.v)),
+                None => (None, None),
+            };
+            let held = used - keep;
+            // Grow, or (with a window) move the rows still seen to the front of a buffer of
+            // the same size when they fit there.
+            let new_cap = if held + n <= cap {
+                cap
+            } else {
+                (held + n).max(2 * cap).max(MIN_CAPACITY)
+            };
+            let moved = |old: Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
                 let buf = Tensor::zeros((heads, new_cap, hd), like.dtype(), like.device())?;
                 if let Some(old) = old {
-                    if used > 0 {
-                        buf.slice_set(&old.narrow(1, 0, used)?.contiguous()?, 1, 0)?;
+                    if held > 0 {
+                        buf.slice_set(&old.narrow(1, keep - start, held)?.contiguous()?, 1, 0)?;
                     }
                 }
                 Ok(buf)
             };
-            let (nk, nv) = (
-                grow(slot.as_ref().map(|l| &l.k), k)?,
-                grow(slot.as_ref().map(|l| &l.v), v)?,
-            );
-            *slot = Some(LayerKv { k: nk, v: nv, used });
+            let (nk, nv) = (moved(old_k, k)?, moved(old_v, v)?);
+            *slot = Some(LayerKv {
+                k: nk,
+                v: nv,
+                start: keep,
+                used,
+            });
         }
         let l = slot.as_mut().expect("allocated above");
-        l.k.slice_set(&k.contiguous()?, 1, used)?;
-        l.v.slice_set(&v.contiguous()?, 1, used)?;
-        l.used = used + n;
-        Ok((l.k.narrow(1, 0, l.used)?, l.v.narrow(1, 0, l.used)?))
+        l.k.slice_set(&k.contiguous()?, 1, l.used - l.start)?;
+        l.v.slice_set(&v.contiguous()?, 1, l.used - l.start)?;
+        l.used += n;
+        let rows = l.used - l.start;
+        Ok(LayerView {
+            k: l.k.narrow(1, 0, rows)?,
+            v: l.v.narrow(1, 0, rows)?,
+            start: l.start,
+        })
+    }
+
+    /// Mark `n` positions of `layer` as passed without data: for a windowed layer restored
+    /// from cached blocks that are older than its window (never read again). Only while the
+    /// layer holds nothing.
+    pub(crate) fn append_unseen(&mut self, layer: usize, n: usize) -> Result<()> {
+        let slot = &mut self.layers[layer];
+        match slot {
+            None => {
+                let z = Tensor::zeros(
+                    (1, 0, 1),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )?;
+                *slot = Some(LayerKv {
+                    k: z.clone(),
+                    v: z,
+                    start: n,
+                    used: n,
+                });
+            }
+            Some(l) if l.start == l.used => {
+                l.start += n;
+                l.used += n;
+            }
+            Some(_) => candle_core::bail!("layer {layer} holds positions; cannot skip past them"),
+        }
+        Ok(())
     }
 
     /// A copy of positions `start..start + n` (all held) of `layer`'s keys and values, each
-    /// `[num_kv_heads, n, head_dim]`, sharing nothing with the buffers.
+    /// `[num_kv_heads, n, head_dim]`, sharing nothing with the buffers; `None` when a window
+    /// has dropped them.
     pub(crate) fn positions(
         &self,
         layer: usize,
         start: usize,
         n: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<Option<(Tensor, Tensor)>> {
         if start + n > self.len {
             candle_core::bail!(
                 "positions {start}..{} of a cache of {}",
@@ -129,10 +196,16 @@ impl KvCache {
         let l = self.layers[layer]
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} holds nothing")))?;
-        Ok((
-            l.k.narrow(1, start, n)?.force_contiguous()?,
-            l.v.narrow(1, start, n)?.force_contiguous()?,
-        ))
+        if start < l.start {
+            if self.windows[layer].is_some() {
+                return Ok(None);
+            }
+            candle_core::bail!("positions {start}.. of layer {layer} are not held");
+        }
+        Ok(Some((
+            l.k.narrow(1, start - l.start, n)?.force_contiguous()?,
+            l.v.narrow(1, start - l.start, n)?.force_contiguous()?,
+        )))
     }
 
     /// Record that a forward over `n` new positions completed on every layer.
@@ -161,7 +234,8 @@ mod tests {
                 cache.append(0, &(&k + 100.0).unwrap(), &v).unwrap();
                 cache.rollback().unwrap();
             }
-            let (ck, cv) = cache.append(0, &k, &v).unwrap();
+            let view = cache.append(0, &k, &v).unwrap();
+            let (ck, cv) = (view.k, view.v);
             cache.advance(n);
             all_k.push(k);
             let want = Tensor::cat(&all_k, 1).unwrap();
@@ -182,5 +256,42 @@ mod tests {
         }
         assert_eq!(cache.len(), 211);
         assert!(cache.bytes() >= 2 * 2 * 211 * 4 * 4);
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A windowed layer holds what later queries see, and its buffer stops growing: after
+    /// 1000 single-token appends with a window of 16 it is at most a minimum buffer, and the
+    /// view's rows are exactly the last positions, at the start it reports.
+    #[test]
+    fn window_bounds_memory_and_keeps_the_last_positions() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::with_windows(vec![Some(16), None]);
+        let mut all = Vec::new();
+        for step in 0..1000usize {
+            let n = if step % 97 == 0 { 40 } else { 1 };
+            let k = Tensor::randn(0f32, 1.0, (2, n, 4), &dev).unwrap();
+            all.push(k.clone());
+            let pos = cache.len();
+            let view = cache.append(0, &k, &k).unwrap();
+            let full = cache.append(1, &k, &k).unwrap();
+            cache.advance(n);
+            assert!(view.start <= (pos + 1).saturating_sub(16), "step {step}");
+            assert_eq!(view.start + view.k.dim(1).unwrap(), pos + n);
+            assert_eq!(full.start, 0);
+            let want = Tensor::cat(&all, 1).unwrap();
+            let want = want.narrow(1, view.start, pos + n - view.start).unwrap();
+            let d = (view.k - want).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "step {step}");
+        }
+        let windowed = cache.layers[0].as_ref().unwrap().k.dim(1).unwrap();
+        assert!(windowed <= 2 * (16 + 40) + MIN_CAPACITY, "{windowed} rows");
+        // Old positions of the windowed layer are gone; the full layer still has them.
+        assert!(cache.positions(0, 0, 16).unwrap().is_none());
+        assert!(cache.positions(1, 0, 16).unwrap().is_some());
     }
 }

@@ -1,11 +1,13 @@
-//! The base model: a llama-family decoder on candle, its loaders (HF folder, GGUF file) and
-//! its tokenizer.
+//! The base model: one decoder on candle for every supported family, its loaders (HF folder,
+//! GGUF file) and its tokenizer.
 
 mod config;
+mod decoder;
+mod family;
 mod gguf;
 mod hf;
 mod kv_cache;
-mod llama;
+mod rope;
 mod tokenizer;
 mod weights;
 
@@ -13,9 +15,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-pub use config::{LlamaConfig, ModelConfig, RopeScaling, TokenIds};
+pub use config::{HfConfig, ModelConfig, TokenIds};
+pub use decoder::{Decoder, LogitsFor, SeqInput};
+pub use family::{Activation, Family, Traits};
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LogitsFor, SeqInput};
+pub use rope::{RopeScaling, RopeSpec};
 pub use tokenizer::{GgufBpe, Tokenizer};
 pub use weights::{StoredWeights, WeightsSummary};
 
@@ -37,7 +41,10 @@ pub enum ModelError {
     },
     #[error("{path}: invalid model configuration: {msg}")]
     InvalidConfig { path: String, msg: String },
-    #[error("{path}: architecture {arch:?} is not supported (dora-serve serves llama-family models: llama, mistral)")]
+    #[error(
+        "{path}: architecture {arch:?} is not supported (dora-serve serves: {})",
+        Family::supported_names()
+    )]
     UnsupportedArchitecture { path: String, arch: String },
     #[error("{}: {msg}", path.display())]
     Gguf { path: PathBuf, msg: String },
@@ -93,7 +100,7 @@ pub struct ModelInfo {
 /// A loaded base model: weights, tokenizer and metadata.
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Decoder,
     pub tokenizer: Tokenizer,
     pub info: ModelInfo,
 }

@@ -14,6 +14,13 @@ use super::ModelError;
 /// Llama 3's pre-tokenizer split (llama.cpp's `llama-bpe`, HF's Llama 3 `tokenizer.json`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2/2.5/3's split (llama.cpp's `qwen2`, HF's Qwen2 `tokenizer.json`): Llama 3's with
+/// single digits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// SentencePiece's word-boundary mark.
+const SPIECE: &str = "\u{2581}";
+
 /// The model's tokenizer. `encode` parses special tokens written in the text (as HF does)
 /// and applies the tokenizer's own post-processing (e.g. a BOS token).
 #[derive(Clone)]
@@ -78,23 +85,33 @@ impl Tokenizer {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let split = |pattern: &str| -> Result<PreTokenizerWrapper, ModelError> {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| tok_err(path, e))?;
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into())
+        };
+        let mut nfc = false;
         let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match parts.pre.as_str() {
             "default" | "gpt2" | "smollm" | "gpt-2" => (ByteLevel::new(false, true, true).into(), false),
-            "llama-bpe" | "llama3" => {
-                let split = Split::new(
-                    SplitPattern::Regex(LLAMA3_SPLIT.to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| tok_err(path, e))?;
-                let seq = Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]);
-                (seq.into(), true)
+            "llama-bpe" | "llama3" => (split(LLAMA3_SPLIT)?, true),
+            "qwen2" => {
+                // HF's Qwen2 tokenizer normalises to NFC first.
+                nfc = true;
+                (split(QWEN2_SPLIT)?, false)
             }
             other => {
                 return Err(tok_err(
                     path,
                     format!(
-                        "GGUF tokenizer.ggml.pre = {other:?} is not supported (supported: gpt2, smollm, llama-bpe); \
+                        "GGUF tokenizer.ggml.pre = {other:?} is not supported (supported: gpt2, smollm, llama-bpe, qwen2); \
                          serve the model from its HF folder instead"
                     ),
                 ))
@@ -106,6 +123,11 @@ impl Tokenizer {
             .build()
             .map_err(|e| tok_err(path, e))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
+        if nfc {
+            inner
+                .with_normalizer(Some(tokenizers::normalizers::unicode::NFC))
+                .map_err(|e| tok_err(path, e))?;
+        }
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         let special: Vec<AddedToken> = parts
@@ -125,6 +147,133 @@ impl Tokenizer {
         Ok(Self {
             inner,
             prepend: parts.prepend_bos,
+        })
+    }
+
+    /// Rebuild a GGUF `llama`-type (SentencePiece) tokenizer the way transformers converts one
+    /// (`GGUFLlamaConverter`, `SentencePieceExtractor`): a BPE over the pieces with byte
+    /// fallback, whose merges are every split of a piece into two pieces, ranked by the merged
+    /// piece's score (SentencePiece merges the highest-scoring pair first); spaces become `▁`
+    /// (with one prepended to the text when `add_space_prefix`); control tokens special,
+    /// user-defined ones added.
+    pub fn from_gguf_spm(parts: GgufSpm, path: &Path) -> Result<Self, ModelError> {
+        use std::collections::HashMap;
+        use tokenizers::decoders::byte_fallback::ByteFallback;
+        use tokenizers::decoders::fuse::Fuse;
+        use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+        use tokenizers::decoders::strip::Strip;
+        use tokenizers::normalizers::{Prepend, Replace};
+        use tokenizers::{DecoderWrapper, NormalizerWrapper};
+
+        let GgufSpm {
+            tokens,
+            scores,
+            types,
+            add_space_prefix,
+            prepend_bos,
+            unk,
+        } = parts;
+        if scores.len() != tokens.len() || types.len() != tokens.len() {
+            return Err(tok_err(
+                path,
+                format!(
+                    "{} tokens but {} scores and {} token types",
+                    tokens.len(),
+                    scores.len(),
+                    types.len()
+                ),
+            ));
+        }
+        let vocab: HashMap<&str, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i as u32))
+            .collect();
+        // Merges, as transformers' extractor makes them: for each piece (in id order), every
+        // split into two pieces of the vocabulary, ordered by the ids of the halves; then all
+        // of them by the merged piece's score, descending (a stable sort, then by the halves'
+        // lengths).
+        let mut merges: Vec<(u32, u32, f32)> = Vec::new();
+        for (id, piece) in tokens.iter().enumerate() {
+            let mut local = Vec::new();
+            for (cut, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(cut);
+                if let (Some(&a), Some(&b)) = (vocab.get(l), vocab.get(r)) {
+                    local.push((a, b, scores[id]));
+                }
+            }
+            local.sort_by_key(|&(a, b, _)| (a, b));
+            merges.extend(local);
+        }
+        let len = |i: u32| tokens[i as usize].chars().count();
+        merges.sort_by(|x, y| {
+            y.2.partial_cmp(&x.2)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(len(y.0).cmp(&len(x.0)))
+                .then(len(y.1).cmp(&len(x.1)))
+        });
+        let merges: Vec<(String, String)> = merges
+            .into_iter()
+            .map(|(a, b, _)| (tokens[a as usize].clone(), tokens[b as usize].clone()))
+            .collect();
+        let bpe_vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let mut builder = BPE::builder()
+            .vocab_and_merges(bpe_vocab, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(u) = unk {
+            builder = builder.unk_token(tokens[u as usize].clone());
+        }
+        let bpe = builder.build().map_err(|e| tok_err(path, e))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let replace = Replace::new(" ", SPIECE).map_err(|e| tok_err(path, e))?;
+        let normalizer: NormalizerWrapper = if add_space_prefix {
+            tokenizers::normalizers::Sequence::new(vec![
+                Prepend::new(SPIECE.to_string()).into(),
+                replace.into(),
+            ])
+            .into()
+        } else {
+            replace.into()
+        };
+        inner
+            .with_normalizer(Some(normalizer))
+            .map_err(|e| tok_err(path, e))?;
+        let mut decoders: Vec<DecoderWrapper> = vec![
+            Replace::new(SPIECE, " ")
+                .map_err(|e| tok_err(path, e))?
+                .into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+        ];
+        if add_space_prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+        inner.with_decoder(Some(DecoderSequence::new(decoders)));
+        let of_type = |ty: i64| {
+            types
+                .iter()
+                .enumerate()
+                .filter(move |(_, &t)| t == ty)
+                .map(|(i, _)| i)
+        };
+        let special: Vec<AddedToken> = of_type(3)
+            .map(|i| AddedToken::from(tokens[i].clone(), true))
+            .collect();
+        let added: Vec<AddedToken> = of_type(4)
+            .map(|i| AddedToken::from(tokens[i].clone(), false).normalized(false))
+            .collect();
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| tok_err(path, e))?;
+        inner.add_tokens(added).map_err(|e| tok_err(path, e))?;
+        Ok(Self {
+            inner,
+            prepend: prepend_bos,
         })
     }
 
@@ -170,4 +319,18 @@ pub struct GgufBpe {
     /// Ids of user-defined tokens (type 4).
     pub user_defined: Vec<u32>,
     pub prepend_bos: Option<u32>,
+}
+
+/// What a GGUF file says about its SentencePiece (`llama`-type) tokenizer.
+#[derive(Debug, Clone)]
+pub struct GgufSpm {
+    pub tokens: Vec<String>,
+    pub scores: Vec<f32>,
+    /// llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte.
+    pub types: Vec<i64>,
+    /// `tokenizer.ggml.add_space_prefix` (true unless the file says otherwise; Gemma false).
+    pub add_space_prefix: bool,
+    pub prepend_bos: Option<u32>,
+    /// The unknown token's id.
+    pub unk: Option<u32>,
 }

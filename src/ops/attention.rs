@@ -17,23 +17,71 @@ use candle_core::{DType, Result, Storage, Tensor};
 
 use super::cpu::Out;
 
+/// What shapes the scores besides `q·kᵀ`: the scale, Gemma 2's soft-cap, and which keys a
+/// query sees (a sliding window over keys whose first row sits at `key_start`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// Scores are `q·kᵀ · scale`.
+    pub scale: f32,
+    /// Then `cap · tanh(score / cap)`.
+    pub softcap: Option<f32>,
+    /// Query at position `p` sees keys `p − window + 1 ..= p` (and `0 ..= p` without one).
+    pub window: Option<usize>,
+    /// Absolute position of the first key row given.
+    pub key_start: usize,
+}
+
+impl Scores {
+    /// Plain causal attention over keys from position 0.
+    pub fn causal(scale: f32) -> Self {
+        Scores {
+            scale,
+            softcap: None,
+            window: None,
+            key_start: 0,
+        }
+    }
+
+    /// The first key row (relative to `key_start`) the query at absolute position `p` sees.
+    #[inline]
+    pub fn first_key(&self, p: usize) -> usize {
+        match self.window {
+            Some(w) => (p + 1).saturating_sub(w).saturating_sub(self.key_start),
+            None => 0,
+        }
+    }
+
+    /// A raw `q·k` made a score.
+    #[inline(always)]
+    fn score(&self, dot: f32) -> f32 {
+        let s = dot * self.scale;
+        match self.softcap {
+            Some(cap) => cap * (s / cap).tanh(),
+            None => s,
+        }
+    }
+}
+
 /// `softmax(q·kᵀ · scale)·v` for `q` `[heads, 1, hd]` and `k`, `v` `[kv_heads, len, hd]` (rows
-/// contiguous, any head stride), query head `h` reading kv head `h / (heads / kv_heads)`.
+/// contiguous, any head stride), query head `h` reading kv head `h / (heads / kv_heads)`; the
+/// query sits at the last key's position, and sees the keys `sc` allows.
 /// `None` where it does not apply (other devices, dtypes or layouts).
-pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<Option<Tensor>> {
     let (Ok((nh, 1, _)), Ok((kvh, len, hd))) = (q.dims3(), k.dims3()) else {
         return Ok(None);
     };
+    let lo = sc.first_key(sc.key_start + len - 1);
     let Some(out) = with_views(q, k, v, |q, heads_kv| {
         let groups = nh / kvh;
         let mut out = vec![0f32; nh * hd];
-        let mut scores = vec![0f32; len];
+        let mut scores = vec![0f32; len - lo];
         for (g, &(kg, vg)) in heads_kv.iter().enumerate() {
+            let (kg, vg) = (&kg[lo * hd..], &vg[lo * hd..]);
             for h in g * groups..(g + 1) * groups {
                 let qh = &q[h * hd..(h + 1) * hd];
                 let mut max = f32::NEG_INFINITY;
                 for (s, krow) in scores.iter_mut().zip(kg.chunks_exact(hd)) {
-                    *s = dot(qh, krow) * scale;
+                    *s = sc.score(dot(qh, krow));
                     max = max.max(*s);
                 }
                 let mut sum = 0f32;
@@ -118,25 +166,30 @@ pub const BK: usize = 64;
 const LANES: usize = 16;
 
 /// Causal `softmax(q·kᵀ · scale)·v` for a prefill chunk: `q` `[heads, len, hd]` whose row `i`
-/// sits at absolute position `pos + i`, over `k`, `v` `[kv_heads, pos + len, hd]` (rows
-/// contiguous, any head stride: the KV cache's views), query head `h` reading kv head
-/// `h / (heads / kv_heads)`; row `i` sees keys `0..=pos + i`. Equal to candle's masked
-/// softmax and products up to summation order and [`exp`]'s rounding (within 2 ulp of
-/// `f32::exp`). `None` where it does not apply (other devices, dtypes, layouts, or head
-/// sizes other than 8, 16, 32, 64, 80, 96, 128 and 256).
+/// sits at absolute position `pos + i`, over `k`, `v` `[kv_heads, pos + len − key_start, hd]`
+/// (rows contiguous, any head stride: the KV cache's views, first row at `sc.key_start`),
+/// query head `h` reading kv head `h / (heads / kv_heads)`; row `i` sees keys up to
+/// `pos + i`, from the window's start if there is one. Equal to candle's masked softmax and
+/// products up to summation order and [`exp`]'s rounding (within 2 ulp of `f32::exp`).
+/// `None` where it does not apply (other devices, dtypes, layouts, or head sizes other than
+/// 8, 16, 32, 64, 80, 96, 128 and 256).
 pub fn prefill(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     pos: usize,
-    scale: f32,
+    sc: &Scores,
 ) -> Result<Option<Tensor>> {
     let (Ok((nh, len, hd)), Ok((kvh, total, _))) = (q.dims3(), k.dims3()) else {
         return Ok(None);
     };
-    if total != pos + len || ![8, 16, 32, 64, 80, 96, 128, 256].contains(&hd) {
+    if pos < sc.key_start
+        || total != pos + len - sc.key_start
+        || ![8, 16, 32, 64, 80, 96, 128, 256].contains(&hd)
+    {
         return Ok(None);
     }
+    let pos_rel = pos - sc.key_start;
     let Some(out) = with_views(q, k, v, |qall, heads_kv| {
         let groups = nh / kvh;
         let blocks = len.div_ceil(BQ);
@@ -166,22 +219,27 @@ pub fn prefill(
             // SAFETY: parts write disjoint rows (one head, one query block each) of `out`,
             // which outlives `pool::run`.
             let o = unsafe { dst.slice(at, rows * hd) };
-            let keys = pos + i0 + rows;
+            let keys = pos_rel + i0 + rows;
             let qrows = &qall[at..at + rows * hd];
             let _ = kg;
             let g = h / groups;
             let ktg = &kt[g * hd * padded..(g + 1) * hd * padded];
             let vv = &vg[..keys * hd];
-            let first = pos + i0;
+            let rows_at = RowsAt {
+                first: pos_rel + i0,
+                window: sc.window,
+                scale: sc.scale,
+                softcap: sc.softcap,
+            };
             match hd {
-                8 => flash_8(qrows, ktg, vv, first, scale, o),
-                16 => flash_16(qrows, ktg, vv, first, scale, o),
-                32 => flash_32(qrows, ktg, vv, first, scale, o),
-                64 => flash_64(qrows, ktg, vv, first, scale, o),
-                80 => flash_80(qrows, ktg, vv, first, scale, o),
-                96 => flash_96(qrows, ktg, vv, first, scale, o),
-                128 => flash_128(qrows, ktg, vv, first, scale, o),
-                _ => flash_256(qrows, ktg, vv, first, scale, o),
+                8 => flash_8(qrows, ktg, vv, &rows_at, o),
+                16 => flash_16(qrows, ktg, vv, &rows_at, o),
+                32 => flash_32(qrows, ktg, vv, &rows_at, o),
+                64 => flash_64(qrows, ktg, vv, &rows_at, o),
+                80 => flash_80(qrows, ktg, vv, &rows_at, o),
+                96 => flash_96(qrows, ktg, vv, &rows_at, o),
+                128 => flash_128(qrows, ktg, vv, &rows_at, o),
+                _ => flash_256(qrows, ktg, vv, &rows_at, o),
             }
         };
         super::pool::run(nh * blocks, &part);
@@ -204,19 +262,17 @@ macro_rules! flash_for {
             q: &[f32],
             kt: &[f32],
             v: &[f32],
-            first: usize,
-            scale: f32,
+            at: &RowsAt,
             out: &mut [f32],
         ) {
-            flash_part::<$hd>(q, kt, v, first, scale, out)
+            flash_part::<$hd>(q, kt, v, at, out)
         }
         simd_dispatch!(
             fn $name(
                 q: &[f32],
                 kt: &[f32],
                 v: &[f32],
-                first: usize,
-                scale: f32,
+                at: &RowsAt,
                 out: &mut [f32],
             ) = $plain
         );
@@ -244,26 +300,35 @@ fn transpose(k: &[f32], hd: usize, keys: usize, kt: &mut [f32]) {
     }
 }
 
-/// One part of [`prefill`]: query rows `q` (`rows × HD`, row `i` at position `first + i`)
-/// over the transposed key tiles `kt` (see [`transpose`]; zero past the last key) and the
-/// values `v` (`(first + rows) × HD`: every key the last row sees), into `out` (`rows × HD`,
-/// zeroed). Plain loops, closure-free, for [`simd_dispatch`]: scores of a key block are one
-/// fused axpy per head dimension, the value product one per key into a register-sized
-/// accumulator row.
-#[inline(always)]
-fn flash_part<const HD: usize>(
-    q: &[f32],
-    kt: &[f32],
-    v: &[f32],
+/// Where a part's query rows sit and how they score: row `i` is at relative position
+/// `first + i` (its own key's row), sees keys from `first + i + 1 − window` (or 0), and scores
+/// are `q·k · scale`, soft-capped when asked.
+pub struct RowsAt {
     first: usize,
+    window: Option<usize>,
     scale: f32,
-    out: &mut [f32],
-) {
+    softcap: Option<f32>,
+}
+
+/// One part of [`prefill`]: query rows `q` (`rows × HD`) over the transposed key tiles `kt`
+/// (see [`transpose`]; zero past the last key) and the values `v` (`(first + rows) × HD`:
+/// every key the last row sees), into `out` (`rows × HD`, zeroed). Plain loops,
+/// closure-free, for [`simd_dispatch`]: scores of a key block are one fused axpy per head
+/// dimension, the value product one per key into a register-sized accumulator row.
+#[inline(always)]
+fn flash_part<const HD: usize>(q: &[f32], kt: &[f32], v: &[f32], at: &RowsAt, out: &mut [f32]) {
+    let (first, scale) = (at.first, at.scale);
     let rows = out.len() / HD;
     let keys = first + rows;
+    // The first key each row sees (a window's start), relative.
+    let lo_of = |r: usize| match at.window {
+        Some(w) => (first + r + 1).saturating_sub(w),
+        None => 0,
+    };
     let mut m = [f32::NEG_INFINITY; BQ];
     let mut l = [0f32; BQ];
-    let mut kb = 0;
+    // Blocks wholly before the first row's window are seen by no row of the part.
+    let mut kb = lo_of(0) / BK * BK;
     while kb < keys {
         let bk = BK.min(keys - kb);
         // Rows in pairs (the last one paired with itself when `rows` is odd): each key
@@ -272,13 +337,15 @@ fn flash_part<const HD: usize>(
         while i < rows {
             let pair = [i, (i + 1).min(rows - 1)];
             i += 2;
-            // Row r sees keys 0..=first + r; a row that sees none of this block gets n = 0
-            // and is left exactly as it was (p = 0 everywhere, correction 1).
-            let mut n = [0usize; 2];
+            // Row r sees block entries lo[r]..hi[r]; a row that sees none of this block is
+            // left exactly as it was (p = 0 everywhere, correction 1).
+            let mut lo = [0usize; 2];
+            let mut hi = [0usize; 2];
             for r in 0..2 {
-                n[r] = bk.min((first + pair[r] + 1).saturating_sub(kb));
+                hi[r] = bk.min((first + pair[r] + 1).saturating_sub(kb));
+                lo[r] = lo_of(pair[r]).saturating_sub(kb).min(hi[r]);
             }
-            if n[1] == 0 {
+            if hi[0] == lo[0] && hi[1] == lo[1] {
                 continue;
             }
             let mut s = [[0f32; BK]; 2];
@@ -291,15 +358,20 @@ fn flash_part<const HD: usize>(
             let mut new_m = [0f32; 2];
             let mut new_l = [0f32; 2];
             for r in 0..2 {
-                let (sr, nr) = (&mut s[r], n[r]);
+                let (sr, lr, hr) = (&mut s[r], lo[r], hi[r]);
                 // Reductions over lanes, so that each loop vectorises (a float reduction in
                 // one accumulator cannot be reordered by the compiler).
                 for (j, v) in sr.iter_mut().enumerate() {
-                    *v = if j < nr {
+                    *v = if j >= lr && j < hr {
                         *v * scale
                     } else {
                         f32::NEG_INFINITY
                     };
+                }
+                if let Some(cap) = at.softcap {
+                    for v in sr.iter_mut() {
+                        *v = cap * (*v / cap).tanh();
+                    }
                 }
                 let mut lanes = [f32::NEG_INFINITY; LANES];
                 for c in 0..BK / LANES {
@@ -312,7 +384,7 @@ fn flash_part<const HD: usize>(
                     mx = mx.max(x);
                 }
                 for (j, v) in sr.iter_mut().enumerate() {
-                    *v = if j < nr { exp(*v - mx) } else { 0.0 };
+                    *v = if j >= lr && j < hr { exp(*v - mx) } else { 0.0 };
                 }
                 let mut lanes = [0f32; LANES];
                 for c in 0..BK / LANES {
@@ -321,11 +393,14 @@ fn flash_part<const HD: usize>(
                     }
                 }
                 let sum: f32 = lanes.iter().sum();
-                if nr > 0 {
+                if hr > lr {
                     corr[r] = exp(m[pair[r]] - mx);
+                    new_m[r] = mx;
+                    new_l[r] = l[pair[r]] * corr[r] + sum;
+                } else {
+                    new_m[r] = m[pair[r]];
+                    new_l[r] = l[pair[r]];
                 }
-                new_m[r] = mx;
-                new_l[r] = l[pair[r]] * corr[r] + sum;
             }
             let mut acc = [[0f32; HD]; 2];
             for r in 0..2 {
@@ -333,7 +408,8 @@ fn flash_part<const HD: usize>(
                     acc[r][d] = out[pair[r] * HD + d] * corr[r];
                 }
             }
-            values2(&s, n[1], &v[kb * HD..(kb + n[1]) * HD], &mut acc);
+            let n = hi[0].max(hi[1]);
+            values2(&s, n, &v[kb * HD..(kb + n) * HD], &mut acc);
             for r in 0..2 {
                 m[pair[r]] = new_m[r];
                 l[pair[r]] = new_l[r];
@@ -543,7 +619,9 @@ mod tests {
             let vb = Tensor::randn(0f32, 1.0, (kvh, cap, hd), &dev).unwrap();
             let (k, v) = (kb.narrow(1, 0, len).unwrap(), vb.narrow(1, 0, len).unwrap());
             let scale = 1.0 / (hd as f32).sqrt();
-            let got = decode(&q, &k, &v, scale).unwrap().expect("applies");
+            let got = decode(&q, &k, &v, &Scores::causal(scale))
+                .unwrap()
+                .expect("applies");
             let qg = q.reshape((kvh, nh / kvh, hd)).unwrap();
             let att = (qg.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
             let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
@@ -553,16 +631,34 @@ mod tests {
         }
     }
 
-    /// candle's masked attention, as `Llama::attend` computes it off the fast path.
+    /// candle's masked attention, as `Decoder::attend` computes it off the fast path.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, scale: f32) -> Tensor {
+        reference_with(q, k, v, pos, &Scores::causal(scale))
+    }
+
+    /// The same with a window, soft-cap and keys starting at `sc.key_start`: the mask and cap
+    /// written out on the full score matrix.
+    fn reference_with(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, sc: &Scores) -> Tensor {
         let (nh, len, hd) = q.dims3().unwrap();
         let (kvh, total, _) = k.dims3().unwrap();
         let groups = nh / kvh;
         let qg = q.reshape((kvh, groups * len, hd)).unwrap();
-        let att = (qg.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
+        let att = (qg.matmul(&k.t().unwrap()).unwrap() * sc.scale as f64).unwrap();
+        let att = match sc.softcap {
+            Some(cap) => ((att / cap as f64).unwrap().tanh().unwrap() * cap as f64).unwrap(),
+            None => att,
+        };
         let mask: Vec<f32> = (0..len)
             .flat_map(|i| {
-                (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                (0..total).map(move |j| {
+                    let (p, kj) = (pos + i, sc.key_start + j);
+                    let seen = kj <= p && sc.window.is_none_or(|w| kj + w > p);
+                    if seen {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
             })
             .collect();
         let mask = Tensor::from_vec(mask, (len, total), q.device()).unwrap();
@@ -578,6 +674,47 @@ mod tests {
             .unwrap()
             .reshape((nh, len, hd))
             .unwrap()
+    }
+
+    /// Sliding windows (smaller and larger than a key block, with keys that start past 0 as
+    /// a windowed cache's views do) and Gemma 2's soft-cap, in prefill and decode, against
+    /// the mask and cap written out.
+    #[test]
+    fn windows_and_softcap_equal_the_written_out_mask() {
+        let dev = Device::Cpu;
+        let cases = [
+            // (heads, kv heads, hd, key_start, pos, len, window, softcap)
+            (4, 2, 16, 0, 0, 40, Some(8), None),
+            (4, 2, 16, 0, 0, 40, Some(8), Some(5.0)),
+            (4, 1, 32, 3, 20, 70, Some(17), None),
+            (6, 2, 64, 100, 150, 130, Some(100), Some(50.0)),
+            (4, 4, 64, 0, 5, 33, None, Some(2.0)),
+            (2, 1, 256, 10, 70, 1, Some(64), None),
+            (2, 1, 16, 0, 0, 200, Some(1), None),
+        ];
+        for (nh, kvh, hd, key_start, pos, len, window, softcap) in cases {
+            let total = pos + len - key_start;
+            let q = Tensor::randn(0f32, 1.0, (nh, len, hd), &dev).unwrap();
+            let k = (Tensor::randn(0f32, 1.0, (kvh, total, hd), &dev).unwrap() * 3.0).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (kvh, total, hd), &dev).unwrap();
+            let sc = Scores {
+                scale: 1.0 / (hd as f32).sqrt(),
+                softcap,
+                window,
+                key_start,
+            };
+            let want = reference_with(&q, &k, &v, pos, &sc);
+            let got = prefill(&q, &k, &v, pos, &sc).unwrap().expect("applies");
+            let d = crate::ops::max_abs_diff(&got, &want);
+            let case = format!("hd {hd}, keys from {key_start}, pos {pos}, len {len}, window {window:?}, cap {softcap:?}");
+            assert!(d < 2e-5, "prefill, {case}: {d}");
+            // Decode of the last row alone, over the same keys.
+            let q1 = q.narrow(1, len - 1, 1).unwrap();
+            let got = decode(&q1, &k, &v, &sc).unwrap().expect("applies");
+            let want = want.narrow(1, len - 1, 1).unwrap();
+            let d = crate::ops::max_abs_diff(&got, &want);
+            assert!(d < 2e-5, "decode, {case}: {d}");
+        }
     }
 
     /// Flash-style prefill against candle's masked attention: odd lengths around the query
@@ -616,7 +753,9 @@ mod tests {
                 vb.narrow(1, 0, total).unwrap(),
             );
             let scale = 1.0 / (hd as f32).sqrt();
-            let got = prefill(&q, &k, &v, pos, scale).unwrap().expect("applies");
+            let got = prefill(&q, &k, &v, pos, &Scores::causal(scale))
+                .unwrap()
+                .expect("applies");
             let want = reference(&q, &k, &v, pos, scale);
             let d = crate::ops::max_abs_diff(&got, &want);
             assert!(
@@ -632,16 +771,28 @@ mod tests {
         let dev = Device::Cpu;
         let q = Tensor::zeros((2, 4, 48), DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 4, 48), DType::F32, &dev).unwrap();
-        assert!(prefill(&q, &k, &k, 0, 1.0).unwrap().is_none(), "hd 48");
+        assert!(
+            prefill(&q, &k, &k, 0, &Scores::causal(1.0))
+                .unwrap()
+                .is_none(),
+            "hd 48"
+        );
         let q = Tensor::zeros((2, 4, 64), DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 5, 64), DType::F32, &dev).unwrap();
         assert!(
-            prefill(&q, &k, &k, 0, 1.0).unwrap().is_none(),
+            prefill(&q, &k, &k, 0, &Scores::causal(1.0))
+                .unwrap()
+                .is_none(),
             "total ≠ pos + len"
         );
         let k = Tensor::zeros((1, 4, 64), DType::BF16, &dev).unwrap();
         let q16 = q.to_dtype(DType::BF16).unwrap();
-        assert!(prefill(&q16, &k, &k, 0, 1.0).unwrap().is_none(), "bf16");
+        assert!(
+            prefill(&q16, &k, &k, 0, &Scores::causal(1.0))
+                .unwrap()
+                .is_none(),
+            "bf16"
+        );
     }
 
     /// [`exp`] within 2 ulp of `f32::exp` over the range softmax uses, and ≈0 below it.

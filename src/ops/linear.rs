@@ -11,7 +11,9 @@ use candle_core::{DType, Result, Tensor};
 use super::lora::{AdapterWeights, LoraModule, MergedWeights};
 use super::stored::BaseWeight;
 
-/// The seven llama projections an adapter may target, named as in HF module paths.
+/// The projections of a decoder layer an adapter may target, named as in HF module paths:
+/// llama's seven, and Phi-3's fused `qkv_proj` and `gate_up_proj` (a model has either the
+/// fused or the separate ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ProjKind {
     Q,
@@ -21,10 +23,27 @@ pub enum ProjKind {
     Gate,
     Up,
     Down,
+    /// q, k and v in one matrix, rows in that order (Phi-3).
+    Qkv,
+    /// gate and up in one matrix, gate rows first (Phi-3).
+    GateUp,
 }
 
 impl ProjKind {
-    pub const ALL: [ProjKind; 7] = [
+    pub const ALL: [ProjKind; 9] = [
+        ProjKind::Q,
+        ProjKind::K,
+        ProjKind::V,
+        ProjKind::O,
+        ProjKind::Gate,
+        ProjKind::Up,
+        ProjKind::Down,
+        ProjKind::Qkv,
+        ProjKind::GateUp,
+    ];
+
+    /// The seven separate projections of a llama-style layer (every family but Phi-3).
+    pub const SEPARATE: [ProjKind; 7] = [
         ProjKind::Q,
         ProjKind::K,
         ProjKind::V,
@@ -44,14 +63,16 @@ impl ProjKind {
             ProjKind::Gate => "gate_proj",
             ProjKind::Up => "up_proj",
             ProjKind::Down => "down_proj",
+            ProjKind::Qkv => "qkv_proj",
+            ProjKind::GateUp => "gate_up_proj",
         }
     }
 
     /// The parent module in a llama decoder layer: `self_attn` or `mlp`.
     pub fn parent(self) -> &'static str {
         match self {
-            ProjKind::Q | ProjKind::K | ProjKind::V | ProjKind::O => "self_attn",
-            ProjKind::Gate | ProjKind::Up | ProjKind::Down => "mlp",
+            ProjKind::Q | ProjKind::K | ProjKind::V | ProjKind::O | ProjKind::Qkv => "self_attn",
+            ProjKind::Gate | ProjKind::Up | ProjKind::Down | ProjKind::GateUp => "mlp",
         }
     }
 

@@ -96,9 +96,9 @@ fn bad_configs_are_explained() {
 
     let dir = copy_fixture("tiny-llama");
     edit_config(dir.path(), |c| {
-        c["rope_parameters"]["rope_type"] = "yarn".into()
+        c["rope_parameters"]["rope_type"] = "dynamic".into()
     });
-    assert_mentions(&load_err(dir.path()), &["yarn", "not supported"]);
+    assert_mentions(&load_err(dir.path()), &["dynamic", "not supported"]);
 
     let dir = copy_fixture("tiny-llama");
     edit_config(dir.path(), |c| c["num_key_value_heads"] = 3.into());

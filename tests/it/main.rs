@@ -6,6 +6,7 @@ mod catalog;
 mod cli;
 mod deploy;
 mod engine;
+mod families;
 mod generic;
 mod hostile;
 mod http;

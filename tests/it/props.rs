@@ -39,7 +39,7 @@ fn shape() -> impl Strategy<Value = Shape> {
         1u32..=32,
         any::<bool>(),
         any::<bool>(),
-        proptest::sample::subsequence(ProjKind::ALL.to_vec(), 1..=7),
+        proptest::sample::subsequence(ProjKind::SEPARATE.to_vec(), 1..=7),
         proptest::sample::subsequence(vec![0usize, 1], 1..=2),
         proptest::sample::select(vec![
             "lora_magnitude_vector",

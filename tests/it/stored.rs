@@ -211,7 +211,7 @@ fn adapters_on_a_quantized_base_equal_the_dequantised_model_in_every_mode() {
     let (stored, dense) = (load(&path, true), load(&path, false));
     // Magnitudes are computed from the dequantised rows (as PEFT does on a quantized layer).
     let specs = [
-        ("dora", true, ProjKind::ALL.to_vec(), 8),
+        ("dora", true, ProjKind::SEPARATE.to_vec(), 8),
         (
             "lora",
             false,
@@ -360,7 +360,7 @@ fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format()
     let spec = SynthSpec {
         rank: 8,
         alpha: 16.0,
-        targets: ProjKind::ALL.to_vec(),
+        targets: ProjKind::SEPARATE.to_vec(),
         dora: true,
         seed: 3,
     };

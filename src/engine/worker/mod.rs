@@ -25,7 +25,7 @@ use super::text::TextState;
 use super::types::*;
 use super::{EngineError, FinishReason};
 use crate::adapter::{AdapterCache, Catalog, Lease};
-use crate::model::{KvCache, Llama, LogitsFor, SeqInput, Tokenizer};
+use crate::model::{Decoder, KvCache, LogitsFor, SeqInput, Tokenizer};
 
 /// Start the worker thread for `engine` (the handle, built by [`Engine::start`]), which owns
 /// everything mutable: sequences, KV caches, the adapter caches and the scheduler.
@@ -115,7 +115,7 @@ struct Worker {
     cache: AdapterCache,
     merged: MergedCache,
     prefix: PrefixCache,
-    model: Arc<Llama>,
+    model: Arc<Decoder>,
     catalog: Arc<Catalog>,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,

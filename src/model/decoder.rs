@@ -1,5 +1,7 @@
-//! A llama-family decoder (Llama 2/3, TinyLlama, SmolLM2, Mistral without sliding window),
-//! written the candle way and matching transformers' `LlamaForCausalLM` numerically.
+//! The one decoder of every supported family (Llama 2/3, TinyLlama, SmolLM2, Mistral, Qwen2/2.5,
+//! Qwen3, Gemma 2, Gemma 3, Phi-3), written the candle way and matching transformers' modeling
+//! files numerically. How a family differs is read from its [`Traits`] and [`ModelConfig`]: no
+//! copied model file per family.
 //!
 //! The forward pass is *packed*: the tokens of every sequence in a step (prefill chunks and
 //! single decode tokens alike) are stacked into one `[tokens, hidden]` matrix, so each
@@ -12,8 +14,10 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
+use super::family::{Activation, Traits};
 use super::kv_cache::KvCache;
 use super::weights::{Source, StoredWeights, WeightsSummary};
+use crate::ops::attention::Scores;
 use crate::ops::{
     AdaptedLinear, AdapterWeights, Apply, BaseLinears, BaseWeight, MergedWeights, ProjKind,
     RowGroup, StoredMatrix,
@@ -48,14 +52,21 @@ struct Segment {
 
 #[derive(Debug, Clone)]
 struct RmsNorm {
+    /// The factor `x̂` is multiplied by: `w`, or `1 + w` (computed once, in f32) for Gemma.
     weight: Tensor,
     eps: f32,
 }
 
 impl RmsNorm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    fn new(size: usize, eps: f64, plus_one: bool, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get(size, "weight")?;
+        let weight = if plus_one {
+            (w.to_dtype(DType::F32)? + 1.0)?.to_dtype(w.dtype())?
+        } else {
+            w
+        };
         Ok(Self {
-            weight: vb.get(size, "weight")?,
+            weight,
             eps: eps as f32,
         })
     }
@@ -63,7 +74,7 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Computes in f32 for half dtypes, as transformers' LlamaRMSNorm does.
+        // Computes in f32 for half dtypes, as transformers' RMSNorms do.
         candle_nn::ops::rms_norm(x, &self.weight, self.eps)
     }
 }
@@ -86,45 +97,126 @@ fn linear(
     AdaptedLinear::with_base(weight, bias, layer, kind)
 }
 
+/// The q, k and v projections: three matrices, or one fused `qkv_proj` (Phi-3).
+#[derive(Debug, Clone)]
+enum Qkv {
+    Separate {
+        q_proj: AdaptedLinear,
+        k_proj: AdaptedLinear,
+        v_proj: AdaptedLinear,
+    },
+    Fused(AdaptedLinear),
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: AdaptedLinear,
-    k_proj: AdaptedLinear,
-    v_proj: AdaptedLinear,
+    qkv: Qkv,
     o_proj: AdaptedLinear,
+    /// Per-head RMSNorms on q and k before rope (Qwen3, Gemma 3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
     layer: usize,
+    /// Which rope table of the step this layer reads.
+    rope: usize,
+    scores: Scores,
 }
 
 impl Attention {
-    fn new(cfg: &ModelConfig, layer: usize, vb: Source) -> Result<Self> {
-        let (h, q, kv, b) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.attention_bias,
-        );
+    fn new(cfg: &ModelConfig, t: &Traits, layer: usize, vb: Source) -> Result<Self> {
+        let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        let qkv = if t.fused_qkv {
+            Qkv::Fused(linear(
+                h,
+                q + 2 * kv,
+                cfg.qkv_bias,
+                layer,
+                ProjKind::Qkv,
+                vb.clone(),
+            )?)
+        } else {
+            Qkv::Separate {
+                q_proj: linear(h, q, cfg.qkv_bias, layer, ProjKind::Q, vb.clone())?,
+                k_proj: linear(h, kv, cfg.qkv_bias, layer, ProjKind::K, vb.clone())?,
+                v_proj: linear(h, kv, cfg.qkv_bias, layer, ProjKind::V, vb.clone())?,
+            }
+        };
+        let norm = |name: &str| {
+            RmsNorm::new(
+                cfg.head_dim,
+                cfg.rms_norm_eps,
+                t.norm_plus_one,
+                vb.vb.pp(name),
+            )
+        };
+        let (q_norm, k_norm) = if t.qk_norm {
+            (Some(norm("q_norm")?), Some(norm("k_norm")?))
+        } else {
+            (None, None)
+        };
+        let window = cfg.layer_windows[layer];
         Ok(Self {
-            q_proj: linear(h, q, b, layer, ProjKind::Q, vb.clone())?,
-            k_proj: linear(h, kv, b, layer, ProjKind::K, vb.clone())?,
-            v_proj: linear(h, kv, b, layer, ProjKind::V, vb.clone())?,
-            o_proj: linear(q, h, b, layer, ProjKind::O, vb)?,
+            qkv,
+            o_proj: linear(q, h, cfg.o_bias, layer, ProjKind::O, vb)?,
+            q_norm,
+            k_norm,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
             layer,
+            rope: usize::from(cfg.local_rope.is_some() && window.is_some()),
+            scores: Scores {
+                scale: cfg.attn_scale as f32,
+                softcap: cfg.attn_softcap.map(|c| c as f32),
+                window,
+                key_start: 0,
+            },
         })
+    }
+
+    fn linear(&self, kind: ProjKind) -> Option<&AdaptedLinear> {
+        match (&self.qkv, kind) {
+            (Qkv::Separate { q_proj, .. }, ProjKind::Q) => Some(q_proj),
+            (Qkv::Separate { k_proj, .. }, ProjKind::K) => Some(k_proj),
+            (Qkv::Separate { v_proj, .. }, ProjKind::V) => Some(v_proj),
+            (Qkv::Fused(qkv), ProjKind::Qkv) => Some(qkv),
+            (_, ProjKind::O) => Some(&self.o_proj),
+            _ => None,
+        }
     }
 
     fn forward(&self, x: &Tensor, step: &Step, seqs: &mut [SeqInput]) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let (rope, segs, apply) = (&step.rope, &step.segs, step.apply);
-        let q = self.q_proj.forward(x, apply)?.reshape((1, n, nh, hd))?;
-        let k = self.k_proj.forward(x, apply)?.reshape((1, n, nkv, hd))?;
-        let v = self.v_proj.forward(x, apply)?.reshape((n, nkv, hd))?;
+        let (rope, segs, apply) = (&step.ropes[self.rope], &step.segs, step.apply);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
+                q_proj.forward(x, apply)?,
+                k_proj.forward(x, apply)?,
+                v_proj.forward(x, apply)?,
+            ),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x, apply)?;
+                (
+                    y.narrow(1, 0, nh * hd)?,
+                    y.narrow(1, nh * hd, nkv * hd)?,
+                    y.narrow(1, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+        };
+        let mut q = q.reshape((1, n, nh, hd))?;
+        let mut k = k.reshape((1, n, nkv, hd))?;
+        let v = v.reshape((n, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q.contiguous()?)?;
+            k = kn.forward(&k.contiguous()?)?;
+        }
         let q = candle_nn::rotary_emb::rope_thd(&q, &rope.cos, &rope.sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_thd(&k, &rope.cos, &rope.sin)?.squeeze(0)?;
 
@@ -137,8 +229,12 @@ impl Attention {
                 .contiguous()?;
             let k = k.narrow(0, seg.start, seg.len)?.transpose(0, 1)?;
             let v = v.narrow(0, seg.start, seg.len)?.transpose(0, 1)?;
-            let (k, v) = seq.cache.append(self.layer, &k, &v)?;
-            let y = self.attend(&q, &k, &v, seg.pos)?;
+            let view = seq.cache.append(self.layer, &k, &v)?;
+            let sc = Scores {
+                key_start: view.start,
+                ..self.scores
+            };
+            let y = self.attend(&q, &view.k, &view.v, seg.pos, &sc)?;
             outs.push(y.transpose(0, 1)?.reshape((seg.len, nh * hd))?);
         }
         let y = if outs.len() == 1 {
@@ -149,16 +245,24 @@ impl Attention {
         self.o_proj.forward(&y, apply)
     }
 
-    /// Causal attention of `q` `[heads, len, hd]` at absolute position `pos` over the cached
-    /// `k`, `v` `[kv_heads, total, hd]`. Query heads are grouped by their kv head (head `h`
-    /// reads kv head `h / groups`, as transformers' `repeat_kv`), so no kv copy is made.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize) -> Result<Tensor> {
+    /// Attention of `q` `[heads, len, hd]` at absolute position `pos` over the cached `k`, `v`
+    /// `[kv_heads, keys, hd]` whose first row is at `sc.key_start`: causal, within the layer's
+    /// window, soft-capped where the family does. Query heads are grouped by their kv head
+    /// (head `h` reads kv head `h / groups`, as transformers' `repeat_kv`), so no kv copy is
+    /// made.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+        sc: &Scores,
+    ) -> Result<Tensor> {
         let (nh, len, hd) = q.dims3()?;
-        let fast_scale = 1.0 / (hd as f32).sqrt();
         let fast = if len == 1 {
-            crate::ops::attention::decode(q, k, v, fast_scale)?
+            crate::ops::attention::decode(q, k, v, sc)?
         } else {
-            crate::ops::attention::prefill(q, k, v, pos, fast_scale)?
+            crate::ops::attention::prefill(q, k, v, pos, sc)?
         };
         if let Some(y) = fast {
             return Ok(y);
@@ -172,10 +276,14 @@ impl Attention {
             .reshape((self.num_kv_heads, groups * len, hd))?;
         let k = k.to_dtype(DType::F32)?;
         let v = v.to_dtype(DType::F32)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = if len > 1 {
-            let mask = causal_mask(len, pos, total, q.device())?;
+        let att = (q.matmul(&k.t()?)? * sc.scale as f64)?;
+        let att = match sc.softcap {
+            Some(cap) => ((att / cap as f64)?.tanh()? * cap as f64)?,
+            None => att,
+        };
+        let masked = len > 1 || sc.first_key(pos) > 0;
+        let att = if masked {
+            let mask = attention_mask(len, pos, total, sc, q.device())?;
             att.reshape((self.num_kv_heads, groups, len, total))?
                 .broadcast_add(&mask)?
                 .reshape((self.num_kv_heads, groups * len, total))?
@@ -187,81 +295,177 @@ impl Attention {
     }
 }
 
-/// `[len, total]`: 0 where query `i` (at position `pos + i`) may see key `j`, −∞ elsewhere.
-fn causal_mask(len: usize, pos: usize, total: usize, device: &Device) -> Result<Tensor> {
+/// `[len, total]`: 0 where query `i` (at position `pos + i`) may see key `j` (at position
+/// `key_start + j`): not after it, and within the window; −∞ elsewhere.
+fn attention_mask(
+    len: usize,
+    pos: usize,
+    total: usize,
+    sc: &Scores,
+    device: &Device,
+) -> Result<Tensor> {
     let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            let lo = sc.first_key(pos + i);
+            let hi = pos + i - sc.key_start;
+            (0..total).map(move |j| {
+                if j < lo || j > hi {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (len, total), device)
 }
 
+/// The gate and up projections: two matrices, or one fused `gate_up_proj`, gate rows first
+/// (Phi-3).
+#[derive(Debug, Clone)]
+enum GateUp {
+    Separate {
+        gate_proj: AdaptedLinear,
+        up_proj: AdaptedLinear,
+    },
+    Fused(AdaptedLinear),
+}
+
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: AdaptedLinear,
-    up_proj: AdaptedLinear,
+    gate_up: GateUp,
     down_proj: AdaptedLinear,
+    act: Activation,
+    intermediate: usize,
 }
 
 impl Mlp {
-    fn new(cfg: &ModelConfig, layer: usize, vb: Source) -> Result<Self> {
+    fn new(cfg: &ModelConfig, t: &Traits, layer: usize, vb: Source) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let gate_up = if t.fused_gate_up {
+            GateUp::Fused(linear(h, 2 * i, b, layer, ProjKind::GateUp, vb.clone())?)
+        } else {
+            GateUp::Separate {
+                gate_proj: linear(h, i, b, layer, ProjKind::Gate, vb.clone())?,
+                up_proj: linear(h, i, b, layer, ProjKind::Up, vb.clone())?,
+            }
+        };
         Ok(Self {
-            gate_proj: linear(h, i, b, layer, ProjKind::Gate, vb.clone())?,
-            up_proj: linear(h, i, b, layer, ProjKind::Up, vb.clone())?,
+            gate_up,
             down_proj: linear(i, h, b, layer, ProjKind::Down, vb)?,
+            act: cfg.activation,
+            intermediate: i,
         })
     }
 
+    fn linear(&self, kind: ProjKind) -> Option<&AdaptedLinear> {
+        match (&self.gate_up, kind) {
+            (GateUp::Separate { gate_proj, .. }, ProjKind::Gate) => Some(gate_proj),
+            (GateUp::Separate { up_proj, .. }, ProjKind::Up) => Some(up_proj),
+            (GateUp::Fused(gu), ProjKind::GateUp) => Some(gu),
+            (_, ProjKind::Down) => Some(&self.down_proj),
+            _ => None,
+        }
+    }
+
     fn forward(&self, x: &Tensor, apply: Apply) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, apply)?.silu()?;
-        let up = self.up_proj.forward(x, apply)?;
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                (gate_proj.forward(x, apply)?, up_proj.forward(x, apply)?)
+            }
+            GateUp::Fused(gu) => {
+                let y = gu.forward(x, apply)?;
+                let i = self.intermediate;
+                (y.narrow(1, 0, i)?, y.narrow(1, i, i)?)
+            }
+        };
+        let gate = match self.act {
+            Activation::Silu => gate.silu()?,
+            // candle's `gelu` is the tanh approximation, as `gelu_pytorch_tanh`.
+            Activation::GeluTanh => gate.gelu()?,
+        };
         self.down_proj.forward(&(gate * up)?, apply)
     }
+}
+
+/// Gemma's extra norms: on the attention output, before the MLP, and on the MLP output.
+#[derive(Debug, Clone)]
+struct Sandwich {
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
 }
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// Before the MLP (llama), or on the attention output (Gemma, with `sandwich`).
     post_attention_layernorm: RmsNorm,
+    sandwich: Option<Sandwich>,
     mlp: Mlp,
 }
 
 impl DecoderLayer {
-    fn new(cfg: &ModelConfig, layer: usize, vb: Source) -> Result<Self> {
+    fn new(cfg: &ModelConfig, t: &Traits, layer: usize, vb: Source) -> Result<Self> {
+        let norm = |name: &str| {
+            RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                t.norm_plus_one,
+                vb.vb.pp(name),
+            )
+        };
+        let sandwich = if t.sandwich_norms {
+            Some(Sandwich {
+                pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            input_layernorm: RmsNorm::new(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.vb.pp("input_layernorm"),
-            )?,
-            self_attn: Attention::new(cfg, layer, vb.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.vb.pp("post_attention_layernorm"),
-            )?,
-            mlp: Mlp::new(cfg, layer, vb.pp("mlp"))?,
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::new(cfg, t, layer, vb.pp("self_attn"))?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            sandwich,
+            mlp: Mlp::new(cfg, t, layer, vb.pp("mlp"))?,
         })
     }
 
     fn forward(&self, x: &Tensor, step: &Step, seqs: &mut [SeqInput]) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward(&h, step, seqs)?)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
-        x + self.mlp.forward(&h, step.apply)?
+        let a = self.self_attn.forward(&h, step, seqs)?;
+        match &self.sandwich {
+            None => {
+                let x = (x + a)?;
+                let h = self.post_attention_layernorm.forward(&x)?;
+                x + self.mlp.forward(&h, step.apply)?
+            }
+            Some(s) => {
+                let x = (x + self.post_attention_layernorm.forward(&a)?)?;
+                let h = s.pre_feedforward_layernorm.forward(&x)?;
+                let m = self.mlp.forward(&h, step.apply)?;
+                x + s.post_feedforward_layernorm.forward(&m)?
+            }
+        }
     }
 
-    fn linear(&self, kind: ProjKind) -> &AdaptedLinear {
-        match kind {
-            ProjKind::Q => &self.self_attn.q_proj,
-            ProjKind::K => &self.self_attn.k_proj,
-            ProjKind::V => &self.self_attn.v_proj,
-            ProjKind::O => &self.self_attn.o_proj,
-            ProjKind::Gate => &self.mlp.gate_proj,
-            ProjKind::Up => &self.mlp.up_proj,
-            ProjKind::Down => &self.mlp.down_proj,
-        }
+    fn linear(&self, kind: ProjKind) -> Option<&AdaptedLinear> {
+        self.self_attn
+            .linear(kind)
+            .or_else(|| self.mlp.linear(kind))
+    }
+
+    fn norms(&self) -> impl Iterator<Item = &RmsNorm> {
+        [&self.input_layernorm, &self.post_attention_layernorm]
+            .into_iter()
+            .chain(
+                self.sandwich
+                    .iter()
+                    .flat_map(|s| [&s.pre_feedforward_layernorm, &s.post_feedforward_layernorm]),
+            )
+            .chain(self.self_attn.q_norm.iter())
+            .chain(self.self_attn.k_norm.iter())
     }
 }
 
@@ -272,22 +476,47 @@ struct Rope {
 }
 
 /// What every layer needs to know about the step: where each sequence's rows are, their
-/// rotary tables, and how adapters apply.
+/// rotary tables (global, and local for Gemma 3's sliding layers), and how adapters apply.
 struct Step<'a> {
-    rope: Rope,
+    ropes: Vec<Rope>,
     segs: Vec<Segment>,
     apply: Apply<'a>,
 }
 
-/// A llama-family causal language model.
+/// A rotary embedding's tables: inverse frequencies (LongRoPE's short and long sets), and
+/// the factor on cos/sin.
 #[derive(Debug, Clone)]
-pub struct Llama {
+struct RopeTables {
+    inv_freq: Vec<f32>,
+    /// LongRoPE: the length past which a sequence switches to `long_inv_freq`.
+    long: Option<(usize, Vec<f32>)>,
+    attention_factor: f32,
+}
+
+impl RopeTables {
+    fn new(spec: &super::rope::RopeSpec, head_dim: usize) -> Self {
+        RopeTables {
+            inv_freq: spec.inv_freq(head_dim, false),
+            long: spec
+                .long_after()
+                .map(|n| (n, spec.inv_freq(head_dim, true))),
+            attention_factor: spec.attention_factor(),
+        }
+    }
+}
+
+/// A causal language model of any supported family.
+#[derive(Debug, Clone)]
+pub struct Decoder {
     embed_tokens: BaseWeight,
+    /// `√hidden` for Gemma's scaled embeddings.
+    embed_scale: Option<f64>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// `lm_head`, `[vocab, hidden]` (the embedding itself when tied: no copy).
     lm_head: BaseWeight,
-    inv_freq: Vec<f32>,
+    /// Global rope, then local (Gemma 3).
+    ropes: Vec<RopeTables>,
     cfg: ModelConfig,
     device: Device,
     dtype: DType,
@@ -295,7 +524,7 @@ pub struct Llama {
     merged_dtype: GgmlDType,
 }
 
-impl Llama {
+impl Decoder {
     /// Build from checkpoint tensors named as HF names them (`model.layers.N.…`, `lm_head.weight`).
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         Self::with_stored(cfg, vb, &StoredWeights::new())
@@ -304,6 +533,7 @@ impl Llama {
     /// As [`new`](Self::new), with the matrices in `stored` kept in their stored format
     /// (`vb` need not hold them); activations are in `vb`'s dtype.
     pub fn with_stored(cfg: &ModelConfig, vb: VarBuilder, stored: &StoredWeights) -> Result<Self> {
+        let t = cfg.family.traits();
         let src = Source {
             vb: vb.clone(),
             stored,
@@ -313,21 +543,31 @@ impl Llama {
             .pp("embed_tokens")
             .matrix((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, i, m.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, &t, i, m.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.vb.pp("norm"))?;
+        let norm = RmsNorm::new(
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            t.norm_plus_one,
+            m.vb.pp("norm"),
+        )?;
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
         } else {
             src.pp("lm_head")
                 .matrix((cfg.vocab_size, cfg.hidden_size), "weight")?
         };
+        let ropes = std::iter::once(&cfg.rope)
+            .chain(cfg.local_rope.as_ref())
+            .map(|r| RopeTables::new(r, cfg.head_dim))
+            .collect();
         Ok(Self {
             lm_head,
             embed_tokens,
+            embed_scale: t.embed_scale.then(|| (cfg.hidden_size as f64).sqrt()),
             layers,
             norm,
-            inv_freq: cfg.inv_freq(),
+            ropes,
             cfg: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
@@ -349,22 +589,37 @@ impl Llama {
 
     /// The projection `kind` of decoder layer `layer`.
     pub fn linear(&self, layer: usize, kind: ProjKind) -> Option<&AdaptedLinear> {
-        self.layers.get(layer).map(|l| l.linear(kind))
+        self.layers.get(layer).and_then(|l| l.linear(kind))
     }
 
-    fn rope(&self, positions: &[usize]) -> Result<Rope> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &self.inv_freq {
-                // transformers forms the angle as an f32 product, then takes cos/sin in f32.
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+    /// The rotary tables of one rope for every packed token: `segs` give each sequence's
+    /// positions (and, for LongRoPE, whether it has passed the original length, as
+    /// transformers decides per forward from the largest position).
+    fn rope(&self, tables: &RopeTables, segs: &[Segment], n: usize) -> Result<Rope> {
+        let half = tables.inv_freq.len();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for seg in segs {
+            let inv = match &tables.long {
+                Some((after, long)) if seg.pos + seg.len > *after => long,
+                _ => &tables.inv_freq,
+            };
+            for p in seg.pos..seg.pos + seg.len {
+                for &f in inv {
+                    // transformers forms the angle as an f32 product, then takes cos/sin in
+                    // f32, scaled by the attention factor (1 but for YaRN and LongRoPE).
+                    let angle = p as f32 * f;
+                    if tables.attention_factor == 1.0 {
+                        cos.push(angle.cos());
+                        sin.push(angle.sin());
+                    } else {
+                        cos.push(angle.cos() * tables.attention_factor);
+                        sin.push(angle.sin() * tables.attention_factor);
+                    }
+                }
             }
         }
-        let shape = (positions.len(), half);
+        let shape = (n, half);
         Ok(Rope {
             cos: Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?,
             sin: Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?,
@@ -384,7 +639,6 @@ impl Llama {
         merged: Option<&MergedWeights>,
     ) -> Result<Vec<Tensor>> {
         let mut tokens = Vec::new();
-        let mut positions = Vec::new();
         let mut segs = Vec::with_capacity(seqs.len());
         for seq in seqs.iter_mut() {
             seq.cache.rollback()?;
@@ -423,7 +677,6 @@ impl Llama {
                 pos,
             });
             tokens.extend_from_slice(seq.tokens);
-            positions.extend(pos..pos + len);
         }
         let n = tokens.len();
         let groups = row_groups(&segs, seqs);
@@ -449,11 +702,19 @@ impl Llama {
             None => Apply::Rows(&groups),
         };
         let step = Step {
-            rope: self.rope(&positions)?,
+            ropes: self
+                .ropes
+                .iter()
+                .map(|t| self.rope(t, &segs, n))
+                .collect::<Result<Vec<_>>>()?,
             segs,
             apply,
         };
         let mut x = self.embed_tokens.rows(&tokens, self.dtype, &self.device)?;
+        if let Some(s) = self.embed_scale {
+            // transformers multiplies by √hidden rounded to the embedding's dtype.
+            x = (x * f64::from(s as f32))?;
+        }
         for layer in &self.layers {
             x = layer.forward(&x, &step, seqs)?;
         }
@@ -480,6 +741,10 @@ impl Llama {
         };
         let h = self.norm.forward(&picked)?;
         let logits = self.lm_head.matmul_t(&h)?.to_dtype(DType::F32)?;
+        let logits = match self.cfg.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        };
         let mut out = Vec::with_capacity(segs.len());
         let mut at = 0;
         for (seq, seg) in seqs.iter().zip(&segs) {
@@ -506,19 +771,15 @@ impl Llama {
         for w in [&self.embed_tokens]
             .into_iter()
             .chain((!self.cfg.tie_word_embeddings).then_some(&self.lm_head))
-            .chain(
-                self.layers
-                    .iter()
-                    .flat_map(|l| ProjKind::ALL.map(|k| l.linear(k).weight())),
-            )
+            .chain(self.layers.iter().flat_map(|l| {
+                ProjKind::ALL
+                    .into_iter()
+                    .filter_map(|k| l.linear(k).map(|p| p.weight()))
+            }))
         {
             add(w.format(), w.bytes());
         }
-        for n in std::iter::once(&self.norm).chain(
-            self.layers
-                .iter()
-                .flat_map(|l| [&l.input_layernorm, &l.post_attention_layernorm]),
-        ) {
+        for n in std::iter::once(&self.norm).chain(self.layers.iter().flat_map(|l| l.norms())) {
             add(name(&n.weight), dense(&n.weight));
         }
         sum
@@ -526,7 +787,7 @@ impl Llama {
 
     /// A fresh, empty cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::with_windows(self.cfg.layer_windows.clone())
     }
 
     /// Merge `adapter` into new weights for the modules it targets; the base is untouched.
@@ -538,7 +799,9 @@ impl Llama {
     pub fn merge(&self, adapter: &AdapterWeights) -> Result<MergedWeights> {
         let mut merged = MergedWeights::new(adapter.id(), self.layers.len());
         for (layer, kind, module) in adapter.iter() {
-            let lin = self.layers[layer].linear(kind);
+            let lin = self.layers[layer]
+                .linear(kind)
+                .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} has no {kind}")))?;
             let w = lin.merged_weight(module)?;
             let w = match (lin.weight(), self.merged_dtype) {
                 (BaseWeight::Stored(_), d @ (GgmlDType::BF16 | GgmlDType::F16)) => {
@@ -567,13 +830,13 @@ impl Llama {
     }
 }
 
-impl BaseLinears for Llama {
+impl BaseLinears for Decoder {
     fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
     fn linear(&self, layer: usize, kind: ProjKind) -> Option<&AdaptedLinear> {
-        Llama::linear(self, layer, kind)
+        Decoder::linear(self, layer, kind)
     }
 
     fn dtype(&self) -> DType {
