@@ -5,7 +5,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::*;
-use super::generation::{finish_str, request_id, token_text, tokenize, validate, SamplingFields};
+use super::generation::{
+    finish_str, request_id, token_text, tokenize, validate, Encoding, SamplingFields,
+};
 use super::stream::{self, Collected, Render, TokenChunk};
 use super::{now_secs, ApiError, AppState, ErrorBody, JsonBody};
 use crate::engine::{
@@ -125,7 +127,9 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     refuse_unsupported(&req)?;
     let prompt_text = render_chat(&s, &req.messages)?;
-    let prompt = tokenize(&s, vec![prompt_text]).await?.remove(0);
+    let prompt = tokenize(&s, vec![prompt_text], Encoding::Rendered)
+        .await?
+        .remove(0);
     let valid = validate(&s, engine_request(&req, prompt)).await?;
     let render = Chat {
         s: s.clone(),

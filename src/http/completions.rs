@@ -7,7 +7,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::*;
-use super::generation::{finish_str, request_id, token_text, tokenize, validate, SamplingFields};
+use super::generation::{
+    finish_str, request_id, token_text, tokenize, validate, Encoding, SamplingFields,
+};
 use super::stream::{self, Collected, Render, TokenChunk};
 use super::{now_secs, ApiError, AppState, ErrorBody, JsonBody};
 use crate::engine::{
@@ -26,8 +28,8 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     refuse_unsupported(&req)?;
     let prompts = match req.prompt.clone() {
-        Prompt::Text(t) => tokenize(&s, vec![t]).await?,
-        Prompt::Texts(ts) => tokenize(&s, ts).await?,
+        Prompt::Text(t) => tokenize(&s, vec![t], Encoding::Prompt).await?,
+        Prompt::Texts(ts) => tokenize(&s, ts, Encoding::Prompt).await?,
         Prompt::Tokens(ids) => vec![ids],
         Prompt::TokenLists(l) => l,
     };

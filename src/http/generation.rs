@@ -47,14 +47,31 @@ impl SamplingFields {
     }
 }
 
-pub(super) async fn tokenize(s: &AppState, texts: Vec<String>) -> Result<Vec<Vec<u32>>, ApiError> {
+/// How a text becomes tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Encoding {
+    /// A completion prompt: the tokenizer's own BOS and post-processing added.
+    Prompt,
+    /// A rendered chat template: tokens as written, nothing added (the template writes its
+    /// own BOS, as transformers' `apply_chat_template` assumes).
+    Rendered,
+}
+
+pub(super) async fn tokenize(
+    s: &AppState,
+    texts: Vec<String>,
+    how: Encoding,
+) -> Result<Vec<Vec<u32>>, ApiError> {
     let tok = std::sync::Arc::clone(s.engine.tokenizer());
     tokio::task::spawn_blocking(move || {
         texts
             .iter()
             .map(|t| {
-                tok.encode(t)
-                    .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+                match how {
+                    Encoding::Prompt => tok.encode(t),
+                    Encoding::Rendered => tok.encode_plain(t),
+                }
+                .map_err(|e| ApiError::invalid("prompt", e.to_string()))
             })
             .collect()
     })

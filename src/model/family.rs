@@ -154,6 +154,27 @@ impl Family {
         }
     }
 
+    /// Tokens that end a turn besides the file's EOS, as the family's `generation_config.json`
+    /// lists them (GGUF files keep one EOS id; llama.cpp adds these by name too).
+    pub fn end_of_turn_tokens(self) -> &'static [&'static str] {
+        match self {
+            Family::Gemma2 | Family::Gemma3 => &["<end_of_turn>"],
+            Family::Qwen2 | Family::Qwen3 => &["<|im_end|>", "<|endoftext|>"],
+            Family::Phi3 => &["<|end|>", "<|endoftext|>"],
+            Family::Llama | Family::Mistral => &[],
+        }
+    }
+
+    /// The chat template of the family's released instruct models, for a GGUF file that
+    /// carries none (Gemma's, which has no system role: a system message is put before the
+    /// first user turn, as the official template does).
+    pub fn default_chat_template(self) -> Option<&'static str> {
+        match self {
+            Family::Gemma2 | Family::Gemma3 => Some(GEMMA_TEMPLATE),
+            _ => None,
+        }
+    }
+
     /// The activation a family uses when its config names none.
     pub fn default_activation(self) -> Activation {
         match self {
@@ -176,3 +197,14 @@ impl std::fmt::Display for Family {
         })
     }
 }
+
+/// Gemma 2/3's chat template as the released instruct models ship it (text parts only).
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}\
+{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}\
+{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}\
+{%- for message in loop_messages -%}\
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}\
+{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}\
+{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}\
+{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}";

@@ -471,10 +471,20 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
 
     let tokenizer = gguf_tokenizer(&meta, tokens)?;
     let bos = meta.u32("tokenizer.ggml.bos_token_id")?;
-    let eos: Vec<u32> = meta
+    let mut eos: Vec<u32> = meta
         .u32("tokenizer.ggml.eos_token_id")?
         .into_iter()
         .collect();
+    let named = family
+        .end_of_turn_tokens()
+        .iter()
+        .filter_map(|t| tokenizer.token_id(t));
+    super::dedup_push(
+        &mut eos,
+        meta.u32("tokenizer.ggml.eot_token_id")?
+            .into_iter()
+            .chain(named),
+    );
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -485,9 +495,31 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
             format: ModelFormat::Gguf,
             bos_token_id: bos,
             eos_token_ids: eos,
-            chat_template: meta.string("tokenizer.chat_template")?,
+            chat_template: meta
+                .string("tokenizer.chat_template")?
+                .or_else(|| family.default_chat_template().map(str::to_string)),
         },
     })
+}
+
+/// The tokenizer of a GGUF file alone (a full model, or a vocabulary-only file such as
+/// llama.cpp's `models/ggml-vocab-*.gguf`).
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = BufReader::new(File::open(path).map_err(io)?);
+    let content = Content::read(&mut reader).map_err(|e| ModelError::Gguf {
+        path: path.to_path_buf(),
+        msg: format!("not a readable GGUF file: {e}"),
+    })?;
+    let meta = Meta {
+        md: &content.metadata,
+        path,
+    };
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    gguf_tokenizer(&meta, tokens)
 }
 
 fn gguf_tokenizer(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer, ModelError> {

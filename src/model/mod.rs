@@ -126,6 +126,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError> 
     }
 }
 
+/// The tokenizer of a GGUF file alone, without loading its weights.
+pub fn load_gguf_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
+    gguf::load_tokenizer(path)
+}
+
 fn model_id(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }

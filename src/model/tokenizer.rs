@@ -289,6 +289,16 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids for `text` without the BOS token or any other post-processing (HF's
+    /// `encode(text, add_special_tokens=False)`).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text for `ids`; special tokens are left out when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, ModelError> {
         self.inner

@@ -23,4 +23,5 @@ mod stored;
 mod storms;
 mod util;
 mod validation;
+mod vocab;
 mod web;
