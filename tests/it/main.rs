@@ -17,6 +17,7 @@ mod process;
 mod props;
 #[cfg(target_os = "linux")]
 mod readme;
+mod real_gemma_http;
 mod real_model;
 mod shared_store;
 mod stored;
