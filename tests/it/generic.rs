@@ -1,6 +1,6 @@
 //! The device-generic path (candle's tensor ops only, what `cuda` and `metal` run) must be as
 //! exact as the CPU kernels: this test runs the whole-model parity tests again in a child
-//! process with `DORA_KERNELS=generic` (PEFT fixtures, merged vs unmerged vs reference, mixed
+//! process with `DORA_KERNELS=generic` (every family, PEFT fixtures, merged vs unmerged vs reference, mixed
 //! batches, the HTTP paths). `scripts/test.sh` does the same for the real-model tests. Left
 //! out: the stored-format tests, which check that GGUF blocks stay in memory (the generic path
 //! dequantises them at load, as on a GPU).
@@ -25,6 +25,7 @@ fn the_generic_path_passes_the_whole_model_parity_tests() {
     }
     let modules = [
         "parity::",
+        "families::",
         "adapters::",
         "engine::",
         "props::",
