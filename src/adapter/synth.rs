@@ -51,9 +51,24 @@ pub fn write_random_adapter(
         Tensor::from_vec(v, shape, &dev)
     };
     let scale = spec.alpha / spec.rank as f64;
+    // On a base with fused projections (Phi-3), q/k/v target its qkv_proj and gate/up its
+    // gate_up_proj, as PEFT adapters for it do.
+    let mut targets: Vec<ProjKind> = Vec::new();
+    for &kind in &spec.targets {
+        let kind = match kind {
+            ProjKind::Q | ProjKind::K | ProjKind::V if base.linear(0, kind).is_none() => {
+                ProjKind::Qkv
+            }
+            ProjKind::Gate | ProjKind::Up if base.linear(0, kind).is_none() => ProjKind::GateUp,
+            k => k,
+        };
+        if !targets.contains(&kind) {
+            targets.push(kind);
+        }
+    }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for layer in 0..base.num_layers() {
-        for &kind in &spec.targets {
+        for &kind in &targets {
             let Some(lin) = base.linear(layer, kind) else {
                 continue;
             };
@@ -76,7 +91,7 @@ pub fn write_random_adapter(
             tensors.insert(format!("{prefix}.lora_B.weight"), b);
         }
     }
-    let names: Vec<&str> = spec.targets.iter().map(|k| k.module_name()).collect();
+    let names: Vec<&str> = targets.iter().map(|k| k.module_name()).collect();
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -89,6 +89,8 @@ fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, ApiErro
             .unwrap_or_default()
     };
     let mut env = minijinja::Environment::new();
+    // Real templates call Python's string methods (Qwen's `.startswith`, `.strip`, …).
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
         |msg: String| -> Result<String, minijinja::Error> {

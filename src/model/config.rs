@@ -232,6 +232,13 @@ impl HfConfig {
             msg,
         };
         let model_type = self.model_type.clone().unwrap_or_else(|| "llama".into());
+        if model_type == "gemma3" {
+            return Err(bad(
+                "model_type \"gemma3\" is Gemma 3's multimodal checkpoint, which is not supported: \
+                 serve a text-only (gemma3_text) checkpoint or its GGUF file"
+                    .into(),
+            ));
+        }
         let family = Family::from_model_type(&model_type).ok_or_else(|| {
             ModelError::UnsupportedArchitecture {
                 path: origin.to_string(),

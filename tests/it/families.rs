@@ -332,3 +332,84 @@ fn family_logit_gaps() {
         }
     }
 }
+
+/// The prompt tokens a chat request on `model` was rendered to, and the response.
+async fn chat_prompt(
+    model: &str,
+    messages: serde_json::Value,
+) -> (axum::http::StatusCode, serde_json::Value) {
+    let s = crate::web::server_opts(crate::web::Opts {
+        model: Some(model),
+        ..crate::web::Opts::default()
+    });
+    let (st, v, _) = crate::web::call(
+        &s.app,
+        crate::web::post_json(
+            "/v1/chat/completions",
+            serde_json::json!({"messages": messages, "max_tokens": 1}),
+        ),
+    )
+    .await;
+    (st, v)
+}
+
+fn prompt_tokens(model: &str, rendered: &str) -> u64 {
+    load(model).tokenizer.encode_plain(rendered).unwrap().len() as u64
+}
+
+/// Chat templates with each family's quirks, from tokenizer_config.json, from the GGUF file's
+/// `tokenizer.chat_template`, or the family's own when a Gemma file has none: Qwen2.5 adds
+/// its default system prompt; Qwen3's template calls Python string methods; Gemma has no
+/// system role (the system text opens the first user turn) and refuses turns that do not
+/// alternate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_templates_keep_each_familys_quirks() {
+    let user = serde_json::json!([{"role": "user", "content": "Hi there"}]);
+    for model in ["families/qwen2/model", "families/qwen2/model.gguf"] {
+        let (st, v) = chat_prompt(model, user.clone()).await;
+        assert_eq!(st, 200, "{model}: {v}");
+        let want = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful \
+                    assistant.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n";
+        assert_eq!(
+            v["usage"]["prompt_tokens"],
+            prompt_tokens(model, want),
+            "{model}: Qwen2.5's default system prompt"
+        );
+    }
+    let turns = serde_json::json!([
+        {"role": "user", "content": "Hi there  "},
+        {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"},
+        {"role": "user", "content": "Again"}
+    ]);
+    let (st, v) = chat_prompt("families/qwen3/model", turns).await;
+    assert_eq!(st, 200, "{v}");
+    let want = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n\
+                <|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n";
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        prompt_tokens("families/qwen3/model", want),
+        "Qwen3's template (split, lstrip, rstrip)"
+    );
+    let sys = serde_json::json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"}
+    ]);
+    let (st, v) = chat_prompt("families/gemma3/model.gguf", sys).await;
+    assert_eq!(st, 200, "{v}");
+    let want = "<|im_start|><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n";
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        prompt_tokens("families/gemma3/model.gguf", want),
+        "Gemma: the system text opens the first user turn"
+    );
+    let bad = serde_json::json!([{"role": "assistant", "content": "Hello"}]);
+    let (st, v) = chat_prompt("families/gemma3/model.gguf", bad).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("alternate"),
+        "{v}"
+    );
+}

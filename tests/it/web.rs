@@ -49,6 +49,8 @@ pub struct Opts<'a> {
     pub load_gate: Option<StepGate>,
     /// The adapters (default: a folder store holding dora-all-r8 and lora-r8).
     pub catalog: Option<Catalog>,
+    /// The fixture model served (default: tiny-llama).
+    pub model: Option<&'a str>,
 }
 
 impl Default for Opts<'_> {
@@ -63,6 +65,7 @@ impl Default for Opts<'_> {
             adapter_cache_bytes: None,
             load_gate: None,
             catalog: None,
+            model: None,
         }
     }
 }
@@ -80,7 +83,7 @@ pub fn server_opts(o: Opts) -> Server {
     let catalog = o
         .catalog
         .unwrap_or_else(|| Catalog::open(store_dir.path()).unwrap());
-    let mut model = load("tiny-llama");
+    let mut model = load(o.model.unwrap_or("tiny-llama"));
     model.info.id = "tiny-llama".into(); // as --served-model-name tiny-llama
     let engine = Engine::start(
         model,
