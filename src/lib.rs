@@ -61,13 +61,17 @@
 //!   [`adapter::Catalog`] (names → store or registered folder, refusals, per-name generations,
 //!   validation of uploads and registrations against the base), and random adapters for
 //!   benchmarks.
-//! - [`model`] — the llama-family decoder (candle style: serde `Config` with HF names,
-//!   `new(cfg, vb)`), its per-sequence KV cache, the HF-folder and GGUF loaders (with
+//! - [`model`] — one decoder for every family (candle style: serde `Config` with HF names,
+//!   `new(cfg, vb)`; `model/family.rs` names how Mistral, Qwen2/3, Gemma 2/3 and Phi-3 differ
+//!   from llama, `model/rope.rs` the rope scalings: llama3, linear, YaRN, LongRoPE), its
+//!   per-sequence KV cache (sliding-window layers drop what no later query sees), the
+//!   HF-folder and GGUF loaders (per-family GGUF metadata and tensor names; with
 //!   `--dtype auto`, GGUF matrices stay in their block format, memory-mapped, and bf16/f16
 //!   safetensors stay 16-bit; otherwise tensors are converted at load; either way llama.cpp's
 //!   Q/K row permutation is undone, as a row map over stored matrices, so weights are in HF
-//!   layout), a summary of the formats held, and the tokenizer (HF `tokenizer.json`, or a
-//!   byte-level BPE rebuilt from GGUF metadata).
+//!   layout, and Gemma's `+ 1` on GGUF norm weights too), a summary of the formats held, and
+//!   the tokenizer (HF `tokenizer.json`, or rebuilt from GGUF metadata: byte-level BPE, or
+//!   SentencePiece as transformers converts it).
 //! - [`ops`] — [`ops::kernels`], the one switch between this CPU's fast paths and candle's
 //!   tensor ops only (`--kernels generic`: the device-generic code a GPU runs);
 //!   [`ops::AdaptedLinear`], the one linear type of every projection, keyed by
@@ -82,8 +86,9 @@
 //!   per block, dequantised strips through the same tiles, dequantised tiles through candle's
 //!   gemm for prefill) and the spinning helper pool they and the unmerged rows run on;
 //!   [`ops::attention`]: decode attention and the tiled causal prefill attention (online
-//!   softmax over 64-key blocks, GQA-aware, query blocks on the pool; candle's masked
-//!   attention is its reference and the generic path). The
+//!   softmax over 64-key blocks, GQA-aware, query blocks on the pool, sliding windows and
+//!   soft-caps as [`ops::attention::Scores`] says; candle's masked attention is its reference
+//!   and the generic path). The
 //!   engine thread runs inside its own rayon pool, so candle's parallel ops share work with it.
 //!
 //! The forward pass is packed: all sequences' new tokens form one `[tokens, hidden]` matrix
