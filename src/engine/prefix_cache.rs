@@ -31,9 +31,9 @@ pub type BlockKey = [u8; 32];
 /// One block's keys and values for every layer, each `[kv_heads, BLOCK, head_dim]`.
 #[derive(Debug)]
 pub struct BlockKv {
-    /// Per layer, the block's keys and values; `None` for a sliding-window layer that had
-    /// already dropped them (older than its window: no later query reads them).
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer, the block's keys and values (a sliding-window layer's rows that no later
+    /// query can see may be zeros: see `KvCache::positions`).
+    layers: Vec<(Tensor, Tensor)>,
     bytes: usize,
 }
 
@@ -214,13 +214,8 @@ pub fn restore(cache: &mut KvCache, blocks: &[Arc<BlockKv>]) -> Result<()> {
         candle_core::bail!("prefix blocks go into an empty cache only");
     }
     for b in blocks {
-        for (layer, kv) in b.layers.iter().enumerate() {
-            match kv {
-                Some((k, v)) => {
-                    cache.append(layer, k, v)?;
-                }
-                None => cache.append_unseen(layer, BLOCK)?,
-            }
+        for (layer, (k, v)) in b.layers.iter().enumerate() {
+            cache.append(layer, k, v)?;
         }
         cache.advance(BLOCK);
     }
@@ -232,11 +227,9 @@ pub fn snapshot(cache: &KvCache, index: usize) -> Result<BlockKv> {
     let mut layers = Vec::with_capacity(cache.num_layers());
     let mut bytes = 0;
     for layer in 0..cache.num_layers() {
-        let kv = cache.positions(layer, index * BLOCK, BLOCK)?;
-        if let Some((k, v)) = &kv {
-            bytes += (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes();
-        }
-        layers.push(kv);
+        let (k, v) = cache.positions(layer, index * BLOCK, BLOCK)?;
+        bytes += (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes();
+        layers.push((k, v));
     }
     Ok(BlockKv { layers, bytes })
 }
@@ -251,7 +244,7 @@ mod tests {
         let t = (Tensor::ones((kvh, BLOCK, hd), DType::F32, &dev).unwrap() * fill as f64).unwrap();
         let bytes = 2 * layers * t.elem_count() * 4;
         BlockKv {
-            layers: (0..layers).map(|_| Some((t.clone(), t.clone()))).collect(),
+            layers: (0..layers).map(|_| (t.clone(), t.clone())).collect(),
             bytes,
         }
     }

@@ -149,43 +149,19 @@ impl KvCache {
         })
     }
 
-    /// Mark `n` positions of `layer` as passed without data: for a windowed layer restored
-    /// from cached blocks that are older than its window (never read again). Only while the
-    /// layer holds nothing.
-    pub(crate) fn append_unseen(&mut self, layer: usize, n: usize) -> Result<()> {
-        let slot = &mut self.layers[layer];
-        match slot {
-            None => {
-                let z = Tensor::zeros(
-                    (1, 0, 1),
-                    candle_core::DType::F32,
-                    &candle_core::Device::Cpu,
-                )?;
-                *slot = Some(LayerKv {
-                    k: z.clone(),
-                    v: z,
-                    start: n,
-                    used: n,
-                });
-            }
-            Some(l) if l.start == l.used => {
-                l.start += n;
-                l.used += n;
-            }
-            Some(_) => candle_core::bail!("layer {layer} holds positions; cannot skip past them"),
-        }
-        Ok(())
-    }
-
-    /// A copy of positions `start..start + n` (all held) of `layer`'s keys and values, each
-    /// `[num_kv_heads, n, head_dim]`, sharing nothing with the buffers; `None` when a window
-    /// has dropped them.
+    /// A copy of positions `start..start + n` of `layer`'s keys and values, each
+    /// `[num_kv_heads, n, head_dim]`, sharing nothing with the buffers.
+    ///
+    /// A windowed layer may have dropped the first of them. That is allowed only where no
+    /// query after the last of them can see what was dropped (the query at `start + n` sees
+    /// keys from `start + n + 1 − w` on); those rows come back as zeros, which every later
+    /// query's window masks. Otherwise (a copy taken too late) it is an error.
     pub(crate) fn positions(
         &self,
         layer: usize,
         start: usize,
         n: usize,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+    ) -> Result<(Tensor, Tensor)> {
         if start + n > self.len {
             candle_core::bail!(
                 "positions {start}..{} of a cache of {}",
@@ -196,16 +172,33 @@ impl KvCache {
         let l = self.layers[layer]
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} holds nothing")))?;
-        if start < l.start {
-            if self.windows[layer].is_some() {
-                return Ok(None);
-            }
-            candle_core::bail!("positions {start}.. of layer {layer} are not held");
+        if start >= l.start {
+            return Ok((
+                l.k.narrow(1, start - l.start, n)?.force_contiguous()?,
+                l.v.narrow(1, start - l.start, n)?.force_contiguous()?,
+            ));
         }
-        Ok(Some((
-            l.k.narrow(1, start - l.start, n)?.force_contiguous()?,
-            l.v.narrow(1, start - l.start, n)?.force_contiguous()?,
-        )))
+        let unseen = match self.windows[layer] {
+            Some(w) => (start + n + 1).saturating_sub(w),
+            None => 0,
+        };
+        if l.start > unseen {
+            candle_core::bail!(
+                "positions {start}..{} of layer {layer} are no longer held (it keeps {}..)",
+                start + n,
+                l.start
+            );
+        }
+        let dropped = (l.start - start).min(n);
+        let part = |t: &Tensor| -> Result<Tensor> {
+            let (heads, _, hd) = t.dims3()?;
+            let zeros = Tensor::zeros((heads, dropped, hd), t.dtype(), t.device())?;
+            if dropped == n {
+                return Ok(zeros);
+            }
+            Tensor::cat(&[zeros, t.narrow(1, 0, n - dropped)?.contiguous()?], 1)
+        };
+        Ok((part(&l.k)?, part(&l.v)?))
     }
 
     /// Record that a forward over `n` new positions completed on every layer.
@@ -290,8 +283,55 @@ mod window_tests {
         }
         let windowed = cache.layers[0].as_ref().unwrap().k.dim(1).unwrap();
         assert!(windowed <= 2 * (16 + 40) + MIN_CAPACITY, "{windowed} rows");
-        // Old positions of the windowed layer are gone; the full layer still has them.
-        assert!(cache.positions(0, 0, 16).unwrap().is_none());
-        assert!(cache.positions(1, 0, 16).unwrap().is_some());
+        // Old positions of the windowed layer are gone (a later query could need them: an
+        // error, not zeros); the full layer still has them.
+        assert!(cache.positions(0, 0, 16).is_err());
+        assert!(cache.positions(1, 0, 16).is_ok());
+    }
+
+    /// A block partly older than the window comes back with zeros where it was dropped, but
+    /// only when no query after the block can see those rows.
+    #[test]
+    fn a_partly_dropped_block_is_zero_padded_only_where_unseen() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::with_windows(vec![Some(8)]);
+        let k = Tensor::randn(0f32, 1.0, (1, 24, 2), &dev).unwrap();
+        cache.append(0, &k, &k).unwrap();
+        cache.advance(24);
+        let k2 = Tensor::randn(0f32, 1.0, (1, 48, 2), &dev).unwrap();
+        let view = cache.append(0, &k2, &k2).unwrap();
+        cache.advance(48);
+        // Appending at 24 kept keys from 17: the buffer was not full, so nothing moved yet;
+        // force a move with another append that does not fit.
+        assert!(view.start <= 17);
+        let k3 = Tensor::randn(0f32, 1.0, (1, 200, 2), &dev).unwrap();
+        let view = cache.append(0, &k3, &k3).unwrap();
+        cache.advance(200);
+        assert_eq!(view.start, 72 - 7);
+        // Block 64..80: rows 64 (dropped) … 79; the query at 80 sees keys from 73 on.
+        let (got, _) = cache.positions(0, 64, 16).unwrap();
+        let want = Tensor::cat(&[&k2, &k3], 1)
+            .unwrap()
+            .narrow(1, 40, 16)
+            .unwrap();
+        let d = (got.narrow(1, 1, 15).unwrap() - want.narrow(1, 1, 15).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        let z = got
+            .narrow(1, 0, 1)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(z.to_scalar::<f32>().unwrap(), 0.0);
+        // Block 48..64: the query at 64 sees keys from 57, which were dropped: refused.
+        assert!(cache.positions(0, 48, 16).is_err());
     }
 }

@@ -80,6 +80,16 @@ fn steps(st: &EngineStats) -> u64 {
 }
 
 fn engine(store: &Path, mode: AdapterMode, cfg: impl FnOnce(&mut EngineConfig)) -> Engine {
+    engine_on("tiny-llama", store, mode, cfg)
+}
+
+/// An engine on fixture model `model`.
+fn engine_on(
+    model: &str,
+    store: &Path,
+    mode: AdapterMode,
+    cfg: impl FnOnce(&mut EngineConfig),
+) -> Engine {
     let mut c = EngineConfig {
         max_running: 8,
         max_step_tokens: 24,
@@ -90,7 +100,7 @@ fn engine(store: &Path, mode: AdapterMode, cfg: impl FnOnce(&mut EngineConfig)) 
         ..EngineConfig::default()
     };
     cfg(&mut c);
-    Engine::start(load("tiny-llama"), Catalog::open(store).unwrap(), c)
+    Engine::start(load(model), Catalog::open(store).unwrap(), c)
 }
 
 fn request(
@@ -769,9 +779,27 @@ fn scored_request(prompt: &[u32], adapter: Option<&str>) -> EngineRequest {
 #[test]
 fn prefix_cache_changes_nothing_but_the_work() {
     let s = store();
-    let adapters = [None, Some("dora-all-r8"), Some("lora-r8")];
+    prefix_cache_equal("tiny-llama", s.path(), ["dora-all-r8", "lora-r8"]);
+}
+
+/// The same on Gemma 2 (window 8 on alternate layers, soft-caps): restored blocks of windowed
+/// layers hold zeros where the window had dropped rows, which no later query sees.
+#[test]
+fn prefix_cache_changes_nothing_on_a_windowed_family() {
+    let s = tempfile::tempdir().unwrap();
+    for name in ["dora", "lora"] {
+        copy_dir(
+            &fixtures().join("families/gemma2").join(name),
+            &s.path().join(name),
+        );
+    }
+    prefix_cache_equal("families/gemma2/model", s.path(), ["dora", "lora"]);
+}
+
+fn prefix_cache_equal(model: &str, store: &Path, names: [&str; 2]) {
+    let adapters = [None, Some(names[0]), Some(names[1])];
     let run = |budget: usize| {
-        let e = engine(s.path(), AdapterMode::Unmerged, |c| {
+        let e = engine_on(model, store, AdapterMode::Unmerged, |c| {
             c.prefix_cache_bytes = budget;
             c.max_step_tokens = 24;
         });
