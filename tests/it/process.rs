@@ -353,10 +353,13 @@ fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, _, m) = http(addr, "GET", "/metrics", "text/plain", b"").unwrap();
-        if String::from_utf8_lossy(&m)
+        // The gauge is written as a float ("0.0"): parse it, do not match the text.
+        let running = String::from_utf8_lossy(&m)
             .lines()
-            .any(|l| l.starts_with("dora_running_requests ") && !l.ends_with(" 0"))
-        {
+            .find_map(|l| l.strip_prefix("dora_running_requests "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if running > 0.0 {
             break;
         }
         assert!(Instant::now() < deadline, "the request never started");
