@@ -73,3 +73,32 @@ fn real_model_vocab_phi3() {
 fn real_model_vocab_qwen2() {
     check("qwen2", &["<|im_start|>", "<|im_end|>", "<|endoftext|>"]);
 }
+
+/// One more sample per vocabulary (Arabic, code, emoji, CJK, whitespace runs and special
+/// tokens written in the text) against the ids transformers gives when it builds the
+/// tokenizer from the same GGUF file (`scripts/vocab_reference.py`).
+#[test]
+#[ignore]
+fn real_model_vocab_sample_with_arabic_code_and_special_tokens() {
+    #[derive(serde::Deserialize)]
+    struct Sample {
+        text: String,
+        ids: Vec<u32>,
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let samples: std::collections::BTreeMap<String, Sample> = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/vocab_reference.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(samples.len(), 3);
+    for (name, s) in samples {
+        let gguf = vocab_dir().join(format!("ggml-vocab-{name}.gguf"));
+        let tok = dora_serve::model::load_gguf_tokenizer(&gguf).unwrap();
+        assert_eq!(
+            tok.encode_plain(&s.text).unwrap(),
+            s.ids,
+            "{name}: {:?}",
+            s.text
+        );
+    }
+}
