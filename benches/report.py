@@ -305,7 +305,7 @@ def readme_block(vs, modes, sc):
 def main():
     sc, vs, modes, peft = (load("scenarios.json"), load("decode_vs_llamacpp.json"), load("decode_modes.json"),
                            load("peft.json"))
-    fmts = [f for f in (load("formats_vs_llamacpp.json"), load("formats_1b_vs_llamacpp.json"),
+    fmts = [f for f in (load("formats_vs_llamacpp.json"), load("formats_gemma3_vs_llamacpp.json"), load("formats_1b_vs_llamacpp.json"),
                         load("formats_7b_vs_llamacpp.json")) if f]
     if sc:
         open(os.path.join(ROOT, "benches", "RESULTS.md"), "w").write("\n".join(results(sc, peft)) + "\n")
