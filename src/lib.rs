@@ -63,7 +63,8 @@
 //!   benchmarks.
 //! - [`model`] — one decoder for every family (candle style: serde `Config` with HF names,
 //!   `new(cfg, vb)`; `model/family.rs` names how Mistral, Qwen2/3, Gemma 2/3 and Phi-3 differ
-//!   from llama, `model/rope.rs` the rope scalings: llama3, linear, YaRN, LongRoPE), its
+//!   from llama, `model/layer.rs` builds a layer's norms, attention and MLP from that,
+//!   `model/rope.rs` the rope scalings: llama3, linear, YaRN, LongRoPE), its
 //!   per-sequence KV cache (sliding-window layers drop what no later query sees), the
 //!   HF-folder and GGUF loaders (per-family GGUF metadata and tensor names; with
 //!   `--dtype auto`, GGUF matrices stay in their block format, memory-mapped, and bf16/f16

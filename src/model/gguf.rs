@@ -202,16 +202,25 @@ fn unpermute(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
+/// The file opened and its header (metadata and tensor directory) read.
+fn open(path: &Path) -> Result<(BufReader<File>, Content), ModelError> {
+    let mut reader = BufReader::new(File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?);
+    let content = Content::read(&mut reader).map_err(|e| ModelError::Gguf {
+        path: path.to_path_buf(),
+        msg: format!("not a readable GGUF file: {e}"),
+    })?;
+    Ok((reader, content))
+}
+
 pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut reader = BufReader::new(File::open(path).map_err(io)?);
-    let content = Content::read(&mut reader).map_err(|e| ModelError::Gguf {
-        path: path.to_path_buf(),
-        msg: format!("not a readable GGUF file: {e}"),
-    })?;
+    let (mut reader, content) = open(path)?;
     let meta = Meta {
         md: &content.metadata,
         path,
@@ -505,15 +514,7 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
 /// The tokenizer of a GGUF file alone (a full model, or a vocabulary-only file such as
 /// llama.cpp's `models/ggml-vocab-*.gguf`).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut reader = BufReader::new(File::open(path).map_err(io)?);
-    let content = Content::read(&mut reader).map_err(|e| ModelError::Gguf {
-        path: path.to_path_buf(),
-        msg: format!("not a readable GGUF file: {e}"),
-    })?;
+    let (_, content) = open(path)?;
     let meta = Meta {
         md: &content.metadata,
         path,

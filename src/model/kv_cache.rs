@@ -17,7 +17,7 @@ use candle_core::{Result, Tensor};
 /// A layer with a sliding window `w` keeps only what a later query can still see: before an
 /// append at position `p`, positions below `p + 1 − w` are dropped (moved out of the buffer
 /// when it would otherwise grow), so its memory stays within about twice `w` plus one chunk,
-/// however long the sequence. Such a layer's views start at [`LayerView::start`].
+/// however long the sequence. Such a layer's views start at `LayerView::start`.
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,

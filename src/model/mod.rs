@@ -7,6 +7,7 @@ mod family;
 mod gguf;
 mod hf;
 mod kv_cache;
+mod layer;
 mod rope;
 mod tokenizer;
 mod weights;

@@ -140,14 +140,7 @@ impl Tokenizer {
             .iter()
             .map(|&i| AddedToken::from(parts.tokens[i as usize].clone(), false))
             .collect();
-        inner
-            .add_special_tokens(special)
-            .map_err(|e| tok_err(path, e))?;
-        inner.add_tokens(added).map_err(|e| tok_err(path, e))?;
-        Ok(Self {
-            inner,
-            prepend: parts.prepend_bos,
-        })
+        Self::finish(inner, special, added, parts.prepend_bos, path)
     }
 
     /// Rebuild a GGUF `llama`-type (SentencePiece) tokenizer the way transformers converts one
@@ -267,14 +260,23 @@ impl Tokenizer {
         let added: Vec<AddedToken> = of_type(4)
             .map(|i| AddedToken::from(tokens[i].clone(), false).normalized(false))
             .collect();
+        Self::finish(inner, special, added, prepend_bos, path)
+    }
+
+    /// A GGUF tokenizer with its control tokens registered as special and its user-defined
+    /// ones as added tokens.
+    fn finish(
+        mut inner: tokenizers::Tokenizer,
+        special: Vec<AddedToken>,
+        added: Vec<AddedToken>,
+        prepend: Option<u32>,
+        path: &Path,
+    ) -> Result<Self, ModelError> {
         inner
             .add_special_tokens(special)
             .map_err(|e| tok_err(path, e))?;
         inner.add_tokens(added).map_err(|e| tok_err(path, e))?;
-        Ok(Self {
-            inner,
-            prepend: prepend_bos,
-        })
+        Ok(Self { inner, prepend })
     }
 
     /// Token ids for `text`, special tokens written in it recognised.
