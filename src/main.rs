@@ -87,8 +87,9 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         Ok(m) => {
             let c = m.model.config();
             eprintln!(
-                " done in {:.2}s ({} layers, hidden {}, vocab {}, context {}); weights: {}; kernels: {}",
+                " done in {:.2}s ({}, {} layers, hidden {}, vocab {}, context {}); weights: {}; kernels: {}",
                 start.elapsed().as_secs_f64(),
+                c.family,
                 c.num_hidden_layers,
                 c.hidden_size,
                 c.vocab_size,

@@ -339,6 +339,10 @@ pub struct ModelCard {
 /// The base model's formats and resident bytes (on its `GET /v1/models` entry).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct BaseDescription {
+    /// The decoder family: llama, mistral, qwen2, qwen3, gemma2, gemma3 or phi3.
+    pub family: String,
+    /// The longest sequence (prompt and generated tokens) served.
+    pub max_model_len: usize,
     /// The name the model file gives itself (GGUF `general.name`), when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,

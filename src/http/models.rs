@@ -11,7 +11,10 @@ pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
     let created = now_secs();
     let weights = s.engine.model().weights_summary();
     let stats = s.engine.stats();
+    let cfg = s.engine.model().config();
     let base = BaseDescription {
+        family: cfg.family.to_string(),
+        max_model_len: cfg.max_context,
         name: s.engine.info().name.clone(),
         formats: weights.to_string(),
         tensors: weights

@@ -365,6 +365,18 @@ fn prompt_tokens(model: &str, rendered: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_templates_keep_each_familys_quirks() {
     let user = serde_json::json!([{"role": "user", "content": "Hi there"}]);
+    for (model, family) in [
+        ("families/phi3/model.gguf", "phi3"),
+        ("families/gemma2/model", "gemma2"),
+    ] {
+        let s = crate::web::server_opts(crate::web::Opts {
+            model: Some(model),
+            ..crate::web::Opts::default()
+        });
+        let (st, v, _) = crate::web::call(&s.app, crate::web::get("/v1/models")).await;
+        assert_eq!(st, 200);
+        assert_eq!(v["data"][0]["base"]["family"], family, "{v}");
+    }
     for model in ["families/qwen2/model", "families/qwen2/model.gguf"] {
         let (st, v) = chat_prompt(model, user.clone()).await;
         assert_eq!(st, 200, "{model}: {v}");

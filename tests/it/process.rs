@@ -501,6 +501,8 @@ fn the_base_model_id_is_the_model_argument_as_given() {
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["data"][0]["id"], want, "{v}");
         assert_eq!(v["data"][0]["base"]["name"], "tiny-llama", "{v}");
+        assert_eq!(v["data"][0]["base"]["family"], "llama", "{v}");
+        assert_eq!(v["data"][0]["base"]["max_model_len"], 256, "{v}");
         let (st, _, body) = post_json(
             p.addr,
             "/v1/completions",
