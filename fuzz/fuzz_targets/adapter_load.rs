@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
             cache: &mut cache,
             logits: LogitsFor::Last,
             adapter: Some(&*a.weights),
+            prompt_len: ids.len(),
         }];
         m.model
             .forward(&mut input, merged)

@@ -249,6 +249,7 @@ fn run_batch(
                     cache: &mut s.cache,
                     logits: LogitsFor::Last,
                     adapter: reqs[*i].adapter.as_deref(),
+                    prompt_len: reqs[*i].prompt_token_ids.len(),
                 })
                 .collect();
             model.forward(&mut inputs, merged)?

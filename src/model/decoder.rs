@@ -38,6 +38,12 @@ pub struct SeqInput<'a> {
     pub logits: LogitsFor,
     /// `None` runs the base model.
     pub adapter: Option<&'a AdapterWeights>,
+    /// The sequence's whole prompt length, or 0 when the caller does not know it. Only
+    /// LongRoPE reads it: transformers picks the long factors for a prompt longer than the
+    /// original context (its prefill sees the whole prompt at once) and for every later
+    /// token past it, so a chunked prefill must decide by the whole prompt, not the chunk,
+    /// for its answer not to depend on how the engine happened to split the prompt.
+    pub prompt_len: usize,
 }
 
 /// A rotary embedding's tables: inverse frequencies (LongRoPE's short and long sets), and
@@ -150,15 +156,15 @@ impl Decoder {
     }
 
     /// The rotary tables of one rope for every packed token: `segs` give each sequence's
-    /// positions (and, for LongRoPE, whether it has passed the original length, as
-    /// transformers decides per forward from the largest position).
+    /// positions (and, for LongRoPE, whether the sequence — its whole prompt, or any token up
+    /// to this one — is longer than the original context, as transformers' generate decides).
     fn rope(&self, tables: &RopeTables, segs: &[Segment], n: usize) -> Result<Rope> {
         let half = tables.inv_freq.len();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for seg in segs {
             let inv = match &tables.long {
-                Some((after, long)) if seg.pos + seg.len > *after => long,
+                Some((after, long)) if (seg.pos + seg.len).max(seg.prompt_len) > *after => long,
                 _ => &tables.inv_freq,
             };
             for p in seg.pos..seg.pos + seg.len {
@@ -232,6 +238,7 @@ impl Decoder {
                 start: tokens.len(),
                 len,
                 pos,
+                prompt_len: seq.prompt_len,
             });
             tokens.extend_from_slice(seq.tokens);
         }

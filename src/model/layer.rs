@@ -21,6 +21,8 @@ pub(super) struct Segment {
     pub(super) len: usize,
     /// Absolute position of the first new token (= tokens already cached).
     pub(super) pos: usize,
+    /// The sequence's whole prompt length (0: unknown), for LongRoPE.
+    pub(super) prompt_len: usize,
 }
 
 #[derive(Debug, Clone)]

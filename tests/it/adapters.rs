@@ -72,6 +72,7 @@ fn logits(
         cache: &mut cache,
         logits: LogitsFor::All,
         adapter,
+        prompt_len: 0,
     }];
     let l = m.model.forward(&mut input, merged).unwrap().pop().unwrap();
     l.narrow(0, ids.len() - keep, keep).unwrap()
@@ -165,6 +166,7 @@ fn mixed_adapter_batch_equals_one_at_a_time() {
             cache,
             logits: LogitsFor::All,
             adapter: *ad,
+            prompt_len: 0,
         })
         .collect();
     let batched = m.model.forward(&mut inputs, None).unwrap();
@@ -346,6 +348,7 @@ fn merged_weights_refuse_rows_of_another_adapter() {
             cache: &mut cache,
             logits: LogitsFor::Last,
             adapter: other,
+            prompt_len: 0,
         }];
         let err = m.model.forward(&mut input, Some(&merged)).unwrap_err();
         assert!(err.to_string().contains("cannot serve"), "{err}");

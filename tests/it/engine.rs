@@ -883,3 +883,47 @@ fn prefix_cache_keys_follow_the_adapter_version() {
     let st = idle(&e);
     assert_eq!(st.prefix_hits, 32);
 }
+
+/// Every apply mode on Phi-3 (fused qkv_proj and gate_up_proj, LongRoPE, a window of 12) and
+/// Gemma 3 (q/k norms, windows, a local rope), through the engine: a mixed batch of the base
+/// and two adapters gives the same greedy tokens unmerged, merged in turns and in auto mode,
+/// and auto really merges once one adapter has the model.
+#[test]
+fn every_apply_mode_agrees_on_fused_and_windowed_families() {
+    for family in ["phi3", "gemma3"] {
+        let s = tempfile::tempdir().unwrap();
+        for name in ["dora", "lora"] {
+            copy_dir(
+                &fixtures().join("families").join(family).join(name),
+                &s.path().join(name),
+            );
+        }
+        let model = format!("families/{family}/model");
+        let run = |mode: AdapterMode, adapters: &[Option<&str>]| {
+            let e = engine_on(&model, s.path(), mode, |_| {});
+            let streams: Vec<EventStream> = adapters
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let prompt: Vec<u32> =
+                        (0..20 + i as u32).map(|t| (t * 11 + 5) % 300 + 3).collect();
+                    submit(&e, request(&prompt, *a, 12, SamplingParams::default())).unwrap()
+                })
+                .collect();
+            let out: Vec<Vec<u32>> = streams.into_iter().map(|s| collect(s).tokens).collect();
+            (out, idle(&e))
+        };
+        let mixed = [None, Some("dora"), Some("lora"), Some("dora")];
+        let (want, _) = run(AdapterMode::Unmerged, &mixed);
+        for mode in [AdapterMode::Merged, AdapterMode::Auto] {
+            let (got, _) = run(mode, &mixed);
+            assert_eq!(got, want, "{family} {mode:?}");
+        }
+        // One adapter alone: auto merges after merge_after steps, with the same tokens.
+        let one = [Some("dora"), Some("dora")];
+        let (want, _) = run(AdapterMode::Unmerged, &one);
+        let (got, st) = run(AdapterMode::Auto, &one);
+        assert_eq!(got, want, "{family} auto, one adapter");
+        assert!(st.steps_merged > 0, "{family}: auto never merged: {st:?}");
+    }
+}

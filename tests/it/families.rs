@@ -94,6 +94,8 @@ fn chunked_logits(
             cache: &mut cache,
             logits: LogitsFor::All,
             adapter,
+            // The whole of `ids` is the prompt transformers saw in one forward.
+            prompt_len: ids.len(),
         }];
         let out = m.model.forward(&mut input, merged).unwrap().pop().unwrap();
         if at + n > split {
@@ -119,17 +121,10 @@ fn whole_logits(
         cache: &mut cache,
         logits: LogitsFor::All,
         adapter,
+        prompt_len: 0,
     }];
     let out = m.model.forward(&mut input, merged).unwrap().pop().unwrap();
     out.narrow(0, ids.len() - keep, keep).unwrap()
-}
-
-/// Whether chunked runs of `family`'s prompts can equal one forward: not with Phi-3's
-/// LongRoPE, which transformers switches to its long factors per forward once the sequence
-/// passes `original_max_position_embeddings` (16 here), so keys cached by an earlier, shorter
-/// forward keep the short factors — in transformers' own `generate` as here.
-fn chunks_equal_whole(family: &str) -> bool {
-    family != "phi3"
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor) {
@@ -162,9 +157,6 @@ fn every_family_matches_transformers_whole_chunked_and_token_by_token() {
                 );
                 // Chunks of 5 then single tokens: every window is crossed by chunks and by
                 // decode steps, over a cache that has dropped what the window no longer sees.
-                if !chunks_equal_whole(family) {
-                    continue;
-                }
                 check(
                     &format!("{name} prompt {i} chunked"),
                     &chunked_logits(&m, ids, 5, keep, None, None),
@@ -217,13 +209,11 @@ fn every_family_serves_peft_adapters_exactly() {
                         &whole_logits(&m, ids, keep, Some(&a.weights), None),
                         want,
                     );
-                    if chunks_equal_whole(family) {
-                        check_adapter(
-                            &format!("{what} unmerged, chunked"),
-                            &chunked_logits(&m, ids, 7, keep, Some(&a.weights), None),
-                            want,
-                        );
-                    }
+                    check_adapter(
+                        &format!("{what} unmerged, chunked"),
+                        &chunked_logits(&m, ids, 7, keep, Some(&a.weights), None),
+                        want,
+                    );
                     let want = &exp.logits[&format!("{family}.{kind}.merged.{i}")];
                     check_adapter(
                         &format!("{what} merged"),
@@ -259,6 +249,7 @@ fn every_family_serves_a_mixed_batch() {
                     cache,
                     logits: LogitsFor::All,
                     adapter: *adapter,
+                    prompt_len: 0,
                 })
                 .collect();
             let out = m.model.forward(&mut inputs, None).unwrap();
@@ -285,6 +276,7 @@ fn a_window_bounds_the_kv_cache() {
             cache: &mut cache,
             logits: LogitsFor::Last,
             adapter: None,
+            prompt_len: 0,
         }];
         m.model.forward(&mut input, None).unwrap();
     }

@@ -22,6 +22,7 @@ fn all_logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
         cache: &mut cache,
         logits: LogitsFor::All,
         adapter: None,
+        prompt_len: 0,
     }];
     m.model.forward(&mut input, None).unwrap().pop().unwrap()
 }
@@ -125,6 +126,7 @@ fn packed_batch_equals_one_at_a_time() {
             cache,
             logits: LogitsFor::All,
             adapter: None,
+            prompt_len: 0,
         })
         .collect();
     let packed = m.model.forward(&mut inputs, None).unwrap();
@@ -158,12 +160,14 @@ fn chunked_prefill_and_mixed_steps_match_full_forward() {
             cache: &mut ca,
             logits: LogitsFor::All,
             adapter: None,
+            prompt_len: 0,
         },
         SeqInput {
             tokens: &b[..split_b],
             cache: &mut cb,
             logits: LogitsFor::All,
             adapter: None,
+            prompt_len: 0,
         },
     ];
     let out1 = m.model.forward(&mut step1, None).unwrap();
@@ -174,12 +178,14 @@ fn chunked_prefill_and_mixed_steps_match_full_forward() {
             cache: &mut ca,
             logits: LogitsFor::Last,
             adapter: None,
+            prompt_len: 0,
         },
         SeqInput {
             tokens: &b[split_b..],
             cache: &mut cb,
             logits: LogitsFor::All,
             adapter: None,
+            prompt_len: 0,
         },
     ];
     let out2 = m.model.forward(&mut step2, None).unwrap();

@@ -161,6 +161,7 @@ fn last_logits(m: &LoadedModel, ids: &[u32], a: &adapter::Adapter, merged: bool)
         cache: &mut cache,
         logits: LogitsFor::Last,
         adapter: Some(&a.weights),
+        prompt_len: 0,
     }];
     m.model
         .forward(&mut input, mw.as_ref())

@@ -94,6 +94,7 @@ fn matches_transformers(file: &str, reference: &str, eos: u32, stored: bool) {
             cache: &mut cache,
             logits: LogitsFor::Last,
             adapter: None,
+            prompt_len: 0,
         }];
         let logits = m
             .model
@@ -243,6 +244,7 @@ fn bf16_merged_weights_error_on_smollm2() {
                 cache: &mut cache,
                 logits: LogitsFor::All,
                 adapter: Some(&a.weights),
+                prompt_len: 0,
             }];
             m.model
                 .forward(&mut input, Some(&merged))

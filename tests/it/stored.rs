@@ -128,6 +128,7 @@ fn forward(
             cache,
             logits: LogitsFor::All,
             adapter: *adapter,
+            prompt_len: 0,
         })
         .collect();
     m.model.forward(&mut inputs, merged).unwrap()

@@ -567,6 +567,7 @@ impl Worker {
                     LogitsFor::Last
                 },
                 adapter: s.lease.as_ref().map(|l| &*l.weights),
+                prompt_len: s.req.prompt_token_ids.len(),
             })
             .collect();
         self.model.forward(&mut inputs, merged)
