@@ -391,7 +391,9 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         (Some(p), _) => p,
         (None, Family::Gemma2) => windows_every(layers, window.or(Some(4096)), 2),
         (None, Family::Gemma3) => windows_every(layers, window, 6),
-        (None, Family::Phi3) => vec![window; layers],
+        // A llama file states a window only when its converter kept Mistral's (llama.cpp's
+        // drops it); Phi-3's applies to every layer, as transformers does.
+        (None, Family::Phi3 | Family::Llama) => vec![window; layers],
         (None, _) => vec![None; layers],
     };
     let theta = meta.f64(&a("rope.freq_base"))?.unwrap_or(10_000.0);

@@ -417,3 +417,52 @@ async fn chat_templates_keep_each_familys_quirks() {
         "{v}"
     );
 }
+
+/// A `llama` GGUF whose converter kept Mistral's window (`llama.attention.sliding_window`) is
+/// served with it on every layer: the Mistral fixture's GGUF with that one key added equals
+/// transformers past the window, whole and chunked.
+#[test]
+fn a_llama_gguf_that_states_a_window_is_served_with_it() {
+    use candle_core::quantized::gguf_file::{self, Content, Value};
+    let src = fixtures().join("families/mistral/model.gguf");
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = Content::read(&mut f).unwrap();
+    let mut md: Vec<(String, Value)> = content.metadata.clone().into_iter().collect();
+    md.push(("llama.attention.sliding_window".into(), Value::U32(8)));
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mistral-window.gguf");
+    let mrefs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let trefs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &mrefs, &trefs).unwrap();
+    let m = dora_serve::model::load(
+        &path,
+        &dora_serve::model::LoadOptions {
+            dtype: candle_core::DType::F32,
+            device: Device::Cpu,
+            stored: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(m.model.config().layer_windows, vec![Some(8); 2]);
+    let exp = expected();
+    for (i, ids) in exp.prompts.iter().enumerate() {
+        let want = &exp.logits[&format!("mistral.base.{i}")];
+        let keep = want.dim(0).unwrap();
+        check(
+            &format!("windowed llama GGUF prompt {i}"),
+            &whole_logits(&m, ids, keep, None, None),
+            want,
+        );
+        check(
+            &format!("windowed llama GGUF prompt {i}, chunked"),
+            &chunked_logits(&m, ids, 5, keep, None, None),
+            want,
+        );
+    }
+}
