@@ -113,6 +113,15 @@ fn matches_transformers(file: &str, reference: &str, eos: u32, stored: bool) {
                 p.prompt
             );
         }
+        let gap = got
+            .iter()
+            .zip(&p.last_top_logits)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{file} (stored: {stored}): top-10 max |Δlogit| {gap:.2e} on {:?}",
+            p.prompt
+        );
         reqs.push(GenerateRequest {
             prompt_token_ids: p.prompt_token_ids.clone(),
             max_tokens: p.greedy_token_ids.len(),
