@@ -136,6 +136,7 @@ python3 - "$work/rounds.jsonl" "$rounds" "$build" "$cached" "${files[@]}" <<'PY'
 import json, os, subprocess, sys
 path, rounds, build, cached, *files = sys.argv[1:]
 env = "" if os.environ.get("LENS") is None else f"LENS='{os.environ['LENS']}' "
+env += "" if os.environ.get("SHARE") is None else f"SHARE={os.environ['SHARE']} "
 args = "" if all(os.path.dirname(f) == build for f in files) else " " + " ".join(files)
 data = {
     "share": float(os.environ.get("SHARE", "0.25")),
