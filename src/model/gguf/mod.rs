@@ -1,4 +1,5 @@
-//! Loading a GGUF file of a supported family (`general.architecture` llama, qwen2, qwen3,
+//! Loading a GGUF file of a supported family (metadata reads in `meta.rs`, the tokenizer in
+//! `vocab.rs`) (`general.architecture` llama, qwen2, qwen3,
 //! gemma2, gemma3, phi3): metadata → [`ModelConfig`], every tensor renamed to its HF name with
 //! what llama.cpp's converter changed undone (the llama Q/K row permutation, Gemma's `+ 1` on
 //! norm weights), so adapters trained on the HF checkpoint line up row for row; matrices kept
@@ -18,115 +19,15 @@ use candle_nn::VarBuilder;
 use super::config::{windows_every, ModelConfig};
 use super::family::Family;
 use super::rope::{RopeScaling, RopeSpec};
-use super::tokenizer::{GgufBpe, GgufSpm};
 use super::weights::StoredWeights;
-use super::{
-    model_id, Decoder, LoadOptions, LoadedModel, ModelError, ModelFormat, ModelInfo, Tokenizer,
-};
+use super::{model_id, Decoder, LoadOptions, LoadedModel, ModelError, ModelFormat, ModelInfo};
 use crate::ops::stored::{self, StoredMatrix};
 
-struct Meta<'a> {
-    md: &'a HashMap<String, Value>,
-    path: &'a Path,
-}
+mod meta;
+mod vocab;
 
-impl Meta<'_> {
-    fn err(&self, msg: String) -> ModelError {
-        ModelError::Gguf {
-            path: self.path.to_path_buf(),
-            msg,
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.md.get(key)
-    }
-
-    fn usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
-        self.get(key)
-            .map(|v| {
-                v.to_u64()
-                    .or_else(|_| v.to_u32().map(u64::from))
-                    .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
-                    .map(|x| x as usize)
-                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
-            })
-            .transpose()
-    }
-
-    fn req_usize(&self, key: &str) -> Result<usize, ModelError> {
-        self.usize(key)?
-            .ok_or_else(|| self.err(format!("metadata {key} is missing")))
-    }
-
-    fn f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
-        self.get(key)
-            .map(|v| {
-                v.to_f32()
-                    .map(f64::from)
-                    .or_else(|_| v.to_f64())
-                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
-            })
-            .transpose()
-    }
-
-    fn string(&self, key: &str) -> Result<Option<String>, ModelError> {
-        self.get(key)
-            .map(|v| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
-            })
-            .transpose()
-    }
-
-    fn u32(&self, key: &str) -> Result<Option<u32>, ModelError> {
-        Ok(self.usize(key)?.map(|v| v as u32))
-    }
-
-    fn bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
-        self.get(key)
-            .map(|v| {
-                v.to_bool()
-                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
-            })
-            .transpose()
-    }
-
-    fn strings(&self, key: &str) -> Result<Vec<String>, ModelError> {
-        let v = self
-            .get(key)
-            .ok_or_else(|| self.err(format!("metadata {key} is missing")))?;
-        v.to_vec()
-            .map_err(|e| self.err(format!("metadata {key}: {e}")))?
-            .iter()
-            .map(|s| {
-                s.to_string()
-                    .cloned()
-                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
-            })
-            .collect()
-    }
-
-    fn ints(&self, key: &str) -> Result<Option<Vec<i64>>, ModelError> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        let list = v
-            .to_vec()
-            .map_err(|e| self.err(format!("metadata {key}: {e}")))?;
-        list.iter()
-            .map(|x| {
-                x.to_i32()
-                    .map(i64::from)
-                    .or_else(|_| x.to_u32().map(i64::from))
-                    .or_else(|_| x.to_i64())
-                    .map_err(|e| self.err(format!("metadata {key}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
-    }
-}
+use meta::Meta;
+pub use vocab::load_tokenizer;
 
 /// The HF name of a GGUF tensor of `family`, or `None` when it is not part of such a model.
 fn hf_name(gguf: &str, family: Family) -> Option<String> {
@@ -480,7 +381,7 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         source,
     })?;
 
-    let tokenizer = gguf_tokenizer(&meta, tokens)?;
+    let tokenizer = vocab::gguf_tokenizer(&meta, tokens)?;
     let bos = meta.u32("tokenizer.ggml.bos_token_id")?;
     let mut eos: Vec<u32> = meta
         .u32("tokenizer.ggml.eos_token_id")?
@@ -511,118 +412,4 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
                 .or_else(|| family.default_chat_template().map(str::to_string)),
         },
     })
-}
-
-/// The tokenizer of a GGUF file alone (a full model, or a vocabulary-only file such as
-/// llama.cpp's `models/ggml-vocab-*.gguf`).
-pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
-    let (_, content) = open(path)?;
-    let meta = Meta {
-        md: &content.metadata,
-        path,
-    };
-    let tokens = meta.strings("tokenizer.ggml.tokens")?;
-    gguf_tokenizer(&meta, tokens)
-}
-
-fn gguf_tokenizer(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer, ModelError> {
-    let model = meta
-        .string("tokenizer.ggml.model")?
-        .ok_or_else(|| meta.err("metadata tokenizer.ggml.model is missing".into()))?;
-    if model != "gpt2" && model != "llama" {
-        return Err(meta.err(format!(
-            "tokenizer.ggml.model = {model:?} is not supported from GGUF (supported: gpt2, the byte-level BPE, \
-             and llama, SentencePiece); serve this model from its HF folder instead"
-        )));
-    }
-    let types = meta.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
-    if model == "llama" {
-        return spm_tokenizer(meta, tokens, types);
-    }
-    if !types.is_empty() && types.len() != tokens.len() {
-        return Err(meta.err(format!(
-            "tokenizer.ggml.token_type has {} entries for {} tokens",
-            types.len(),
-            tokens.len()
-        )));
-    }
-    let of_type = |ty: i64| -> Vec<u32> {
-        types
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == ty)
-            .map(|(i, _)| i as u32)
-            .collect()
-    };
-    let bos = meta.u32("tokenizer.ggml.bos_token_id")?;
-    let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-    let parts = GgufBpe {
-        merges: meta.strings("tokenizer.ggml.merges")?,
-        pre: meta
-            .string("tokenizer.ggml.pre")?
-            .unwrap_or_else(|| "default".into()),
-        special: of_type(3),
-        user_defined: of_type(4),
-        prepend_bos: if add_bos { bos } else { None },
-        tokens,
-    };
-    for id in parts
-        .special
-        .iter()
-        .chain(&parts.user_defined)
-        .chain(&parts.prepend_bos)
-    {
-        if *id as usize >= parts.tokens.len() {
-            return Err(meta.err(format!("token id {id} is outside the vocabulary")));
-        }
-    }
-    Tokenizer::from_gguf_bpe(parts, meta.path)
-}
-
-/// A SentencePiece (`tokenizer.ggml.model = llama`) tokenizer: Llama 2, Mistral, TinyLlama,
-/// Phi-3, Gemma files.
-fn spm_tokenizer(
-    meta: &Meta,
-    tokens: Vec<String>,
-    types: Vec<i64>,
-) -> Result<Tokenizer, ModelError> {
-    let n = tokens.len();
-    let scores: Vec<f32> =
-        match meta.get("tokenizer.ggml.scores") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| meta.err(format!("metadata tokenizer.ggml.scores: {e}")))?
-                .iter()
-                .map(|x| {
-                    x.to_f32()
-                        .map_err(|e| meta.err(format!("metadata tokenizer.ggml.scores: {e}")))
-                })
-                .collect::<Result<_, _>>()?,
-            None => return Err(meta.err(
-                "metadata tokenizer.ggml.scores is missing (a SentencePiece vocabulary needs it)"
-                    .into(),
-            )),
-        };
-    let types = if types.is_empty() { vec![1; n] } else { types };
-    let id = |key: &str| -> Result<Option<u32>, ModelError> {
-        match meta.u32(key)? {
-            Some(i) if i as usize >= n => {
-                Err(meta.err(format!("{key} {i} is outside the vocabulary")))
-            }
-            other => Ok(other),
-        }
-    };
-    let bos = id("tokenizer.ggml.bos_token_id")?;
-    let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
-    let parts = GgufSpm {
-        scores,
-        add_space_prefix: meta
-            .bool("tokenizer.ggml.add_space_prefix")?
-            .unwrap_or(true),
-        prepend_bos: if add_bos { bos } else { None },
-        unk: id("tokenizer.ggml.unknown_token_id")?,
-        tokens,
-        types,
-    };
-    Tokenizer::from_gguf_spm(parts, meta.path)
 }
