@@ -1,6 +1,5 @@
-//! Loading a GGUF file of a supported family (metadata reads in `meta.rs`, the tokenizer in
-//! `vocab.rs`) (`general.architecture` llama, qwen2, qwen3,
-//! gemma2, gemma3, phi3): metadata → [`ModelConfig`], every tensor renamed to its HF name with
+//! Loading a GGUF file of a supported family (`general.architecture` llama, qwen2, qwen3,
+//! gemma2, gemma3, phi3; typed metadata reads in `meta.rs`, the tokenizer in `vocab.rs`): metadata → [`ModelConfig`], every tensor renamed to its HF name with
 //! what llama.cpp's converter changed undone (the llama Q/K row permutation, Gemma's `+ 1` on
 //! norm weights), so adapters trained on the HF checkpoint line up row for row; matrices kept
 //! as stored or dequantised to the serving dtype; and the tokenizer rebuilt from
@@ -323,14 +322,12 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
             attention_factor,
         };
     }
-    let local_rope = (family == Family::Gemma3).then(|| {
-        RopeSpec::plain(
-            meta.f64(&a("rope.freq_base_swa"))
-                .ok()
-                .flatten()
-                .unwrap_or(10_000.0),
-        )
-    });
+    let local_rope = match family {
+        Family::Gemma3 => Some(RopeSpec::plain(
+            meta.f64(&a("rope.freq_base_swa"))?.unwrap_or(10_000.0),
+        )),
+        _ => None,
+    };
     // llama.cpp (after gemma_pytorch) scales Gemma's queries by 1/√(hidden/heads) for the 27B
     // models and by 1/√head_dim otherwise; the file does not say query_pre_attn_scalar.
     let attn_scale = match (family, layers) {
