@@ -195,27 +195,43 @@ impl Attention {
         let q = candle_nn::rotary_emb::rope_thd(&q, &rope.cos, &rope.sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_thd(&k, &rope.cos, &rope.sin)?.squeeze(0)?;
 
-        let mut outs = Vec::with_capacity(segs.len());
+        let mut views = Vec::with_capacity(segs.len());
         for (seg, seq) in segs.iter().zip(seqs.iter_mut()) {
-            // [len, heads, hd] → [heads, len, hd]
-            let q = q
-                .narrow(0, seg.start, seg.len)?
-                .transpose(0, 1)?
-                .contiguous()?;
+            // [len, kv_heads, hd] → [kv_heads, len, hd]
             let k = k.narrow(0, seg.start, seg.len)?.transpose(0, 1)?;
             let v = v.narrow(0, seg.start, seg.len)?.transpose(0, 1)?;
-            let view = seq.cache.append(self.layer, &k, &v)?;
-            let sc = Scores {
-                key_start: view.start,
-                ..self.scores
-            };
-            let y = self.attend(&q, &view.k, &view.v, seg.pos, &sc)?;
-            outs.push(y.transpose(0, 1)?.reshape((seg.len, nh * hd))?);
+            views.push(seq.cache.append(self.layer, &k, &v)?);
         }
-        let y = if outs.len() == 1 {
-            outs.pop().expect("one segment")
+        let scores = |view: &crate::model::kv_cache::LayerView| Scores {
+            key_start: view.start,
+            ..self.scores
+        };
+        // A decode step (one new token per sequence): every sequence's attention at once.
+        let batched = if segs.len() > 1 && segs.iter().all(|s| s.len == 1) {
+            let kv: Vec<_> = views.iter().map(|w| (&w.k, &w.v, scores(w))).collect();
+            crate::ops::attention::decode_batch(&q, &kv)?
         } else {
-            Tensor::cat(&outs, 0)?
+            None
+        };
+        let y = match batched {
+            Some(y) => y,
+            None => {
+                let mut outs = Vec::with_capacity(segs.len());
+                for (seg, view) in segs.iter().zip(&views) {
+                    // [len, heads, hd] → [heads, len, hd]
+                    let q = q
+                        .narrow(0, seg.start, seg.len)?
+                        .transpose(0, 1)?
+                        .contiguous()?;
+                    let y = self.attend(&q, &view.k, &view.v, seg.pos, &scores(view))?;
+                    outs.push(y.transpose(0, 1)?.reshape((seg.len, nh * hd))?);
+                }
+                if outs.len() == 1 {
+                    outs.pop().expect("one segment")
+                } else {
+                    Tensor::cat(&outs, 0)?
+                }
+            }
         };
         self.o_proj.forward(&y, apply)
     }

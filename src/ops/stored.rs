@@ -243,6 +243,20 @@ impl StoredMatrix {
         }
     }
 
+    /// Ask for logical rows `r0..r0 + n` to be brought into the L2 cache (a hint: nothing is
+    /// read, and rows past the end are ignored), so that dequantising them next waits less on
+    /// memory.
+    pub fn prefetch_rows(&self, r0: usize, n: usize) {
+        let bytes = self.bytes.as_slice();
+        for r in r0..(r0 + n).min(self.rows) {
+            let s = self.row_map.as_ref().map_or(r, |m| m[r] as usize);
+            let row = &bytes[s * self.row_bytes..(s + 1) * self.row_bytes];
+            for at in (0..row.len()).step_by(64) {
+                super::dequant::prefetch(row[at..].as_ptr());
+            }
+        }
+    }
+
     /// `y[i] = x · (logical row r0 + i)` for `y.len()` rows, fused (one input row); `false`
     /// when the format has no fused path (then nothing was written).
     pub(super) fn dot_rows(&self, r0: usize, x: &[f32], y: &mut [f32]) -> bool {

@@ -69,36 +69,17 @@ impl Scores {
 /// query sits at the last key's position, and sees the keys `sc` allows.
 /// `None` where it does not apply (other devices, dtypes or layouts).
 pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<Option<Tensor>> {
-    let (Ok((nh, 1, _)), Ok((kvh, len, hd))) = (q.dims3(), k.dims3()) else {
+    let (Ok((nh, 1, _)), Ok((_, len, hd))) = (q.dims3(), k.dims3()) else {
         return Ok(None);
     };
-    let lo = sc.first_key(sc.key_start + len - 1);
     let Some(out) = with_views(q, k, v, |q, heads_kv| {
-        let groups = nh / kvh;
         let mut out = vec![0f32; nh * hd];
-        let mut scores = vec![0f32; len - lo];
+        let mut scores = vec![0f32; len];
+        let groups = nh / heads_kv.len();
         for (g, &(kg, vg)) in heads_kv.iter().enumerate() {
-            let (kg, vg) = (&kg[lo * hd..], &vg[lo * hd..]);
-            for h in g * groups..(g + 1) * groups {
-                let qh = &q[h * hd..(h + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (s, krow) in scores.iter_mut().zip(kg.chunks_exact(hd)) {
-                    *s = sc.score(dot(qh, krow));
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let o = &mut out[h * hd..(h + 1) * hd];
-                for (&p, vrow) in scores.iter().zip(vg.chunks_exact(hd)) {
-                    let p = p / sum;
-                    for (oi, &vi) in o.iter_mut().zip(vrow) {
-                        *oi += p * vi;
-                    }
-                }
-            }
+            let at = g * groups * hd;
+            let out = &mut out[at..at + groups * hd];
+            decode_group(&q[at..at + groups * hd], kg, vg, hd, sc, &mut scores, out);
         }
         out
     })?
@@ -110,6 +91,156 @@ pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<Option<
         (nh, 1, hd),
         &candle_core::Device::Cpu,
     )?))
+}
+
+/// One decode step of several sequences at once: `q` `[n, heads, hd]` holds one query row per
+/// sequence, and `kv[i]` sequence `i`'s cached keys and values `[kv_heads, len_i, hd]` (any
+/// head stride) with the scores that shape them. Returns `[n, heads · hd]`, each row what
+/// [`decode`] gives for that sequence alone, bit for bit; the `(sequence, kv head)` pairs run
+/// as parts on [`crate::ops::pool`]. `None` where it does not apply.
+pub fn decode_batch(q: &Tensor, kv: &[(&Tensor, &Tensor, Scores)]) -> Result<Option<Tensor>> {
+    let Ok((n, nh, hd)) = q.dims3() else {
+        return Ok(None);
+    };
+    if n != kv.len() || n == 0 || q.dtype() != DType::F32 || !super::kernels::fast_on(q.device()) {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let Some(qv) = super::cpu::view(&q) else {
+        return Ok(None);
+    };
+    let qall = qv.values();
+    // Hold every cache's storage for as long as the parts read it.
+    let mut held = Vec::with_capacity(n);
+    for (k, v, _) in kv {
+        let Ok((kvh, keys, hd2)) = k.dims3() else {
+            return Ok(None);
+        };
+        if hd2 != hd || v.dims() != k.dims() || kvh == 0 || nh % kvh != 0 || keys == 0 {
+            return Ok(None);
+        }
+        if [k, v]
+            .iter()
+            .any(|t| t.dtype() != DType::F32 || !super::kernels::fast_on(t.device()))
+        {
+            return Ok(None);
+        }
+        held.push((k.storage_and_layout(), v.storage_and_layout(), kvh, keys));
+    }
+    let mut seqs = Vec::with_capacity(n);
+    for ((ks, kl), (vs, vl), kvh, keys) in &held {
+        let Some(heads) = kv_heads(ks, kl, vs, vl, *kvh, *keys, hd)? else {
+            return Ok(None);
+        };
+        seqs.push(heads);
+    }
+    let kvh = seqs[0].len();
+    if seqs.iter().any(|h| h.len() != kvh) {
+        return Ok(None);
+    }
+    let groups = nh / kvh;
+    let mut out = vec![0f32; n * nh * hd];
+    let dst = super::cpu::Out(out.as_mut_ptr());
+    let seqs = &seqs;
+    super::pool::run(n * kvh, &|part| {
+        let (i, g) = (part / kvh, part % kvh);
+        let (kg, vg) = seqs[i][g];
+        let at = (i * nh + g * groups) * hd;
+        // SAFETY: `out` has `n · nh · hd` values and part `(i, g)` alone writes the `groups`
+        // heads of kv head `g` in row `i`.
+        let o = unsafe { dst.slice(at, groups * hd) };
+        SCORES.with(|s| {
+            let mut s = s.borrow_mut();
+            let len = kg.len() / hd;
+            if s.len() < len {
+                s.resize(len, 0.0);
+            }
+            decode_group(
+                &qall[at..at + groups * hd],
+                kg,
+                vg,
+                hd,
+                &kv[i].2,
+                &mut s[..len],
+                o,
+            );
+        });
+    });
+    Ok(Some(Tensor::from_vec(
+        out,
+        (n, nh * hd),
+        &candle_core::Device::Cpu,
+    )?))
+}
+
+thread_local! {
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The query heads `q` (`groups · hd` values) that read one kv head's `kg`, `vg` (`len · hd`
+/// each, `scores` has `len` values), written into `out` (`groups · hd`, zeroed).
+fn decode_group(
+    q: &[f32],
+    kg: &[f32],
+    vg: &[f32],
+    hd: usize,
+    sc: &Scores,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let len = kg.len() / hd;
+    let lo = sc.first_key(sc.key_start + len - 1);
+    let (kg, vg, scores) = (&kg[lo * hd..], &vg[lo * hd..], &mut scores[lo..]);
+    for (qh, o) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        let mut max = f32::NEG_INFINITY;
+        for (s, krow) in scores.iter_mut().zip(kg.chunks_exact(hd)) {
+            *s = sc.score(dot(qh, krow));
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for (&p, vrow) in scores.iter().zip(vg.chunks_exact(hd)) {
+            let p = p / sum;
+            for (oi, &vi) in o.iter_mut().zip(vrow) {
+                *oi += p * vi;
+            }
+        }
+    }
+}
+
+/// Each kv head's key and value rows (`keys · hd` values each) in the storages of `k` and `v`
+/// (`[kv_heads, keys, hd]`, rows contiguous, any head stride); `None` for other layouts.
+fn kv_heads<'a>(
+    ks: &'a Storage,
+    kl: &candle_core::Layout,
+    vs: &'a Storage,
+    vl: &candle_core::Layout,
+    kvh: usize,
+    keys: usize,
+    hd: usize,
+) -> Result<Option<Vec<(&'a [f32], &'a [f32])>>> {
+    let (Storage::Cpu(ks), Storage::Cpu(vs)) = (ks, vs) else {
+        return Ok(None);
+    };
+    let (kst, vst) = (kl.stride(), vl.stride());
+    if kst[1] != hd || kst[2] != 1 || vst[1] != hd || vst[2] != 1 {
+        return Ok(None);
+    }
+    let (kall, vall) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
+    let mut heads_kv = Vec::with_capacity(kvh);
+    for g in 0..kvh {
+        let (Some(kg), Some(vg)) = (
+            head_rows(kall, kl.start_offset() + g * kst[0], keys * hd),
+            head_rows(vall, vl.start_offset() + g * vst[0], keys * hd),
+        ) else {
+            return Ok(None);
+        };
+        heads_kv.push((kg, vg));
+    }
+    Ok(Some(heads_kv))
 }
 
 /// The f32 CPU slices attention reads, handed to `f`: `q`'s rows (`[heads, rows, hd]`, made
@@ -138,25 +269,13 @@ fn with_views<R>(
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+    let Storage::Cpu(qs) = &*qs else {
         return Ok(None);
     };
-    let (kst, vst) = (kl.stride(), vl.stride());
-    if kst[1] != hd || kst[2] != 1 || vst[1] != hd || vst[2] != 1 {
+    let Some(heads_kv) = kv_heads(&ks, kl, &vs, vl, kvh, keys, hd)? else {
         return Ok(None);
-    }
+    };
     let qall = &qs.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + nh * rows * hd];
-    let (kall, vall) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
-    let mut heads_kv = Vec::with_capacity(kvh);
-    for g in 0..kvh {
-        let (Some(kg), Some(vg)) = (
-            head_rows(kall, kl.start_offset() + g * kst[0], keys * hd),
-            head_rows(vall, vl.start_offset() + g * vst[0], keys * hd),
-        ) else {
-            return Ok(None);
-        };
-        heads_kv.push((kg, vg));
-    }
     Ok(Some(f(qall, &heads_kv)))
 }
 
@@ -207,6 +326,48 @@ mod tests {
             let d = crate::ops::max_abs_diff(&got, &want);
             assert!(d < 1e-5, "len {len}: {d}");
         }
+    }
+
+    /// A batch of sequences of different lengths, windows and key starts gives, row by row,
+    /// what each sequence gives alone (bit for bit), on cache views with a head stride.
+    #[test]
+    fn a_decode_batch_equals_each_sequence_alone() {
+        let dev = Device::Cpu;
+        let (nh, kvh, hd, cap) = (6, 2, 16, 48);
+        let lens = [1usize, 5, 17, 33, 40];
+        let q = Tensor::randn(0f32, 1.0, (lens.len(), nh, hd), &dev).unwrap();
+        let mut caches = Vec::new();
+        for &len in &lens {
+            let kb = Tensor::randn(0f32, 1.0, (kvh, cap, hd), &dev).unwrap();
+            let vb = Tensor::randn(0f32, 1.0, (kvh, cap, hd), &dev).unwrap();
+            let (k, v) = (kb.narrow(1, 0, len).unwrap(), vb.narrow(1, 0, len).unwrap());
+            let sc = Scores {
+                scale: 0.25,
+                softcap: (len % 2 == 1).then_some(5.0),
+                window: (len > 16).then_some(9),
+                key_start: len / 4,
+            };
+            caches.push((k, v, sc));
+        }
+        let kv: Vec<_> = caches.iter().map(|(k, v, sc)| (k, v, *sc)).collect();
+        let got = decode_batch(&q, &kv).unwrap().expect("applies");
+        assert_eq!(got.dims(), &[lens.len(), nh * hd]);
+        for (i, (k, v, sc)) in caches.iter().enumerate() {
+            let qi = q.get(i).unwrap().reshape((nh, 1, hd)).unwrap();
+            let alone = decode(&qi, k, v, sc).unwrap().expect("applies");
+            let a = alone.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = got.get(i).unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "row {i}"
+            );
+            let pos = sc.key_start + k.dim(1).unwrap() - 1;
+            let want = reference_with(&qi, k, v, pos, sc);
+            let d = crate::ops::max_abs_diff(&alone, &want);
+            assert!(d < 1e-5, "row {i}: {d}");
+        }
+        let other = Tensor::randn(0f32, 1.0, (2, nh, hd), &dev).unwrap();
+        assert!(decode_batch(&other, &kv).unwrap().is_none());
     }
 
     /// candle's masked attention, as `Decoder::attend` computes it off the fast path.
