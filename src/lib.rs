@@ -83,10 +83,12 @@
 //!   [`ops::BaseWeight`]: a dense tensor or an [`ops::StoredMatrix`] (GGUF blocks or 16-bit
 //!   floats, dequantised on the fly: fast paths bit-equal to candle's `to_float`, candle's
 //!   for the rest); the small-row f32 matmul kernel for decode steps (AVX-512 register tiles,
-//!   a portable version of the same tiling), its stored-format forms (a fused one-row dot
+//!   a portable version of the same tiling, and on AVX-512 a transposed tiling for more rows:
+//!   input rows packed in vector lanes, weights broadcast), its stored-format forms (a fused one-row dot
 //!   per block, dequantised strips through the same tiles, dequantised tiles through candle's
 //!   gemm for prefill) and the spinning helper pool they and the unmerged rows run on;
-//!   [`ops::attention`]: decode attention and the tiled causal prefill attention (online
+//!   [`ops::attention`]: decode attention (a decode step's sequences all at once, on the pool)
+//!   and the tiled causal prefill attention (online
 //!   softmax over 64-key blocks, GQA-aware, query blocks on the pool, sliding windows and
 //!   soft-caps as [`ops::attention::Scores`] says; candle's masked attention is its reference
 //!   and the generic path). The

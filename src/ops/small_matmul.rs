@@ -76,7 +76,7 @@ const STRIP_VALUES: usize = 1 << 12;
 
 fn small_m_stored(x: &[f32], m: usize, w: &StoredMatrix, isa: Isa) -> Tensor {
     let (n, k) = (w.rows(), w.cols());
-    let xt = transposed(isa, m).then(|| pack(x, m, k));
+    let xt = panels(isa, x, m, k);
     let prefetch = xt.is_none();
     let ro = if xt.is_some() {
         T_OUTPUTS
@@ -119,7 +119,20 @@ fn small_m_stored(x: &[f32], m: usize, w: &StoredMatrix, isa: Isa) -> Tensor {
                 // SAFETY: `x` is `[m, k]`, `wv` is `[rows, k]`, and the output pointer is
                 // shifted to column `o` of the `[m, n]` buffer with `o + rows <= n`: this call
                 // writes columns `o..o + rows`, which no other strip or chunk writes.
-                unsafe { columns_any(isa, xt.as_deref(), x, m, k, wv, 0, rows, out.add(o), n) };
+                unsafe {
+                    columns_any(
+                        isa,
+                        xt.as_ref().map(|(p, b)| (p.as_slice(), *b)),
+                        x,
+                        m,
+                        k,
+                        wv,
+                        0,
+                        rows,
+                        out.add(o),
+                        n,
+                    )
+                };
                 o += rows;
             }
         });
@@ -199,8 +212,8 @@ fn small_m(x: &Tensor, w: &Tensor, isa: Option<Isa>) -> Result<Option<Tensor>> {
     };
     let (x, w) = (xv.values(), wv.values());
     let isa = isa.unwrap_or_else(best_isa);
-    let xt = transposed(isa, m).then(|| pack(x, m, k));
-    let xt = xt.as_deref();
+    let xt = panels(isa, x, m, k);
+    let xt = xt.as_ref().map(|(p, b)| (p.as_slice(), *b));
     let mut y = vec![0f32; m * n];
     let out = Out(y.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
@@ -226,29 +239,27 @@ fn small_m(x: &Tensor, w: &Tensor, isa: Option<Isa>) -> Result<Option<Tensor>> {
     )?))
 }
 
-/// From this many rows on, AVX-512 runs the transposed tiling (`avx512_t`). Decode on
-/// SmolLM2 Q8_0, `generate --batch`: at 16 sequences 290 → 325 tok/s; at 8 it lost (252 →
-/// 196: half of every vector is padding), so up to 8 rows keep the dot-product tiles.
+/// From this many rows on, AVX-512 runs the transposed tiling (`avx512_t`); from 5 rows on,
+/// also where the input rows hold at least [`TRANSPOSED_MIN_X`] values (64 KiB: past L1, so
+/// the dot tiles would re-read them from L2 for every 2 outputs). Measured with `generate
+/// --batch`: SmolLM2 Q8_0 at 16 sequences 290 → 325 tok/s (16-row panels); at 8 sequences
+/// SmolLM2 (k ≤ 1536) lost 5–10% with 8-row panels, and the 1B-shaped Q4_K_M (k = 2048, 8192)
+/// gained 26 → 32; at 2 and 4 rows SmolLM2 lost 10–20%.
 const TRANSPOSED_MIN_ROWS: usize = 9;
+const TRANSPOSED_MIN_X: usize = 16384;
 
-fn transposed(isa: Isa, m: usize) -> bool {
+/// `x` packed for the transposed tiling, with its positions per vector, where that runs.
+fn panels(isa: Isa, x: &[f32], m: usize, k: usize) -> Option<(Vec<f32>, usize)> {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
-        return m >= TRANSPOSED_MIN_ROWS;
+        if m < TRANSPOSED_MIN_ROWS && (m < 5 || m * k < TRANSPOSED_MIN_X) {
+            return None;
+        }
+        let b = avx512_t::positions(m, k)?;
+        return Some((avx512_t::pack(x, m, k, b), b));
     }
-    let _ = (isa, m);
-    false
-}
-
-/// `x` packed for the transposed tiling.
-fn pack(x: &[f32], m: usize, k: usize) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    return avx512_t::pack(x, m, k);
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!(
-        "the transposed tiling is x86-64 only ({m}×{k}, {})",
-        x.len()
-    )
+    let _ = (isa, x, m, k);
+    None
 }
 
 /// [`columns`], or the transposed tiling over the panels `xt` where there are some.
@@ -258,7 +269,7 @@ fn pack(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 #[allow(clippy::too_many_arguments)]
 unsafe fn columns_any(
     isa: Isa,
-    xt: Option<&[f32]>,
+    xt: Option<(&[f32], usize)>,
     x: &[f32],
     m: usize,
     k: usize,
@@ -269,11 +280,9 @@ unsafe fn columns_any(
     ldy: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(xt) = xt {
-        debug_assert!(
-            isa == Isa::Avx512 && xt.len() == m.div_ceil(avx512_t::PANEL) * k * avx512_t::PANEL
-        );
-        return avx512_t::columns(xt.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy);
+    if let Some((xt, b)) = xt {
+        debug_assert!(isa == Isa::Avx512 && k.is_multiple_of(b));
+        return avx512_t::columns(xt.as_ptr(), b, m, k, w.as_ptr(), o0, o1, y.0, ldy);
     }
     let _ = xt;
     columns(isa, x, m, k, w, o0, o1, y, ldy)
@@ -444,43 +453,84 @@ mod avx512 {
     }
 }
 
-/// The transposed tiling, for more rows than [`MAX_RR`]: the input rows are packed as panels
-/// of 16 (`[k][16]`, one vector per `k` position, zero past the last row), so a vector holds
-/// one input position of 16 rows, and each weight value is broadcast into its output's
-/// accumulator (`y[·, o] += x[·, kk] · w[o, kk]`). A tile of [`T_OUTPUTS`] outputs reads each
-/// panel vector once for all its outputs and each weight value once per panel: one load per
-/// multiply-add, no horizontal sums, and the panel (not every tile's input rows) is what
-/// stays in cache. Each output's sum runs over `k` in order, in one lane.
+/// The transposed tiling: input rows in vector lanes, weight values broadcast. The input rows
+/// are packed as panels of `16 / B` rows, each vector holding `B` consecutive input positions
+/// of every row of the panel (lane `r·B + p` is row `r`, position `j·B + p`), so each
+/// `B`-value run of a weight row, broadcast to every row's lanes, multiplies all of the panel's
+/// rows at once (`B = 1`: 16 rows, one position; `B = 2`: 8 rows, two; …). A tile of
+/// [`T_OUTPUTS`] outputs reads each panel vector once for all its outputs and each weight value
+/// once per panel: one load per multiply-add and no horizontal sums but the `B` lanes of an
+/// output at the end; the panels (not every tile's input rows) are what stays in cache. Each
+/// lane's sum runs over its positions in order.
 #[cfg(target_arch = "x86_64")]
 mod avx512_t {
     use std::arch::x86_64::*;
 
-    /// Rows per panel: the 16 lanes of a vector.
-    pub(super) const PANEL: usize = 16;
+    /// Lanes of a vector.
+    const LANES: usize = 16;
 
     /// Outputs per tile: accumulators, with the panel vector, in 32 vector registers.
     pub(super) const T_OUTPUTS: usize = 24;
 
-    /// `x` `[m, k]` as panels `[m.div_ceil(16)][k][16]`, zero past row `m`.
-    pub(super) fn pack(x: &[f32], m: usize, k: usize) -> Vec<f32> {
-        let mut xt = vec![0f32; m.div_ceil(PANEL) * k * PANEL];
+    /// The positions per row in a vector for `m` rows (fewest rows per panel that hold them,
+    /// up to 16), if `k` is a whole number of them.
+    pub(super) fn positions(m: usize, k: usize) -> Option<usize> {
+        let b = match m {
+            0 | 1 => return None,
+            2 => 8,
+            3 | 4 => 4,
+            5..=8 => 2,
+            _ => 1,
+        };
+        k.is_multiple_of(b).then_some(b)
+    }
+
+    /// `x` `[m, k]` as panels of `16 / b` rows, each `[k / b][16]` (see the module), zero
+    /// past row `m`.
+    pub(super) fn pack(x: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
+        let rows = LANES / b;
+        let mut xt = vec![0f32; m.div_ceil(rows) * k * rows];
         for (r, row) in x.chunks_exact(k).take(m).enumerate() {
-            let panel = &mut xt[r / PANEL * k * PANEL..];
-            for (kk, &v) in row.iter().enumerate() {
-                panel[kk * PANEL + r % PANEL] = v;
+            let panel = &mut xt[r / rows * k * rows..];
+            let lane = r % rows * b;
+            for (j, vals) in row.chunks_exact(b).enumerate() {
+                panel[j * LANES + lane..j * LANES + lane + b].copy_from_slice(vals);
             }
         }
         xt
     }
 
-    /// Outputs `o0..o1` of all `m` rows from the panels `xt` (see [`pack`]).
+    /// Outputs `o0..o1` of all `m` rows from the panels `xt` (see [`pack`], with `b`).
     ///
     /// # Safety
-    /// `xt` holds the panels of `m` rows of `k` values, `w` at least `o1 * k` values, `y`
-    /// points to `m * ldy` writable values with `o1 <= ldy`, and the CPU has AVX-512F.
+    /// `xt` holds the panels of `m` rows of `k` values packed with `b` (1, 2, 4 or 8, a
+    /// divisor of `k`), `w` at least `o1 * k` values, `y` points to `m * ldy` writable values
+    /// with `o1 <= ldy`, and the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn columns(
+        xt: *const f32,
+        b: usize,
+        m: usize,
+        k: usize,
+        w: *const f32,
+        o0: usize,
+        o1: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        match b {
+            1 => columns_b::<1>(xt, m, k, w, o0, o1, y, ldy),
+            2 => columns_b::<2>(xt, m, k, w, o0, o1, y, ldy),
+            4 => columns_b::<4>(xt, m, k, w, o0, o1, y, ldy),
+            8 => columns_b::<8>(xt, m, k, w, o0, o1, y, ldy),
+            _ => unreachable!("positions per vector {b}"),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn columns_b<const B: usize>(
         xt: *const f32,
         m: usize,
         k: usize,
@@ -490,7 +540,8 @@ mod avx512_t {
         y: *mut f32,
         ldy: usize,
     ) {
-        let panels = m.div_ceil(PANEL);
+        let rows_per = LANES / B;
+        let panels = m.div_ceil(rows_per);
         let mut o = o0;
         while o < o1 {
             let width = match o1 - o {
@@ -499,19 +550,28 @@ mod avx512_t {
                 _ => 1,
             };
             for p in 0..panels {
-                let rows = (m - p * PANEL).min(PANEL);
-                let (xp, wp, yp) = (
-                    xt.add(p * k * PANEL),
-                    w.add(o * k),
-                    y.add(p * PANEL * ldy + o),
-                );
+                let rows = (m - p * rows_per).min(rows_per);
+                let xp = xt.add(p * k * rows_per);
+                let (wp, yp) = (w.add(o * k), y.add(p * rows_per * ldy + o));
                 match width {
-                    T_OUTPUTS => micro::<T_OUTPUTS>(xp, wp, k, yp, ldy, rows),
-                    8 => micro::<8>(xp, wp, k, yp, ldy, rows),
-                    _ => micro::<1>(xp, wp, k, yp, ldy, rows),
+                    T_OUTPUTS => micro::<T_OUTPUTS, B>(xp, wp, k, yp, ldy, rows),
+                    8 => micro::<8, B>(xp, wp, k, yp, ldy, rows),
+                    _ => micro::<1, B>(xp, wp, k, yp, ldy, rows),
                 }
             }
             o += width;
+        }
+    }
+
+    /// `B` consecutive values at `p`, repeated over the 16 lanes (a load, no shuffle).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn broadcast<const B: usize>(p: *const f32) -> __m512 {
+        match B {
+            1 => _mm512_set1_ps(*p),
+            2 => _mm512_castpd_ps(_mm512_set1_pd((p as *const f64).read_unaligned())),
+            4 => _mm512_broadcast_f32x4(_mm_loadu_ps(p)),
+            _ => _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(p as *const f64))),
         }
     }
 
@@ -519,7 +579,7 @@ mod avx512_t {
     /// `rows` rows.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn micro<const RO: usize>(
+    unsafe fn micro<const RO: usize, const B: usize>(
         xt: *const f32,
         w: *const f32,
         k: usize,
@@ -528,19 +588,19 @@ mod avx512_t {
         rows: usize,
     ) {
         let mut acc = [_mm512_setzero_ps(); RO];
-        for kk in 0..k {
-            let xv = _mm512_loadu_ps(xt.add(kk * PANEL));
+        for j in 0..k / B {
+            let xv = _mm512_loadu_ps(xt.add(j * LANES));
             for (o, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(xv, _mm512_set1_ps(*w.add(o * k + kk)), *a);
+                *a = _mm512_fmadd_ps(xv, broadcast::<B>(w.add(o * k + j * B)), *a);
             }
         }
-        let mut t = [[0f32; PANEL]; RO];
+        let mut t = [[0f32; LANES]; RO];
         for (o, a) in acc.iter().enumerate() {
             _mm512_storeu_ps(t[o].as_mut_ptr(), *a);
         }
         for r in 0..rows {
             for (o, t) in t.iter().enumerate() {
-                *y.add(r * ldy + o) = t[r];
+                *y.add(r * ldy + o) = t[r * B..(r + 1) * B].iter().sum();
             }
         }
     }
@@ -662,6 +722,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The transposed tiling at every panel shape (1, 2, 4 and 8 positions per row in a
+    /// vector), every row count up to two panels and output counts with every tile tail, not
+    /// only the shapes the row-count rule picks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transposed_panels_of_every_shape_equal_candle_matmul() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for b in [1, 2, 4, 8] {
+            for m in 1..=2 * 16 / b + 1 {
+                for (k, n) in [(8, 1), (24, 9), (72, 33), (576, 50)] {
+                    let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+                    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+                    let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let xt = avx512_t::pack(&xv, m, k, b);
+                    let mut y = vec![f32::NAN; m * n];
+                    // SAFETY: AVX-512F checked above; `xt` packs `m` rows with `b`, a divisor
+                    // of `k`; `w` is `[n, k]` and `y` `[m, n]`.
+                    unsafe {
+                        avx512_t::columns(
+                            xt.as_ptr(),
+                            b,
+                            m,
+                            k,
+                            wv.as_ptr(),
+                            0,
+                            n,
+                            y.as_mut_ptr(),
+                            n,
+                        )
+                    };
+                    let got = Tensor::from_vec(y, (m, n), &Device::Cpu).unwrap();
+                    let reference = x.matmul(&w.t().unwrap()).unwrap();
+                    let diff = crate::ops::max_abs_diff(&got, &reference);
+                    assert!(
+                        diff <= 1e-4 * (k as f32).sqrt(),
+                        "b {b} {m}x{k}x{n}: {diff}"
+                    );
+                }
+            }
+        }
+        assert_eq!(avx512_t::positions(8, 2048), Some(2));
+        assert_eq!(avx512_t::positions(8, 2047), None);
+        assert_eq!(avx512_t::positions(16, 7), Some(1));
     }
 
     #[test]

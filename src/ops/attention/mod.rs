@@ -211,6 +211,9 @@ fn decode_group(
     }
 }
 
+/// One kv head's key rows and value rows.
+type HeadRows<'a> = (&'a [f32], &'a [f32]);
+
 /// Each kv head's key and value rows (`keys · hd` values each) in the storages of `k` and `v`
 /// (`[kv_heads, keys, hd]`, rows contiguous, any head stride); `None` for other layouts.
 fn kv_heads<'a>(
@@ -221,7 +224,7 @@ fn kv_heads<'a>(
     kvh: usize,
     keys: usize,
     hd: usize,
-) -> Result<Option<Vec<(&'a [f32], &'a [f32])>>> {
+) -> Result<Option<Vec<HeadRows<'a>>>> {
     let (Storage::Cpu(ks), Storage::Cpu(vs)) = (ks, vs) else {
         return Ok(None);
     };
