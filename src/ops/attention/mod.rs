@@ -97,7 +97,7 @@ pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<Option<
 /// sequence, and `kv[i]` sequence `i`'s cached keys and values `[kv_heads, len_i, hd]` (any
 /// head stride) with the scores that shape them. Returns `[n, heads · hd]`, each row what
 /// [`decode`] gives for that sequence alone, bit for bit; the `(sequence, kv head)` pairs run
-/// as parts on [`crate::ops::pool`]. `None` where it does not apply.
+/// as parts on the helper pool (`ops::pool`). `None` where it does not apply.
 pub fn decode_batch(q: &Tensor, kv: &[(&Tensor, &Tensor, Scores)]) -> Result<Option<Tensor>> {
     let Ok((n, nh, hd)) = q.dims3() else {
         return Ok(None);

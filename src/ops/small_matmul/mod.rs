@@ -1,0 +1,307 @@
+//! `x·Wᵀ` for the few rows of a decode step, on the CPU.
+//!
+//! candle's gemm is built for large matrices: at 1–16 rows it runs far below memory bandwidth
+//! (DESIGN.md §5), and decode is nothing but such matmuls. This kernel keeps the weight as
+//! checkpoints store it, `[out, in]`, so every output is a dot product over a contiguous row.
+//! A register tile of `RO` weight rows × `RR` input rows loads each weight vector once for all
+//! `RR` rows and each input vector once for all `RO` outputs; the weight streams through once
+//! per step in `RO` sequential runs (what hardware prefetchers follow best). Output columns are
+//! split over the threads of [`super::pool`], which write disjoint columns, so no partial sums are combined.
+//! On x86-64 with AVX-512 the tile is written with intrinsics (32 vector registers hold up to
+//! 24 accumulators); elsewhere a portable version of the same tiling is compiled for the best
+//! vector extension present (`dot.rs`). For more rows, AVX-512 runs a transposed tiling instead
+//! (`transposed.rs`: input rows in vector lanes, weights broadcast). Anything the kernel does not cover (other devices, dtypes,
+//! layouts, more rows) goes to candle's matmul, which stays the reference.
+
+use candle_core::{Result, Tensor};
+
+use super::cpu::{view, Out};
+use super::stored::StoredMatrix;
+use dot::{tile_outputs, MAX_RR};
+#[cfg(target_arch = "x86_64")]
+use transposed::T_OUTPUTS;
+#[cfg(not(target_arch = "x86_64"))]
+const T_OUTPUTS: usize = 1;
+
+mod dot;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod transposed;
+
+/// Up to this many rows the kernel beats candle's gemm on this machine (576×1536: 0.97 vs
+/// 1.13 ms at 64 rows, 4.0 vs 2.9 ms at 256; criterion benchmark `small_matmul`); longer
+/// prefill chunks go to candle.
+pub const MAX_ROWS: usize = 64;
+
+/// Below this many weight elements a thread hand-off costs more than it saves.
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
+/// `x` `[m, k]` times `w` `[n, k]` transposed: `[m, n]`, with the kernel when it applies.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match small_m(x, w, None)? {
+        Some(y) => Ok(y),
+        None => x.matmul(&w.t()?),
+    }
+}
+
+/// `x` `[m, k]` (f32) times the stored `w` `[n, k]` transposed: `[m, n]` f32.
+///
+/// Up to [`MAX_ROWS`] rows, each thread dequantises a strip of its outputs' weight rows at a
+/// time into a small buffer (it stays in L2) and runs the register tile over it, so the
+/// weight is read from memory once, in its stored size, and every product is the f32 kernel's
+/// on the dequantised rows. Longer inputs (prefill) dequantise tiles of rows and hand them to
+/// candle's gemm. Inputs the kernel cannot read (other devices, dtypes) are converted.
+pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    if k != w.cols() {
+        candle_core::bail!(
+            "matmul_t_stored: x is [{m}, {k}] but the weight is [{}, {}]",
+            w.rows(),
+            w.cols()
+        );
+    }
+    let x = x
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()?;
+    if m == 0 {
+        return Tensor::zeros(
+            (0, w.rows()),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        );
+    }
+    if m > MAX_ROWS {
+        return prefill_stored(&x, w);
+    }
+    let xv = view(&x).expect("a contiguous f32 CPU tensor");
+    Ok(small_m_stored(xv.values(), m, w, best_isa()))
+}
+
+/// Weight values dequantised per strip, at most (the strip stays in L2 while the tile reads it).
+const STRIP_VALUES: usize = 1 << 12;
+
+fn small_m_stored(x: &[f32], m: usize, w: &StoredMatrix, isa: Isa) -> Tensor {
+    let (n, k) = (w.rows(), w.cols());
+    let xt = panels(isa, x, m, k);
+    let prefetch = xt.is_none();
+    let ro = if xt.is_some() {
+        T_OUTPUTS
+    } else {
+        tile_outputs(m.min(MAX_RR))
+    };
+    // A whole number of tiles per strip, so only a chunk's last strip may end in a tail.
+    let strip = ro * (STRIP_VALUES / (ro * k)).max(1);
+    let mut y = vec![0f32; m * n];
+    let out = Out(y.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = if threads > 1 && k * n >= PARALLEL_MIN_ELEMS {
+        n.div_ceil(threads).div_ceil(ro) * ro
+    } else {
+        n
+    };
+    super::pool::run(n.div_ceil(chunk), &|c| {
+        let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
+        STRIP.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < strip * k {
+                buf.resize(strip * k, 0.0);
+            }
+            if m == 1 {
+                // SAFETY: this chunk alone writes outputs `o0..o1` of the single row.
+                let y = unsafe { out.slice(o0, o1 - o0) };
+                if w.dot_rows(o0, x, y) {
+                    return;
+                }
+            }
+            let mut o = o0;
+            while o < o1 {
+                let rows = strip.min(o1 - o);
+                let wv = &mut buf[..rows * k];
+                w.dequantize_rows(o, rows, wv);
+                // The next strip's bytes travel from memory while this one is multiplied.
+                if prefetch {
+                    w.prefetch_rows(o + rows, strip.min(o1 - o - rows));
+                }
+                // SAFETY: `x` is `[m, k]`, `wv` is `[rows, k]`, and the output pointer is
+                // shifted to column `o` of the `[m, n]` buffer with `o + rows <= n`: this call
+                // writes columns `o..o + rows`, which no other strip or chunk writes.
+                unsafe {
+                    columns(
+                        isa,
+                        xt.as_ref().map(|(p, b)| (p.as_slice(), *b)),
+                        x,
+                        m,
+                        k,
+                        wv,
+                        0,
+                        rows,
+                        out.add(o),
+                        n,
+                    )
+                };
+                o += rows;
+            }
+        });
+    });
+    Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu).expect("m × n values")
+}
+
+thread_local! {
+    static STRIP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Prefill: tiles of dequantised rows (at most [`PREFILL_TILE_VALUES`]) through candle's gemm.
+fn prefill_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
+    let (n, k) = (w.rows(), w.cols());
+    let tile = (PREFILL_TILE_VALUES / k).clamp(1, n);
+    let mut parts = Vec::with_capacity(n.div_ceil(tile));
+    let mut buf = vec![0f32; tile * k];
+    let mut o = 0;
+    while o < n {
+        let rows = tile.min(n - o);
+        let wv = &mut buf[..rows * k];
+        const ROWS: usize = 16;
+        let dst = Out(wv.as_mut_ptr());
+        super::pool::run(rows.div_ceil(ROWS), &|part| {
+            let (r0, r1) = (part * ROWS, ((part + 1) * ROWS).min(rows));
+            // SAFETY: `wv` has `rows * k` values; each part writes its own rows.
+            let dst = unsafe { dst.slice(r0 * k, (r1 - r0) * k) };
+            w.dequantize_rows(o + r0, r1 - r0, dst);
+        });
+        let t = Tensor::from_slice(wv, (rows, k), &candle_core::Device::Cpu)?;
+        parts.push(x.matmul(&t.t()?)?);
+        o += rows;
+    }
+    Tensor::cat(&parts, 1)
+}
+
+/// Weight values dequantised per prefill tile, at most (8 MiB of f32).
+const PREFILL_TILE_VALUES: usize = 1 << 21;
+
+/// Which implementation of the tile runs (tests force each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn best_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f") {
+                Isa::Avx512
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Isa::Portable
+}
+
+fn small_m(x: &Tensor, w: &Tensor, isa: Option<Isa>) -> Result<Option<Tensor>> {
+    let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
+        return Ok(None);
+    };
+    if m == 0 || m > MAX_ROWS || k != k2 || k == 0 {
+        return Ok(None);
+    }
+    let (Some(xv), Some(wv)) = (view(x), view(w)) else {
+        return Ok(None);
+    };
+    let (x, w) = (xv.values(), wv.values());
+    let isa = isa.unwrap_or_else(best_isa);
+    let xt = panels(isa, x, m, k);
+    let xt = xt.as_ref().map(|(p, b)| (p.as_slice(), *b));
+    let mut y = vec![0f32; m * n];
+    let out = Out(y.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    if threads > 1 && k * n >= PARALLEL_MIN_ELEMS {
+        // One chunk per thread, a multiple of 8 outputs: each thread streams one contiguous
+        // run of the weight, which the prefetchers follow best (2 or 4 chunks per thread
+        // measured 5–20% slower decode at 1 sequence on SmolLM2).
+        let chunk = n.div_ceil(threads).div_ceil(8) * 8;
+        super::pool::run(n.div_ceil(chunk), &|c| {
+            let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
+            // SAFETY: `x` is `[m, k]`, `w` is `[n, k]`, `out` has `m * n` elements and this
+            // call writes only columns `o0..o1`, which no other chunk writes.
+            unsafe { columns(isa, xt, x, m, k, w, o0, o1, out, n) };
+        });
+    } else {
+        // SAFETY: as above, one chunk covering every column.
+        unsafe { columns(isa, xt, x, m, k, w, 0, n, out, n) };
+    }
+    Ok(Some(Tensor::from_vec(
+        y,
+        (m, n),
+        &candle_core::Device::Cpu,
+    )?))
+}
+
+/// From this many rows on, AVX-512 runs the transposed tiling (`transposed`); from 5 rows on,
+/// also where the input rows hold at least [`TRANSPOSED_MIN_X`] values (64 KiB: past L1, so
+/// the dot tiles would re-read them from L2 for every 2 outputs). Measured with `generate
+/// --batch`: SmolLM2 Q8_0 at 16 sequences 290 → 325 tok/s (16-row panels); at 8 sequences
+/// SmolLM2 (k ≤ 1536) lost 5–10% with 8-row panels, and the 1B-shaped Q4_K_M (k = 2048, 8192)
+/// gained 26 → 32; at 2 and 4 rows SmolLM2 lost 10–20%.
+const TRANSPOSED_MIN_ROWS: usize = 9;
+const TRANSPOSED_MIN_X: usize = 16384;
+
+/// `x` packed for the transposed tiling, with its positions per vector, where that runs.
+fn panels(isa: Isa, x: &[f32], m: usize, k: usize) -> Option<(Vec<f32>, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        if m < TRANSPOSED_MIN_ROWS && (m < 5 || m * k < TRANSPOSED_MIN_X) {
+            return None;
+        }
+        let b = transposed::positions(m, k)?;
+        return Some((transposed::pack(x, m, k, b), b));
+    }
+    let _ = (isa, x, m, k);
+    None
+}
+
+/// Outputs `o0..o1` of all `m` rows: `y[r, o] = Σ_kk x[r, kk] · w[o, kk]`, by the
+/// transposed tiling over the panels `xt` (`x` packed by [`panels`], with its positions per
+/// vector) where there are some, else by the dot-product tiles.
+///
+/// # Safety
+/// `x` holds `m * k` values, `w` at least `o1 * k`, `y` points to `m * ldy` writable values
+/// with `o1 <= ldy`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns(
+    isa: Isa,
+    xt: Option<(&[f32], usize)>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    o0: usize,
+    o1: usize,
+    y: Out,
+    ldy: usize,
+) {
+    debug_assert!(x.len() >= m * k && w.len() >= o1 * k);
+    #[cfg(target_arch = "x86_64")]
+    if let Some((xt, b)) = xt {
+        debug_assert!(isa == Isa::Avx512 && k.is_multiple_of(b));
+        return transposed::columns(xt.as_ptr(), b, m, k, w.as_ptr(), o0, o1, y.0, ldy);
+    }
+    let _ = xt;
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => dot::avx512::columns(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => dot::portable::columns_avx2(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
+        Isa::Portable => dot::portable::columns(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
+    }
+}

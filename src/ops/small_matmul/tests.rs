@@ -1,0 +1,169 @@
+use super::*;
+use candle_core::{DType, Device};
+
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            v.push(Isa::Avx2);
+        }
+        if is_x86_feature_detected!("avx512f") {
+            v.push(Isa::Avx512);
+        }
+    }
+    v
+}
+
+#[test]
+fn equals_candle_matmul_for_every_small_shape_and_isa() {
+    let mut shapes = vec![(8, 576, 1536), (1, 1536, 576), (16, 576, 4100)];
+    // Every row count (each row-block split) with k around the vector width and output
+    // counts that leave every kind of tail.
+    for m in 1..=MAX_ROWS {
+        for (k, n) in [(1, 1), (15, 7), (16, 9), (17, 25), (33, 13), (70, 50)] {
+            shapes.push((m, k, n));
+        }
+    }
+    for isa in isas() {
+        for &(m, k, n) in &shapes {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+            let fast = small_m(&x, &w, Some(isa)).unwrap().expect("kernel applies");
+            let reference = x.matmul(&w.t().unwrap()).unwrap();
+            let diff = crate::ops::max_abs_diff(&fast, &reference);
+            assert!(
+                diff <= 1e-4 * (k as f32).sqrt(),
+                "{isa:?} {m}x{k}x{n}: {diff}"
+            );
+        }
+    }
+}
+
+/// The transposed tiling at every panel shape (1, 2, 4 and 8 positions per row in a
+/// vector), every row count up to two panels and output counts with every tile tail, not
+/// only the shapes the row-count rule picks.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn transposed_panels_of_every_shape_equal_candle_matmul() {
+    if !is_x86_feature_detected!("avx512f") {
+        return;
+    }
+    for b in [1, 2, 4, 8] {
+        for m in 1..=2 * 16 / b + 1 {
+            for (k, n) in [(8, 1), (24, 9), (72, 33), (576, 50)] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+                let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+                let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let xt = transposed::pack(&xv, m, k, b);
+                let mut y = vec![f32::NAN; m * n];
+                // SAFETY: AVX-512F checked above; `xt` packs `m` rows with `b`, a divisor
+                // of `k`; `w` is `[n, k]` and `y` `[m, n]`.
+                unsafe {
+                    transposed::columns(xt.as_ptr(), b, m, k, wv.as_ptr(), 0, n, y.as_mut_ptr(), n)
+                };
+                let got = Tensor::from_vec(y, (m, n), &Device::Cpu).unwrap();
+                let reference = x.matmul(&w.t().unwrap()).unwrap();
+                let diff = crate::ops::max_abs_diff(&got, &reference);
+                assert!(
+                    diff <= 1e-4 * (k as f32).sqrt(),
+                    "b {b} {m}x{k}x{n}: {diff}"
+                );
+            }
+        }
+    }
+    assert_eq!(transposed::positions(8, 2048), Some(2));
+    assert_eq!(transposed::positions(8, 2047), None);
+    assert_eq!(transposed::positions(16, 7), Some(1));
+}
+
+#[test]
+fn stored_formats_equal_dequantise_then_matmul_for_1_to_64_rows_and_every_isa() {
+    use candle_core::quantized::GgmlDType::*;
+    let dev = Device::Cpu;
+    for dtype in [
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
+    ] {
+        let block = dtype.block_size();
+        // Output counts that leave every kind of tile tail; for the float formats (blocks
+        // of one value) odd k as well.
+        let ks: Vec<usize> = if block == 1 {
+            vec![17, 70, 256]
+        } else {
+            vec![block, 3 * block]
+        };
+        for k in ks {
+            for n in [1, 7, 13, 50] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let q = StoredMatrix::quantize(&w, dtype).unwrap();
+                let deq = q.dequantize_all().unwrap();
+                for m in (1..=MAX_ROWS).filter(|m| *m <= 9 || m % 7 == 0 || *m == MAX_ROWS) {
+                    let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                    let reference = x.matmul(&deq.t().unwrap()).unwrap();
+                    let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    for isa in isas() {
+                        let fast = small_m_stored(&xv, m, &q, isa);
+                        let diff = crate::ops::max_abs_diff(&fast, &reference);
+                        assert!(
+                            diff <= 1e-5 * (k as f32).sqrt() * 4.0,
+                            "{dtype:?} {isa:?} {m}x{k}x{n}: {diff}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn stored_prefill_tiles_equal_dequantise_then_matmul() {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 1.0, (300, 512), &dev).unwrap();
+    let q = StoredMatrix::quantize(&w, candle_core::quantized::GgmlDType::Q4K).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (MAX_ROWS + 3, 512), &dev).unwrap();
+    let reference = x.matmul(&q.dequantize_all().unwrap().t().unwrap()).unwrap();
+    let got = matmul_t_stored(&x, &q).unwrap();
+    assert!(crate::ops::max_abs_diff(&got, &reference) < 1e-3);
+    // Tiles smaller than the matrix: the same numbers, column block by column block.
+    let tiled = prefill_stored(&x, &q).unwrap();
+    assert_eq!(tiled.dims(), &[MAX_ROWS + 3, 300]);
+}
+
+#[test]
+fn reads_an_offset_view_and_not_past_it() {
+    // A weight that is a contiguous slice of a larger tensor: the kernel must use its
+    // offset and stop at its end.
+    let big = Tensor::randn(0f32, 1.0, (10, 17), &Device::Cpu).unwrap();
+    let w = big.narrow(0, 3, 5).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (4, 17), &Device::Cpu).unwrap();
+    for isa in isas() {
+        let fast = small_m(&x, &w, Some(isa)).unwrap().unwrap();
+        let reference = x.matmul(&w.t().unwrap()).unwrap();
+        let diff = crate::ops::max_abs_diff(&fast, &reference);
+        assert!(diff < 1e-4, "{isa:?}: {diff}");
+    }
+}
+
+#[test]
+fn falls_back_where_it_does_not_apply() {
+    let x = Tensor::randn(0f32, 1.0, (MAX_ROWS + 1, 8), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
+    assert!(small_m(&x, &w, None).unwrap().is_none());
+    let x16 = x.narrow(0, 0, 2).unwrap().to_dtype(DType::F16).unwrap();
+    assert!(small_m(&x16, &w.to_dtype(DType::F16).unwrap(), None)
+        .unwrap()
+        .is_none());
+    // A transposed (non-contiguous) weight view is left to candle too.
+    let wt = Tensor::randn(0f32, 1.0, (8, 4), &Device::Cpu).unwrap();
+    assert!(small_m(&x.narrow(0, 0, 2).unwrap(), &wt.t().unwrap(), None)
+        .unwrap()
+        .is_none());
+    assert_eq!(matmul_t(&x, &w).unwrap().dims(), &[MAX_ROWS + 1, 4]);
+    assert_eq!(
+        matmul_t(&x.narrow(0, 0, 2).unwrap(), &wt.t().unwrap())
+            .unwrap()
+            .dims(),
+        &[2, 4]
+    );
+}
