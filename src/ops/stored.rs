@@ -246,11 +246,9 @@ impl StoredMatrix {
     /// Ask for logical rows `r0..r0 + n` to be brought into the L2 cache (a hint: nothing is
     /// read, and rows past the end are ignored), so that dequantising them next waits less on
     /// memory.
-    pub fn prefetch_rows(&self, r0: usize, n: usize) {
-        let bytes = self.bytes.as_slice();
+    pub(super) fn prefetch_rows(&self, r0: usize, n: usize) {
         for r in r0..(r0 + n).min(self.rows) {
-            let s = self.row_map.as_ref().map_or(r, |m| m[r] as usize);
-            let row = &bytes[s * self.row_bytes..(s + 1) * self.row_bytes];
+            let row = self.stored_row(r);
             for at in (0..row.len()).step_by(64) {
                 super::dequant::prefetch(row[at..].as_ptr());
             }
