@@ -9,13 +9,13 @@ use dora_serve::adapter::{self, Adapter, AdapterError, AdapterKind};
 use dora_serve::engine::{generate, AdapterMode, GenerateRequest, SamplingParams};
 use dora_serve::model::{LoadedModel, LogitsFor, SeqInput};
 use dora_serve::ops::{
-    dora_norm, dora_norm_generic, dora_norm_reference, AdapterWeights, Apply, MergedWeights,
-    ProjKind, RowGroup,
+    dora_norm, dora_norm_generic, dora_norm_reference, AdapterWeights, Apply, ProjKind, RowGroup,
 };
 use serde::Deserialize;
 
 use crate::util::{
-    fixture_bytes, fixtures, load, max_abs, max_abs_diff, rounding_tolerance, safetensors_bytes,
+    fixture_bytes, fixtures, load, logits, max_abs, max_abs_diff, rounding_tolerance,
+    safetensors_bytes,
 };
 
 const ADAPTERS: [&str; 6] = [
@@ -56,26 +56,6 @@ fn expected_logits(key: &str) -> Tensor {
 fn load_adapter(m: &LoadedModel, name: &str) -> Adapter {
     adapter::load_dir(&fixtures().join("adapters").join(name), &m.model)
         .unwrap_or_else(|e| panic!("loading {name}: {e}"))
-}
-
-/// Logits of the last `keep` positions of `ids`, on `adapter` (merged when `merged` is given).
-fn logits(
-    m: &LoadedModel,
-    ids: &[u32],
-    adapter: Option<&AdapterWeights>,
-    merged: Option<&MergedWeights>,
-    keep: usize,
-) -> Tensor {
-    let mut cache = m.model.new_cache();
-    let mut input = [SeqInput {
-        tokens: ids,
-        cache: &mut cache,
-        logits: LogitsFor::All,
-        adapter,
-        prompt_len: 0,
-    }];
-    let l = m.model.forward(&mut input, merged).unwrap().pop().unwrap();
-    l.narrow(0, ids.len() - keep, keep).unwrap()
 }
 
 #[test]

@@ -13,7 +13,7 @@ use dora_serve::model::{KvCache, LoadedModel, LogitsFor, SeqInput};
 use dora_serve::ops::{AdapterWeights, MergedWeights};
 use serde::Deserialize;
 
-use crate::util::{fixtures, load, max_abs_diff};
+use crate::util::{fixtures, load, logits, max_abs_diff};
 
 const FAMILIES: [&str; 6] = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
 /// transformers' f32 logits against ours: the bound.
@@ -107,26 +107,6 @@ fn chunked_logits(
     Tensor::cat(&rows, 0).unwrap()
 }
 
-/// Logits of the last `keep` positions of `ids` run through in one forward.
-fn whole_logits(
-    m: &LoadedModel,
-    ids: &[u32],
-    keep: usize,
-    adapter: Option<&AdapterWeights>,
-    merged: Option<&MergedWeights>,
-) -> Tensor {
-    let mut cache = m.model.new_cache();
-    let mut input = [SeqInput {
-        tokens: ids,
-        cache: &mut cache,
-        logits: LogitsFor::All,
-        adapter,
-        prompt_len: 0,
-    }];
-    let out = m.model.forward(&mut input, merged).unwrap().pop().unwrap();
-    out.narrow(0, ids.len() - keep, keep).unwrap()
-}
-
 fn check(what: &str, got: &Tensor, want: &Tensor) {
     let d = max_abs_diff(got, want);
     assert!(d <= TOLERANCE, "{what}: max |Δlogit| = {d}");
@@ -152,7 +132,7 @@ fn every_family_matches_transformers_whole_chunked_and_token_by_token() {
                 let keep = want.dim(0).unwrap();
                 check(
                     &format!("{name} prompt {i} whole"),
-                    &whole_logits(&m, ids, keep, None, None),
+                    &logits(&m, ids, None, None, keep),
                     want,
                 );
                 // Chunks of 5 then single tokens: every window is crossed by chunks and by
@@ -206,7 +186,7 @@ fn every_family_serves_peft_adapters_exactly() {
                     let what = format!("{name} {kind} prompt {i}");
                     check_adapter(
                         &format!("{what} unmerged"),
-                        &whole_logits(&m, ids, keep, Some(&a.weights), None),
+                        &logits(&m, ids, Some(&a.weights), None, keep),
                         want,
                     );
                     check_adapter(
@@ -217,7 +197,7 @@ fn every_family_serves_peft_adapters_exactly() {
                     let want = &exp.logits[&format!("{family}.{kind}.merged.{i}")];
                     check_adapter(
                         &format!("{what} merged"),
-                        &whole_logits(&m, ids, keep, Some(&a.weights), Some(&merged)),
+                        &logits(&m, ids, Some(&a.weights), Some(&merged), keep),
                         want,
                     );
                 }
@@ -303,7 +283,7 @@ fn family_logit_gaps() {
             let mut line = format!("{name}:");
             for (i, ids) in exp.prompts.iter().enumerate() {
                 let want = &exp.logits[&format!("{family}.base.{i}")];
-                let d = max_abs_diff(&whole_logits(&m, ids, 8, None, None), want);
+                let d = max_abs_diff(&logits(&m, ids, None, None, 8), want);
                 line += &format!(" base{i} {d:.2e}");
             }
             for kind in ["dora", "lora"] {
@@ -311,12 +291,10 @@ fn family_logit_gaps() {
                 let merged = m.model.merge(&a.weights).unwrap();
                 for (i, ids) in exp.prompts.iter().enumerate() {
                     let want = &exp.logits[&format!("{family}.{kind}.unmerged.{i}")];
-                    let d = max_abs_diff(&whole_logits(&m, ids, 8, Some(&a.weights), None), want);
+                    let d = max_abs_diff(&logits(&m, ids, Some(&a.weights), None, 8), want);
                     let want = &exp.logits[&format!("{family}.{kind}.merged.{i}")];
-                    let dm = max_abs_diff(
-                        &whole_logits(&m, ids, 8, Some(&a.weights), Some(&merged)),
-                        want,
-                    );
+                    let dm =
+                        max_abs_diff(&logits(&m, ids, Some(&a.weights), Some(&merged), 8), want);
                     line += &format!(" {kind}{i} {d:.2e}/{dm:.2e}");
                 }
             }
@@ -456,7 +434,7 @@ fn a_llama_gguf_that_states_a_window_is_served_with_it() {
         let keep = want.dim(0).unwrap();
         check(
             &format!("windowed llama GGUF prompt {i}"),
-            &whole_logits(&m, ids, keep, None, None),
+            &logits(&m, ids, None, None, keep),
             want,
         );
         check(

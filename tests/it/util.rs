@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use dora_serve::model::{self, LoadOptions, LoadedModel};
+use dora_serve::model::{self, LoadOptions, LoadedModel, LogitsFor, SeqInput};
+use dora_serve::ops::{AdapterWeights, MergedWeights};
 use serde::Deserialize;
 
 pub fn fixtures() -> PathBuf {
@@ -99,4 +100,24 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Vec<u8> {
     let f = tempfile::NamedTempFile::new().unwrap();
     candle_core::safetensors::save(tensors, f.path()).unwrap();
     std::fs::read(f.path()).unwrap()
+}
+
+/// Logits of the last `keep` positions of `ids`, on `adapter` (merged when `merged` is given).
+pub fn logits(
+    m: &LoadedModel,
+    ids: &[u32],
+    adapter: Option<&AdapterWeights>,
+    merged: Option<&MergedWeights>,
+    keep: usize,
+) -> Tensor {
+    let mut cache = m.model.new_cache();
+    let mut input = [SeqInput {
+        tokens: ids,
+        cache: &mut cache,
+        logits: LogitsFor::All,
+        adapter,
+        prompt_len: 0,
+    }];
+    let l = m.model.forward(&mut input, merged).unwrap().pop().unwrap();
+    l.narrow(0, ids.len() - keep, keep).unwrap()
 }
