@@ -73,11 +73,6 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    /// Elements `at..at + len`. Taking `self` whole keeps closures from capturing the bare
-    /// pointer field, which is neither `Send` nor `Sync`.
-    ///
-    /// # Safety
-    /// The buffer holds at least `at + len` values and no one else uses them meanwhile.
     /// The buffer from element `n` on. Takes `self` whole, as [`slice`](Self::slice) does.
     ///
     /// # Safety
@@ -86,6 +81,11 @@ impl Out {
         Out(self.0.add(n))
     }
 
+    /// Elements `at..at + len`. Taking `self` whole keeps closures from capturing the bare
+    /// pointer field, which is neither `Send` nor `Sync`.
+    ///
+    /// # Safety
+    /// The buffer holds at least `at + len` values and no one else uses them meanwhile.
     #[allow(clippy::mut_from_ref)]
     pub(super) unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(at), len)

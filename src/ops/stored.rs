@@ -243,12 +243,54 @@ impl StoredMatrix {
         }
     }
 
+    /// Columns `c0..c1` of logical rows `r0..r0 + n` dequantised into `out`, row `i` from
+    /// `out[i * ld]` on: a block of columns for a tile that keeps its dequantised weights in
+    /// L1. `c0` and `c1` fall on the format's block boundaries (or `c1` is the row's end).
+    pub(super) fn dequantize_cols(
+        &self,
+        r0: usize,
+        n: usize,
+        (c0, c1): (usize, usize),
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let block = self.dtype.block_size();
+        assert!(r0 + n <= self.rows && c0 < c1 && c1 <= self.cols && c1 - c0 <= ld);
+        assert!(c0.is_multiple_of(block) && c1.is_multiple_of(block));
+        assert!(out.len() >= (n - 1) * ld + (c1 - c0));
+        let (b0, b1) = (
+            c0 / block * self.dtype.type_size(),
+            c1 / block * self.dtype.type_size(),
+        );
+        for i in 0..n {
+            let row = &mut out[i * ld..i * ld + (c1 - c0)];
+            dequantize(self.dtype, &self.stored_row(r0 + i)[b0..b1], row);
+        }
+    }
+
     /// Ask for logical rows `r0..r0 + n` to be brought into the L2 cache (a hint: nothing is
     /// read, and rows past the end are ignored), so that dequantising them next waits less on
     /// memory.
     pub(super) fn prefetch_rows(&self, r0: usize, n: usize) {
         for r in r0..(r0 + n).min(self.rows) {
             let row = self.stored_row(r);
+            for at in (0..row.len()).step_by(64) {
+                super::dequant::prefetch(row[at..].as_ptr());
+            }
+        }
+    }
+
+    /// [`prefetch_rows`](Self::prefetch_rows) for columns `c0..c1` of logical rows
+    /// `r0..r0 + n` (block boundaries as in [`dequantize_cols`](Self::dequantize_cols);
+    /// nothing past the row's end).
+    pub(super) fn prefetch_cols(&self, r0: usize, n: usize, c0: usize, c1: usize) {
+        let block = self.dtype.block_size();
+        let (b0, b1) = (
+            c0.min(self.cols) / block * self.dtype.type_size(),
+            c1.min(self.cols) / block * self.dtype.type_size(),
+        );
+        for r in r0..(r0 + n).min(self.rows) {
+            let row = &self.stored_row(r)[b0..b1];
             for at in (0..row.len()).step_by(64) {
                 super::dequant::prefetch(row[at..].as_ptr());
             }

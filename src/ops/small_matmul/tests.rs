@@ -117,6 +117,43 @@ fn stored_formats_equal_dequantise_then_matmul_for_1_to_64_rows_and_every_isa() 
 }
 
 #[test]
+fn blocked_stored_tiling_equals_whole_strips_bit_for_bit() {
+    // Reading stored weights a block of positions at a time changes where the dequantised
+    // values wait, not the sums: each lane still runs over its positions in order. Rows of
+    // several blocks and a part block (k = 2 · 256 + 64 for the 32-value formats), every
+    // panel shape, and outputs that leave every tile tail.
+    use candle_core::quantized::GgmlDType::*;
+    let dev = Device::Cpu;
+    for (dtype, k) in [
+        (Q8_0, 576),
+        (Q4_0, 576),
+        (F16, 600),
+        (Q4K, 768),
+        (Q6K, 1024),
+    ] {
+        for n in [7, 50] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = StoredMatrix::quantize(&w, dtype).unwrap();
+            let deq = q.dequantize_all().unwrap();
+            for m in [5, 8, 9, 16, 17, 33, MAX_ROWS] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let blocked = small_m_stored_with(&xv, m, &q, best_isa(), 0);
+                let whole = small_m_stored_with(&xv, m, &q, best_isa(), usize::MAX);
+                let diff = crate::ops::max_abs_diff(&blocked, &whole);
+                assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n}");
+                let reference = x.matmul(&deq.t().unwrap()).unwrap();
+                let diff = crate::ops::max_abs_diff(&blocked, &reference);
+                assert!(
+                    diff <= 1e-5 * (k as f32).sqrt() * 4.0,
+                    "{dtype:?} {m}x{k}x{n}: {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn stored_prefill_tiles_equal_dequantise_then_matmul() {
     let dev = Device::Cpu;
     let w = Tensor::randn(0f32, 1.0, (300, 512), &dev).unwrap();

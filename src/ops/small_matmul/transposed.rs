@@ -44,7 +44,19 @@ pub(super) fn pack(x: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
     xt
 }
 
-/// Outputs `o0..o1` of all `m` rows from the panels `xt` (see [`pack`], with `b`).
+/// Panels at most (64 rows / 16), for the accumulators of a tile run.
+pub(super) const MAX_PANELS: usize = 4;
+
+/// Positions per block where stored weights are dequantised for the tiling: a strip of
+/// [`T_OUTPUTS`] rows is dequantised and multiplied `K_BLOCK` positions at a time, from a
+/// buffer of rows `K_BLOCK` apart (24 KiB, in L1). The fixed stride also makes every weight
+/// address in the tile a constant offset from one pointer; with rows a run-time `k` apart the
+/// compiler chains one add per multiply-add (24 dependent adds per position, twice the
+/// multiply-adds' own time).
+pub(super) const K_BLOCK: usize = 256;
+
+/// Outputs `o0..o1` of all `m` rows from the panels `xt` (see [`pack`], with `b`), reading
+/// the weight rows where they are (`k` apart).
 ///
 /// # Safety
 /// `xt` holds the panels of `m` rows of `k` values packed with `b` (1, 2, 4 or 8, a
@@ -63,47 +75,145 @@ pub(super) unsafe fn columns(
     y: *mut f32,
     ldy: usize,
 ) {
+    let mut acc = [_mm512_setzero_ps(); MAX_PANELS * T_OUTPUTS];
+    let used = m.div_ceil(LANES / b) * T_OUTPUTS;
+    let mut o = o0;
+    while o < o1 {
+        let rows = T_OUTPUTS.min(o1 - o);
+        acc[..used].fill(_mm512_setzero_ps());
+        accumulate(xt, b, m, k, 0, k, w.add(o * k), k, rows, acc.as_mut_ptr());
+        finish(acc.as_ptr(), b, m, rows, y.add(o), ldy);
+        o += rows;
+    }
+}
+
+/// Carry on the sums of `rows` (≤ [`T_OUTPUTS`]) outputs over positions `c0..c0 + kb`:
+/// `w` holds those positions of the outputs' weight rows, rows `ldw` values apart (either
+/// [`K_BLOCK`], which the compiler then folds into the addresses, or `k`), and `acc` one vector per panel and output (`acc[p * rows + o]`),
+/// lane `r·b + q` the sum so far of the panel's row `r` over its positions `≡ q (mod b)`.
+/// Each lane's sum runs over its positions in order, so blocks taken in order give the sums
+/// of one pass.
+///
+/// # Safety
+/// As [`columns`], with `c0 + kb <= k`, `c0` and `kb` multiples of `b`, `kb <= ldw`, `w`
+/// at least `rows * ldw` values and `acc` `panels * rows` vectors.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn accumulate(
+    xt: *const f32,
+    b: usize,
+    m: usize,
+    k: usize,
+    c0: usize,
+    kb: usize,
+    w: *const f32,
+    ldw: usize,
+    rows: usize,
+    acc: *mut __m512,
+) {
+    debug_assert!(kb <= ldw && kb.is_multiple_of(b) && c0.is_multiple_of(b));
+    macro_rules! go {
+        ($b:literal) => {
+            if ldw == K_BLOCK {
+                accumulate_b::<$b>(xt, m, k, c0, kb, w, K_BLOCK, rows, acc)
+            } else {
+                accumulate_b::<$b>(xt, m, k, c0, kb, w, ldw, rows, acc)
+            }
+        };
+    }
     match b {
-        1 => columns_b::<1>(xt, m, k, w, o0, o1, y, ldy),
-        2 => columns_b::<2>(xt, m, k, w, o0, o1, y, ldy),
-        4 => columns_b::<4>(xt, m, k, w, o0, o1, y, ldy),
-        8 => columns_b::<8>(xt, m, k, w, o0, o1, y, ldy),
+        1 => go!(1),
+        2 => go!(2),
+        4 => go!(4),
+        8 => go!(8),
         _ => unreachable!("positions per vector {b}"),
     }
 }
 
 #[target_feature(enable = "avx512f")]
+#[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns_b<const B: usize>(
+unsafe fn accumulate_b<const B: usize>(
     xt: *const f32,
     m: usize,
     k: usize,
+    c0: usize,
+    kb: usize,
     w: *const f32,
-    o0: usize,
-    o1: usize,
-    y: *mut f32,
-    ldy: usize,
+    ldw: usize,
+    rows: usize,
+    acc: *mut __m512,
 ) {
+    debug_assert!(rows <= T_OUTPUTS);
     let rows_per = LANES / B;
     let panels = m.div_ceil(rows_per);
-    let mut o = o0;
-    while o < o1 {
-        let width = match o1 - o {
+    let mut o = 0;
+    while o < rows {
+        let width = match rows - o {
             n if n >= T_OUTPUTS => T_OUTPUTS,
             n if n >= 8 => 8,
             _ => 1,
         };
         for p in 0..panels {
-            let rows = (m - p * rows_per).min(rows_per);
-            let xp = xt.add(p * k * rows_per);
-            let (wp, yp) = (w.add(o * k), y.add(p * rows_per * ldy + o));
+            let xp = xt.add(p * k * rows_per + c0 / B * LANES);
+            let (wp, ap) = (w.add(o * ldw), acc.add(p * rows + o));
             match width {
-                T_OUTPUTS => micro::<T_OUTPUTS, B>(xp, wp, k, yp, ldy, rows),
-                8 => micro::<8, B>(xp, wp, k, yp, ldy, rows),
-                _ => micro::<1, B>(xp, wp, k, yp, ldy, rows),
+                T_OUTPUTS => micro::<T_OUTPUTS, B>(xp, wp, ldw, kb / B, ap),
+                8 => micro::<8, B>(xp, wp, ldw, kb / B, ap),
+                _ => micro::<1, B>(xp, wp, ldw, kb / B, ap),
             }
         }
         o += width;
+    }
+}
+
+/// `y[r * ldy + o]` for the `m` rows and `rows` outputs whose sums [`accumulate`] left in
+/// `acc`: the `b` lanes of each, added in order.
+///
+/// # Safety
+/// `acc` holds `panels * rows` vectors and `y` points to `m * ldy` writable values with
+/// `rows <= ldy`.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn finish(
+    acc: *const __m512,
+    b: usize,
+    m: usize,
+    rows: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    match b {
+        1 => finish_b::<1>(acc, m, rows, y, ldy),
+        2 => finish_b::<2>(acc, m, rows, y, ldy),
+        4 => finish_b::<4>(acc, m, rows, y, ldy),
+        8 => finish_b::<8>(acc, m, rows, y, ldy),
+        _ => unreachable!("positions per vector {b}"),
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn finish_b<const B: usize>(
+    acc: *const __m512,
+    m: usize,
+    rows: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let rows_per = LANES / B;
+    let mut t = [[0f32; LANES]; T_OUTPUTS];
+    for p in 0..m.div_ceil(rows_per) {
+        let in_panel = (m - p * rows_per).min(rows_per);
+        for (o, t) in t.iter_mut().enumerate().take(rows) {
+            _mm512_storeu_ps(t.as_mut_ptr(), *acc.add(p * rows + o));
+        }
+        // Row by row, so that each row's outputs are written side by side.
+        for r in 0..in_panel {
+            let yr = y.add((p * rows_per + r) * ldy);
+            for (o, t) in t.iter().enumerate().take(rows) {
+                *yr.add(o) = t[r * B..(r + 1) * B].iter().sum();
+            }
+        }
     }
 }
 
@@ -119,32 +229,29 @@ unsafe fn broadcast<const B: usize>(p: *const f32) -> __m512 {
     }
 }
 
-/// `y[r * ldy + o] = Σ_kk x[r, kk] · w[o, kk]` for `RO` outputs and the panel's first
-/// `rows` rows.
+/// `acc[o] += Σ_j x[j] · w[o, j]` lane by lane, for `RO` outputs over `steps` vectors of one
+/// panel (`xt` at the block's first vector, `w` rows `ldw` values apart): the accumulators
+/// live in registers for the whole block.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn micro<const RO: usize, const B: usize>(
     xt: *const f32,
     w: *const f32,
-    k: usize,
-    y: *mut f32,
-    ldy: usize,
-    rows: usize,
+    ldw: usize,
+    steps: usize,
+    acc: *mut __m512,
 ) {
-    let mut acc = [_mm512_setzero_ps(); RO];
-    for j in 0..k / B {
-        let xv = _mm512_loadu_ps(xt.add(j * LANES));
-        for (o, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(xv, broadcast::<B>(w.add(o * k + j * B)), *a);
+    let mut a = [_mm512_setzero_ps(); RO];
+    for (o, a) in a.iter_mut().enumerate() {
+        *a = *acc.add(o);
+    }
+    for j in 0..steps {
+        let (xv, wj) = (_mm512_loadu_ps(xt.add(j * LANES)), w.add(j * B));
+        for (o, a) in a.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(xv, broadcast::<B>(wj.add(o * ldw)), *a);
         }
     }
-    let mut t = [[0f32; LANES]; RO];
-    for (o, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(t[o].as_mut_ptr(), *a);
-    }
-    for r in 0..rows {
-        for (o, t) in t.iter().enumerate() {
-            *y.add(r * ldy + o) = t[r * B..(r + 1) * B].iter().sum();
-        }
+    for (o, a) in a.iter().enumerate() {
+        *acc.add(o) = *a;
     }
 }
