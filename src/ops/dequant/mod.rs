@@ -6,8 +6,10 @@
 //! every weight once. These are the same formulas, operation for operation (a product then a
 //! sum, never a fused multiply-add, so every value rounds as candle's does), written over
 //! fixed-size arrays that the compiler vectorises, and compiled for AVX-512 or AVX2 when the
-//! CPU has them (`simd_dispatch!`). The block layouts are llama.cpp's (`ggml-common.h`);
-//! tests compare every format against candle's `to_float` for equality.
+//! CPU has them (`simd_dispatch!`). On AVX-512 the 4-bit formats (Q4_K, Q4_0, Q4_1) take
+//! `table.rs` instead: the 16 values a scale can give, computed once by the same formula, then
+//! one permute per 16 weights. The block layouts are llama.cpp's (`ggml-common.h`); tests
+//! compare every format against candle's `to_float` for equality.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -15,8 +17,22 @@ use half::f16;
 /// Dequantise whole blocks of `dtype` in `bytes` into `out`; `false` (nothing written) when
 /// there is no fast path for `dtype`.
 pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY (each): the CPU has AVX-512F, checked just above.
+        match dtype {
+            GgmlDType::Q4K => unsafe { table::q4_k(bytes, out) },
+            GgmlDType::Q4_0 => unsafe { table::q4_0(bytes, out) },
+            GgmlDType::Q4_1 => unsafe { table::q4_1(bytes, out) },
+            _ => return dispatch(dtype, bytes, out),
+        }
+        return true;
+    }
     dispatch(dtype, bytes, out)
 }
+
+#[cfg(target_arch = "x86_64")]
+mod table;
 
 simd_dispatch!(
     fn dispatch(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool = plain
@@ -78,6 +94,12 @@ pub(super) fn dot_rows(
     x: &[f32],
     y: &mut [f32],
 ) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if dtype == GgmlDType::Q4K && is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        unsafe { table::q4_k_dot(bytes, row_bytes, x, y) };
+        return true;
+    }
     dot_dispatch(dtype, bytes, row_bytes, x, y)
 }
 

@@ -1,0 +1,193 @@
+//! AVX-512 dequantisation of the 4-bit formats by table lookup: a block's 4-bit value `q`
+//! can only map to 16 floats per scale, so each scale's 16 results are computed once, with
+//! the very operations of the scalar formula (`d1 · q − m1` for Q4_K: a product, then a
+//! difference, never fused), and every value is then one permute (`vpermps`, which reads the
+//! low 4 bits of each index) instead of a widen, a conversion, a product and a difference.
+//! The values are bit for bit those of [`super`]'s formulas, and so candle's.
+
+use std::arch::x86_64::*;
+
+use super::{half_at, scale_min_k4};
+
+/// `[0, 1, …, 15]`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn iota() -> __m512 {
+    _mm512_setr_ps(
+        0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+    )
+}
+
+/// The 16 bytes at `p`, each widened to a 32-bit lane.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bytes16(p: *const u8) -> __m512i {
+    _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// The (low, high) tables of Q4_K sub-blocks `2g` and `2g + 1`: `d·sc·q − dmin·m` for q in
+/// 0..16, as `q4_k` computes it.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn q4_k_tables(d: f32, min: f32, scales: &[u8; 12], g: usize) -> (__m512, __m512) {
+    let table = |j: usize| {
+        let (sc, m) = scale_min_k4(j, scales);
+        let (d1, m1) = (d * sc as f32, min * m as f32);
+        _mm512_sub_ps(
+            _mm512_mul_ps(_mm512_set1_ps(d1), iota()),
+            _mm512_set1_ps(m1),
+        )
+    };
+    (table(2 * g), table(2 * g + 1))
+}
+
+/// Q4_K blocks (`d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`) into 256 values each.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q4_k(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len() / 144 * 256, out.len());
+    for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+        let (d, min) = (half_at(b, 0), half_at(b, 2));
+        let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+        for g in 0..4 {
+            let (lo, hi) = q4_k_tables(d, min, scales, g);
+            for h in 0..2 {
+                let q = bytes16(b.as_ptr().add(16 + 32 * g + 16 * h));
+                let y = y.as_mut_ptr().add(64 * g + 16 * h);
+                _mm512_storeu_ps(y, _mm512_permutexvar_ps(q, lo));
+                _mm512_storeu_ps(
+                    y.add(32),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), hi),
+                );
+            }
+        }
+    }
+}
+
+/// `y[o] = x · row o` for rows of Q4_K blocks, `row_bytes` apart, each value looked up and
+/// multiplied in registers. The same sums as the portable fused dot (two accumulators taking
+/// alternate 16-value slices, in order, then the same tree sum), so the same results.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q4_k_dot(bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(row_bytes / 144 * 256, x.len());
+    for (row, out) in bytes.chunks_exact(row_bytes).zip(y.iter_mut()) {
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
+            super::prefetch(b.as_ptr().wrapping_add(super::PREFETCH_BYTES));
+            let (d, min) = (half_at(b, 0), half_at(b, 2));
+            let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+            for g in 0..4 {
+                let (lo, hi) = q4_k_tables(d, min, scales, g);
+                let q0 = bytes16(b.as_ptr().add(16 + 32 * g));
+                let q1 = bytes16(b.as_ptr().add(16 + 32 * g + 16));
+                let xs = xs.as_ptr().add(64 * g);
+                // Values 64g..64g+32 (low nibbles), then 64g+32..64g+64 (high nibbles).
+                acc0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q0, lo), _mm512_loadu_ps(xs), acc0);
+                acc1 = _mm512_fmadd_ps(
+                    _mm512_permutexvar_ps(q1, lo),
+                    _mm512_loadu_ps(xs.add(16)),
+                    acc1,
+                );
+                let (h0, h1) = (_mm512_srli_epi32(q0, 4), _mm512_srli_epi32(q1, 4));
+                acc0 = _mm512_fmadd_ps(
+                    _mm512_permutexvar_ps(h0, hi),
+                    _mm512_loadu_ps(xs.add(32)),
+                    acc0,
+                );
+                acc1 = _mm512_fmadd_ps(
+                    _mm512_permutexvar_ps(h1, hi),
+                    _mm512_loadu_ps(xs.add(48)),
+                    acc1,
+                );
+            }
+        }
+        let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+        _mm512_storeu_ps(a.as_mut_ptr(), acc0);
+        _mm512_storeu_ps(b.as_mut_ptr(), acc1);
+        *out = super::hsum(&a, &b);
+    }
+}
+
+/// Q4_0 blocks (`d: f16, qs: [u8; 16]`) into 32 values each: `(q − 8) · d`.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q4_0(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len() / 18 * 32, out.len());
+    let minus8 = _mm512_sub_ps(iota(), _mm512_set1_ps(8.0));
+    for (b, y) in bytes.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+        let t = _mm512_mul_ps(minus8, _mm512_set1_ps(half_at(b, 0)));
+        let q = bytes16(b.as_ptr().add(2));
+        _mm512_storeu_ps(y.as_mut_ptr(), _mm512_permutexvar_ps(q, t));
+        _mm512_storeu_ps(
+            y.as_mut_ptr().add(16),
+            _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t),
+        );
+    }
+}
+
+/// Q4_1 blocks (`d: f16, m: f16, qs: [u8; 16]`) into 32 values each: `q · d + m`.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q4_1(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len() / 20 * 32, out.len());
+    for (b, y) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+        let (d, m) = (half_at(b, 0), half_at(b, 2));
+        let t = _mm512_add_ps(_mm512_mul_ps(iota(), _mm512_set1_ps(d)), _mm512_set1_ps(m));
+        let q = bytes16(b.as_ptr().add(4));
+        _mm512_storeu_ps(y.as_mut_ptr(), _mm512_permutexvar_ps(q, t));
+        _mm512_storeu_ps(
+            y.as_mut_ptr().add(16),
+            _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn q4_k_dot_equals_the_portable_fused_dot_bit_for_bit() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let dev = Device::Cpu;
+        let (rows, k) = (5, 1024);
+        let t = Tensor::randn(0f32, 1.0, (rows, k), &dev)
+            .unwrap()
+            .broadcast_mul(&Tensor::rand(0.01f32, 100.0, (rows, 1), &dev).unwrap())
+            .unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+        let bytes = q.data().unwrap();
+        let x = Tensor::randn(0f32, 1.0, k, &dev)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let row_bytes = k / 256 * 144;
+        let (mut fast, mut plain) = (vec![0f32; rows], vec![1f32; rows]);
+        // SAFETY: the CPU has AVX-512F, checked above.
+        unsafe { super::q4_k_dot(&bytes, row_bytes, &x, &mut fast) };
+        assert!(super::super::dot_plain(
+            GgmlDType::Q4K,
+            &bytes,
+            row_bytes,
+            &x,
+            &mut plain
+        ));
+        let same = fast
+            .iter()
+            .zip(&plain)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{fast:?} vs {plain:?}");
+    }
+}
