@@ -427,6 +427,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let mut outs = Vec::with_capacity(streams.len());
     let mut first_token_at: Option<Instant> = None;
+    // The KV cache's peak, sampled once a step (the first sequence's tokens).
+    let mut kv_peak = 0usize;
     for (req, mut stream) in reqs.into_iter().zip(streams) {
         let mut out = GenerateOutput {
             prompt_token_ids: req.prompts[0].clone(),
@@ -445,6 +447,9 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                     // Prompts are prefilled in one step, so the first token to arrive marks
                     // the start of decoding for every sequence.
                     first_token_at.get_or_insert_with(Instant::now);
+                    if outs.is_empty() {
+                        kv_peak = kv_peak.max(engine.stats().kv_bytes);
+                    }
                     out.token_ids.push(token_id);
                     out.text.push_str(&text);
                     if let (Some(lps), Some(lp)) = (out.logprobs.as_mut(), logprob) {
@@ -479,7 +484,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let decode_tokens = generated.saturating_sub(outs.len());
     let decode_secs = first_token_at.map_or(0.0, |t| (end - t).as_secs_f64());
     eprintln!(
-        "{} sequence(s), {} prompt tokens; {} generated in {:.2}s; decode {:.1} tok/s",
+        "{} sequence(s), {} prompt tokens; {} generated in {:.2}s; decode {:.1} tok/s; \
+         KV cache peak {:.1} MB",
         outs.len(),
         total_prompt,
         generated,
@@ -489,6 +495,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         } else {
             0.0
         },
+        kv_peak as f64 / 1e6,
     );
     Ok(())
 }

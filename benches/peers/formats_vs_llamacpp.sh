@@ -3,7 +3,7 @@
 # the very same GGUF files, in interleaved rounds: each round runs, for every file,
 # llama-batched-bench (16 prompt tokens, 64 generated, 1/8/16 sequences, 2 threads; its S_TG
 # column) and then `dora-serve generate --batch` at the same counts (an 18-token prompt, 64
-# generated, --ignore-eos), recording dora-serve's peak RSS at 16 sequences. The files are
+# generated, --ignore-eos), recording dora-serve's peak RSS and KV cache at 16 sequences. The files are
 # SmolLM2-135M-Instruct re-made by llama.cpp's llama-quantize from its F32 copy (the F32 file
 # itself is the dense reference).
 #
@@ -55,8 +55,9 @@ for ((r = 1; r <= rounds; r++)); do
         --max-tokens "$tokens" --ignore-eos --json 2>&1 >/dev/null)
       d+="\"$n\": $(sed -n 's/.*decode \([0-9.]*\) tok.*/\1/p' <<<"$out"), "
       rss=$(sed -n 's/^rss_kb \([0-9]*\)$/\1/p' <<<"$out")
+      kv=$(sed -n 's/.*KV cache peak \([0-9.]*\) MB.*/\1/p' <<<"$out")
     done
-    line+="\"$q\": {\"llamacpp\": {${l%, }}, \"dora\": {${d%, }}, \"dora_rss_kb_max\": $rss}, "
+    line+="\"$q\": {\"llamacpp\": {${l%, }}, \"dora\": {${d%, }}, \"dora_rss_kb_max\": $rss${kv:+, \"dora_kv_mb_max\": $kv}}, "
   done
   echo "{${line%, }}" | tee -a "$work/rounds.jsonl"
 done
