@@ -81,12 +81,13 @@
 //!   on the CPU) and merged weights, each with a plain reference beside it; the DoRA norm
 //!   (row by row on the CPU, the identity elsewhere) and its reference; base weights as
 //!   [`ops::BaseWeight`]: a dense tensor or an [`ops::StoredMatrix`] (GGUF blocks or 16-bit
-//!   floats, dequantised on the fly: fast paths bit-equal to candle's `to_float`, candle's
-//!   for the rest); the small-row f32 matmul kernel for decode steps (AVX-512 register tiles,
-//!   a portable version of the same tiling, and on AVX-512 a transposed tiling for more rows:
-//!   input rows packed in vector lanes, weights broadcast), its stored-format forms (a fused one-row dot
-//!   per block, dequantised strips through the same tiles, dequantised tiles through candle's
-//!   gemm for prefill) and the spinning helper pool they and the unmerged rows run on;
+//!   floats, dequantised on the fly: fast paths bit-equal to candle's `to_float`, on AVX-512
+//!   table lookups for the 4- and 5-bit formats, candle's for the rest); the small-row f32
+//!   matmul kernel for decode steps (AVX-512 register tiles, a portable version of the same
+//!   tiling, and on AVX-512 a transposed tiling for more rows: input rows packed in vector
+//!   lanes, weights broadcast), its stored-format forms (a fused one-row dot per block,
+//!   dequantised strips through the same tiles, for long rows dequantised 256 positions at a
+//!   time into an L1 block, dequantised tiles through candle's gemm for prefill) and the spinning helper pool they and the unmerged rows run on;
 //!   [`ops::attention`]: decode attention (a decode step's sequences all at once, on the pool)
 //!   and the tiled causal prefill attention (online
 //!   softmax over 64-key blocks, GQA-aware, query blocks on the pool, sliding windows and
