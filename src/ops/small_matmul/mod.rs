@@ -79,6 +79,10 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
     Ok(small_m_stored(xv.values(), m, w, best_isa()))
 }
 
+// The accumulators of a tile run hold every panel of the most rows the kernel takes.
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(transposed::MAX_PANELS * 16 >= MAX_ROWS);
+
 /// Weight values dequantised per strip, at most (the strip stays in L2 while the tile reads it).
 const STRIP_VALUES: usize = 1 << 12;
 
