@@ -26,17 +26,28 @@ unsafe fn bytes16(p: *const u8) -> __m512i {
     _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
 }
 
-/// The (low, high) tables of Q4_K sub-blocks `2g` and `2g + 1`: `d·sc·q − dmin·m` for q in
-/// 0..16, as `q4_k` computes it.
+/// `d·sc_j` and `dmin·m_j` for a Q4_K block's 8 sub-blocks, as `q4_k` computes them.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn q4_k_tables(d: f32, min: f32, scales: &[u8; 12], g: usize) -> (__m512, __m512) {
-    let table = |j: usize| {
+unsafe fn q4_k_scales(d: f32, min: f32, scales: &[u8; 12]) -> ([f32; 8], [f32; 8]) {
+    let (mut ds, mut ms) = ([0f32; 8], [0f32; 8]);
+    for j in 0..8 {
         let (sc, m) = scale_min_k4(j, scales);
-        let (d1, m1) = (d * sc as f32, min * m as f32);
+        ds[j] = d * sc as f32;
+        ms[j] = min * m as f32;
+    }
+    (ds, ms)
+}
+
+/// The (low, high) tables of Q4_K sub-blocks `2g` and `2g + 1`: `d·sc·q − dmin·m` for q in
+/// 0..16, as `q4_k` computes them, from [`q4_k_scales`].
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn q4_k_tables(ds: &[f32; 8], ms: &[f32; 8], g: usize) -> (__m512, __m512) {
+    let table = |j: usize| {
         _mm512_sub_ps(
-            _mm512_mul_ps(_mm512_set1_ps(d1), iota()),
-            _mm512_set1_ps(m1),
+            _mm512_mul_ps(_mm512_set1_ps(ds[j]), iota()),
+            _mm512_set1_ps(ms[j]),
         )
     };
     (table(2 * g), table(2 * g + 1))
@@ -52,8 +63,9 @@ pub(super) unsafe fn q4_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
         let (d, min) = (half_at(b, 0), half_at(b, 2));
         let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+        let (ds, ms) = q4_k_scales(d, min, scales);
         for g in 0..4 {
-            let (lo, hi) = q4_k_tables(d, min, scales, g);
+            let (lo, hi) = q4_k_tables(&ds, &ms, g);
             for h in 0..2 {
                 let q = bytes16(b.as_ptr().add(16 + 32 * g + 16 * h));
                 let y = y.as_mut_ptr().add(64 * g + 16 * h);
@@ -82,8 +94,9 @@ pub(super) unsafe fn q4_k_dot(bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut
             super::prefetch(b.as_ptr().wrapping_add(super::PREFETCH_BYTES));
             let (d, min) = (half_at(b, 0), half_at(b, 2));
             let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+            let (ds, ms) = q4_k_scales(d, min, scales);
             for g in 0..4 {
-                let (lo, hi) = q4_k_tables(d, min, scales, g);
+                let (lo, hi) = q4_k_tables(&ds, &ms, g);
                 let q0 = bytes16(b.as_ptr().add(16 + 32 * g));
                 let q1 = bytes16(b.as_ptr().add(16 + 32 * g + 16));
                 let xs = xs.as_ptr().add(64 * g);
