@@ -272,17 +272,12 @@ impl StoredMatrix {
     /// read, and rows past the end are ignored), so that dequantising them next waits less on
     /// memory.
     pub(super) fn prefetch_rows(&self, r0: usize, n: usize) {
-        for r in r0..(r0 + n).min(self.rows) {
-            let row = self.stored_row(r);
-            for at in (0..row.len()).step_by(64) {
-                super::dequant::prefetch(row[at..].as_ptr());
-            }
-        }
+        self.prefetch_cols(r0, n, 0, self.cols);
     }
 
-    /// [`prefetch_rows`](Self::prefetch_rows) for columns `c0..c1` of logical rows
-    /// `r0..r0 + n` (block boundaries as in [`dequantize_cols`](Self::dequantize_cols);
-    /// nothing past the row's end).
+    /// Ask for columns `c0..c1` of logical rows `r0..r0 + n` to be brought into the L2 cache
+    /// (a hint, as [`prefetch_rows`](Self::prefetch_rows); block boundaries as in
+    /// [`dequantize_cols`](Self::dequantize_cols); nothing past a row's end or the last row).
     pub(super) fn prefetch_cols(&self, r0: usize, n: usize, c0: usize, c1: usize) {
         let block = self.dtype.block_size();
         let (b0, b1) = (
