@@ -212,7 +212,7 @@ unsafe fn blocked(
         buf.resize(T_OUTPUTS * K_BLOCK, 0.0);
     }
     let mut acc = [_mm512_setzero_ps(); transposed::MAX_PANELS * T_OUTPUTS];
-    let used = m.div_ceil(16 / b) * T_OUTPUTS;
+    let used = transposed::accumulators(m, b);
     let mut o = o0;
     while o < o1 {
         let rows = T_OUTPUTS.min(o1 - o);

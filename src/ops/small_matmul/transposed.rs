@@ -47,6 +47,11 @@ pub(super) fn pack(x: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
 /// Panels at most (64 rows / 16), for the accumulators of a tile run.
 pub(super) const MAX_PANELS: usize = 4;
 
+/// The accumulators a tile run over `m` rows packed with `b` uses: one per panel and output.
+pub(super) fn accumulators(m: usize, b: usize) -> usize {
+    m.div_ceil(LANES / b) * T_OUTPUTS
+}
+
 /// Positions per block where stored weights are dequantised for the tiling: a strip of
 /// [`T_OUTPUTS`] rows is dequantised and multiplied `K_BLOCK` positions at a time, from a
 /// buffer of rows `K_BLOCK` apart (24 KiB, in L1). The fixed stride also makes every weight
@@ -76,7 +81,7 @@ pub(super) unsafe fn columns(
     ldy: usize,
 ) {
     let mut acc = [_mm512_setzero_ps(); MAX_PANELS * T_OUTPUTS];
-    let used = m.div_ceil(LANES / b) * T_OUTPUTS;
+    let used = accumulators(m, b);
     let mut o = o0;
     while o < o1 {
         let rows = T_OUTPUTS.min(o1 - o);
