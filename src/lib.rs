@@ -87,7 +87,10 @@
 //!   tiling, and on AVX-512 a transposed tiling for more rows: input rows packed in vector
 //!   lanes, weights broadcast), its stored-format forms (a fused one-row dot per block,
 //!   dequantised strips through the same tiles, for long rows dequantised 256 positions at a
-//!   time into an L1 block, dequantised tiles through candle's gemm for prefill) and the spinning helper pool they and the unmerged rows run on;
+//!   time into an L1 block), the prefill tiling (`small_matmul/prefill.rs`: the transposed
+//!   tile blocked GotoBLAS-style over row groups, output groups and 256-position blocks,
+//!   dense or stored weights alike; candle's gemm where there is no AVX-512) and the spinning
+//!   helper pool they and the unmerged rows run on;
 //!   [`ops::attention`]: decode attention (a decode step's sequences all at once, on the pool)
 //!   and the tiled causal prefill attention (online
 //!   softmax over 64-key blocks, GQA-aware, query blocks on the pool, sliding windows and

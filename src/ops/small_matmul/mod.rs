@@ -10,8 +10,10 @@
 //! On x86-64 with AVX-512 the tile is written with intrinsics (32 vector registers hold up to
 //! 24 accumulators); elsewhere a portable version of the same tiling is compiled for the best
 //! vector extension present (`dot.rs`). For more rows, AVX-512 runs a transposed tiling instead
-//! (`transposed.rs`: input rows in vector lanes, weights broadcast). Anything the kernel does not cover (other devices, dtypes,
-//! layouts, more rows) goes to candle's matmul, which stays the reference.
+//! (`transposed.rs`: input rows in vector lanes, weights broadcast). Prefill (more than
+//! [`MAX_ROWS`] rows) runs that tiling too on AVX-512, blocked for the caches (`prefill.rs`).
+//! Anything the kernels do not cover (other devices, dtypes, layouts; prefill without
+//! AVX-512) goes to candle's matmul, which stays the reference.
 
 use candle_core::{Result, Tensor};
 
@@ -24,14 +26,16 @@ use transposed::T_OUTPUTS;
 const T_OUTPUTS: usize = 1;
 
 mod dot;
+#[cfg(target_arch = "x86_64")]
+mod prefill;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
 mod transposed;
 
-/// Up to this many rows the kernel beats candle's gemm on this machine (576×1536: 0.97 vs
-/// 1.13 ms at 64 rows, 4.0 vs 2.9 ms at 256; criterion benchmark `small_matmul`); longer
-/// prefill chunks go to candle.
+/// Up to this many rows the decode tiles run (576×1536: 0.97 vs 1.13 ms for candle's gemm at
+/// 64 rows, 4.0 vs 2.9 ms at 256; criterion benchmark `small_matmul`); longer prefill chunks
+/// go to the prefill tiling, or candle's gemm without AVX-512.
 pub const MAX_ROWS: usize = 64;
 
 /// Below this many weight elements a thread hand-off costs more than it saves.
@@ -39,9 +43,41 @@ const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
 /// `x` `[m, k]` times `w` `[n, k]` transposed: `[m, n]`, with the kernel when it applies.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    match small_m(x, w, None)? {
-        Some(y) => Ok(y),
-        None => x.matmul(&w.t()?),
+    if let Some(y) = small_m(x, w, None)? {
+        return Ok(y);
+    }
+    if let Some(y) = large_m(x, w)? {
+        return Ok(y);
+    }
+    x.matmul(&w.t()?)
+}
+
+/// More rows than [`MAX_ROWS`] on AVX-512: the blocked transposed tiling (`prefill.rs`).
+fn large_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
+            return Ok(None);
+        };
+        if m <= MAX_ROWS || k != k2 || k == 0 || n == 0 || best_isa() != Isa::Avx512 {
+            return Ok(None);
+        }
+        let (Some(xv), Some(wv)) = (view(x), view(w)) else {
+            return Ok(None);
+        };
+        let w = prefill::Weights::Dense(wv.values(), n, k);
+        // SAFETY: the CPU has AVX-512F, and `x` holds `m * k` values.
+        let y = unsafe { prefill::matmul(xv.values(), m, w) };
+        Ok(Some(Tensor::from_vec(
+            y,
+            (m, n),
+            &candle_core::Device::Cpu,
+        )?))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, w);
+        Ok(None)
     }
 }
 
@@ -50,8 +86,10 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Up to [`MAX_ROWS`] rows, each thread dequantises a strip of its outputs' weight rows at a
 /// time into a small buffer (it stays in L2) and runs the register tile over it, so the
 /// weight is read from memory once, in its stored size, and every product is the f32 kernel's
-/// on the dequantised rows. Longer inputs (prefill) dequantise tiles of rows and hand them to
-/// candle's gemm. Inputs the kernel cannot read (other devices, dtypes) are converted.
+/// on the dequantised rows. Longer inputs (prefill) take the blocked tiling of `prefill.rs` on
+/// AVX-512 (blocks of the weight dequantised into L1, once per group of 256 rows), elsewhere
+/// dequantised tiles of rows through candle's gemm. Inputs the kernel cannot read (other
+/// devices, dtypes) are converted.
 pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if k != w.cols() {
@@ -73,6 +111,13 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
         );
     }
     if m > MAX_ROWS {
+        #[cfg(target_arch = "x86_64")]
+        if best_isa() == Isa::Avx512 {
+            let xv = view(&x).expect("a contiguous f32 CPU tensor");
+            // SAFETY: the CPU has AVX-512F, and `x` holds `m * k` values.
+            let y = unsafe { prefill::matmul(xv.values(), m, prefill::Weights::Stored(w)) };
+            return Tensor::from_vec(y, (m, w.rows()), &candle_core::Device::Cpu);
+        }
         return prefill_stored(&x, w);
     }
     let xv = view(&x).expect("a contiguous f32 CPU tensor");

@@ -162,9 +162,106 @@ fn stored_prefill_tiles_equal_dequantise_then_matmul() {
     let reference = x.matmul(&q.dequantize_all().unwrap().t().unwrap()).unwrap();
     let got = matmul_t_stored(&x, &q).unwrap();
     assert!(crate::ops::max_abs_diff(&got, &reference) < 1e-3);
-    // Tiles smaller than the matrix: the same numbers, column block by column block.
+    // The fallback (candle's gemm on dequantised tiles), which other CPUs take.
     let tiled = prefill_stored(&x, &q).unwrap();
     assert_eq!(tiled.dims(), &[MAX_ROWS + 3, 300]);
+    assert!(crate::ops::max_abs_diff(&tiled, &reference) < 1e-3);
+}
+
+/// The prefill tiling against candle's matmul, and against the decode tiling bit for bit: row
+/// counts with a part panel and more than one row group, rows of part blocks (k = 576 is two
+/// blocks and a quarter; 100 is less than one), output counts past one output group with a
+/// part strip; dense weights and stored ones (whose products must be the dense ones on the
+/// dequantised values, bit for bit).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn prefill_tiling_equals_candle_and_the_decode_tiling_bit_for_bit() {
+    use candle_core::quantized::GgmlDType::*;
+    if !is_x86_feature_detected!("avx512f") {
+        return;
+    }
+    let dev = Device::Cpu;
+    for (m, k, n) in [
+        (65, 100, 7),
+        (100, 576, 24 * 9 + 5),
+        (300, 576, 50),
+        (529, 256, 30),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let (xv, wv) = (
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        // SAFETY: AVX-512F checked above; `xv` is `[m, k]`, `wv` `[n, k]`.
+        let y = unsafe { prefill::matmul(&xv, m, prefill::Weights::Dense(&wv, n, k)) };
+        let got = Tensor::from_vec(y.clone(), (m, n), &dev).unwrap();
+        let diff = crate::ops::max_abs_diff(&got, &x.matmul(&w.t().unwrap()).unwrap());
+        assert!(diff <= 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n}: {diff}");
+        // Each panel of 16 rows through the decode tiling: the same sums in the same order.
+        for r0 in (0..m).step_by(16) {
+            let rows = (m - r0).min(16);
+            let xt = transposed::pack(&xv[r0 * k..(r0 + rows) * k], rows, k, 1);
+            let mut yd = vec![f32::NAN; rows * n];
+            // SAFETY: as above; `xt` packs `rows` rows with 1 position per vector.
+            unsafe {
+                transposed::columns(
+                    xt.as_ptr(),
+                    1,
+                    rows,
+                    k,
+                    wv.as_ptr(),
+                    0,
+                    n,
+                    yd.as_mut_ptr(),
+                    n,
+                )
+            };
+            assert_eq!(
+                &y[r0 * n..(r0 + rows) * n],
+                &yd[..],
+                "{m}x{k}x{n} rows {r0}.."
+            );
+        }
+        if k % 32 == 0 {
+            for dtype in [Q8_0, Q4_0, Q5_1, F16] {
+                let q = StoredMatrix::quantize(&w, dtype).unwrap();
+                let deq = q.dequantize_all().unwrap();
+                let dv = deq.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                // SAFETY: as above.
+                let (ys, yd) = unsafe {
+                    (
+                        prefill::matmul(&xv, m, prefill::Weights::Stored(&q)),
+                        prefill::matmul(&xv, m, prefill::Weights::Dense(&dv, n, k)),
+                    )
+                };
+                assert_eq!(ys, yd, "{dtype:?} {m}x{k}x{n}");
+            }
+        }
+    }
+    // A k-quant row of several 256-value blocks.
+    let (m, k, n) = (70, 768, 31);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+    let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+    for dtype in [Q4K, Q6K] {
+        let q = StoredMatrix::quantize(&w, dtype).unwrap();
+        let dv = q
+            .dequantize_all()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // SAFETY: as above.
+        let (ys, yd) = unsafe {
+            (
+                prefill::matmul(&xv, m, prefill::Weights::Stored(&q)),
+                prefill::matmul(&xv, m, prefill::Weights::Dense(&dv, n, k)),
+            )
+        };
+        assert_eq!(ys, yd, "{dtype:?}");
+    }
 }
 
 #[test]

@@ -94,7 +94,7 @@ pub(super) unsafe fn columns(
 
 /// Carry on the sums of `rows` (≤ [`T_OUTPUTS`]) outputs over positions `c0..c0 + kb`:
 /// `w` holds those positions of the outputs' weight rows, rows `ldw` values apart (either
-/// [`K_BLOCK`], which the compiler then folds into the addresses, or `k`), and `acc` one vector per panel and output (`acc[p * rows + o]`),
+/// [`K_BLOCK`], which is then folded into the addresses, or `k`), and `acc` one vector per panel and output (`acc[p * rows + o]`),
 /// lane `r·b + q` the sum so far of the panel's row `r` over its positions `≡ q (mod b)`.
 /// Each lane's sum runs over its positions in order, so blocks taken in order give the sums
 /// of one pass.
@@ -120,9 +120,9 @@ pub(super) unsafe fn accumulate(
     macro_rules! go {
         ($b:literal) => {
             if ldw == K_BLOCK {
-                accumulate_b::<$b>(xt, m, k, c0, kb, w, K_BLOCK, rows, acc)
+                accumulate_b::<$b, K_BLOCK>(xt, m, k, c0, kb, w, ldw, rows, acc)
             } else {
-                accumulate_b::<$b>(xt, m, k, c0, kb, w, ldw, rows, acc)
+                accumulate_b::<$b, 0>(xt, m, k, c0, kb, w, ldw, rows, acc)
             }
         };
     }
@@ -138,7 +138,7 @@ pub(super) unsafe fn accumulate(
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn accumulate_b<const B: usize>(
+unsafe fn accumulate_b<const B: usize, const LDW: usize>(
     xt: *const f32,
     m: usize,
     k: usize,
@@ -149,7 +149,10 @@ unsafe fn accumulate_b<const B: usize>(
     rows: usize,
     acc: *mut __m512,
 ) {
-    debug_assert!(rows <= T_OUTPUTS);
+    debug_assert!(rows <= T_OUTPUTS && (LDW == 0 || LDW == ldw));
+    // A stride known at compile time (`LDW`, else 0) in its own copy of the code: passing
+    // the constant as a value let the compiler merge both calls into the run-time one.
+    let ldw = if LDW > 0 { LDW } else { ldw };
     let rows_per = LANES / B;
     let panels = m.div_ceil(rows_per);
     let mut o = 0;
