@@ -87,7 +87,7 @@ fn large_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// time into a small buffer (it stays in L2) and runs the register tile over it, so the
 /// weight is read from memory once, in its stored size, and every product is the f32 kernel's
 /// on the dequantised rows. Longer inputs (prefill) take the blocked tiling of `prefill.rs` on
-/// AVX-512 (blocks of the weight dequantised into L1, once per group of 256 rows), elsewhere
+/// AVX-512 (blocks of the weight dequantised into L1, once per group of 512 rows), elsewhere
 /// dequantised tiles of rows through candle's gemm. Inputs the kernel cannot read (other
 /// devices, dtypes) are converted.
 pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {

@@ -23,12 +23,12 @@ use super::super::cpu::Out;
 use super::super::stored::StoredMatrix;
 use super::transposed::{self, K_BLOCK, T_OUTPUTS};
 
-/// Input rows per group (16 panels): the group's block of `K_BLOCK` positions (256 KiB) stays
+/// Input rows per group (32 panels): the group's block of `K_BLOCK` positions (512 KiB) stays
 /// in L2 while every strip of the outputs' group runs over it.
-const GROUP_ROWS: usize = 256;
+const GROUP_ROWS: usize = 512;
 
 /// Outputs per group (8 strips): their partial sums for a row group (`GROUP_ROWS ×
-/// GROUP_OUTPUTS` values, 192 KiB) stay in L2 from the first block of positions to the last.
+/// GROUP_OUTPUTS` values, 384 KiB) stay in L2 from the first block of positions to the last.
 const GROUP_OUTPUTS: usize = 8 * T_OUTPUTS;
 
 /// The weight matrix `[n, k]` of a prefill product, as the model holds it.
@@ -63,11 +63,23 @@ impl Weights<'_> {
 
     /// A hint to bring columns `c0..c1` of rows `o..o + rows` towards the core.
     fn prefetch(&self, o: usize, rows: usize, c0: usize, c1: usize) {
-        if let Weights::Stored(w) = self {
-            w.prefetch_cols(o, rows, c0, c1);
+        match self {
+            Weights::Dense(w, n, k) => {
+                let (c0, c1) = (c0.min(*k), c1.min(*k));
+                for r in o..(o + rows).min(*n) {
+                    for c in (c0..c1).step_by(16) {
+                        // SAFETY: a prefetch is a hint; the address is inside `w` anyway.
+                        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(r * k + c).cast()) };
+                    }
+                }
+            }
+            Weights::Stored(w) => w.prefetch_cols(o, rows, c0, c1),
         }
     }
 }
+
+/// Panels multiplied between two batches of prefetches (see `part_of`).
+const PANELS_PER_RUN: usize = 4;
 
 thread_local! {
     static BUFFERS: RefCell<(Vec<f32>, Vec<__m512>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -80,44 +92,80 @@ thread_local! {
 pub(super) unsafe fn matmul(x: &[f32], m: usize, w: Weights<'_>) -> Vec<f32> {
     let (n, k) = w.dims();
     debug_assert!(x.len() == m * k && k > 0);
-    let xt = pack(x, m, k);
-    let mut y = vec![0f32; m * n];
-    let out = Out(y.as_mut_ptr());
-    let threads = rayon::current_num_threads().max(1);
-    // Each thread one run of whole strips (it reads only those weight rows); row groups make
-    // more parts where the rows are many.
-    let chunk = n.div_ceil(threads).div_ceil(T_OUTPUTS) * T_OUTPUTS;
-    let (chunks, groups) = (n.div_ceil(chunk), m.div_ceil(GROUP_ROWS));
-    super::super::pool::run(chunks * groups, &|part| {
-        let (c, g) = (part % chunks, part / chunks);
-        let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
-        let (r0, r1) = (g * GROUP_ROWS, ((g + 1) * GROUP_ROWS).min(m));
-        BUFFERS.with(|b| {
-            let (buf, partial) = &mut *b.borrow_mut();
-            // SAFETY: `xt` packs the `m` rows (see `pack`), the part alone writes rows
-            // `r0..r1` of columns `o0..o1` of the `[m, n]` output, and the CPU has AVX-512F.
-            unsafe { part_of(&xt, k, (r0, r1), w, (o0, o1), buf, partial, out, n) };
+    PANELS.with(|xt| {
+        let mut xt = xt.borrow_mut();
+        pack(x, m, k, &mut xt);
+        let mut y = Vec::<f32>::with_capacity(m * n);
+        let out = Out(y.as_mut_ptr());
+        let threads = rayon::current_num_threads().max(1);
+        // Each thread one run of whole strips (it reads only those weight rows); row groups
+        // make more parts where the rows are many.
+        let chunk = n.div_ceil(threads).div_ceil(T_OUTPUTS) * T_OUTPUTS;
+        let (chunks, groups) = (n.div_ceil(chunk), m.div_ceil(GROUP_ROWS));
+        let xt = &xt[..];
+        super::super::pool::run(chunks * groups, &|part| {
+            let (c, g) = (part % chunks, part / chunks);
+            let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
+            let (r0, r1) = (g * GROUP_ROWS, ((g + 1) * GROUP_ROWS).min(m));
+            BUFFERS.with(|b| {
+                let (buf, partial) = &mut *b.borrow_mut();
+                // SAFETY: `xt` packs the `m` rows (see `pack`), the part alone writes rows
+                // `r0..r1` of columns `o0..o1` of the `[m, n]` output, and the CPU has
+                // AVX-512F.
+                unsafe { part_of(xt, k, (r0, r1), w, (o0, o1), buf, partial, out, n) };
+            });
         });
-    });
-    y
+        // SAFETY: the parts wrote every row of every column (`finish` writes all the rows
+        // of its panels); f32 has no invalid values.
+        unsafe { y.set_len(m * n) };
+        y
+    })
 }
 
-/// `x` as 16-row panels `[k][16]` (zero past row `m`), by the pool's threads.
-fn pack(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+thread_local! {
+    /// The packed input of the calling thread's last product, kept for the next one.
+    static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `x` as 16-row panels `[k][16]` (zero past row `m`) into `xt`, by the pool's threads: 16
+/// positions of 16 rows at a time, transposed in registers.
+fn pack(x: &[f32], m: usize, k: usize, xt: &mut Vec<f32>) {
     let panels = m.div_ceil(16);
-    let mut xt = vec![0f32; panels * 16 * k];
+    if xt.len() < panels * 16 * k {
+        xt.resize(panels * 16 * k, 0.0);
+    }
     let dst = Out(xt.as_mut_ptr());
     super::super::pool::run(panels, &|p| {
         let rows = (m - p * 16).min(16);
-        // SAFETY: panel `p` is `16 * k` values of `xt`, written by this part alone.
-        let panel = unsafe { dst.slice(p * 16 * k, 16 * k) };
-        for (r, row) in x[p * 16 * k..].chunks_exact(k).take(rows).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                panel[j * 16 + r] = v;
-            }
-        }
+        // SAFETY: panel `p` is `16 * k` values of `xt`, written by this part alone; rows
+        // `p * 16..p * 16 + rows` are in `x`; the CPU has AVX-512F (the caller's contract).
+        unsafe { pack_panel(&x[p * 16 * k..], rows, k, dst.slice(p * 16 * k, 16 * k)) };
     });
-    xt
+}
+
+/// The first `rows` (≤ 16) rows of `x` as one panel (zero past them).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_panel(x: &[f32], rows: usize, k: usize, panel: &mut [f32]) {
+    assert!(x.len() >= rows * k && panel.len() == 16 * k);
+    let whole = k / 16 * 16;
+    for j in (0..whole).step_by(16) {
+        let mut v = [_mm512_setzero_ps(); 16];
+        for (r, v) in v.iter_mut().enumerate().take(rows) {
+            *v = _mm512_loadu_ps(x.as_ptr().add(r * k + j));
+        }
+        transposed::transpose(&mut v);
+        for (c, v) in v.iter().enumerate() {
+            _mm512_storeu_ps(panel.as_mut_ptr().add((j + c) * 16), *v);
+        }
+    }
+    for j in whole..k {
+        for r in 0..16 {
+            panel[j * 16 + r] = if r < rows { x[r * k + j] } else { 0.0 };
+        }
+    }
 }
 
 /// Rows `r0..r1` (a multiple of 16 from `r0`) of outputs `o0..o1`.
@@ -162,25 +210,36 @@ unsafe fn part_of(
                 let o = g0 + s * T_OUTPUTS;
                 let rows = T_OUTPUTS.min(g1 - o);
                 w.load(o, rows, (c0, c1), buf);
-                // What the next strip (or, after the last, the first at the next block)
-                // dequantises, on its way while this one is multiplied.
-                if s + 1 < strips {
-                    w.prefetch(o + T_OUTPUTS, T_OUTPUTS.min(g1 - o - T_OUTPUTS), c0, c1);
+                // What the next strip dequantises (after the last: the first at the next
+                // block, or the next group's at the first), fetched a few rows at a time
+                // between runs of panels, so the requests stay spread over the strip's
+                // multiply-adds rather than queueing all at once.
+                let (next, cols) = if s + 1 < strips {
+                    (o + T_OUTPUTS, (c0, c1))
+                } else if c1 < k {
+                    (g0, (c1, c1 + K_BLOCK))
                 } else {
-                    w.prefetch(g0, T_OUTPUTS.min(g1 - g0), c1, c1 + K_BLOCK);
+                    (g1, (0, K_BLOCK))
+                };
+                let next_rows = T_OUTPUTS.min(o1.saturating_sub(next));
+                let runs = panels.div_ceil(PANELS_PER_RUN);
+                let per_run = next_rows.div_ceil(runs);
+                for run in 0..runs {
+                    let p0 = run * PANELS_PER_RUN;
+                    let in_run = (m - p0 * 16).min(PANELS_PER_RUN * 16);
+                    transposed::accumulate_pairs(
+                        xg.add(p0 * 16 * k),
+                        in_run,
+                        k,
+                        c0,
+                        c1 - c0,
+                        buf.as_ptr(),
+                        rows,
+                        partial.as_mut_ptr().add(s * per_strip + p0 * rows),
+                    );
+                    let r = (run * per_run).min(next_rows);
+                    w.prefetch(next + r, per_run.min(next_rows - r), cols.0, cols.1);
                 }
-                transposed::accumulate(
-                    xg,
-                    1,
-                    m,
-                    k,
-                    c0,
-                    c1 - c0,
-                    buf.as_ptr(),
-                    K_BLOCK,
-                    rows,
-                    partial.as_mut_ptr().add(s * per_strip),
-                );
             }
             c0 = c1;
         }

@@ -301,3 +301,30 @@ fn falls_back_where_it_does_not_apply() {
         &[2, 4]
     );
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn transpose_16x16_moves_every_lane() {
+    use std::arch::x86_64::*;
+    if !is_x86_feature_detected!("avx512f") {
+        return;
+    }
+    let src: Vec<f32> = (0..256).map(|i| i as f32).collect();
+    let mut got = [0f32; 256];
+    // SAFETY: AVX-512F checked above; 16 loads and stores of 16 values each, in bounds.
+    unsafe {
+        let mut v = [_mm512_setzero_ps(); 16];
+        for (i, v) in v.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
+        }
+        transposed::transpose(&mut v);
+        for (i, v) in v.iter().enumerate() {
+            _mm512_storeu_ps(got.as_mut_ptr().add(16 * i), *v);
+        }
+    }
+    for i in 0..16 {
+        for j in 0..16 {
+            assert_eq!(got[16 * i + j], src[16 * j + i], "({i}, {j})");
+        }
+    }
+}

@@ -191,7 +191,7 @@ pub(super) unsafe fn finish(
     ldy: usize,
 ) {
     match b {
-        1 => finish_b::<1>(acc, m, rows, y, ldy),
+        1 => finish_one(acc, m, rows, y, ldy),
         2 => finish_b::<2>(acc, m, rows, y, ldy),
         4 => finish_b::<4>(acc, m, rows, y, ldy),
         8 => finish_b::<8>(acc, m, rows, y, ldy),
@@ -222,6 +222,65 @@ unsafe fn finish_b<const B: usize>(
                 *yr.add(o) = t[r * B..(r + 1) * B].iter().sum();
             }
         }
+    }
+}
+
+/// [`finish`] with one position per vector: each panel's vectors (one per output, a lane per
+/// row) transposed in registers, 16 outputs at a time, into rows of outputs.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn finish_one(acc: *const __m512, m: usize, rows: usize, y: *mut f32, ldy: usize) {
+    for p in 0..m.div_ceil(LANES) {
+        let in_panel = (m - p * LANES).min(LANES);
+        let mut o = 0;
+        while o < rows {
+            let n = (rows - o).min(LANES);
+            let mut v = [_mm512_setzero_ps(); LANES];
+            for (i, v) in v.iter_mut().enumerate().take(n) {
+                *v = *acc.add(p * rows + o + i);
+            }
+            transpose(&mut v);
+            let mask: __mmask16 = if n == LANES { !0 } else { (1 << n) - 1 };
+            for (r, v) in v.iter().enumerate().take(in_panel) {
+                _mm512_mask_storeu_ps(y.add((p * LANES + r) * ldy + o), mask, *v);
+            }
+            o += n;
+        }
+    }
+}
+
+/// `v[i]` lane `j` ↔ `v[j]` lane `i`: a 16 × 16 transpose in registers.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn transpose(v: &mut [__m512; LANES]) {
+    // Pairs of rows interleaved by 1, then by 2 (as 64-bit pairs), then 128-bit lanes by 4
+    // and 8.
+    let mut t = [_mm512_setzero_ps(); LANES];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    for i in 0..4 {
+        for j in 0..2 {
+            let (a, b) = (
+                _mm512_castps_pd(t[4 * i + j]),
+                _mm512_castps_pd(t[4 * i + j + 2]),
+            );
+            v[4 * i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            v[4 * i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    }
+    for i in 0..2 {
+        for j in 0..4 {
+            let (a, b) = (v[8 * i + j], v[8 * i + j + 4]);
+            t[8 * i + j] = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+            t[8 * i + j + 4] = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+        }
+    }
+    for j in 0..8 {
+        let (a, b) = (t[j], t[j + 8]);
+        v[j] = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+        v[j + 8] = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
     }
 }
 
@@ -261,5 +320,80 @@ unsafe fn micro<const RO: usize, const B: usize>(
     }
     for (o, a) in a.iter().enumerate() {
         *acc.add(o) = *a;
+    }
+}
+
+/// As [`accumulate`] with one position per vector (`b = 1`) and weight rows [`K_BLOCK`]
+/// apart, for many panels (prefill): a whole strip runs as two halves of 12 outputs over
+/// pairs of panels, so each position loads 2 panel vectors and 12 weights for 24
+/// multiply-adds, where the single-panel tile loads 1 and 24 (25 loads for 24 multiply-adds
+/// kept the two load ports busier than the two multiply-add units). The same products, added
+/// in the same order to the same sums.
+///
+/// # Safety
+/// As [`accumulate`] with `b = 1` and `ldw = K_BLOCK`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn accumulate_pairs(
+    xt: *const f32,
+    m: usize,
+    k: usize,
+    c0: usize,
+    kb: usize,
+    w: *const f32,
+    rows: usize,
+    acc: *mut __m512,
+) {
+    const HALF: usize = T_OUTPUTS / 2;
+    if rows != T_OUTPUTS {
+        return accumulate_b::<1, K_BLOCK>(xt, m, k, c0, kb, w, K_BLOCK, rows, acc);
+    }
+    let panels = m.div_ceil(LANES);
+    let panel = k * LANES;
+    for o in [0, HALF] {
+        let wo = w.add(o * K_BLOCK);
+        let mut p = 0;
+        while p + 2 <= panels {
+            let xp = xt.add(p * panel + c0 * LANES);
+            micro_pair::<HALF>(xp, panel, wo, kb, acc.add(p * rows + o), rows);
+            p += 2;
+        }
+        if p < panels {
+            let xp = xt.add(p * panel + c0 * LANES);
+            micro::<HALF, 1>(xp, wo, K_BLOCK, kb, acc.add(p * rows + o));
+        }
+    }
+}
+
+/// [`micro`] with `B = 1` for two panels at once (the second `dx` values after the first,
+/// its accumulators `da` vectors after the first's), weight rows [`K_BLOCK`] apart.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn micro_pair<const RO: usize>(
+    xt: *const f32,
+    dx: usize,
+    w: *const f32,
+    steps: usize,
+    acc: *mut __m512,
+    da: usize,
+) {
+    let (mut a0, mut a1) = ([_mm512_setzero_ps(); RO], [_mm512_setzero_ps(); RO]);
+    for (o, (a0, a1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+        *a0 = *acc.add(o);
+        *a1 = *acc.add(da + o);
+    }
+    for j in 0..steps {
+        let x0 = _mm512_loadu_ps(xt.add(j * LANES));
+        let x1 = _mm512_loadu_ps(xt.add(dx + j * LANES));
+        let wj = w.add(j);
+        for (o, (a0, a1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+            let wv = _mm512_set1_ps(*wj.add(o * K_BLOCK));
+            *a0 = _mm512_fmadd_ps(x0, wv, *a0);
+            *a1 = _mm512_fmadd_ps(x1, wv, *a1);
+        }
+    }
+    for (o, (a0, a1)) in a0.iter().zip(a1.iter()).enumerate() {
+        *acc.add(o) = *a0;
+        *acc.add(da + o) = *a1;
     }
 }
