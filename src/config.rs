@@ -235,7 +235,9 @@ pub struct ServeArgs {
     /// While sequences decode, the most of the step time that steps carrying prompt chunks
     /// may take, in (0, 1]: lower keeps decoding streams' time per token nearer their pace
     /// alone (about 1/(1 − share) of it) and makes long prompts wait longer for their first
-    /// token. 1 (the default): prompts use every step's spare token budget.
+    /// token. Below 1, a step that decodes also carries at most share × --max-step-tokens
+    /// prompt tokens (at least 64), so the stalls are short. 1 (the default): prompts use
+    /// every step's spare token budget.
     #[arg(long, default_value_t = 1.0, value_parser = parse_share)]
     pub prefill_share: f64,
     /// Requests waiting beyond the running ones; more get 429.

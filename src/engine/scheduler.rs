@@ -212,6 +212,23 @@ impl Scheduler {
             // holding them starved new streams (8 streams' output fell from 218 to 32 tok/s).
             prefilling.retain(|c| c.pending_prompt <= HELD_SHORT_PROMPT);
         }
+        // Under a prefill share, while rows decode, prompt chunks are also cut to that share
+        // of the step budget (never below a short prompt), so that the share's stalls come
+        // as many short ones rather than a few long ones: a stream's time per token averages
+        // over the steps of its answer, and one whole-budget chunk inside 31 tokens of
+        // SmolLM2 F32 lifted its TPOT p99 to 1.6× its pace alone.
+        // And under a share short prompts go first (a stable sort: oldest first within each
+        // kind), decoding or not, so a long prompt's chunks never keep new streams from
+        // starting: else, once every stream waited behind it, none decoded, nothing was cut,
+        // and all of them waited for the whole prompt (TTFT p90 10.7 s).
+        let mut prompt_budget = budget;
+        if self.cfg.prefill_share < 1.0 {
+            prefilling.sort_by_key(|c| c.pending_prompt > HELD_SHORT_PROMPT);
+            if !decoding.is_empty() {
+                let cut = self.cfg.prefill_share * self.cfg.max_step_tokens as f64;
+                prompt_budget = (cut.ceil() as usize).max(HELD_SHORT_PROMPT);
+            }
+        }
         for c in decoding {
             if budget == 0 {
                 break;
@@ -220,12 +237,13 @@ impl Scheduler {
             budget -= 1;
         }
         for c in prefilling {
-            if budget == 0 {
+            if budget == 0 || prompt_budget == 0 {
                 break;
             }
-            let n = c.pending_prompt.min(budget);
+            let n = c.pending_prompt.min(budget).min(prompt_budget);
             plan.rows.push((c.id, n));
             budget -= n;
+            prompt_budget -= n;
         }
         // Admit only what runs now, so nothing sits admitted without being fed.
         plan.admit
@@ -388,6 +406,40 @@ mod tests {
         for (step, (rows, want)) in script.into_iter().enumerate() {
             assert_eq!(s.plan(rows, &[]).apply, Some(want), "step {step}");
         }
+    }
+
+    #[test]
+    fn prefill_share_cuts_prompt_chunks_while_rows_decode() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_step_tokens: 512,
+            prefill_share: 0.2,
+            ..cfg(AdapterMode::Unmerged)
+        });
+        let long = [run(1, None, 0), run(2, None, 4096)];
+        let plan = s.plan(&long, &[]);
+        // ceil(0.2 × 512) prompt tokens beside the decoding row.
+        assert_eq!(plan.rows, vec![(1, 1), (2, 103)]);
+        // Never below a short prompt's length, and all of one that fits.
+        let tiny = Scheduler::new(SchedulerConfig {
+            max_step_tokens: 100,
+            prefill_share: 0.1,
+            ..cfg(AdapterMode::Unmerged)
+        })
+        .plan(&[run(1, None, 0), run(2, None, 4096)], &[]);
+        assert_eq!(tiny.rows, vec![(1, 1), (2, HELD_SHORT_PROMPT)]);
+        // A short prompt that came later still goes first.
+        let both = [run(1, None, 0), run(2, None, 4096), run(3, None, 20)];
+        assert_eq!(s.plan(&both, &[]).rows, vec![(1, 1), (3, 20), (2, 83)]);
+        // Nothing decoding: the whole budget, short prompts first.
+        let starting = [run(2, None, 4096), run(3, None, 20)];
+        assert_eq!(s.plan(&starting, &[]).rows, vec![(3, 20), (2, 492)]);
+        assert_eq!(s.plan(&[run(2, None, 4096)], &[]).rows, vec![(2, 512)]);
+        // No share: the whole spare budget beside decoding rows.
+        let mut free = Scheduler::new(SchedulerConfig {
+            max_step_tokens: 512,
+            ..cfg(AdapterMode::Unmerged)
+        });
+        assert_eq!(free.plan(&long, &[]).rows, vec![(1, 1), (2, 511)]);
     }
 
     #[test]
