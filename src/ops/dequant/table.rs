@@ -91,7 +91,7 @@ pub(super) unsafe fn q4_k_dot(bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut
     for (row, out) in bytes.chunks_exact(row_bytes).zip(y.iter_mut()) {
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
-            super::prefetch(b.as_ptr().wrapping_add(super::PREFETCH_BYTES));
+            super::prefetch_ahead(b);
             let (d, min) = (half_at(b, 0), half_at(b, 2));
             let scales: &[u8; 12] = b[4..16].try_into().unwrap();
             let (ds, ms) = q4_k_scales(d, min, scales);
