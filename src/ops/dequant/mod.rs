@@ -379,3 +379,37 @@ fn q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
         }
     }
 }
+
+/// For the fast dots' tests: `fast` over rows of very different magnitudes (every scale's
+/// sign and size) equals the portable fused dot bit for bit.
+#[cfg(all(test, target_arch = "x86_64"))]
+fn assert_dot_is_the_portable_one(
+    dtype: GgmlDType,
+    fast: unsafe fn(&[u8], usize, &[f32], &mut [f32]),
+) -> candle_core::quantized::QTensor {
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let (rows, k) = (5, 1024);
+    let t = Tensor::randn(0f32, 1.0, (rows, k), &dev)
+        .unwrap()
+        .broadcast_mul(&Tensor::rand(0.01f32, 100.0, (rows, 1), &dev).unwrap())
+        .unwrap();
+    let q = QTensor::quantize(&t, dtype).unwrap();
+    let bytes = q.data().unwrap();
+    let x = Tensor::randn(0f32, 1.0, k, &dev)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let row_bytes = k / dtype.block_size() * dtype.type_size();
+    let (mut got, mut plain) = (vec![0f32; rows], vec![1f32; rows]);
+    // SAFETY: the callers check that the CPU has what `fast` needs.
+    unsafe { fast(&bytes, row_bytes, &x, &mut got) };
+    assert!(dot_plain(dtype, &bytes, row_bytes, &x, &mut plain));
+    let same = got
+        .iter()
+        .zip(&plain)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{dtype:?}: {got:?} vs {plain:?}");
+    q
+}

@@ -93,48 +93,21 @@ pub(super) unsafe fn q6_k_dot(bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
 
     #[test]
     fn q6_k_dot_and_values_equal_the_portable_ones_bit_for_bit() {
         if !is_x86_feature_detected!("avx512f") {
             return;
         }
-        let dev = Device::Cpu;
-        let (rows, k) = (5, 1024);
-        // Rows of very different magnitudes: every scale's sign and size.
-        let t = Tensor::randn(0f32, 1.0, (rows, k), &dev)
-            .unwrap()
-            .broadcast_mul(&Tensor::rand(0.01f32, 100.0, (rows, 1), &dev).unwrap())
-            .unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
-        let bytes = q.data().unwrap();
-        let x = Tensor::randn(0f32, 1.0, k, &dev)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let row_bytes = k / 256 * 210;
-        let (mut fast, mut plain) = (vec![0f32; rows], vec![1f32; rows]);
-        // SAFETY: the CPU has AVX-512F, checked above.
-        unsafe { super::q6_k_dot(&bytes, row_bytes, &x, &mut fast) };
-        assert!(super::super::dot_plain(
-            GgmlDType::Q6K,
-            &bytes,
-            row_bytes,
-            &x,
-            &mut plain
-        ));
-        let same = fast
-            .iter()
-            .zip(&plain)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "{fast:?} vs {plain:?}");
+        let q = super::super::assert_dot_is_the_portable_one(GgmlDType::Q6K, super::q6_k_dot);
         // The values themselves: candle's dequantisation.
-        let mut values = vec![0f32; rows * k];
-        // SAFETY: as above.
+        let bytes = q.data().unwrap();
+        let mut values = vec![0f32; bytes.len() / 210 * 256];
+        // SAFETY: the CPU has AVX-512F, checked above.
         unsafe { super::q6_k(&bytes, &mut values) };
-        let reference = q.dequantize(&dev).unwrap().flatten_all().unwrap();
+        let reference = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
         let reference = reference.to_vec1::<f32>().unwrap();
         assert!(values
             .iter()
