@@ -4,11 +4,18 @@
 //!
 //! - the input rows go in groups of up to [`GROUP_ROWS`], packed as 16-row panels;
 //! - each thread takes a run of outputs, in groups of [`GROUP_OUTPUTS`], whose partial sums
-//!   (one vector per panel and output, 192 KiB) stay in L2 for the whole row length;
+//!   (one vector per panel and output, 384 KiB) stay in L2 for the whole row length;
 //! - the row length goes in blocks of [`K_BLOCK`] positions: for each block, each strip of 24
 //!   outputs has its weights dequantised (or, dense, copied) once into an L1 buffer whose
-//!   rows are `K_BLOCK` apart, and the tile runs it against every panel of the group.
+//!   rows are `K_BLOCK` apart, and the tile runs it against every panel of the group, two
+//!   panels at a time (`transposed::accumulate_pairs`); the next strip's weight bytes are
+//!   prefetched a few rows at a time between runs of panels;
+//! - the packed input's buffer stays with the calling thread for the next product (as large
+//!   as the largest input so far: 16 MiB for a 512-token chunk into rows of 8192), and the
+//!   output is written once, by the register transposes of `finish`.
 //!
+//! Measured through HTTP on a 512-token SmolLM2 F32 prompt (interleaved rounds): 0.91 s with
+//! candle's gemm, 0.86 s with this blocking, 0.76 s with panel pairs and the transposes.
 //! So each weight is dequantised once per row group, every multiply-add is the tile's (one
 //! broadcast load each, the panel vector shared by 24 outputs), and each lane (one input row)
 //! sums its positions in order, block after block: every output is the sum the decode tiling
