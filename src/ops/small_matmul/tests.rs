@@ -181,9 +181,11 @@ fn prefill_tiling_equals_candle_and_the_decode_tiling_bit_for_bit() {
         return;
     }
     let dev = Device::Cpu;
+    // (n = 24 · 20 + 5: each of 2 threads' outputs spans two output groups.)
     for (m, k, n) in [
         (65, 100, 7),
         (100, 576, 24 * 9 + 5),
+        (70, 576, 24 * 20 + 5),
         (300, 576, 50),
         (529, 256, 30),
     ] {
