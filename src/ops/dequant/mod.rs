@@ -181,14 +181,13 @@ pub(super) fn prefetch_ahead(block: &[u8]) {
         prefetch(p);
         return;
     }
-    let mut at = 0;
-    while at < block.len() {
-        prefetch(p.wrapping_add(at));
-        at += 64;
-    }
-    // The line of the last byte, when the block straddles one more.
-    if (p as usize + block.len() - 1) / 64 != (p as usize + at - 64) / 64 {
-        prefetch(p.wrapping_add(block.len() - 1));
+    // Each line from the first byte's to the last byte's.
+    let first = p as usize & !63;
+    let last = (p as usize + block.len() - 1) & !63;
+    let mut line = first;
+    while line <= last {
+        prefetch(p.wrapping_add(line.wrapping_sub(p as usize)));
+        line += 64;
     }
 }
 

@@ -75,8 +75,7 @@ impl Weights<'_> {
                 let (c0, c1) = (c0.min(*k), c1.min(*k));
                 for r in o..(o + rows).min(*n) {
                     for c in (c0..c1).step_by(16) {
-                        // SAFETY: a prefetch is a hint; the address is inside `w` anyway.
-                        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(r * k + c).cast()) };
+                        super::super::dequant::prefetch(w[r * k + c..].as_ptr().cast());
                     }
                 }
             }
@@ -134,8 +133,8 @@ thread_local! {
     static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `x` as 16-row panels `[k][16]` (zero past row `m`) into `xt`, by the pool's threads: 16
-/// positions of 16 rows at a time, transposed in registers.
+/// `x` as 16-row panels `[k][16]` (zero past row `m`) into `xt`, a panel per part on the
+/// pool's threads.
 fn pack(x: &[f32], m: usize, k: usize, xt: &mut Vec<f32>) {
     let panels = m.div_ceil(16);
     if xt.len() < panels * 16 * k {
@@ -146,33 +145,8 @@ fn pack(x: &[f32], m: usize, k: usize, xt: &mut Vec<f32>) {
         let rows = (m - p * 16).min(16);
         // SAFETY: panel `p` is `16 * k` values of `xt`, written by this part alone; rows
         // `p * 16..p * 16 + rows` are in `x`; the CPU has AVX-512F (the caller's contract).
-        unsafe { pack_panel(&x[p * 16 * k..], rows, k, dst.slice(p * 16 * k, 16 * k)) };
+        unsafe { transposed::pack_panel(&x[p * 16 * k..], rows, k, dst.slice(p * 16 * k, 16 * k)) };
     });
-}
-
-/// The first `rows` (≤ 16) rows of `x` as one panel (zero past them).
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_panel(x: &[f32], rows: usize, k: usize, panel: &mut [f32]) {
-    assert!(x.len() >= rows * k && panel.len() == 16 * k);
-    let whole = k / 16 * 16;
-    for j in (0..whole).step_by(16) {
-        let mut v = [_mm512_setzero_ps(); 16];
-        for (r, v) in v.iter_mut().enumerate().take(rows) {
-            *v = _mm512_loadu_ps(x.as_ptr().add(r * k + j));
-        }
-        transposed::transpose(&mut v);
-        for (c, v) in v.iter().enumerate() {
-            _mm512_storeu_ps(panel.as_mut_ptr().add((j + c) * 16), *v);
-        }
-    }
-    for j in whole..k {
-        for r in 0..16 {
-            panel[j * 16 + r] = if r < rows { x[r * k + j] } else { 0.0 };
-        }
-    }
 }
 
 /// Rows `r0..r1` (a multiple of 16 from `r0`) of outputs `o0..o1`.
@@ -221,14 +195,14 @@ unsafe fn part_of(
                 // block, or the next group's at the first), fetched a few rows at a time
                 // between runs of panels, so the requests stay spread over the strip's
                 // multiply-adds rather than queueing all at once.
-                let (next, cols) = if s + 1 < strips {
-                    (o + T_OUTPUTS, (c0, c1))
+                let (next, end, cols) = if s + 1 < strips {
+                    (o + T_OUTPUTS, g1, (c0, c1))
                 } else if c1 < k {
-                    (g0, (c1, c1 + K_BLOCK))
+                    (g0, g1, (c1, c1 + K_BLOCK))
                 } else {
-                    (g1, (0, K_BLOCK))
+                    (g1, o1, (0, K_BLOCK))
                 };
-                let next_rows = T_OUTPUTS.min(o1.saturating_sub(next));
+                let next_rows = T_OUTPUTS.min(end.saturating_sub(next));
                 let runs = panels.div_ceil(PANELS_PER_RUN);
                 let per_run = next_rows.div_ceil(runs);
                 for run in 0..runs {

@@ -34,6 +34,13 @@ pub(super) fn positions(m: usize, k: usize) -> Option<usize> {
 pub(super) fn pack(x: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
     let rows = LANES / b;
     let mut xt = vec![0f32; m.div_ceil(rows) * k * rows];
+    if b == 1 && is_x86_feature_detected!("avx512f") {
+        for (p, panel) in xt.chunks_exact_mut(LANES * k).enumerate() {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            unsafe { pack_panel(&x[p * LANES * k..], (m - p * LANES).min(LANES), k, panel) };
+        }
+        return xt;
+    }
     for (r, row) in x.chunks_exact(k).take(m).enumerate() {
         let panel = &mut xt[r / rows * k * rows..];
         let lane = r % rows * b;
@@ -42,6 +49,32 @@ pub(super) fn pack(x: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
         }
     }
     xt
+}
+
+/// The first `rows` (≤ 16) rows of `x` as one panel of one position per vector (zero past
+/// them): 16 positions of 16 rows at a time, transposed in registers.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn pack_panel(x: &[f32], rows: usize, k: usize, panel: &mut [f32]) {
+    assert!(x.len() >= rows * k && panel.len() == 16 * k);
+    let whole = k / 16 * 16;
+    for j in (0..whole).step_by(16) {
+        let mut v = [_mm512_setzero_ps(); 16];
+        for (r, v) in v.iter_mut().enumerate().take(rows) {
+            *v = _mm512_loadu_ps(x.as_ptr().add(r * k + j));
+        }
+        transpose(&mut v);
+        for (c, v) in v.iter().enumerate() {
+            _mm512_storeu_ps(panel.as_mut_ptr().add((j + c) * 16), *v);
+        }
+    }
+    for j in whole..k {
+        for r in 0..16 {
+            panel[j * 16 + r] = if r < rows { x[r * k + j] } else { 0.0 };
+        }
+    }
 }
 
 /// Panels at most (64 rows / 16), for the accumulators of a tile run.
