@@ -83,6 +83,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     {
         dora_serve::ops::kernels::set(k);
     }
+    dora_serve::ops::kernels::set_int8_activations(args.int8_activations);
     let device = args
         .device
         .open()
@@ -109,7 +110,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
             keep_freed_memory();
             let c = m.model.config();
             eprintln!(
-                " done in {:.2}s ({}, {} layers, hidden {}, vocab {}, context {}); weights: {}; kernels: {}",
+                " done in {:.2}s ({}, {} layers, hidden {}, vocab {}, context {}); weights: {}; kernels: {}{}",
                 start.elapsed().as_secs_f64(),
                 c.family,
                 c.num_hidden_layers,
@@ -117,7 +118,12 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
                 c.vocab_size,
                 c.max_context,
                 m.model.weights_summary(),
-                dora_serve::ops::kernels::get().as_str()
+                dora_serve::ops::kernels::get().as_str(),
+                if dora_serve::ops::kernels::int8_activations() {
+                    " (int8 activations over Q8_0/Q4_K/Q6_K at decode)"
+                } else {
+                    ""
+                }
             );
         }
         Err(_) => eprintln!(" failed"),

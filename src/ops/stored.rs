@@ -230,6 +230,14 @@ impl StoredMatrix {
         &self.bytes.as_slice()[s * self.row_bytes..(s + 1) * self.row_bytes]
     }
 
+    /// The stored bytes of columns `c0..c1` of logical row `r` (`c0` and `c1` on the format's
+    /// block boundaries, or `c1` the row's end).
+    pub(super) fn row_blocks(&self, r: usize, c0: usize, c1: usize) -> &[u8] {
+        let (block, size) = (self.dtype.block_size(), self.dtype.type_size());
+        debug_assert!(c0.is_multiple_of(block) && c1.is_multiple_of(block) && c1 <= self.cols);
+        &self.stored_row(r)[c0 / block * size..c1 / block * size]
+    }
+
     /// Logical rows `r0..r0 + n` dequantised into `out` (`n × cols` values).
     pub fn dequantize_rows(&self, r0: usize, n: usize, out: &mut [f32]) {
         assert!(r0 + n <= self.rows && out.len() == n * self.cols);

@@ -39,6 +39,8 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
 mod q6k;
 #[cfg(target_arch = "x86_64")]
 mod table;
+#[cfg(target_arch = "x86_64")]
+pub(super) mod unsigned;
 
 simd_dispatch!(
     fn dispatch(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool = plain

@@ -27,6 +27,8 @@ const T_OUTPUTS: usize = 1;
 
 mod dot;
 #[cfg(target_arch = "x86_64")]
+mod int8;
+#[cfg(target_arch = "x86_64")]
 mod prefill;
 #[cfg(test)]
 mod tests;
@@ -109,6 +111,12 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if m <= MAX_ROWS && super::kernels::int8_activations() && int8::applies(w) {
+        let xv = view(&x).expect("a contiguous f32 CPU tensor");
+        let y = int8::matmul(xv.values(), m, w);
+        return Tensor::from_vec(y, (m, w.rows()), &candle_core::Device::Cpu);
     }
     if m > MAX_ROWS {
         #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,173 @@
+//! Blocks as small unsigned integers for the int8 kernels (`small_matmul/int8.rs`): every
+//! value of a block is `a · u − b`, with `u` a byte (`0..=255`) and `a`, `b` one pair per
+//! subblock (the positions that share a scale). Q4_K: `u` the 4-bit value, `a = d·scale`,
+//! `b = dmin·min` (candle's own `d1·q − m1`, so `a·u − b` is its dequantised value bit for
+//! bit); Q6_K: `u` the 6-bit value, `a = d·scale`, `b = 32·a`; Q8_0: `u = q + 128`, `a = d`,
+//! `b = 128·d`. The bytes come out in position order.
+
+use std::arch::x86_64::*;
+
+use candle_core::quantized::GgmlDType;
+
+use super::{half_at, scale_min_k4};
+
+/// Positions that share `a` and `b`: a Q6_K scale covers 16, a Q4_K scale or a Q8_0 block 32.
+pub fn subblock(dtype: GgmlDType) -> Option<usize> {
+    match dtype {
+        GgmlDType::Q4K | GgmlDType::Q8_0 => Some(32),
+        GgmlDType::Q6K => Some(16),
+        _ => None,
+    }
+}
+
+/// The blocks in `bytes` (whole blocks of `dtype`, one of [`subblock`]'s) as bytes at `u`
+/// (one per position) and one `a`, `b` per subblock.
+///
+/// # Safety
+/// The CPU has AVX-512BW; `u` has room for every position of the blocks, `a` and `b` for
+/// one value per subblock.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b: *mut f32) {
+    match dtype {
+        GgmlDType::Q4K => {
+            for (i, blk) in bytes.chunks_exact(144).enumerate() {
+                q4_k(
+                    blk.try_into().unwrap(),
+                    u.add(256 * i),
+                    a.add(8 * i),
+                    b.add(8 * i),
+                );
+            }
+        }
+        GgmlDType::Q6K => {
+            for (i, blk) in bytes.chunks_exact(210).enumerate() {
+                q6_k(
+                    blk.try_into().unwrap(),
+                    u.add(256 * i),
+                    a.add(16 * i),
+                    b.add(16 * i),
+                );
+            }
+        }
+        GgmlDType::Q8_0 => {
+            let flip = _mm256_set1_epi8(-128);
+            for (i, blk) in bytes.chunks_exact(34).enumerate() {
+                let d = half_at(blk, 0);
+                *a.add(i) = d;
+                *b.add(i) = 128.0 * d;
+                let q = _mm256_loadu_si256(blk.as_ptr().add(2).cast());
+                _mm256_storeu_si256(u.add(32 * i).cast(), _mm256_xor_si256(q, flip));
+            }
+        }
+        _ => unreachable!("no unsigned form for {dtype:?}"),
+    }
+}
+
+/// Q4_K: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`; each 32 bytes of `qs` hold
+/// 64 positions, the first 32 in the low nibbles.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
+    let (d, min) = (half_at(blk, 0), half_at(blk, 2));
+    let scales: &[u8; 12] = blk[4..16].try_into().unwrap();
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, scales);
+        *a.add(j) = d * sc as f32;
+        *b.add(j) = min * m as f32;
+    }
+    let low = _mm256_set1_epi8(0x0F);
+    for g in 0..4 {
+        let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast());
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+        _mm256_storeu_si256(u.add(64 * g).cast(), _mm256_and_si256(q, low));
+        _mm256_storeu_si256(u.add(64 * g + 32).cast(), hi);
+    }
+}
+
+/// Q6_K: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`; each half of 128 positions
+/// takes its low 4 bits from 64 bytes of `ql` (low nibbles, then high) and its high 2 bits
+/// from 32 bytes of `qh` (2 bits per quarter).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn q6_k(blk: &[u8; 210], u: *mut u8, a: *mut f32, b: *mut f32) {
+    let d = half_at(blk, 208);
+    for j in 0..16 {
+        let s = d * (blk[192 + j] as i8) as f32;
+        *a.add(j) = s;
+        *b.add(j) = 32.0 * s;
+    }
+    let (low, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+    let p = blk.as_ptr();
+    for h in 0..2 {
+        let ql0 = _mm256_loadu_si256(p.add(64 * h).cast());
+        let ql1 = _mm256_loadu_si256(p.add(64 * h + 32).cast());
+        let qh = _mm256_loadu_si256(p.add(128 + 32 * h).cast());
+        // The high 2 bits of quarter q are bits 2q..2q + 2 of `qh`, moved to bits 4..6.
+        let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two));
+        let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(two)));
+        let h2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(two));
+        let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(two)));
+        let v = [
+            _mm256_or_si256(_mm256_and_si256(ql0, low), h0),
+            _mm256_or_si256(_mm256_and_si256(ql1, low), h1),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), h2),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low), h3),
+        ];
+        for (q, v) in v.iter().enumerate() {
+            _mm256_storeu_si256(u.add(128 * h + 32 * q).cast(), *v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    /// `a · u − b` is the dequantised value: bit for bit for Q4_K (candle's formula), within
+    /// an f32 rounding of it for Q6_K and Q8_0 (whose offset is taken out after the scale).
+    #[test]
+    fn unsigned_values_rebuild_the_dequantised_block() {
+        if !is_x86_feature_detected!("avx512bw") {
+            return;
+        }
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+            let sub = subblock(dtype).unwrap();
+            let n = 512;
+            let t = Tensor::randn(0f32, 1.0, (1, n), &Device::Cpu).unwrap();
+            let t = (t.clone() * t.abs().unwrap().exp().unwrap()).unwrap();
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let bytes = q.data().unwrap();
+            let dq = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let (mut u, mut a, mut b) = (vec![0u8; n], vec![0f32; n / sub], vec![0f32; n / sub]);
+            // SAFETY: AVX-512BW checked above; room for every position and subblock.
+            unsafe {
+                unpack(
+                    dtype,
+                    &bytes,
+                    u.as_mut_ptr(),
+                    a.as_mut_ptr(),
+                    b.as_mut_ptr(),
+                )
+            };
+            for i in 0..n {
+                let v = a[i / sub] * u[i] as f32 - b[i / sub];
+                let tol = if dtype == GgmlDType::Q4K {
+                    0.0
+                } else {
+                    2.0 * f32::EPSILON * b[i / sub].abs()
+                };
+                assert!(
+                    (v - dq[i]).abs() <= tol,
+                    "{dtype:?} at {i}: {v} vs {}",
+                    dq[i]
+                );
+            }
+        }
+    }
+}

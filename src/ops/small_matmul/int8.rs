@@ -1,0 +1,349 @@
+//! Opt-in int8 activations (`--int8-activations`): the decode matmuls over Q8_0, Q4_K and
+//! Q6_K weights with the input rows quantized to int8, multiplied by AVX-512 VNNI's
+//! `vpdpbusd` (64 byte products summed into 16 lanes per instruction, where the exact path's
+//! multiply-add does 16), as llama.cpp multiplies these formats on the CPU. Not exact: each
+//! input value is rounded to one of 255 steps of its 32-position block (`d = max|x| / 127`),
+//! an error of at most `d / 2` per value. The README states what that does to the logits.
+//!
+//! Layout as the transposed tiling's (`transposed.rs`): input rows in vector lanes, panels of
+//! `16 / g` rows, lane `r·g + j` row `r`'s bytes `4j..4j + 4` of each step of `4g` positions,
+//! and a weight's `4g` bytes broadcast to every row. Weights are unpacked, a strip of [`T`]
+//! outputs and [`CHUNK`] positions at a time, into bytes `u` with `value = a·u − b` per
+//! subblock (`dequant/unsigned.rs`). A subblock's integer sums `Σ u·q` (exact) then become
+//! `da·(a·Σ u·q) − b·(da·Σ q)` in f32, with `da` the block's input scale.
+
+use std::arch::x86_64::*;
+
+use super::super::cpu::Out;
+use super::super::dequant::unsigned;
+use super::super::stored::StoredMatrix;
+use super::transposed::{self, MAX_PANELS};
+use super::PARALLEL_MIN_ELEMS;
+
+/// Input positions per int8 scale (llama.cpp's Q8_0 block).
+const QBLOCK: usize = 32;
+
+/// Outputs per tile: an integer and an f32 accumulator each, with room for the operands.
+const T: usize = 8;
+
+/// Weight positions unpacked at a time, for a strip of [`T`] outputs (2 KiB of bytes).
+const CHUNK: usize = 256;
+
+/// Subblocks per [`CHUNK`], at most (Q6_K's 16 positions each).
+const SUBS: usize = CHUNK / 16;
+
+/// Whether the int8 kernel multiplies `w`: a format it unpacks, on a CPU with AVX-512 VNNI.
+pub(super) fn applies(w: &StoredMatrix) -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let vnni = *VNNI.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    });
+    vnni && unsigned::subblock(w.dtype()).is_some() && w.cols().is_multiple_of(QBLOCK)
+}
+
+/// The input rows, quantized and packed for the tiling (see the module).
+struct Packed {
+    /// Steps of `4g` positions per vector; `16 / g` rows per panel.
+    g: usize,
+    k: usize,
+    /// Positions per weight subblock (16 or 32), what `dbs` sums over.
+    sub: usize,
+    panels: usize,
+    /// `[panel][k / 4g][64]` bytes.
+    q: Vec<i8>,
+    /// `[panel][k / QBLOCK][16]`: each lane's row's scale of the block.
+    da: Vec<f32>,
+    /// `[panel][k / sub][16]`: the scale times the sum of the lane's bytes in the subblock.
+    dbs: Vec<f32>,
+}
+
+/// Steps of 4 positions per vector lane group: the fewest rows per panel that hold `m`, and
+/// no more positions per step than a subblock has.
+fn groups(m: usize, sub: usize) -> usize {
+    let g = match m {
+        0..=2 => 8,
+        3..=4 => 4,
+        5..=8 => 2,
+        _ => 1,
+    };
+    g.min(sub / 4)
+}
+
+/// `x` `[m, k]` rounded to int8, `d = max|x| / 127` per 32 positions, and packed.
+fn pack(x: &[f32], m: usize, k: usize, sub: usize) -> Packed {
+    let g = groups(m, sub);
+    let (rows, step) = (16 / g, 4 * g);
+    let panels = m.div_ceil(rows);
+    let (nq, nsub) = (k / QBLOCK, k / sub);
+    let mut p = Packed {
+        g,
+        k,
+        sub,
+        panels,
+        q: vec![0; panels * k * 16 / g],
+        da: vec![0.0; panels * nq * 16],
+        dbs: vec![0.0; panels * nsub * 16],
+    };
+    let mut q = vec![0i8; k];
+    let mut d = vec![0f32; nq];
+    for r in 0..m {
+        quantize_row(&x[r * k..(r + 1) * k], &mut q, &mut d);
+        let (panel, lane0) = (r / rows, r % rows * g);
+        let pq = &mut p.q[panel * k * 16 / g..(panel + 1) * k * 16 / g];
+        for (c, four) in q.chunks_exact(4).enumerate() {
+            let (t, j) = (4 * c / step, c % g);
+            let at = t * 64 + (lane0 + j) * 4;
+            pq[at..at + 4].copy_from_slice(four);
+        }
+        for (b, &d) in d.iter().enumerate() {
+            let at = (panel * nq + b) * 16 + lane0;
+            p.da[at..at + g].fill(d);
+        }
+        for (s, part) in q.chunks_exact(sub).enumerate() {
+            let mut sums = [0i32; 8];
+            for (c, four) in part.chunks_exact(4).enumerate() {
+                sums[c % g] += four.iter().map(|&v| v as i32).sum::<i32>();
+            }
+            let at = (panel * nsub + s) * 16 + lane0;
+            let d = d[s * sub / QBLOCK];
+            for (dbs, sum) in p.dbs[at..at + g].iter_mut().zip(sums) {
+                *dbs = d * sum as f32;
+            }
+        }
+    }
+    p
+}
+
+/// One row rounded to int8 in blocks of [`QBLOCK`]: `q = round(x / d)`, `d = max|x| / 127`
+/// (0 for a block of zeros).
+fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    for ((x, q), d) in x
+        .chunks_exact(QBLOCK)
+        .zip(q.chunks_exact_mut(QBLOCK))
+        .zip(d.iter_mut())
+    {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        *d = amax / 127.0;
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (q, x) in q.iter_mut().zip(x) {
+            *q = (x * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+    }
+}
+
+/// `x` `[m, k]` (`m` ≤ 64) times `w` transposed, with `x` quantized to int8: `[m, n]`.
+///
+/// # Panics
+/// Unless [`applies`] to `w` and `x` holds `m · k` values.
+pub(super) fn matmul(x: &[f32], m: usize, w: &StoredMatrix) -> Vec<f32> {
+    assert!(applies(w) && m <= MAX_PANELS * 16 && x.len() == m * w.cols());
+    let (n, k) = (w.rows(), w.cols());
+    let sub = unsigned::subblock(w.dtype()).expect("applies");
+    let pk = pack(x, m, k, sub);
+    let mut y = vec![0f32; m * n];
+    let out = Out(y.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = if threads > 1 && k * n >= PARALLEL_MIN_ELEMS {
+        n.div_ceil(threads).div_ceil(T) * T
+    } else {
+        n
+    };
+    super::super::pool::run(n.div_ceil(chunk), &|c| {
+        let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
+        // SAFETY: `applies` checked the CPU; this chunk alone writes columns `o0..o1`.
+        unsafe { part(&pk, m, w, o0, o1, out, n) };
+    });
+    y
+}
+
+/// Outputs `o0..o1` of all `m` rows, a strip of [`T`] outputs at a time.
+///
+/// # Safety
+/// The CPU has AVX-512 VNNI and BW; `y` points to `m * ldy` values of which no one else
+/// writes columns `o0..o1` meanwhile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn part(pk: &Packed, m: usize, w: &StoredMatrix, o0: usize, o1: usize, y: Out, ldy: usize) {
+    let k = w.cols();
+    let mut u = [0u8; T * CHUNK];
+    let (mut a, mut b) = ([0f32; T * SUBS], [0f32; T * SUBS]);
+    let mut acc = [_mm512_setzero_ps(); MAX_PANELS * T];
+    let mut sums = [_mm512_setzero_ps(); MAX_PANELS * T];
+    let mut o = o0;
+    while o < o1 {
+        let rows = T.min(o1 - o);
+        // Outputs past the last multiply by zero.
+        a[rows * SUBS..].fill(0.0);
+        b[rows * SUBS..].fill(0.0);
+        acc.fill(_mm512_setzero_ps());
+        let mut c0 = 0;
+        while c0 < k {
+            let c1 = (c0 + CHUNK).min(k);
+            for i in 0..rows {
+                unsigned::unpack(
+                    w.dtype(),
+                    w.row_blocks(o + i, c0, c1),
+                    u.as_mut_ptr().add(i * CHUNK),
+                    a.as_mut_ptr().add(i * SUBS),
+                    b.as_mut_ptr().add(i * SUBS),
+                );
+            }
+            w.prefetch_cols(o, rows, c0 + CHUNK, c1 + CHUNK);
+            let (u, a, b, acc) = (u.as_ptr(), a.as_ptr(), b.as_ptr(), acc.as_mut_ptr());
+            match (pk.g, pk.sub) {
+                (1, 32) => tile::<1, 32>(pk, c0, c1 - c0, u, a, b, acc),
+                (2, 32) => tile::<2, 32>(pk, c0, c1 - c0, u, a, b, acc),
+                (4, 32) => tile::<4, 32>(pk, c0, c1 - c0, u, a, b, acc),
+                (8, 32) => tile::<8, 32>(pk, c0, c1 - c0, u, a, b, acc),
+                (1, 16) => tile::<1, 16>(pk, c0, c1 - c0, u, a, b, acc),
+                (2, 16) => tile::<2, 16>(pk, c0, c1 - c0, u, a, b, acc),
+                (4, 16) => tile::<4, 16>(pk, c0, c1 - c0, u, a, b, acc),
+                (g, s) => unreachable!("{g} groups over subblocks of {s}"),
+            }
+            c0 = c1;
+        }
+        // `finish` reads the sums as `[panel][rows]`.
+        for p in 0..pk.panels {
+            for i in 0..rows {
+                sums[p * rows + i] = acc[p * T + i];
+            }
+        }
+        transposed::finish(sums.as_ptr(), pk.g, m, rows, y.add(o).0, ldy);
+        o += rows;
+    }
+}
+
+/// Carry on the sums `acc` (`[panel][T]`) over positions `c0..c0 + kb` of the strip whose
+/// bytes `u` (`[T][CHUNK]`, from position `c0`) and subblock factors `a`, `b`
+/// (`[T][SUBS]`) are unpacked.
+///
+/// # Safety
+/// As [`part`]; `kb` a multiple of `SUB`, `G` as `pk.g` and `SUB` as `pk.sub`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const G: usize, const SUB: usize>(
+    pk: &Packed,
+    c0: usize,
+    kb: usize,
+    u: *const u8,
+    a: *const f32,
+    b: *const f32,
+    acc: *mut __m512,
+) {
+    let step = 4 * G;
+    let (nq, nsub) = (pk.k / QBLOCK, pk.k / SUB);
+    for p in 0..pk.panels {
+        let mut f = [_mm512_setzero_ps(); T];
+        for (o, f) in f.iter_mut().enumerate() {
+            *f = *acc.add(p * T + o);
+        }
+        let q = pk.q.as_ptr().add(p * pk.k * 16 / G);
+        let da = pk.da.as_ptr().add(p * nq * 16);
+        let dbs = pk.dbs.as_ptr().add(p * nsub * 16);
+        for s in 0..kb / SUB {
+            let at = s * SUB;
+            let mut sum = [_mm512_setzero_si512(); T];
+            for t in 0..SUB / step {
+                let pos = at + t * step;
+                let xv = _mm512_loadu_si512(q.add((c0 + pos) / step * 64).cast());
+                for (o, sum) in sum.iter_mut().enumerate() {
+                    let wv = broadcast::<G>(u.add(o * CHUNK + pos));
+                    *sum = _mm512_dpbusd_epi32(*sum, wv, xv);
+                }
+            }
+            let d = _mm512_loadu_ps(da.add((c0 + at) / QBLOCK * 16));
+            let ds = _mm512_loadu_ps(dbs.add((c0 + at) / SUB * 16));
+            for (o, (f, sum)) in f.iter_mut().zip(&sum).enumerate() {
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(*sum), d);
+                *f = _mm512_fmadd_ps(v, _mm512_set1_ps(*a.add(o * SUBS + s)), *f);
+                *f = _mm512_fnmadd_ps(ds, _mm512_set1_ps(*b.add(o * SUBS + s)), *f);
+            }
+        }
+        for (o, f) in f.iter().enumerate() {
+            *acc.add(p * T + o) = *f;
+        }
+    }
+}
+
+/// `4G` bytes at `p` in every `4G`-byte group of a vector.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn broadcast<const G: usize>(p: *const u8) -> __m512i {
+    match G {
+        1 => _mm512_set1_epi32(p.cast::<i32>().read_unaligned()),
+        2 => _mm512_set1_epi64(p.cast::<i64>().read_unaligned()),
+        4 => _mm512_broadcast_i32x4(_mm_loadu_si128(p.cast())),
+        8 => _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast())),
+        _ => unreachable!(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::{Device, Tensor};
+
+    fn stored(n: usize, k: usize, dtype: GgmlDType) -> (StoredMatrix, Vec<f32>) {
+        let t = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let w = StoredMatrix::quantize(&t, dtype).unwrap();
+        let mut dq = vec![0f32; n * k];
+        w.dequantize_rows(0, n, &mut dq);
+        (w, dq)
+    }
+
+    /// The kernel computes exactly what it says: the int8 rounding of `x` (recomputed here
+    /// plainly) times the dequantised weights, up to f32 summation order; and it stays within
+    /// the rounding's own bound of the exact product: `Σ_i |w_i| · d_i / 2`.
+    #[test]
+    fn int8_products_are_the_rounded_inputs_times_the_weights() {
+        if !is_x86_feature_detected!("avx512vnni") || !is_x86_feature_detected!("avx512bw") {
+            return;
+        }
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let kq = dtype.block_size();
+            let shapes = [
+                (1, 2 * kq.max(256), 9),
+                (2, 256, 17),
+                (3, 512, 8),
+                (5, 256, 23),
+            ];
+            let more: Vec<_> = [4, 7, 8, 9, 16, 17, 33, 64]
+                .into_iter()
+                .map(|m| (m, if kq == 32 { 96 } else { 768 }, 13))
+                .collect();
+            for &(m, k, n) in shapes.iter().chain(&more) {
+                let (w, dq) = stored(n, k, dtype);
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+                let x = (x.clone() * x.abs().unwrap().exp().unwrap()).unwrap();
+                let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let y = matmul(&x, m, &w);
+                let (mut q, mut d) = (vec![0i8; k], vec![0f32; k / QBLOCK]);
+                for r in 0..m {
+                    quantize_row(&x[r * k..(r + 1) * k], &mut q, &mut d);
+                    for o in 0..n {
+                        let wr = &dq[o * k..(o + 1) * k];
+                        let (mut rounded, mut exact, mut bound, mut mag) = (0f64, 0f64, 0f64, 0f64);
+                        for i in 0..k {
+                            let xq = d[i / QBLOCK] as f64 * q[i] as f64;
+                            rounded += xq * wr[i] as f64;
+                            exact += x[r * k + i] as f64 * wr[i] as f64;
+                            bound += wr[i].abs() as f64 * d[i / QBLOCK] as f64 / 2.0;
+                            mag += (xq * wr[i] as f64).abs();
+                        }
+                        let got = y[r * n + o] as f64;
+                        assert!(
+                            (got - rounded).abs() <= 1e-5 * mag + 1e-6,
+                            "{dtype:?} {m}x{k}x{n} ({r}, {o}): {got} vs {rounded}"
+                        );
+                        assert!(
+                            (got - exact).abs() <= bound * 1.001 + 1e-5 * mag,
+                            "{dtype:?} {m}x{k}x{n} ({r}, {o}): {got} vs exact {exact}, bound {bound}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
