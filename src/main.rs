@@ -120,7 +120,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
                 m.model.weights_summary(),
                 dora_serve::ops::kernels::get().as_str(),
                 if dora_serve::ops::kernels::int8_activations() {
-                    " (int8 activations over Q8_0/Q4_K/Q6_K at decode)"
+                    " (int8 activations at decode over Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q6_K)"
                 } else {
                     ""
                 }

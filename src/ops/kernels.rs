@@ -74,10 +74,11 @@ pub fn fast_on(device: &candle_core::Device) -> bool {
 
 static INT8: AtomicBool = AtomicBool::new(false);
 
-/// Round the input rows of decode matmuls over Q8_0, Q4_K and Q6_K weights to int8 and
-/// multiply them with VNNI (the CLI's `--int8-activations`; off by default). Faster at 8 and
-/// more rows, and not exact: the README gives the logit error it measured. Only with the CPU
-/// kernels on a CPU with AVX-512 VNNI; elsewhere every product stays exact.
+/// Round the input rows of decode matmuls (up to 64 rows) over Q8_0, Q4_0/1, Q5_0/1, Q4_K and
+/// Q6_K weights to int8 and multiply them with VNNI (the CLI's `--int8-activations`; off by
+/// default). Faster from 2 rows on, and not exact: the README gives the logit error it
+/// measured. Only with the CPU kernels on a CPU with AVX-512 VNNI; elsewhere every product
+/// stays exact.
 pub fn set_int8_activations(on: bool) {
     INT8.store(on, Ordering::Relaxed);
 }

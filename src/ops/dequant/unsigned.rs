@@ -3,18 +3,24 @@
 //! subblock (the positions that share a scale). Q4_K: `u` the 4-bit value, `a = d·scale`,
 //! `b = dmin·min` (candle's own `d1·q − m1`, so `a·u − b` is its dequantised value bit for
 //! bit); Q6_K: `u` the 6-bit value, `a = d·scale`, `b = 32·a`; Q8_0: `u = q + 128`, `a = d`,
-//! `b = 128·d`. The bytes come out in position order.
+//! `b = 128·d`; Q4_0, Q4_1, Q5_0, Q5_1: `u` the 4- or 5-bit value, `a = d`, `b` the centre
+//! times `d`, or minus the min. The bytes come out in position order.
 
 use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::{half_at, scale_min_k4};
+use super::half_at;
 
 /// Positions that share `a` and `b`: a Q6_K scale covers 16, a Q4_K scale or a Q8_0 block 32.
 pub fn subblock(dtype: GgmlDType) -> Option<usize> {
     match dtype {
-        GgmlDType::Q4K | GgmlDType::Q8_0 => Some(32),
+        GgmlDType::Q4K
+        | GgmlDType::Q8_0
+        | GgmlDType::Q4_0
+        | GgmlDType::Q4_1
+        | GgmlDType::Q5_0
+        | GgmlDType::Q5_1 => Some(32),
         GgmlDType::Q6K => Some(16),
         _ => None,
     }
@@ -24,9 +30,9 @@ pub fn subblock(dtype: GgmlDType) -> Option<usize> {
 /// (one per position) and one `a`, `b` per subblock.
 ///
 /// # Safety
-/// The CPU has AVX-512BW; `u` has room for every position of the blocks, `a` and `b` for
+/// The CPU has AVX-512BW and VL; `u` has room for every position of the blocks, `a` and `b` for
 /// one value per subblock.
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b: *mut f32) {
     match dtype {
         GgmlDType::Q4K => {
@@ -59,7 +65,46 @@ pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b:
                 _mm256_storeu_si256(u.add(32 * i).cast(), _mm256_xor_si256(q, flip));
             }
         }
+        GgmlDType::Q4_0 => small::<18, false, false>(bytes, u, a, b),
+        GgmlDType::Q4_1 => small::<20, true, false>(bytes, u, a, b),
+        GgmlDType::Q5_0 => small::<22, false, true>(bytes, u, a, b),
+        GgmlDType::Q5_1 => small::<24, true, true>(bytes, u, a, b),
         _ => unreachable!("no unsigned form for {dtype:?}"),
+    }
+}
+
+/// The 32-position formats of `B` bytes: `d: f16`, then `m: f16` (`MIN`: Q4_1, Q5_1), then
+/// `qh: u32`, bit `j` the fifth bit of position `j` (`HIGH`: Q5_0, Q5_1), then `qs: [u8; 16]`,
+/// positions 0..16 in the low nibbles. Without a min the values are centred: `b = 8·d` (Q4_0)
+/// or `16·d` (Q5_0); with one, `b = −m`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn small<const B: usize, const MIN: bool, const HIGH: bool>(
+    bytes: &[u8],
+    u: *mut u8,
+    a: *mut f32,
+    b: *mut f32,
+) {
+    let low = _mm_set1_epi8(0x0F);
+    for (i, blk) in bytes.chunks_exact(B).enumerate() {
+        let d = half_at(blk, 0);
+        *a.add(i) = d;
+        *b.add(i) = match (MIN, HIGH) {
+            (true, _) => -half_at(blk, 2),
+            (false, false) => 8.0 * d,
+            (false, true) => 16.0 * d,
+        };
+        let q = _mm_loadu_si128(blk.as_ptr().add(B - 16).cast());
+        let mut v = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16::<4>(q), low),
+            _mm_and_si128(q, low),
+        );
+        if HIGH {
+            let at = if MIN { 4 } else { 2 };
+            let qh = u32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
+            let fifth = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
+            v = _mm256_or_si256(v, fifth);
+        }
+        _mm256_storeu_si256(u.add(32 * i).cast(), v);
     }
 }
 
@@ -68,12 +113,15 @@ pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b:
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
     let (d, min) = (half_at(blk, 0), half_at(blk, 2));
-    let scales: &[u8; 12] = blk[4..16].try_into().unwrap();
-    for j in 0..8 {
-        let (sc, m) = scale_min_k4(j, scales);
-        *a.add(j) = d * sc as f32;
-        *b.add(j) = min * m as f32;
-    }
+    // The 8 scales and 8 mins, 6 bits each, out of 12 bytes at once (as `scale_min_k4`).
+    let w = |i: usize| u32::from_le_bytes(blk[4 + 4 * i..8 + 4 * i].try_into().unwrap());
+    let (s0, s1, s2) = (w(0), w(1), w(2));
+    let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let sc = (s0 & six) as u64 | (((s2 & four) | ((s0 >> 6) & two) << 4) as u64) << 32;
+    let mn = (s1 & six) as u64 | ((((s2 >> 4) & four) | ((s1 >> 6) & two) << 4) as u64) << 32;
+    let bytes = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(0, v as i64)));
+    _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_set1_ps(d), bytes(sc)));
+    _mm256_storeu_ps(b, _mm256_mul_ps(_mm256_set1_ps(min), bytes(mn)));
     let low = _mm256_set1_epi8(0x0F);
     for g in 0..4 {
         let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast());
@@ -89,11 +137,10 @@ unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn q6_k(blk: &[u8; 210], u: *mut u8, a: *mut f32, b: *mut f32) {
     let d = half_at(blk, 208);
-    for j in 0..16 {
-        let s = d * (blk[192 + j] as i8) as f32;
-        *a.add(j) = s;
-        *b.add(j) = 32.0 * s;
-    }
+    let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(192).cast()));
+    let s = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sc));
+    _mm512_storeu_ps(a, s);
+    _mm512_storeu_ps(b, _mm512_mul_ps(_mm512_set1_ps(32.0), s));
     let (low, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
     let p = blk.as_ptr();
     for h in 0..2 {
@@ -123,14 +170,16 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    /// `a · u − b` is the dequantised value: bit for bit for Q4_K (candle's formula), within
-    /// an f32 rounding of it for Q6_K and Q8_0 (whose offset is taken out after the scale).
+    /// `a · u − b` is the dequantised value: bit for bit where candle also scales and then
+    /// adds the min (Q4_K, Q4_1, Q5_1), within an f32 rounding of it where the offset is taken
+    /// out after the scale.
     #[test]
     fn unsigned_values_rebuild_the_dequantised_block() {
-        if !is_x86_feature_detected!("avx512bw") {
+        if !is_x86_feature_detected!("avx512bw") || !is_x86_feature_detected!("avx512vl") {
             return;
         }
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+        use GgmlDType::*;
+        for dtype in [Q4K, Q6K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1] {
             let sub = subblock(dtype).unwrap();
             let n = 512;
             let t = Tensor::randn(0f32, 1.0, (1, n), &Device::Cpu).unwrap();
@@ -157,10 +206,10 @@ mod tests {
             };
             for i in 0..n {
                 let v = a[i / sub] * u[i] as f32 - b[i / sub];
-                let tol = if dtype == GgmlDType::Q4K {
+                let tol = if matches!(dtype, Q4K | Q4_1 | Q5_1) {
                     0.0
                 } else {
-                    2.0 * f32::EPSILON * b[i / sub].abs()
+                    2.0 * f32::EPSILON * (a[i / sub] * u[i] as f32).abs().max(b[i / sub].abs())
                 };
                 assert!(
                     (v - dq[i]).abs() <= tol,

@@ -113,7 +113,10 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if m <= MAX_ROWS && super::kernels::int8_activations() && int8::applies(w) {
+    if (int8::MIN_ROWS..=MAX_ROWS).contains(&m)
+        && super::kernels::int8_activations()
+        && int8::applies(w)
+    {
         let xv = view(&x).expect("a contiguous f32 CPU tensor");
         let y = int8::matmul(xv.values(), m, w);
         return Tensor::from_vec(y, (m, w.rows()), &candle_core::Device::Cpu);
