@@ -191,11 +191,15 @@ def decode(vs, modes_list, fmts_list=()):
                   "from this table; merged weights then stay cached, so later switches back cost nothing.", ""]
     for fmts in fmts_list:
         rounds = fmts["rounds"]
-        lines += [f"## Stored formats against llama.cpp, same files: {', '.join(f['name'] for f in fmts['files'].values())}", "",
+        args = fmts.get("dora_args", "")
+        how = ("weights kept as stored, dequantised on the fly" if not args else
+               f"`{args}`: decode rows rounded to int8 over the formats it covers, not exact (README)")
+        lines += [f"## Stored formats against llama.cpp, same files: {', '.join(f['name'] for f in fmts['files'].values())}"
+                  + (f", dora-serve with `{args}`" if args else ""), "",
                   f"`{fmts['command']}` on {fmts['date']} at commit {fmts['commit']}: {len(rounds)} interleaved rounds; in",
                   f"each, for every file, llama.cpp's `llama-batched-bench` ({fmts['llamacpp']}; 2 threads; 16 prompt",
-                  f"tokens, {fmts.get('tokens', 64)} generated; S_TG) and then `dora-serve generate --batch --dtype auto` (weights kept as",
-                  f"stored, dequantised on the fly; {fmts.get('tokens', 64)} generated). Targets (issue #12): ≥ 0.9× llama.cpp at 1",
+                  f"tokens, {fmts.get('tokens', 64)} generated; S_TG) and then `dora-serve generate --batch --dtype auto` ({how};",
+                  f"{fmts.get('tokens', 64)} generated). Targets (issue #12): ≥ 0.9× llama.cpp at 1",
                   "sequence and ≥ 1.0× at 8 and 16 for Q8_0 and Q4_K_M; RSS ≤ 1.15 × file size + KV cache.",
                   "(A SmolLM2 \"Q4_K_M\" file is mostly Q5_0/Q8_0: its rows of 576 are not whole k-quant blocks",
                   "of 256, so llama-quantize falls back for most tensors.)", "",
@@ -319,7 +323,8 @@ def main():
     sc, vs, modes, peft = (load("scenarios.json"), load("decode_vs_llamacpp.json"), load("decode_modes.json"),
                            load("peft.json"))
     fmts = [f for f in (load("formats_vs_llamacpp.json"), load("formats_gemma3_vs_llamacpp.json"), load("formats_1b_vs_llamacpp.json"),
-                        load("formats_7b_vs_llamacpp.json")) if f]
+                        load("formats_7b_vs_llamacpp.json"), load("formats_int8_vs_llamacpp.json"),
+                        load("formats_1b_int8_vs_llamacpp.json"), load("formats_7b_int8_vs_llamacpp.json")) if f]
     if sc:
         open(os.path.join(ROOT, "benches", "RESULTS.md"), "w").write("\n".join(results(sc, peft)) + "\n")
     modes_list = [m for m in (modes, load("decode_modes_1b.json")) if m]

@@ -83,7 +83,6 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     {
         dora_serve::ops::kernels::set(k);
     }
-    dora_serve::ops::kernels::set_int8_activations(args.int8_activations);
     let device = args
         .device
         .open()
@@ -96,6 +95,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     let start = Instant::now();
     eprint!("loading {} as {:?} …", args.model.display(), args.dtype);
     let _ = std::io::stderr().flush();
+    let mut int8 = 0;
     let loaded = model::load(&args.model, &opts).and_then(|mut m| {
         m.model
             .set_merged_dtype(args.merged_dtype.to_ggml())
@@ -103,6 +103,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
                 path: args.model.clone(),
                 source,
             })?;
+        int8 = m.model.set_int8_activations(args.int8_activations);
         Ok(m)
     });
     match &loaded {
@@ -119,10 +120,10 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
                 c.max_context,
                 m.model.weights_summary(),
                 dora_serve::ops::kernels::get().as_str(),
-                if dora_serve::ops::kernels::int8_activations() {
-                    " (int8 activations at decode over Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q6_K)"
-                } else {
-                    ""
+                match (args.int8_activations, int8) {
+                    (false, _) => String::new(),
+                    (true, 0) => " (--int8-activations: no matrix it applies to, all exact)".into(),
+                    (true, n) => format!(" (int8 activations over {n} matrices at decode)"),
                 }
             );
         }

@@ -13,12 +13,14 @@
 # from scripts/make-bench-model.sh. Writes benches/data/OUT.json (OUT defaults to
 # formats_vs_llamacpp) and regenerates benches/DECODE.md. COUNTS (default "1 8 16") and TOKENS
 # (default 64) change the sequence counts and generated tokens, for models too slow for them;
-# RSS is recorded at the largest count.
+# RSS is recorded at the largest count. DORA_ARGS adds flags to dora-serve's runs (e.g.
+# DORA_ARGS=--int8-activations); they are recorded with the figures.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
 counts=${COUNTS:-1 8 16}
 tokens=${TOKENS:-64}
+read -r -a dora_args <<<"${DORA_ARGS:-}"
 name=${2:-formats_vs_llamacpp}
 shift $(($# < 2 ? $# : 2))
 build=${LLAMACPP:-/tmp/llamacpp}
@@ -52,7 +54,7 @@ for ((r = 1; r <= rounds; r++)); do
     d=""
     for n in $counts; do
       out=$(/usr/bin/time -f 'rss_kb %M' "$bin" generate --model "$f" --batch "$work/b$n.jsonl" \
-        --max-tokens "$tokens" --ignore-eos --json 2>&1 >/dev/null)
+        --max-tokens "$tokens" --ignore-eos --json ${dora_args[@]+"${dora_args[@]}"} 2>&1 >/dev/null)
       d+="\"$n\": $(sed -n 's/.*decode \([0-9.]*\) tok.*/\1/p' <<<"$out"), "
       rss=$(sed -n 's/^rss_kb \([0-9]*\)$/\1/p' <<<"$out")
       kv=$(sed -n 's/.*KV cache peak \([0-9.]*\) MB.*/\1/p' <<<"$out")
@@ -66,10 +68,13 @@ import json, os, subprocess, sys
 path, rounds, build, name, *files = sys.argv[1:]
 env = "" if (os.environ.get("COUNTS"), os.environ.get("TOKENS")) == (None, None) else \
     f"COUNTS='{os.environ.get('COUNTS', '1 8 16')}' TOKENS={os.environ.get('TOKENS', '64')} "
+dora_args = os.environ.get("DORA_ARGS", "").strip()
+env = (f"DORA_ARGS='{dora_args}' " if dora_args else "") + env
 args = "" if name == "formats_vs_llamacpp" and all(os.path.dirname(f) == build for f in files) else f" {name} " + " ".join(files)
 data = {
     "command": f"{env}benches/peers/formats_vs_llamacpp.sh {rounds}{args}",
     "tokens": int(os.environ.get("TOKENS", "64")),
+    "dora_args": dora_args,
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "date": subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip(),
     "llamacpp": open(os.path.join(build, "bin", "VERSION")).read().strip(),

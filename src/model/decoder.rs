@@ -349,6 +349,26 @@ impl Decoder {
         sum
     }
 
+    /// Round the input rows of decode products over the base's stored matrices to int8 where
+    /// the int8 kernel applies (`--int8-activations`; see
+    /// [`StoredMatrix::set_int8_activations`](crate::ops::stored::StoredMatrix::set_int8_activations)).
+    /// Returns how many matrices it applies to. Prompt chunks over 64 tokens, dense weights
+    /// and merged adapter weights stay exact.
+    pub fn set_int8_activations(&self, on: bool) -> usize {
+        let mut n = 0;
+        for w in std::iter::once(&self.lm_head).chain(self.layers.iter().flat_map(|l| {
+            ProjKind::ALL
+                .into_iter()
+                .filter_map(|k| l.linear(k).map(|p| p.weight()))
+        })) {
+            if let BaseWeight::Stored(w) = w {
+                w.set_int8_activations(on);
+                n += usize::from(on && crate::ops::small_matmul::int8_applies(w));
+            }
+        }
+        n
+    }
+
     /// A fresh, empty cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::with_windows(self.cfg.layer_windows.clone())

@@ -7,7 +7,7 @@
 //!
 //! One choice per process, made before the model loads.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
@@ -70,20 +70,4 @@ pub fn get() -> Kernels {
 /// Whether the CPU fast paths may run on `device`.
 pub fn fast_on(device: &candle_core::Device) -> bool {
     device.is_cpu() && get() == Kernels::Cpu
-}
-
-static INT8: AtomicBool = AtomicBool::new(false);
-
-/// Round the input rows of decode matmuls (up to 64 rows) over Q8_0, Q4_0/1, Q5_0/1, Q4_K and
-/// Q6_K weights to int8 and multiply them with VNNI (the CLI's `--int8-activations`; off by
-/// default). Faster from 2 rows on, and not exact: the README gives the logit error it
-/// measured. Only with the CPU kernels on a CPU with AVX-512 VNNI; elsewhere every product
-/// stays exact.
-pub fn set_int8_activations(on: bool) {
-    INT8.store(on, Ordering::Relaxed);
-}
-
-/// Whether [`set_int8_activations`] turned the int8 path on.
-pub fn int8_activations() -> bool {
-    INT8.load(Ordering::Relaxed)
 }

@@ -99,6 +99,9 @@ pub struct StoredMatrix {
     row_bytes: usize,
     /// Logical row `r` is stored row `row_map[r]` (llama.cpp stores Q and K rows permuted).
     row_map: Option<Vec<u32>>,
+    /// Whether decode products round their input rows to int8 (`--int8-activations`; see
+    /// [`set_int8_activations`](Self::set_int8_activations)).
+    int8: std::sync::atomic::AtomicBool,
 }
 
 impl StoredMatrix {
@@ -132,6 +135,7 @@ impl StoredMatrix {
             cols,
             row_bytes,
             row_map: None,
+            int8: Default::default(),
         })
     }
 
@@ -158,6 +162,7 @@ impl StoredMatrix {
             cols,
             row_bytes,
             row_map: None,
+            int8: Default::default(),
         })
     }
 
@@ -228,6 +233,18 @@ impl StoredMatrix {
             None => r,
         };
         &self.bytes.as_slice()[s * self.row_bytes..(s + 1) * self.row_bytes]
+    }
+
+    /// Round the input rows of products over this matrix to int8 where the int8 kernel
+    /// applies (2 to 64 rows, its formats, AVX-512 VNNI; the CLI's `--int8-activations`).
+    /// Faster, and not exact: the README gives the logit error it measured.
+    pub fn set_int8_activations(&self, on: bool) {
+        self.int8.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// As [`set_int8_activations`](Self::set_int8_activations) set it (off at load).
+    pub fn int8_activations(&self) -> bool {
+        self.int8.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The stored bytes of columns `c0..c1` of logical row `r` (`c0` and `c1` on the format's

@@ -83,6 +83,18 @@ fn large_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     }
 }
 
+/// Whether the int8 kernel multiplies `w` on this machine (its formats, AVX-512 VNNI) when
+/// `w`'s int8 activations are on.
+pub fn int8_applies(w: &StoredMatrix) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return int8::applies(w);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = w;
+        false
+    }
+}
+
 /// `x` `[m, k]` (f32) times the stored `w` `[n, k]` transposed: `[m, n]` f32.
 ///
 /// Up to [`MAX_ROWS`] rows, each thread dequantises a strip of its outputs' weight rows at a
@@ -113,10 +125,7 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if (int8::MIN_ROWS..=MAX_ROWS).contains(&m)
-        && super::kernels::int8_activations()
-        && int8::applies(w)
-    {
+    if (int8::MIN_ROWS..=MAX_ROWS).contains(&m) && w.int8_activations() && int8::applies(w) {
         let xv = view(&x).expect("a contiguous f32 CPU tensor");
         let y = int8::matmul(xv.values(), m, w);
         return Tensor::from_vec(y, (m, w.rows()), &candle_core::Device::Cpu);
