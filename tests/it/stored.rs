@@ -390,3 +390,70 @@ fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format()
         "bf16 merge differs by {diff}"
     );
 }
+
+/// `--int8-activations` (`Decoder::set_int8_activations`) on every format it covers: packed
+/// batches of 2–64 rows move within the rounding's reach of the exact logits and not beyond,
+/// with a DoRA adapter unmerged beside the base too; one row and prompts past 64 rows stay
+/// bit for bit exact; turned off, everything is exact again.
+#[test]
+fn int8_activations_round_only_the_rows_they_cover_and_turn_off_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q6K] {
+        let path = write(dir.path(), &format!("{f:?}.gguf"), |_| f);
+        let m = load(&path, true);
+        let spec = SynthSpec {
+            rank: 8,
+            alpha: 16.0,
+            targets: ProjKind::SEPARATE.to_vec(),
+            dora: true,
+            seed: 3,
+        };
+        let adir = dir.path().join(format!("{f:?}-dora"));
+        adapter::write_random_adapter(&adir, &m.model, &spec).unwrap();
+        let a = adapter::load_dir(&adir, &m.model).unwrap().weights;
+        let a: &AdapterWeights = &a;
+        let (long, short, one) = prompts(m.model.config().vocab_size);
+        let batch = [(&short[..], None), (&long[..8], Some(a)), (&one[..], None)];
+        let exact = forward(&m, &batch, None);
+        let (exact_one, exact_long) = (
+            forward(&m, &[(&one[..], None)], None),
+            forward(&m, &[(&long[..], Some(a))], None),
+        );
+        // 7 projections × 2 layers, and the output head.
+        let n = m.model.set_int8_activations(true);
+        if n == 0 {
+            eprintln!("{f:?}: no AVX-512 VNNI here, the int8 kernel does not run");
+            return;
+        }
+        assert_eq!(n, 7 * LAYERS + 1, "{f:?}");
+        let rounded = forward(&m, &batch, None);
+        for (i, (r, e)) in rounded.iter().zip(&exact).enumerate() {
+            let (diff, scale) = (max_abs_diff(r, e), max_abs(e));
+            assert!(
+                diff > 0.0,
+                "{f:?} sequence {i}: the int8 kernel did not run"
+            );
+            assert!(diff < 0.05 * scale, "{f:?} sequence {i}: {diff} of {scale}");
+        }
+        let one_row = forward(&m, &[(&one[..], None)], None);
+        assert_eq!(
+            max_abs_diff(&one_row[0], &exact_one[0]),
+            0.0,
+            "{f:?} one row"
+        );
+        let long_rows = forward(&m, &[(&long[..], Some(a))], None);
+        assert_eq!(
+            max_abs_diff(&long_rows[0], &exact_long[0]),
+            0.0,
+            "{f:?} prefill"
+        );
+        m.model.set_int8_activations(false);
+        for (i, (g, e)) in forward(&m, &batch, None).iter().zip(&exact).enumerate() {
+            assert_eq!(
+                max_abs_diff(g, e),
+                0.0,
+                "{f:?} sequence {i} after turning it off"
+            );
+        }
+    }
+}
