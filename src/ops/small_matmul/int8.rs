@@ -1,6 +1,7 @@
 //! Opt-in int8 activations (`--int8-activations`): the decode matmuls (up to
 //! [`MAX_ROWS`](super::MAX_ROWS) rows) over Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K
-//! weights with the input rows quantized to int8, multiplied by AVX-512 VNNI's `vpdpbusd` (64 byte products summed into 16 lanes per instruction, where the exact path's
+//! weights with the input rows quantized to int8, multiplied by AVX-512 VNNI's `vpdpbusd`
+//! (64 byte products summed into 16 lanes per instruction, where the exact path's
 //! multiply-add does 16), as llama.cpp multiplies these formats on the CPU. Not exact: each
 //! input value is rounded to one of 255 steps of its 32-position block (`d = max|x| / 127`),
 //! an error of at most `d / 2` per value. The README states what that does to the logits.
@@ -20,9 +21,10 @@ use super::super::stored::StoredMatrix;
 use super::transposed::{self, MAX_PANELS};
 use super::{BLOCKED_MIN_K, PARALLEL_MIN_ELEMS};
 
-/// From this many rows on the int8 kernel runs. One row is bound by reading the weights:
-/// `generate --batch`, tok/s exact vs int8, 1B-shaped Q4_K_M 17.6 vs 17.0 (a kernel with
-/// positions in the lanes), 7B-shaped 2.85 vs 2.7, SmolLM2 Q8_0 108 vs 78 (this tiling).
+/// From this many rows on the int8 kernel runs; one row keeps the exact kernel, which is as
+/// fast: it waits on reading the weights either way. `generate --batch`, tok/s exact vs int8
+/// at one row: 1B-shaped Q4_K_M 17.6 vs 17.0 and 7B-shaped 2.85 vs 2.7 with a kernel that
+/// put positions in the lanes (removed), SmolLM2 Q8_0 108 vs 78 with this tiling.
 pub(super) const MIN_ROWS: usize = 2;
 
 /// Input positions per int8 scale (llama.cpp's Q8_0 block).
