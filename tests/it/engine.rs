@@ -927,3 +927,41 @@ fn every_apply_mode_agrees_on_fused_and_windowed_families() {
         assert!(st.steps_merged > 0, "{family}: auto never merged: {st:?}");
     }
 }
+
+/// `auto` keeps adapters unmerged over a base kept in a block format (merged copies would
+/// hold several times its bytes, and decode reads them all every step), while the same file
+/// dequantised at load merges after `merge_after` single-adapter steps.
+#[test]
+fn auto_keeps_adapters_unmerged_over_a_block_quantized_base() {
+    let ps = prompts();
+    let s = store();
+    for stored in [true, false] {
+        let m = dora_serve::model::load(
+            &fixtures().join("tiny-llama-q8_0.gguf"),
+            &dora_serve::model::LoadOptions {
+                dtype: candle_core::DType::F32,
+                device: candle_core::Device::Cpu,
+                stored,
+            },
+        )
+        .unwrap();
+        assert_eq!(m.model.merging_grows_weights(), stored);
+        let cfg = EngineConfig {
+            max_running: 8,
+            max_step_tokens: 24,
+            mode: AdapterMode::Auto,
+            merge_after: 1,
+            ..EngineConfig::default()
+        };
+        let e = Engine::start(m, Catalog::open(s.path()).unwrap(), cfg);
+        let r = request(&ps[0], Some("dora-all-r8"), 8, SamplingParams::default());
+        assert_eq!(collect(submit(&e, r).unwrap()).tokens.len(), 8);
+        let st = idle(&e);
+        if stored {
+            assert_eq!((st.steps_merged, st.merges), (0, 0), "{st:?}");
+            assert!(st.steps_unmerged >= 8, "{st:?}");
+        } else {
+            assert!(st.steps_merged > 0 && st.merges == 1, "{st:?}");
+        }
+    }
+}

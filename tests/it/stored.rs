@@ -352,12 +352,9 @@ fn bf16_safetensors_stay_16_bit_and_equal_their_f32_conversion() {
     assert_close("bf16 folder", &got[0], &want[0]);
 }
 
-#[test]
-fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "q4k.gguf", |_| Q4K);
-    let mut stored = load(&path, true);
-    let dense = load(&path, false);
+/// A random r8 DoRA adapter on every separate projection, written to `dir` from `from` and
+/// loaded on `on`.
+fn random_dora(dir: &Path, from: &LoadedModel, on: &LoadedModel) -> adapter::Adapter {
     let spec = SynthSpec {
         rank: 8,
         alpha: 16.0,
@@ -365,9 +362,17 @@ fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format()
         dora: true,
         seed: 3,
     };
-    let adir = dir.path().join("dora");
-    adapter::write_random_adapter(&adir, &dense.model, &spec).unwrap();
-    let a = adapter::load_dir(&adir, &stored.model).unwrap();
+    adapter::write_random_adapter(dir, &from.model, &spec).unwrap();
+    adapter::load_dir(dir, &on.model).unwrap()
+}
+
+#[test]
+fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "q4k.gguf", |_| Q4K);
+    let mut stored = load(&path, true);
+    let dense = load(&path, false);
+    let a = random_dora(&dir.path().join("dora"), &dense, &stored);
     let f32_merged = stored.model.merge(&a.weights).unwrap();
     let w = f32_merged.get(0, ProjKind::Up).unwrap();
     assert_eq!(w.format(), "F32");
@@ -401,16 +406,7 @@ fn int8_activations_round_only_the_rows_they_cover_and_turn_off_exactly() {
     for f in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q6K] {
         let path = write(dir.path(), &format!("{f:?}.gguf"), |_| f);
         let m = load(&path, true);
-        let spec = SynthSpec {
-            rank: 8,
-            alpha: 16.0,
-            targets: ProjKind::SEPARATE.to_vec(),
-            dora: true,
-            seed: 3,
-        };
-        let adir = dir.path().join(format!("{f:?}-dora"));
-        adapter::write_random_adapter(&adir, &m.model, &spec).unwrap();
-        let a = adapter::load_dir(&adir, &m.model).unwrap().weights;
+        let a = random_dora(&dir.path().join(format!("{f:?}-dora")), &m, &m).weights;
         let a: &AdapterWeights = &a;
         let (long, short, one) = prompts(m.model.config().vocab_size);
         let batch = [(&short[..], None), (&long[..8], Some(a)), (&one[..], None)];

@@ -37,7 +37,12 @@ pub(super) fn spawn(engine: &Engine, rx: Receiver<Command>, cfg: EngineConfig) {
             max_running: cfg.max_running,
             max_step_tokens: cfg.max_step_tokens,
             mode: cfg.mode,
-            merge_after: cfg.merge_after,
+            // `auto` keeps adapters unmerged where merged copies outgrow the base.
+            merge_after: if engine.model.merging_grows_weights() {
+                usize::MAX
+            } else {
+                cfg.merge_after
+            },
             turn_steps: cfg.turn_steps,
             prefill_share: cfg.prefill_share,
         }),

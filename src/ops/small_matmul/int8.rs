@@ -19,7 +19,7 @@ use super::super::cpu::Out;
 use super::super::dequant::unsigned;
 use super::super::stored::StoredMatrix;
 use super::transposed::{self, MAX_PANELS};
-use super::{BLOCKED_MIN_K, PARALLEL_MIN_ELEMS};
+use super::BLOCKED_MIN_K;
 
 /// From this many rows on the int8 kernel runs; one row keeps the exact kernel, which is as
 /// fast: it waits on reading the weights either way. `generate --batch`, tok/s exact vs int8
@@ -162,12 +162,7 @@ pub(super) fn matmul(x: &[f32], m: usize, w: &StoredMatrix) -> Vec<f32> {
     let sub = unsigned::subblock(w.dtype()).expect("applies");
     let mut y = vec![0f32; m * n];
     let out = Out(y.as_mut_ptr());
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = if threads > 1 && k * n >= PARALLEL_MIN_ELEMS {
-        n.div_ceil(threads).div_ceil(T) * T
-    } else {
-        n
-    };
+    let chunk = super::thread_chunk(n, k, T);
     let pk = pack(x, m, k, sub);
     super::super::pool::run(n.div_ceil(chunk), &|c| {
         let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));

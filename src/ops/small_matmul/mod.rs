@@ -151,6 +151,17 @@ const _: () = assert!(transposed::MAX_PANELS * 16 >= MAX_ROWS);
 /// Weight values dequantised per strip, at most (the strip stays in L2 while the tile reads it).
 const STRIP_VALUES: usize = 1 << 12;
 
+/// Outputs per thread for an `[n, k]` weight: one run per thread, a multiple of `multiple`
+/// (a tile's outputs), or all `n` in one where a hand-off costs more than it saves.
+fn thread_chunk(n: usize, k: usize, multiple: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    if threads > 1 && k * n >= PARALLEL_MIN_ELEMS {
+        n.div_ceil(threads).div_ceil(multiple) * multiple
+    } else {
+        n
+    }
+}
+
 /// From this row length on, the transposed tiling reads stored weights in blocks of
 /// positions ([`blocked`]). Measured with `generate --batch` at 16 sequences: the 1B-shaped
 /// Q4_K_M (k = 2048, 8192) 41.6 → 53.0 tok/s (8 sequences 34 → 38); SmolLM2 (k = 576, 1536)
@@ -187,12 +198,7 @@ fn small_m_stored_with(
     let strip = ro * (STRIP_VALUES / (ro * k)).max(1);
     let mut y = vec![0f32; m * n];
     let out = Out(y.as_mut_ptr());
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = if threads > 1 && k * n >= PARALLEL_MIN_ELEMS {
-        n.div_ceil(threads).div_ceil(ro) * ro
-    } else {
-        n
-    };
+    let chunk = thread_chunk(n, k, ro);
     super::pool::run(n.div_ceil(chunk), &|c| {
         let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
         STRIP.with(|buf| {
