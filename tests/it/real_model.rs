@@ -319,7 +319,7 @@ fn int8_activations_error_on_real_models() {
             m.model.forward(&mut input, None).unwrap().pop().unwrap()
         };
         if m.model.set_int8_activations(true) == 0 {
-            eprintln!("{file}: the int8 kernel does not run on this CPU (no AVX-512 VNNI)");
+            eprintln!("{file}: the int8 kernel applies to no matrix here (no AVX-512 VNNI, or weights dequantised at load by --kernels generic)");
             return;
         }
         let (mut diff, mut scale, mut dlogprob) = (0f32, 0f32, 0f32);

@@ -418,7 +418,7 @@ fn int8_activations_round_only_the_rows_they_cover_and_turn_off_exactly() {
         // 7 projections × 2 layers, and the output head.
         let n = m.model.set_int8_activations(true);
         if n == 0 {
-            eprintln!("{f:?}: no AVX-512 VNNI here, the int8 kernel does not run");
+            eprintln!("{f:?}: the int8 kernel applies to no matrix here (no AVX-512 VNNI, or weights dequantised at load by --kernels generic)");
             return;
         }
         assert_eq!(n, 7 * LAYERS + 1, "{f:?}");
