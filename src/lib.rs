@@ -90,11 +90,14 @@
 //!   dequantised strips through the same tiles, for long rows dequantised 256 positions at a
 //!   time into an L1 block), the prefill tiling (`small_matmul/prefill.rs`: the transposed
 //!   tile blocked GotoBLAS-style over row groups, output groups and 256-position blocks,
-//!   dense or stored weights alike; candle's gemm where there is no AVX-512) and the spinning
-//!   helper pool they and the unmerged rows run on;
+//!   dense or stored weights alike; candle's gemm where there is no AVX-512), the opt-in
+//!   int8 decode kernel (`small_matmul/int8.rs`, `--int8-activations`: input rows rounded to
+//!   int8, weights unpacked to bytes by `dequant/unsigned.rs`, AVX-512 VNNI; not exact, a
+//!   setting of each stored matrix) and the spinning helper pool they and the unmerged rows
+//!   run on;
 //!   [`ops::attention`]: decode attention (a decode step's sequences all at once, on the pool)
 //!   and the tiled causal prefill attention (online
-//!   softmax over 64-key blocks, GQA-aware, query blocks on the pool, sliding windows and
+//!   softmax over 64-key blocks, four query rows per key tile, GQA-aware, query blocks on the pool, sliding windows and
 //!   soft-caps as [`ops::attention::Scores`] says; candle's masked attention is its reference
 //!   and the generic path). The
 //!   engine thread runs inside its own rayon pool, so candle's parallel ops share work with it.
