@@ -91,7 +91,7 @@
 //!   time into an L1 block), the prefill tiling (`small_matmul/prefill.rs`: the transposed
 //!   tile blocked GotoBLAS-style over row groups, output groups and 256-position blocks,
 //!   dense or stored weights alike; candle's gemm where there is no AVX-512), the opt-in
-//!   int8 decode kernel (`small_matmul/int8.rs`, `--int8-activations`: input rows rounded to
+//!   int8 kernel (`small_matmul/int8.rs`, `--int8-activations`: input rows rounded to
 //!   int8, weights unpacked to bytes by `dequant/unsigned.rs`, AVX-512 VNNI; not exact, a
 //!   setting of each stored matrix) and the spinning helper pool they and the unmerged rows
 //!   run on;

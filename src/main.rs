@@ -123,7 +123,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
                 match (args.int8_activations, int8) {
                     (false, _) => String::new(),
                     (true, 0) => " (--int8-activations: no matrix it applies to, all exact)".into(),
-                    (true, n) => format!(" (int8 activations over {n} matrices at decode)"),
+                    (true, n) => format!(" (int8 activations over {n} matrices)"),
                 }
             );
         }

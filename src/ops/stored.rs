@@ -236,7 +236,7 @@ impl StoredMatrix {
     }
 
     /// Round the input rows of products over this matrix to int8 where the int8 kernel
-    /// applies (2 to 64 rows, its formats, AVX-512 VNNI; the CLI's `--int8-activations`).
+    /// applies (2 or more rows, its formats, AVX-512 VNNI; the CLI's `--int8-activations`).
     /// Faster, and not exact: the README gives the logit error it measured.
     pub fn set_int8_activations(&self, on: bool) {
         self.int8.store(on, std::sync::atomic::Ordering::Relaxed);

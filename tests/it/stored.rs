@@ -397,11 +397,11 @@ fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format()
 }
 
 /// `--int8-activations` (`Decoder::set_int8_activations`) on every format it covers: packed
-/// batches of 2–64 rows move within the rounding's reach of the exact logits and not beyond,
-/// with a DoRA adapter unmerged beside the base too; one row and prompts past 64 rows stay
-/// bit for bit exact; turned off, everything is exact again.
+/// batches and a prompt past 64 rows move within the rounding's reach of the exact logits and
+/// not beyond, with a DoRA adapter unmerged beside the base too; one row stays bit for bit
+/// exact; turned off, everything is exact again.
 #[test]
-fn int8_activations_round_only_the_rows_they_cover_and_turn_off_exactly() {
+fn int8_activations_round_every_product_of_several_rows_and_turn_off_exactly() {
     let dir = tempfile::tempdir().unwrap();
     for f in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q6K] {
         let path = write(dir.path(), &format!("{f:?}.gguf"), |_| f);
@@ -418,7 +418,10 @@ fn int8_activations_round_only_the_rows_they_cover_and_turn_off_exactly() {
         // 7 projections × 2 layers, and the output head.
         let n = m.model.set_int8_activations(true);
         if n == 0 {
-            eprintln!("{f:?}: the int8 kernel applies to no matrix here (no AVX-512 VNNI, or weights dequantised at load by --kernels generic)");
+            eprintln!(
+                "{f:?}: the int8 kernel applies to no matrix here (no AVX-512 VNNI, or weights \
+                 dequantised at load by --kernels generic)"
+            );
             return;
         }
         assert_eq!(n, 7 * LAYERS + 1, "{f:?}");
@@ -437,11 +440,15 @@ fn int8_activations_round_only_the_rows_they_cover_and_turn_off_exactly() {
             0.0,
             "{f:?} one row"
         );
+        // A prompt past 64 rows: rounded too, 64 rows at a time.
         let long_rows = forward(&m, &[(&long[..], Some(a))], None);
-        assert_eq!(
+        let (diff, scale) = (
             max_abs_diff(&long_rows[0], &exact_long[0]),
-            0.0,
-            "{f:?} prefill"
+            max_abs(&exact_long[0]),
+        );
+        assert!(
+            diff > 0.0 && diff < 0.05 * scale,
+            "{f:?} prefill: {diff} of {scale}"
         );
         m.model.set_int8_activations(false);
         for (i, (g, e)) in forward(&m, &batch, None).iter().zip(&exact).enumerate() {

@@ -125,9 +125,16 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if (int8::MIN_ROWS..=MAX_ROWS).contains(&m) && w.int8_activations() && int8::applies(w) {
+    if m >= int8::MIN_ROWS && w.int8_activations() && int8::applies(w) {
         let xv = view(&x).expect("a contiguous f32 CPU tensor");
-        let y = int8::matmul(xv.values(), m, w);
+        // Prefill in groups of MAX_ROWS rows, each its own rows of the output. Against the
+        // exact prefill tiling, TTFT at 512 tokens: 1B-shaped Q4_K_M 5.13 -> 3.5 s, SmolLM2
+        // Q4_K_M 0.69 -> 0.56 s (2048: 3.73 -> 3.15).
+        let k = w.cols();
+        let mut y = Vec::with_capacity(m * w.rows());
+        for rows in xv.values().chunks(MAX_ROWS * k) {
+            y.extend(int8::matmul(rows, rows.len() / k, w));
+        }
         return Tensor::from_vec(y, (m, w.rows()), &candle_core::Device::Cpu);
     }
     if m > MAX_ROWS {
