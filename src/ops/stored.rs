@@ -99,8 +99,8 @@ pub struct StoredMatrix {
     row_bytes: usize,
     /// Logical row `r` is stored row `row_map[r]` (llama.cpp stores Q and K rows permuted).
     row_map: Option<Vec<u32>>,
-    /// Whether decode products round their input rows to int8 (`--int8-activations`; see
-    /// [`set_int8_activations`](Self::set_int8_activations)).
+    /// Whether products of several rows round their input rows to int8
+    /// (`--int8-activations`; see [`set_int8_activations`](Self::set_int8_activations)).
     int8: std::sync::atomic::AtomicBool,
 }
 
