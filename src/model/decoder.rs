@@ -323,6 +323,15 @@ impl Decoder {
         Ok(out)
     }
 
+    /// The base weight of every projection of every layer.
+    fn projection_weights(&self) -> impl Iterator<Item = &BaseWeight> {
+        self.layers.iter().flat_map(|l| {
+            ProjKind::ALL
+                .into_iter()
+                .filter_map(|k| l.linear(k).map(|p| p.weight()))
+        })
+    }
+
     /// How the weights are held: tensors per format and their bytes.
     pub fn weights_summary(&self) -> WeightsSummary {
         let mut sum = WeightsSummary::default();
@@ -335,11 +344,7 @@ impl Decoder {
         for w in [&self.embed_tokens]
             .into_iter()
             .chain((!self.cfg.tie_word_embeddings).then_some(&self.lm_head))
-            .chain(self.layers.iter().flat_map(|l| {
-                ProjKind::ALL
-                    .into_iter()
-                    .filter_map(|k| l.linear(k).map(|p| p.weight()))
-            }))
+            .chain(self.projection_weights())
         {
             add(w.format(), w.bytes());
         }
@@ -362,32 +367,22 @@ impl Decoder {
         } else {
             2
         };
-        self.layers
-            .iter()
-            .flat_map(|l| {
-                ProjKind::ALL
-                    .into_iter()
-                    .filter_map(|k| l.linear(k).map(|p| p.weight()))
-            })
-            .any(|w| match w {
-                BaseWeight::Stored(s) => s.storage_bytes() < merged * s.rows() * s.cols(),
-                // Merged weights over a converted base are in its own dtype.
-                BaseWeight::Dense(_) => false,
-            })
+        self.projection_weights().any(|w| match w {
+            BaseWeight::Stored(s) => s.storage_bytes() < merged * s.rows() * s.cols(),
+            // Merged weights over a converted base are in its own dtype.
+            BaseWeight::Dense(_) => false,
+        })
     }
 
     /// Round the input rows of products of 2 or more rows (decode steps of several sequences,
-    /// prompts) over the base's stored matrices to int8 where the int8 kernel applies (`--int8-activations`; see
+    /// prompts) over the base's stored matrices to int8 where the int8 kernel applies
+    /// (`--int8-activations`; see
     /// [`StoredMatrix::set_int8_activations`](crate::ops::stored::StoredMatrix::set_int8_activations)).
     /// Returns how many matrices it applies to. One-row products, dense weights and merged
     /// adapter weights stay exact.
     pub fn set_int8_activations(&self, on: bool) -> usize {
         let mut n = 0;
-        for w in std::iter::once(&self.lm_head).chain(self.layers.iter().flat_map(|l| {
-            ProjKind::ALL
-                .into_iter()
-                .filter_map(|k| l.linear(k).map(|p| p.weight()))
-        })) {
+        for w in std::iter::once(&self.lm_head).chain(self.projection_weights()) {
             if let BaseWeight::Stored(w) = w {
                 w.set_int8_activations(on);
                 n += usize::from(on && crate::ops::small_matmul::int8_applies(w));

@@ -283,13 +283,9 @@ impl StoredMatrix {
         assert!(r0 + n <= self.rows && c0 < c1 && c1 <= self.cols && c1 - c0 <= ld);
         assert!(c0.is_multiple_of(block) && c1.is_multiple_of(block));
         assert!(out.len() >= (n - 1) * ld + (c1 - c0));
-        let (b0, b1) = (
-            c0 / block * self.dtype.type_size(),
-            c1 / block * self.dtype.type_size(),
-        );
         for i in 0..n {
             let row = &mut out[i * ld..i * ld + (c1 - c0)];
-            dequantize(self.dtype, &self.stored_row(r0 + i)[b0..b1], row);
+            dequantize(self.dtype, self.row_blocks(r0 + i, c0, c1), row);
         }
     }
 
