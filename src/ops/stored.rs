@@ -318,16 +318,20 @@ impl StoredMatrix {
     pub(super) fn dot_rows(&self, r0: usize, x: &[f32], y: &mut [f32]) -> bool {
         let n = y.len();
         assert!(r0 + n <= self.rows && x.len() == self.cols);
-        match &self.row_map {
-            None => {
-                let bytes = &self.bytes.as_slice()[r0 * self.row_bytes..(r0 + n) * self.row_bytes];
-                super::dequant::dot_rows(self.dtype, bytes, self.row_bytes, x, y)
-            }
-            Some(_) => (0..n).all(|i| {
-                let row = self.stored_row(r0 + i);
-                super::dequant::dot_rows(self.dtype, row, self.row_bytes, x, &mut y[i..i + 1])
-            }),
-        }
+        let bytes = self.bytes.as_slice();
+        let rows = match &self.row_map {
+            None => super::dequant::Rows {
+                bytes: &bytes[r0 * self.row_bytes..(r0 + n) * self.row_bytes],
+                row_bytes: self.row_bytes,
+                map: None,
+            },
+            Some(map) => super::dequant::Rows {
+                bytes,
+                row_bytes: self.row_bytes,
+                map: Some(&map[r0..r0 + n]),
+            },
+        };
+        super::dequant::dot_rows(self.dtype, &rows, x, y)
     }
 
     /// The whole matrix dequantised: `[rows, cols]` f32 on the CPU.

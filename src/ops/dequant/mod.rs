@@ -11,6 +11,10 @@
 //! one permute per 16 weights; and Q6_K takes `q6k.rs` (unpacked in byte lanes, then the
 //! same product per value). The block layouts are llama.cpp's (`ggml-common.h`); tests
 //! compare every format against candle's `to_float` for equality.
+//!
+//! One input row against Q4_K or Q6_K rows (decode at one sequence) takes `kdot.rs`, which
+//! sums each sub-block before scaling it: the exact dot product up to rounding, not bit for
+//! bit the dequantised values' (its documentation says how, and its tests bound it).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -91,45 +95,58 @@ fn plain(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
     true
 }
 
-/// `y[o] = x · row o` for the `rows` consecutive rows of `row_bytes` bytes in `bytes`: one
-/// input row against stored weight rows, each block dequantised into registers and multiplied
-/// straight away (decode at one sequence: nothing to share a dequantised block with). `false`
-/// (nothing written) when there is no fast path for `dtype`.
-pub(super) fn dot_rows(
-    dtype: GgmlDType,
-    bytes: &[u8],
-    row_bytes: usize,
-    x: &[f32],
-    y: &mut [f32],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if dtype == GgmlDType::Q4K && is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        unsafe { table::q4_k_dot(bytes, row_bytes, x, y) };
-        return true;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if dtype == GgmlDType::Q6K && is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        unsafe { q6k::q6_k_dot(bytes, row_bytes, x, y) };
-        return true;
-    }
-    dot_dispatch(dtype, bytes, row_bytes, x, y)
+/// The weight rows a one-row product reads: row `i` of the product is stored row
+/// `map[i]`, or `i` when there is no map, each `row_bytes` long in `bytes`.
+pub(super) struct Rows<'a> {
+    pub bytes: &'a [u8],
+    pub row_bytes: usize,
+    pub map: Option<&'a [u32]>,
 }
 
+impl Rows<'_> {
+    #[inline(always)]
+    fn row(&self, i: usize) -> &[u8] {
+        let s = self.map.map_or(i, |m| m[i] as usize);
+        &self.bytes[s * self.row_bytes..(s + 1) * self.row_bytes]
+    }
+}
+
+/// `y[i] = x · rows.row(i)` for `y.len()` rows: one input row against stored weight rows,
+/// each block dequantised into registers and multiplied straight away (decode at one
+/// sequence: nothing to share a dequantised block with). `false` (nothing written) when
+/// there is no fast path for `dtype`.
+pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K)
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("f16c")
+    {
+        // SAFETY (each): the CPU has AVX-512F and F16C, checked just above.
+        match dtype {
+            GgmlDType::Q4K => unsafe { kdot::q4_k(rows, x, y) },
+            _ => unsafe { kdot::q6_k(rows, x, y) },
+        }
+        return true;
+    }
+    dot_dispatch(dtype, rows, x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kdot;
+
 simd_dispatch!(
-    fn dot_dispatch(dtype: GgmlDType, bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) -> bool = dot_plain
+    fn dot_dispatch(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) -> bool = dot_plain
 );
 
 /// [`dot_rows`] for one format: `$f` dequantises a `$b`-byte block into `$n` values. Two
 /// accumulators (alternate 16-value slices), so consecutive multiply-adds do not wait on each
 /// other.
 macro_rules! dot_blocks {
-    ($bytes:expr, $row_bytes:expr, $x:expr, $y:expr, $b:literal, $n:literal, $f:ident) => {{
-        let (bytes, row_bytes, x, y): (&[u8], usize, &[f32], &mut [f32]) =
-            ($bytes, $row_bytes, $x, $y);
-        assert_eq!(row_bytes / $b * $n, x.len());
-        for (row, out) in bytes.chunks_exact(row_bytes).zip(y.iter_mut()) {
+    ($rows:expr, $x:expr, $y:expr, $b:literal, $n:literal, $f:ident) => {{
+        let (rows, x, y): (&Rows, &[f32], &mut [f32]) = ($rows, $x, $y);
+        assert_eq!(rows.row_bytes / $b * $n, x.len());
+        for (i, out) in y.iter_mut().enumerate() {
+            let row = rows.row(i);
             let (mut acc0, mut acc1) = ([0f32; 16], [0f32; 16]);
             for (b, xs) in row.chunks_exact($b).zip(x.chunks_exact($n)) {
                 prefetch_ahead(b);
@@ -206,17 +223,17 @@ pub(super) fn prefetch(p: *const u8) {
 }
 
 #[inline(always)]
-fn dot_plain(dtype: GgmlDType, bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) -> bool {
+fn dot_plain(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) -> bool {
     use GgmlDType::*;
     match dtype {
-        Q4_0 => dot_blocks!(bytes, row_bytes, x, y, 18, 32, q4_0),
-        Q4_1 => dot_blocks!(bytes, row_bytes, x, y, 20, 32, q4_1),
-        Q5_0 => dot_blocks!(bytes, row_bytes, x, y, 22, 32, q5_0),
-        Q5_1 => dot_blocks!(bytes, row_bytes, x, y, 24, 32, q5_1),
-        Q8_0 => dot_blocks!(bytes, row_bytes, x, y, 34, 32, q8_0),
-        Q4K => dot_blocks!(bytes, row_bytes, x, y, 144, 256, q4_k),
-        Q5K => dot_blocks!(bytes, row_bytes, x, y, 176, 256, q5_k),
-        Q6K => dot_blocks!(bytes, row_bytes, x, y, 210, 256, q6_k),
+        Q4_0 => dot_blocks!(rows, x, y, 18, 32, q4_0),
+        Q4_1 => dot_blocks!(rows, x, y, 20, 32, q4_1),
+        Q5_0 => dot_blocks!(rows, x, y, 22, 32, q5_0),
+        Q5_1 => dot_blocks!(rows, x, y, 24, 32, q5_1),
+        Q8_0 => dot_blocks!(rows, x, y, 34, 32, q8_0),
+        Q4K => dot_blocks!(rows, x, y, 144, 256, q4_k),
+        Q5K => dot_blocks!(rows, x, y, 176, 256, q5_k),
+        Q6K => dot_blocks!(rows, x, y, 210, 256, q6_k),
         _ => return false,
     }
     true
@@ -382,35 +399,104 @@ fn q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
 }
 
 /// For the fast dots' tests: `fast` over rows of very different magnitudes (every scale's
-/// sign and size) equals the portable fused dot bit for bit.
+/// sign and size), read through a row map, against inputs with outliers, is the exact dot
+/// product of the format's values (summed in f64 from the block's own fields) within
+/// rounding: 64 f32 epsilons of `Σ |term|`, where a term is each product the format's
+/// formula adds (`d·sc·q·x` and `dmin·m·x` for Q4_K). A value or input misplaced by the
+/// kernel is off by a whole term, far past that. The portable fused dot meets the same bound,
+/// and both are that close to candle's dequantised values' dot.
 #[cfg(all(test, target_arch = "x86_64"))]
-fn assert_dot_is_the_portable_one(
-    dtype: GgmlDType,
-    fast: unsafe fn(&[u8], usize, &[f32], &mut [f32]),
-) -> candle_core::quantized::QTensor {
+fn assert_dot_is_the_dequantised_one(dtype: GgmlDType, fast: unsafe fn(&Rows, &[f32], &mut [f32])) {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
     let dev = Device::Cpu;
-    let (rows, k) = (5, 1024);
+    let (rows, k) = (7, 768);
     let t = Tensor::randn(0f32, 1.0, (rows, k), &dev)
         .unwrap()
         .broadcast_mul(&Tensor::rand(0.01f32, 100.0, (rows, 1), &dev).unwrap())
         .unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();
     let bytes = q.data().unwrap();
-    let x = Tensor::randn(0f32, 1.0, k, &dev)
+    let values = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
+    let mut x = Tensor::randn(0f32, 1.0, k, &dev)
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
+    for at in [3, 100, 511, 700] {
+        x[at] *= 60.0;
+    }
     let row_bytes = k / dtype.block_size() * dtype.type_size();
-    let (mut got, mut plain) = (vec![0f32; rows], vec![1f32; rows]);
+    let map = [4u32, 0, 6, 2, 5, 1, 3];
+    let sel = Rows {
+        bytes: &bytes,
+        row_bytes,
+        map: Some(&map),
+    };
+    let (mut got, mut plain) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
     // SAFETY: the callers check that the CPU has what `fast` needs.
-    unsafe { fast(&bytes, row_bytes, &x, &mut got) };
-    assert!(dot_plain(dtype, &bytes, row_bytes, &x, &mut plain));
-    let same = got
-        .iter()
-        .zip(&plain)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same, "{dtype:?}: {got:?} vs {plain:?}");
-    q
+    unsafe { fast(&sel, &x, &mut got) };
+    assert!(dot_plain(dtype, &sel, &x, &mut plain));
+    for (i, &r) in map.iter().enumerate() {
+        let row = &bytes[r as usize * row_bytes..(r as usize + 1) * row_bytes];
+        let (exact, size) = exact_dot(dtype, row, &x);
+        let dequantised: f64 = values[r as usize]
+            .iter()
+            .zip(&x)
+            .map(|(&w, &x)| w as f64 * x as f64)
+            .sum();
+        let tol = 64.0 * f32::EPSILON as f64 / 2.0 * size;
+        for (what, v) in [("fast", got[i]), ("portable", plain[i])] {
+            let (e, d) = ((v as f64 - exact).abs(), (v as f64 - dequantised).abs());
+            assert!(
+                e <= tol && d <= 2.0 * tol,
+                "{dtype:?} {what} row {r}: {v} vs exact {exact} (off {e}), dequantised \
+                 {dequantised} (off {d}), tolerance {tol}"
+            );
+        }
+    }
+}
+
+/// The dot product of `x` with one row of `dtype` in f64 from its blocks' fields, and
+/// `Σ |term|` (see [`assert_dot_is_the_dequantised_one`]); `d·sc` and `dmin·m` are the f32
+/// products every path uses.
+#[cfg(all(test, target_arch = "x86_64"))]
+fn exact_dot(dtype: GgmlDType, row: &[u8], x: &[f32]) -> (f64, f64) {
+    let (mut sum, mut size) = (0f64, 0f64);
+    let mut add = |scale: f32, q: i32, offset: f32, x: f32| {
+        let (a, b) = (scale as f64 * q as f64 * x as f64, offset as f64 * x as f64);
+        sum += a - b;
+        size += a.abs() + b.abs();
+    };
+    match dtype {
+        GgmlDType::Q4K => {
+            for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
+                let (d, min) = (half_at(b, 0), half_at(b, 2));
+                let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+                for j in 0..8 {
+                    let (sc, m) = scale_min_k4(j, scales);
+                    for l in 0..32 {
+                        let byte = b[16 + 32 * (j / 2) + l];
+                        let q = if j % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                        add(d * sc as f32, q as i32, min * m as f32, xs[32 * j + l]);
+                    }
+                }
+            }
+        }
+        GgmlDType::Q6K => {
+            for (b, xs) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+                let d = half_at(b, 208);
+                for (v, &x) in xs.iter().enumerate() {
+                    let (h, g, l) = (v / 128, v % 128 / 32, v % 32);
+                    let ql = b[64 * h + 32 * (g % 2) + l];
+                    let low = if g < 2 { ql & 0xF } else { ql >> 4 };
+                    let top = (b[128 + 32 * h + l] >> (2 * g)) & 3;
+                    let sc = b[192 + 8 * h + 2 * g + l / 16] as i8;
+                    let q = (low | top << 4) as i32 - 32;
+                    add(d * sc as f32, q, 0.0, x);
+                }
+            }
+        }
+        _ => unimplemented!("{dtype:?}"),
+    }
+    (sum, size)
 }

@@ -3,9 +3,8 @@
 //! down projections and often the output. A 6-bit value under a 16-value scale can give 64
 //! floats, too many for a table: each 16 values are unpacked in byte lanes (a nibble of `ql`
 //! and two bits of `qh`, minus 32), widened, converted, and multiplied by `d·sc`, the scalar
-//! formula's own operations (`(d · sc) · q`), so the values are candle's bit for bit. The
-//! compiled scalar version (`super::q6_k`) spent ~25% of a 1B Q4_K_M decode at one sequence
-//! storing each block's 256 values and loading them again for the dot.
+//! formula's own operations (`(d · sc) · q`), so the values are candle's bit for bit. Products
+//! of several rows dequantise through this; one row's dot takes `kdot.rs`.
 
 use std::arch::x86_64::*;
 
@@ -60,49 +59,21 @@ pub(super) unsafe fn q6_k(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// `y[i] = x · row i` for Q6_K rows of `row_bytes`: the portable fused dot's multiply-adds
-/// in its order (two accumulators taking alternate 16-value slices, in order, then the same
-/// tree sum), so the same results.
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn q6_k_dot(bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(row_bytes / 210 * 256, x.len());
-    for (row, out) in bytes.chunks_exact(row_bytes).zip(y.iter_mut()) {
-        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        for (b, xs) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
-            super::prefetch_ahead(b);
-            let d = f16::from_le_bytes([b[208], b[209]]).to_f32();
-            for h in 0..2 {
-                for g in 0..4 {
-                    let at = xs.as_ptr().add(128 * h + 32 * g);
-                    let v0 = values16(b.as_ptr(), d, h, g, 0);
-                    acc0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(at), acc0);
-                    let v1 = values16(b.as_ptr(), d, h, g, 16);
-                    acc1 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(at.add(16)), acc1);
-                }
-            }
-        }
-        let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
-        _mm512_storeu_ps(a.as_mut_ptr(), acc0);
-        _mm512_storeu_ps(b.as_mut_ptr(), acc1);
-        *out = super::hsum(&a, &b);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::GgmlDType;
-    use candle_core::Device;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
 
     #[test]
-    fn q6_k_dot_and_values_equal_the_portable_ones_bit_for_bit() {
+    fn q6_k_values_equal_candles_bit_for_bit() {
         if !is_x86_feature_detected!("avx512f") {
             return;
         }
-        let q = super::super::assert_dot_is_the_portable_one(GgmlDType::Q6K, super::q6_k_dot);
-        // The values themselves: candle's dequantisation.
+        let t = Tensor::randn(0f32, 1.0, (5, 1024), &Device::Cpu)
+            .unwrap()
+            .broadcast_mul(&Tensor::rand(0.01f32, 100.0, (5, 1), &Device::Cpu).unwrap())
+            .unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
         let bytes = q.data().unwrap();
         let mut values = vec![0f32; bytes.len() / 210 * 256];
         // SAFETY: the CPU has AVX-512F, checked above.

@@ -79,54 +79,6 @@ pub(super) unsafe fn q4_k(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// `y[o] = x · row o` for rows of Q4_K blocks, `row_bytes` apart, each value looked up and
-/// multiplied in registers. The same sums as the portable fused dot (two accumulators taking
-/// alternate 16-value slices, in order, then the same tree sum), so the same results.
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn q4_k_dot(bytes: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(row_bytes / 144 * 256, x.len());
-    for (row, out) in bytes.chunks_exact(row_bytes).zip(y.iter_mut()) {
-        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
-            super::prefetch_ahead(b);
-            let (d, min) = (half_at(b, 0), half_at(b, 2));
-            let scales: &[u8; 12] = b[4..16].try_into().unwrap();
-            let (ds, ms) = q4_k_scales(d, min, scales);
-            for g in 0..4 {
-                let (lo, hi) = q4_k_tables(&ds, &ms, g);
-                let q0 = bytes16(b.as_ptr().add(16 + 32 * g));
-                let q1 = bytes16(b.as_ptr().add(16 + 32 * g + 16));
-                let xs = xs.as_ptr().add(64 * g);
-                // Values 64g..64g+32 (low nibbles), then 64g+32..64g+64 (high nibbles).
-                acc0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q0, lo), _mm512_loadu_ps(xs), acc0);
-                acc1 = _mm512_fmadd_ps(
-                    _mm512_permutexvar_ps(q1, lo),
-                    _mm512_loadu_ps(xs.add(16)),
-                    acc1,
-                );
-                let (h0, h1) = (_mm512_srli_epi32(q0, 4), _mm512_srli_epi32(q1, 4));
-                acc0 = _mm512_fmadd_ps(
-                    _mm512_permutexvar_ps(h0, hi),
-                    _mm512_loadu_ps(xs.add(32)),
-                    acc0,
-                );
-                acc1 = _mm512_fmadd_ps(
-                    _mm512_permutexvar_ps(h1, hi),
-                    _mm512_loadu_ps(xs.add(48)),
-                    acc1,
-                );
-            }
-        }
-        let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
-        _mm512_storeu_ps(a.as_mut_ptr(), acc0);
-        _mm512_storeu_ps(b.as_mut_ptr(), acc1);
-        *out = super::hsum(&a, &b);
-    }
-}
-
 /// Q4_0 blocks (`d: f16, qs: [u8; 16]`) into 32 values each: `(q − 8) · d`.
 ///
 /// # Safety
@@ -222,18 +174,5 @@ pub(super) unsafe fn q5_1(bytes: &[u8], out: &mut [f32]) {
         let (i0, i1) = q5_indices(b.as_ptr().add(8), qh);
         _mm512_storeu_ps(y.as_mut_ptr(), _mm512_permutex2var_ps(t0, i0, t1));
         _mm512_storeu_ps(y.as_mut_ptr().add(16), _mm512_permutex2var_ps(t0, i1, t1));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn q4_k_dot_equals_the_portable_fused_dot_bit_for_bit() {
-        if is_x86_feature_detected!("avx512f") {
-            super::super::assert_dot_is_the_portable_one(
-                candle_core::quantized::GgmlDType::Q4K,
-                super::q4_k_dot,
-            );
-        }
     }
 }
