@@ -1,12 +1,12 @@
-//! One input row against Q4_K and Q6_K rows on AVX-512: decode at one sequence over a
-//! Q4_K_M or Q5_K_M file, where these two formats hold nearly every weight.
+//! One input row against Q4_K, Q5_K and Q6_K rows on AVX-512: decode at one sequence over a
+//! Q4_K_M or Q5_K_M file, where these formats hold nearly every weight.
 //!
 //! Dequantising each value in registers and multiplying it (`table.rs`, `q6k.rs`) kept the
 //! vector shuffle port busy: a widen and a table permute per 16 values, plus the broadcasts
 //! that build each sub-block's table. Two cores reached ~25 G values/s in cache and 12.5 GB/s
 //! from memory, so decode waited on arithmetic, not on memory (a plain read of the same bytes
 //! runs at 22–24 GB/s). Here each sub-block is summed first and scaled once, as the formats
-//! define the value (`value = d·sc·q − dmin·m` for Q4_K, `d·sc·(q − 32)` for Q6_K):
+//! define the value (`value = d·sc·q − dmin·m` for Q4_K and Q5_K, `d·sc·(q − 32)` for Q6_K):
 //!
 //! `x · row = Σ_sub (d·sc) · Σ q·x − Σ_sub (dmin·m) · Σ x`
 //!
@@ -14,7 +14,8 @@
 //!   lanes of 4 bytes; each shift by a multiple of 4 bits puts one 4-bit value of every lane
 //!   in its low bits, and a permute of `[0, 1, …, 15]` (which reads only those 4 bits) turns it
 //!   into a float. A Q6_K value's two high bits come the same way from a second table,
-//!   `[-32, -16, 0, 16]` repeated, which also subtracts its 32.
+//!   `[-32, -16, 0, 16]` repeated, which also subtracts its 32; a Q5_K value's fifth bit from
+//!   `[0, 16]` repeated.
 //! - **The input row is permuted once per product** to the order those lanes take (a shift
 //!   gives every fourth value), with each Q4_K sub-block's `−Σ x` beside it. So the matrix's
 //!   rows are read once, in order, and `x` costs one pass per call.
@@ -106,12 +107,42 @@ unsafe fn q4_k_scales(b: *const u8) -> __m512 {
 /// The CPU has AVX-512F and F16C.
 #[target_feature(enable = "avx512f,f16c")]
 pub(super) unsafe fn q4_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
-    assert_eq!(rows.row_bytes / 144 * 256, x.len());
+    k4_or_k5::<false>(rows, x, y)
+}
+
+/// `y[i] = x · rows.row(i)` over Q5_K rows (`d: f16, dmin: f16, scales: [u8; 12], qh: [u8;
+/// 32], qs: [u8; 128]`): Q4_K's values with a fifth bit each from `qh`, worth 16.
+///
+/// # Safety
+/// The CPU has AVX-512F and F16C.
+#[target_feature(enable = "avx512f,f16c")]
+pub(super) unsafe fn q5_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
+    k4_or_k5::<true>(rows, x, y)
+}
+
+/// [`q4_k`], or [`q5_k`] when `FIVE`.
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+unsafe fn k4_or_k5<const FIVE: bool>(rows: &Rows, x: &[f32], y: &mut [f32]) {
+    let (block, qs_at) = if FIVE { (176, 48) } else { (144, 16) };
+    assert_eq!(rows.row_bytes / block * 256, x.len());
     INPUT.with(|input| {
         let mut input = input.borrow_mut();
         q4_k_input(x, &mut input);
         let (xp, sums) = input.split_at(x.len());
         let io = iota();
+        // A Q5_K value's fifth bit, by permute of the lane's low bit.
+        let sixteen = _mm512_setr_ps(
+            0., 16., 0., 16., 0., 16., 0., 16., 0., 16., 0., 16., 0., 16., 0., 16.,
+        );
+        // Per lane, how far `qh` shifts to bring a Q5_K value's fifth bit down: byte t of
+        // the lane, bit 2·group + n, the group being 2h (lanes 0..8) or 2h + 1 (8..16), as
+        // `super::q5_k` reads it.
+        let qh_shift = |h: i32, n: i32, t: i32| {
+            let a = 8 * t + 4 * h + n;
+            let b = a + 2;
+            _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+        };
         // The scale of each lane, per half and nibble: sub-blocks (4h + n, 4h + 2 + n).
         let lane_scale = [
             _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
@@ -122,30 +153,40 @@ pub(super) unsafe fn q4_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
         for (i, out) in y.iter_mut().enumerate() {
             let row = rows.row(i);
             let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for (bi, b) in row.chunks_exact(144).enumerate() {
+            for (bi, b) in row.chunks_exact(block).enumerate() {
                 super::prefetch_ahead(b);
                 let sm = q4_k_scales(b.as_ptr());
                 // − Σ_j dmin·m_j · Σ x_j (lanes 0..8 multiply zeros).
                 acc0 = _mm512_fmadd_ps(sm, _mm512_loadu_ps(sums.as_ptr().add(16 * bi)), acc0);
+                let qh = if FIVE {
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(b.as_ptr().add(16).cast()))
+                } else {
+                    _mm512_setzero_si512()
+                };
                 let xb = xp.as_ptr().add(256 * bi);
                 for h in 0..2 {
-                    let v = _mm512_loadu_si512(b.as_ptr().add(16 + 64 * h) as *const _);
+                    let v = _mm512_loadu_si512(b.as_ptr().add(qs_at + 64 * h) as *const _);
                     let x = xb.add(128 * h);
-                    let q = |shift: u32| {
-                        _mm512_permutexvar_ps(
-                            _mm512_srl_epi32(v, _mm_cvtsi32_si128(shift as i32)),
-                            io,
-                        )
+                    // Value (n, t) of every lane: nibble n of byte t.
+                    let q = |n: i32, t: i32| {
+                        let shift = _mm_cvtsi32_si128(8 * t + 4 * n);
+                        let low = _mm512_permutexvar_ps(_mm512_srl_epi32(v, shift), io);
+                        if FIVE {
+                            let bit = _mm512_srlv_epi32(qh, qh_shift(h as i32, n, t));
+                            _mm512_add_ps(low, _mm512_permutexvar_ps(bit, sixteen))
+                        } else {
+                            low
+                        }
                     };
                     let xv = |j: usize| _mm512_loadu_ps(x.add(16 * j));
-                    let mut lo = _mm512_mul_ps(q(0), xv(0));
-                    lo = _mm512_fmadd_ps(q(8), xv(1), lo);
-                    lo = _mm512_fmadd_ps(q(16), xv(2), lo);
-                    lo = _mm512_fmadd_ps(q(24), xv(3), lo);
-                    let mut hi = _mm512_mul_ps(q(4), xv(4));
-                    hi = _mm512_fmadd_ps(q(12), xv(5), hi);
-                    hi = _mm512_fmadd_ps(q(20), xv(6), hi);
-                    hi = _mm512_fmadd_ps(q(28), xv(7), hi);
+                    let mut lo = _mm512_mul_ps(q(0, 0), xv(0));
+                    lo = _mm512_fmadd_ps(q(0, 1), xv(1), lo);
+                    lo = _mm512_fmadd_ps(q(0, 2), xv(2), lo);
+                    lo = _mm512_fmadd_ps(q(0, 3), xv(3), lo);
+                    let mut hi = _mm512_mul_ps(q(1, 0), xv(4));
+                    hi = _mm512_fmadd_ps(q(1, 1), xv(5), hi);
+                    hi = _mm512_fmadd_ps(q(1, 2), xv(6), hi);
+                    hi = _mm512_fmadd_ps(q(1, 3), xv(7), hi);
                     let scale = |j: usize| _mm512_permutexvar_ps(lane_scale[j], sm);
                     acc0 = _mm512_fmadd_ps(lo, scale(2 * h), acc0);
                     acc1 = _mm512_fmadd_ps(hi, scale(2 * h + 1), acc1);
@@ -290,6 +331,13 @@ mod tests {
     fn q4_k_rows_are_the_dequantised_dot_up_to_rounding() {
         if has_features() {
             super::super::assert_dot_is_the_dequantised_one(GgmlDType::Q4K, super::q4_k);
+        }
+    }
+
+    #[test]
+    fn q5_k_rows_are_the_dequantised_dot_up_to_rounding() {
+        if has_features() {
+            super::super::assert_dot_is_the_dequantised_one(GgmlDType::Q5K, super::q5_k);
         }
     }
 

@@ -12,7 +12,7 @@
 //! same product per value). The block layouts are llama.cpp's (`ggml-common.h`); tests
 //! compare every format against candle's `to_float` for equality.
 //!
-//! One input row against Q4_K or Q6_K rows (decode at one sequence) takes `kdot.rs`, which
+//! One input row against Q4_K, Q5_K or Q6_K rows (decode at one sequence) takes `kdot.rs`, which
 //! sums each sub-block before scaling it: the exact dot product up to rounding, not bit for
 //! bit the dequantised values' (its documentation says how, and its tests bound it).
 
@@ -117,13 +117,14 @@ impl Rows<'_> {
 /// there is no fast path for `dtype`.
 pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K)
+    if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K)
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("f16c")
     {
         // SAFETY (each): the CPU has AVX-512F and F16C, checked just above.
         match dtype {
             GgmlDType::Q4K => unsafe { kdot::q4_k(rows, x, y) },
+            GgmlDType::Q5K => unsafe { kdot::q5_k(rows, x, y) },
             _ => unsafe { kdot::q6_k(rows, x, y) },
         }
         return true;
@@ -478,6 +479,22 @@ fn exact_dot(dtype: GgmlDType, row: &[u8], x: &[f32]) -> (f64, f64) {
                         let byte = b[16 + 32 * (j / 2) + l];
                         let q = if j % 2 == 0 { byte & 0xF } else { byte >> 4 };
                         add(d * sc as f32, q as i32, min * m as f32, xs[32 * j + l]);
+                    }
+                }
+            }
+        }
+        GgmlDType::Q5K => {
+            for (b, xs) in row.chunks_exact(176).zip(x.chunks_exact(256)) {
+                let (d, min) = (half_at(b, 0), half_at(b, 2));
+                let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+                for j in 0..8 {
+                    let (sc, m) = scale_min_k4(j, scales);
+                    for l in 0..32 {
+                        let byte = b[48 + 32 * (j / 2) + l];
+                        let low = if j % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                        let fifth = (b[16 + l] >> j) & 1;
+                        let q = (low | fifth << 4) as i32;
+                        add(d * sc as f32, q, min * m as f32, xs[32 * j + l]);
                     }
                 }
             }
