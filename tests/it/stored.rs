@@ -403,7 +403,7 @@ fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format()
 #[test]
 fn int8_activations_round_every_product_of_several_rows_and_turn_off_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    for f in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q6K] {
+    for f in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q5K, Q6K] {
         let path = write(dir.path(), &format!("{f:?}.gguf"), |_| f);
         let m = load(&path, true);
         let a = random_dora(&dir.path().join(format!("{f:?}-dora")), &m, &m).weights;

@@ -2,7 +2,7 @@
 //! value of a block is `a · u − b`, with `u` a byte (`0..=255`) and `a`, `b` one pair per
 //! subblock (the positions that share a scale). Q4_K: `u` the 4-bit value, `a = d·scale`,
 //! `b = dmin·min` (candle's own `d1·q − m1`, so `a·u − b` is its dequantised value bit for
-//! bit); Q6_K: `u` the 6-bit value, `a = d·scale`, `b = 32·a`; Q8_0: `u = q + 128`, `a = d`,
+//! bit); Q5_K: the same with `u` the 5-bit value; Q6_K: `u` the 6-bit value, `a = d·scale`, `b = 32·a`; Q8_0: `u = q + 128`, `a = d`,
 //! `b = 128·d`; Q4_0, Q4_1, Q5_0, Q5_1: `u` the 4- or 5-bit value, `a = d`, `b` the centre
 //! times `d`, or minus the min. The bytes come out in position order.
 
@@ -12,10 +12,12 @@ use candle_core::quantized::GgmlDType;
 
 use super::half_at;
 
-/// Positions that share `a` and `b`: a Q6_K scale covers 16, a Q4_K scale or a Q8_0 block 32.
+/// Positions that share `a` and `b`: a Q6_K scale covers 16, a Q4_K or Q5_K scale or a Q8_0
+/// block 32.
 pub fn subblock(dtype: GgmlDType) -> Option<usize> {
     match dtype {
         GgmlDType::Q4K
+        | GgmlDType::Q5K
         | GgmlDType::Q8_0
         | GgmlDType::Q4_0
         | GgmlDType::Q4_1
@@ -38,6 +40,16 @@ pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b:
         GgmlDType::Q4K => {
             for (i, blk) in bytes.chunks_exact(144).enumerate() {
                 q4_k(
+                    blk.try_into().unwrap(),
+                    u.add(256 * i),
+                    a.add(8 * i),
+                    b.add(8 * i),
+                );
+            }
+        }
+        GgmlDType::Q5K => {
+            for (i, blk) in bytes.chunks_exact(176).enumerate() {
+                q5_k(
                     blk.try_into().unwrap(),
                     u.add(256 * i),
                     a.add(8 * i),
@@ -112,8 +124,47 @@ unsafe fn small<const B: usize, const MIN: bool, const HIGH: bool>(
 /// 64 positions, the first 32 in the low nibbles.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
+    k_scales(blk, a, b);
+    let low = _mm256_set1_epi8(0x0F);
+    for g in 0..4 {
+        let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast());
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+        _mm256_storeu_si256(u.add(64 * g).cast(), _mm256_and_si256(q, low));
+        _mm256_storeu_si256(u.add(64 * g + 32).cast(), hi);
+    }
+}
+
+/// Q5_K: `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`: Q4_K's layout
+/// with each position's fifth bit in `qh` (bit `2g` of byte `l` for position `64g + l`, bit
+/// `2g + 1` for `64g + 32 + l`), as candle's `to_float` reads it.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn q5_k(blk: &[u8; 176], u: *mut u8, a: *mut f32, b: *mut f32) {
+    k_scales(blk, a, b);
+    let low = _mm256_set1_epi8(0x0F);
+    let sixteen = _mm256_set1_epi8(16);
+    let qh = _mm256_loadu_si256(blk.as_ptr().add(16).cast());
+    // Bit j of every qh byte, as 16 or 0.
+    let fifth = |j: u32| {
+        let bit = _mm256_set1_epi8(1 << j);
+        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), sixteen)
+    };
+    for g in 0..4 {
+        let q = _mm256_loadu_si256(blk.as_ptr().add(48 + 32 * g).cast());
+        let lo = _mm256_or_si256(_mm256_and_si256(q, low), fifth(2 * g as u32));
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+        let hi = _mm256_or_si256(hi, fifth(2 * g as u32 + 1));
+        _mm256_storeu_si256(u.add(64 * g).cast(), lo);
+        _mm256_storeu_si256(u.add(64 * g + 32).cast(), hi);
+    }
+}
+
+/// `a = d·scale` and `b = dmin·min` for the 8 subblocks of a Q4_K or Q5_K block (`d: f16,
+/// dmin: f16, scales: [u8; 12]` first), the 6-bit values out of 12 bytes at once (as
+/// `scale_min_k4`).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn k_scales(blk: &[u8], a: *mut f32, b: *mut f32) {
     let (d, min) = (half_at(blk, 0), half_at(blk, 2));
-    // The 8 scales and 8 mins, 6 bits each, out of 12 bytes at once (as `scale_min_k4`).
     let w = |i: usize| u32::from_le_bytes(blk[4 + 4 * i..8 + 4 * i].try_into().unwrap());
     let (s0, s1, s2) = (w(0), w(1), w(2));
     let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
@@ -122,13 +173,6 @@ unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
     let bytes = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(0, v as i64)));
     _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_set1_ps(d), bytes(sc)));
     _mm256_storeu_ps(b, _mm256_mul_ps(_mm256_set1_ps(min), bytes(mn)));
-    let low = _mm256_set1_epi8(0x0F);
-    for g in 0..4 {
-        let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast());
-        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
-        _mm256_storeu_si256(u.add(64 * g).cast(), _mm256_and_si256(q, low));
-        _mm256_storeu_si256(u.add(64 * g + 32).cast(), hi);
-    }
 }
 
 /// Q6_K: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`; each half of 128 positions
@@ -171,7 +215,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// `a · u − b` is the dequantised value: bit for bit where candle also scales and then
-    /// adds the min (Q4_K, Q4_1, Q5_1), within an f32 rounding of it where the offset is taken
+    /// adds the min (Q4_K, Q5_K, Q4_1, Q5_1), within an f32 rounding of it where the offset is taken
     /// out after the scale.
     #[test]
     fn unsigned_values_rebuild_the_dequantised_block() {
@@ -179,7 +223,7 @@ mod tests {
             return;
         }
         use GgmlDType::*;
-        for dtype in [Q4K, Q6K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1] {
+        for dtype in [Q4K, Q5K, Q6K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1] {
             let sub = subblock(dtype).unwrap();
             let n = 512;
             let t = Tensor::randn(0f32, 1.0, (1, n), &Device::Cpu).unwrap();
@@ -206,7 +250,7 @@ mod tests {
             };
             for i in 0..n {
                 let v = a[i / sub] * u[i] as f32 - b[i / sub];
-                let tol = if matches!(dtype, Q4K | Q4_1 | Q5_1) {
+                let tol = if matches!(dtype, Q4K | Q5K | Q4_1 | Q5_1) {
                     0.0
                 } else {
                     2.0 * f32::EPSILON * (a[i / sub] * u[i] as f32).abs().max(b[i / sub].abs())
