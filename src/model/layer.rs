@@ -370,12 +370,12 @@ impl Mlp {
                 (y.narrow(1, 0, i)?, y.narrow(1, i, i)?)
             }
         };
-        let gate = match self.act {
-            Activation::Silu => gate.silu()?,
+        let h = match self.act {
+            Activation::Silu => crate::ops::silu_mul(&gate, &up)?,
             // candle's `gelu` is the tanh approximation, as `gelu_pytorch_tanh`.
-            Activation::GeluTanh => gate.gelu()?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
         };
-        self.down_proj.forward(&(gate * up)?, apply)
+        self.down_proj.forward(&h, apply)
     }
 }
 

@@ -3,6 +3,7 @@
 
 #[macro_use]
 mod cpu;
+mod activation;
 pub mod attention;
 mod dequant;
 mod fused;
@@ -13,6 +14,7 @@ mod pool;
 pub mod small_matmul;
 pub mod stored;
 
+pub use activation::silu_mul;
 pub use linear::{AdaptedLinear, Apply, BaseLinears, ProjKind, RowGroup};
 pub use lora::{
     dora_norm, dora_norm_generic, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights,
