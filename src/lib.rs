@@ -86,15 +86,18 @@
 //!   for the rest); the small-row f32
 //!   matmul kernel for decode steps (AVX-512 register tiles, a portable version of the same
 //!   tiling, and on AVX-512 a transposed tiling for more rows: input rows packed in vector
-//!   lanes, weights broadcast), its stored-format forms (a fused one-row dot per block,
-//!   dequantised strips through the same tiles, for long rows dequantised 256 positions at a
+//!   lanes, weights broadcast), its stored-format forms (a fused one-row dot per block; for
+//!   Q4_K, Q5_K and Q6_K `dequant/kdot.rs`, each sub-block summed then scaled over an input
+//!   permuted to the packed values' lanes, exact up to rounding; dequantised strips through
+//!   the same tiles, for long rows dequantised 256 positions at a
 //!   time into an L1 block), the prefill tiling (`small_matmul/prefill.rs`: the transposed
 //!   tile blocked GotoBLAS-style over row groups, output groups and 256-position blocks,
 //!   dense or stored weights alike; candle's gemm where there is no AVX-512), the opt-in
 //!   int8 kernel (`small_matmul/int8.rs`, `--int8-activations`: input rows rounded to
 //!   int8, weights unpacked to bytes by `dequant/unsigned.rs`, AVX-512 VNNI; not exact, a
-//!   setting of each stored matrix) and the spinning helper pool they and the unmerged rows
-//!   run on;
+//!   setting of each stored matrix), the gated MLP's `silu(gate)·up` in one pass
+//!   (`activation.rs`, candle's formula bit for bit) and the spinning helper pool they and
+//!   the unmerged rows run on;
 //!   [`ops::attention`]: decode attention (a decode step's sequences all at once, on the pool)
 //!   and the tiled causal prefill attention (online
 //!   softmax over 64-key blocks, four query rows per key tile, GQA-aware, query blocks on the pool, sliding windows and
