@@ -17,7 +17,10 @@
 #
 # FILEs default to SmolLM2 in F32 and Q4_K_M (made here by llama-quantize from the F32 copy).
 # LENS (default "512 2048 4096 8000"; SmolLM2 has 8192 positions) changes the prompt lengths.
-# Writes benches/data/prefill_vs_llamacpp.json and regenerates benches/PREFILL.md.
+# Writes benches/data/OUT.json (OUT defaults to prefill_vs_llamacpp; benches/report.py renders
+# prefill_vs_llamacpp, prefill_1b_vs_llamacpp, prefill_int8_vs_llamacpp and
+# prefill_1b_int8_vs_llamacpp) and regenerates benches/PREFILL.md. DORA_ARGS adds flags to every
+# dora-serve server (e.g. DORA_ARGS=--int8-activations); they are recorded with the figures.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
@@ -26,6 +29,8 @@ lens=${LENS:-512 2048 4096 8000}
 cached=${CACHED:-2048}
 BENCH_S=${BENCH_S:-30}
 SHARE=${SHARE:-0.25}
+out=${OUT:-prefill_vs_llamacpp}
+read -r -a dora_args <<<"${DORA_ARGS:-}"
 build=${LLAMACPP:-/tmp/llamacpp}
 bin=target/release/dora-serve
 src="$build/SmolLM2-135M-Instruct.F32.gguf"
@@ -63,7 +68,8 @@ PY
 serve() { # FILE PORT [ARGS...]
   local f=$1 port=$2
   shift 2
-  "$bin" serve --model "$f" --port "$port" --dtype auto "$@" >"$work/serve$port.log" 2>&1 &
+  "$bin" serve --model "$f" --port "$port" --dtype auto ${dora_args[@]+"${dora_args[@]}"} "$@" \
+    >"$work/serve$port.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 600); do
     curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
@@ -132,14 +138,20 @@ for ((r = 1; r <= rounds; r++)); do
   done
   echo "{${line%, }}" | tee -a "$work/rounds.jsonl"
 done
-python3 - "$work/rounds.jsonl" "$rounds" "$build" "$cached" "${files[@]}" <<'PY'
+python3 - "$work/rounds.jsonl" "$rounds" "$build" "$cached" "$out" "${files[@]}" <<'PY'
 import json, os, subprocess, sys
-path, rounds, build, cached, *files = sys.argv[1:]
-env = "" if os.environ.get("LENS") is None else f"LENS='{os.environ['LENS']}' "
+path, rounds, build, cached, out, *files = sys.argv[1:]
+dora_args = os.environ.get("DORA_ARGS", "").strip()
+env = f"DORA_ARGS='{dora_args}' " if dora_args else ""
+env += "" if out == "prefill_vs_llamacpp" else f"OUT={out} "
+env += "" if os.environ.get("LENS") is None else f"LENS='{os.environ['LENS']}' "
 env += "" if os.environ.get("SHARE") is None else f"SHARE={os.environ['SHARE']} "
+env += "" if os.environ.get("BENCH_S") is None else f"BENCH_S={os.environ['BENCH_S']} "
 args = "" if all(os.path.dirname(f) == build for f in files) else " " + " ".join(files)
 data = {
     "share": float(os.environ.get("SHARE", "0.25")),
+    "dora_args": dora_args,
+    "bench_s": float(os.environ.get("BENCH_S", "30")),
     "command": f"{env}benches/peers/prefill_vs_llamacpp.sh {rounds}{args}",
     "cached_prefix": int(cached),
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
@@ -148,6 +160,6 @@ data = {
     "files": {os.path.basename(f)[:-5]: {"name": os.path.basename(f), "bytes": os.path.getsize(f)} for f in files},
     "rounds": [json.loads(l) for l in open(path)],
 }
-json.dump(data, open("benches/data/prefill_vs_llamacpp.json", "w"), indent=1)
+json.dump(data, open(f"benches/data/{out}.json", "w"), indent=1)
 PY
 python3 benches/report.py
