@@ -48,7 +48,7 @@ unsafe fn iota() -> __m512 {
     )
 }
 
-/// `x` in the order the Q4_K kernel reads each 256-value block, then 16 values per block:
+/// `x` in the order the Q4_K and Q5_K kernel reads each 256-value block, then 16 values per block:
 /// 8 zeros and `−Σ x` of each 32-value sub-block.
 ///
 /// Per half `h` of a block (its 64 bytes of `qs`, sub-blocks `4h..4h + 4`), nibble `n` (low

@@ -469,30 +469,20 @@ fn exact_dot(dtype: GgmlDType, row: &[u8], x: &[f32]) -> (f64, f64) {
         size += a.abs() + b.abs();
     };
     match dtype {
-        GgmlDType::Q4K => {
-            for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
+        GgmlDType::Q4K | GgmlDType::Q5K => {
+            // Q5_K is Q4_K's layout with `qh: [u8; 32]` before `qs`: bit j of byte l is the
+            // fifth bit of sub-block j's value l.
+            let five = dtype == GgmlDType::Q5K;
+            let (block, qs) = if five { (176, 48) } else { (144, 16) };
+            for (b, xs) in row.chunks_exact(block).zip(x.chunks_exact(256)) {
                 let (d, min) = (half_at(b, 0), half_at(b, 2));
                 let scales: &[u8; 12] = b[4..16].try_into().unwrap();
                 for j in 0..8 {
                     let (sc, m) = scale_min_k4(j, scales);
                     for l in 0..32 {
-                        let byte = b[16 + 32 * (j / 2) + l];
-                        let q = if j % 2 == 0 { byte & 0xF } else { byte >> 4 };
-                        add(d * sc as f32, q as i32, min * m as f32, xs[32 * j + l]);
-                    }
-                }
-            }
-        }
-        GgmlDType::Q5K => {
-            for (b, xs) in row.chunks_exact(176).zip(x.chunks_exact(256)) {
-                let (d, min) = (half_at(b, 0), half_at(b, 2));
-                let scales: &[u8; 12] = b[4..16].try_into().unwrap();
-                for j in 0..8 {
-                    let (sc, m) = scale_min_k4(j, scales);
-                    for l in 0..32 {
-                        let byte = b[48 + 32 * (j / 2) + l];
+                        let byte = b[qs + 32 * (j / 2) + l];
                         let low = if j % 2 == 0 { byte & 0xF } else { byte >> 4 };
-                        let fifth = (b[16 + l] >> j) & 1;
+                        let fifth = if five { (b[16 + l] >> j) & 1 } else { 0 };
                         let q = (low | fifth << 4) as i32;
                         add(d * sc as f32, q, min * m as f32, xs[32 * j + l]);
                     }
