@@ -17,10 +17,10 @@
 //!   `[-32, -16, 0, 16]` repeated, which also subtracts its 32; a Q5_K value's fifth bit from
 //!   `[0, 16]` repeated.
 //! - **The input row is permuted once per product** to the order those lanes take (a shift
-//!   gives every fourth value), with each Q4_K sub-block's `−Σ x` beside it. So the matrix's
-//!   rows are read once, in order, and `x` costs one pass per call.
+//!   gives every fourth value), with each Q4_K or Q5_K sub-block's `−Σ x` beside it. So the
+//!   matrix's rows are read once, in order, and `x` costs one pass per call.
 //!
-//! Two cores now reach ~40 G values/s in cache and ~17 GB/s from memory on either format.
+//! Two cores now reach ~40 G values/s in cache and ~17 GB/s from memory, Q4_K and Q6_K alike.
 //!
 //! **Exactness.** The values are the format's own, exactly: `q`, `q − 32`, `d·sc` and
 //! `dmin·m` are the very numbers candle's dequantisation multiplies (`d·sc` and `dmin·m`
@@ -35,7 +35,8 @@ use std::cell::RefCell;
 use super::Rows;
 
 thread_local! {
-    /// The permuted input row (and, for Q4_K, the sub-block sums), reused across calls.
+    /// The permuted input row (and, for Q4_K and Q5_K, the sub-block sums), reused across
+    /// calls.
     static INPUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
