@@ -6,8 +6,8 @@
 //! every weight once. These are the same formulas, operation for operation (a product then a
 //! sum, never a fused multiply-add, so every value rounds as candle's does), written over
 //! fixed-size arrays that the compiler vectorises, and compiled for AVX-512 or AVX2 when the
-//! CPU has them (`simd_dispatch!`). On AVX-512 the 4- and 5-bit formats (Q4_K, Q4_0, Q4_1,
-//! Q5_0, Q5_1) take `table.rs` instead: the 16 values a scale can give, computed once by the same formula, then
+//! CPU has them (`simd_dispatch!`). On AVX-512 the 4- and 5-bit formats (Q4_K, Q5_K, Q4_0,
+//! Q4_1, Q5_0, Q5_1) take `table.rs` instead: the 16 values a scale can give, computed once by the same formula, then
 //! one permute per 16 weights; and Q6_K takes `q6k.rs` (unpacked in byte lanes, then the
 //! same product per value). The block layouts are llama.cpp's (`ggml-common.h`); tests
 //! compare every format against candle's `to_float` for equality.
@@ -27,6 +27,7 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
         // SAFETY (each): the CPU has AVX-512F, checked just above.
         match dtype {
             GgmlDType::Q4K => unsafe { table::q4_k(bytes, out) },
+            GgmlDType::Q5K => unsafe { table::q5_k(bytes, out) },
             GgmlDType::Q4_0 => unsafe { table::q4_0(bytes, out) },
             GgmlDType::Q4_1 => unsafe { table::q4_1(bytes, out) },
             GgmlDType::Q5_0 => unsafe { table::q5_0(bytes, out) },

@@ -79,6 +79,49 @@ pub(super) unsafe fn q4_k(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Q5_K blocks (`d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`) into
+/// 256 values each: Q4_K's with a fifth bit per value (bit `2g` of `qh[l]` for value
+/// `64g + l`, bit `2g + 1` for `64g + 32 + l`), from 32-entry tables (`vpermt2ps`) of
+/// `d·sc·q − dmin·m` for q in 0..32, as `super::q5_k` computes each value.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q5_k(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len() / 176 * 256, out.len());
+    let sixteen = _mm512_set1_ps(16.0);
+    let (nibble, one) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(1));
+    for (b, y) in bytes.chunks_exact(176).zip(out.chunks_exact_mut(256)) {
+        let (d, min) = (half_at(b, 0), half_at(b, 2));
+        let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+        let (ds, ms) = q4_k_scales(d, min, scales);
+        // Values 0..16 and 16..32 of sub-block j's table.
+        let tables = |j: usize| {
+            let (s, m) = (_mm512_set1_ps(ds[j]), _mm512_set1_ps(ms[j]));
+            (
+                _mm512_sub_ps(_mm512_mul_ps(s, iota()), m),
+                _mm512_sub_ps(_mm512_mul_ps(s, _mm512_add_ps(iota(), sixteen)), m),
+            )
+        };
+        for g in 0..4 {
+            let ((lo0, lo1), (hi0, hi1)) = (tables(2 * g), tables(2 * g + 1));
+            for h in 0..2 {
+                let q = bytes16(b.as_ptr().add(48 + 32 * g + 16 * h));
+                let qh = bytes16(b.as_ptr().add(16 + 16 * h));
+                let bit = |j: usize| {
+                    let v = _mm512_srl_epi32(qh, _mm_cvtsi32_si128(j as i32));
+                    _mm512_slli_epi32(_mm512_and_si512(v, one), 4)
+                };
+                let lo = _mm512_or_si512(_mm512_and_si512(q, nibble), bit(2 * g));
+                let hi = _mm512_or_si512(_mm512_srli_epi32(q, 4), bit(2 * g + 1));
+                let y = y.as_mut_ptr().add(64 * g + 16 * h);
+                _mm512_storeu_ps(y, _mm512_permutex2var_ps(lo0, lo, lo1));
+                _mm512_storeu_ps(y.add(32), _mm512_permutex2var_ps(hi0, hi, hi1));
+            }
+        }
+    }
+}
+
 /// Q4_0 blocks (`d: f16, qs: [u8; 16]`) into 32 values each: `(q − 8) · d`.
 ///
 /// # Safety
