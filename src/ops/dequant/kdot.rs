@@ -89,11 +89,7 @@ fn q4_k_input(x: &[f32], out: &mut Vec<f32>) {
 unsafe fn q4_k_scales(b: *const u8) -> __m512 {
     let word = |i: usize| (b.add(i) as *const u32).read_unaligned();
     let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(word(0) as i32));
-    // The 8 scales and 8 mins, 6 bits each, out of 12 bytes at once (as `scale_min_k4`).
-    let (s0, s1, s2) = (word(4), word(8), word(12));
-    let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
-    let sc = (s0 & six) as u64 | (((s2 & four) | ((s0 >> 6) & two) << 4) as u64) << 32;
-    let mn = (s1 & six) as u64 | ((((s2 >> 4) & four) | ((s1 >> 6) & two) << 4) as u64) << 32;
+    let (sc, mn) = super::scales_mins_k4(std::slice::from_raw_parts(b.add(4), 12));
     let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(mn as i64, sc as i64)));
     let d_then_min = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     _mm512_mul_ps(

@@ -318,6 +318,18 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
+/// A Q4_K/Q5_K block's 12 packed scale bytes as 8 scales (bytes of the first word) and 8
+/// mins (of the second), 6 bits each: [`scale_min_k4`] for every sub-block at once.
+#[inline(always)]
+fn scales_mins_k4(scales: &[u8]) -> (u64, u64) {
+    let w = |i: usize| u32::from_le_bytes(scales[4 * i..4 * i + 4].try_into().unwrap());
+    let (s0, s1, s2) = (w(0), w(1), w(2));
+    let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let sc = (s0 & six) as u64 | (((s2 & four) | ((s0 >> 6) & two) << 4) as u64) << 32;
+    let mn = (s1 & six) as u64 | ((((s2 >> 4) & four) | ((s1 >> 6) & two) << 4) as u64) << 32;
+    (sc, mn)
+}
+
 /// Q4_K: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`.
 #[inline(always)]
 fn q4_k(b: &[u8; 144], y: &mut [f32; 256]) {

@@ -30,12 +30,7 @@ unsafe fn bytes16(p: *const u8) -> __m512i {
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn q4_k_scales(d: f32, min: f32, scales: &[u8; 12]) -> ([f32; 8], [f32; 8]) {
-    // The 8 scales and 8 mins, 6 bits each, out of 12 bytes at once (as `scale_min_k4`).
-    let w = |i: usize| u32::from_le_bytes(scales[4 * i..4 * i + 4].try_into().unwrap());
-    let (s0, s1, s2) = (w(0), w(1), w(2));
-    let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
-    let sc = (s0 & six) as u64 | (((s2 & four) | ((s0 >> 6) & two) << 4) as u64) << 32;
-    let mn = (s1 & six) as u64 | ((((s2 >> 4) & four) | ((s1 >> 6) & two) << 4) as u64) << 32;
+    let (sc, mn) = super::scales_mins_k4(scales);
     let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(mn as i64, sc as i64)));
     let dm = _mm512_setr_ps(
         d, d, d, d, d, d, d, d, min, min, min, min, min, min, min, min,

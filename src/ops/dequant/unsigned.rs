@@ -165,11 +165,7 @@ unsafe fn q5_k(blk: &[u8; 176], u: *mut u8, a: *mut f32, b: *mut f32) {
 #[inline]
 unsafe fn k_scales(blk: &[u8], a: *mut f32, b: *mut f32) {
     let (d, min) = (half_at(blk, 0), half_at(blk, 2));
-    let w = |i: usize| u32::from_le_bytes(blk[4 + 4 * i..8 + 4 * i].try_into().unwrap());
-    let (s0, s1, s2) = (w(0), w(1), w(2));
-    let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
-    let sc = (s0 & six) as u64 | (((s2 & four) | ((s0 >> 6) & two) << 4) as u64) << 32;
-    let mn = (s1 & six) as u64 | ((((s2 >> 4) & four) | ((s1 >> 6) & two) << 4) as u64) << 32;
+    let (sc, mn) = super::scales_mins_k4(&blk[4..16]);
     let bytes = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(0, v as i64)));
     _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_set1_ps(d), bytes(sc)));
     _mm256_storeu_ps(b, _mm256_mul_ps(_mm256_set1_ps(min), bytes(mn)));
