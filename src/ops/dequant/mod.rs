@@ -7,14 +7,15 @@
 //! sum, never a fused multiply-add, so every value rounds as candle's does), written over
 //! fixed-size arrays that the compiler vectorises, and compiled for AVX-512 or AVX2 when the
 //! CPU has them (`simd_dispatch!`). On AVX-512 the 4- and 5-bit formats (Q4_K, Q5_K, Q4_0,
-//! Q4_1, Q5_0, Q5_1) take `table.rs` instead: the 16 values a scale can give, computed once by the same formula, then
-//! one permute per 16 weights; and Q6_K takes `q6k.rs` (unpacked in byte lanes, then the
-//! same product per value). The block layouts are llama.cpp's (`ggml-common.h`); tests
-//! compare every format against candle's `to_float` for equality.
+//! Q4_1, Q5_0, Q5_1) take `table.rs` instead: the 16 (or 32) values a scale can give,
+//! computed once by the same formula, then one permute per 16 weights; and Q6_K takes
+//! `q6k.rs` (unpacked in byte lanes, then the same product per value). The block layouts are
+//! llama.cpp's (`ggml-common.h`); tests compare every format against candle's `to_float` for
+//! equality.
 //!
-//! One input row against Q4_K, Q5_K or Q6_K rows (decode at one sequence) takes `kdot.rs`, which
-//! sums each sub-block before scaling it: the exact dot product up to rounding, not bit for
-//! bit the dequantised values' (its documentation says how, and its tests bound it).
+//! One input row against Q4_K, Q5_K or Q6_K rows (decode at one sequence) takes `kdot.rs`,
+//! which sums each sub-block before scaling it: the exact dot product up to rounding, not bit
+//! for bit the dequantised values' (its documentation says how, and its tests bound it).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;

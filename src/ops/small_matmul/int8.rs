@@ -1,8 +1,9 @@
 //! Opt-in int8 activations (`--int8-activations`): the matmuls of 2 or more rows (decode
 //! steps of several sequences, and prompts in groups of [`MAX_ROWS`](super::MAX_ROWS) rows)
-//! over Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights with the input rows quantized to int8, multiplied by AVX-512 VNNI's `vpdpbusd`
-//! (64 byte products summed into 16 lanes per instruction, where the exact path's
-//! multiply-add does 16), as llama.cpp multiplies these formats on the CPU. Not exact: each
+//! over Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights with the input rows
+//! quantized to int8, multiplied by AVX-512 VNNI's `vpdpbusd` (64 byte products summed into
+//! 16 lanes per instruction, where the exact path's multiply-add does 16), as llama.cpp
+//! multiplies these formats on the CPU. Not exact: each
 //! input value is rounded to one of 255 steps of its 32-position block (`d = max|x| / 127`),
 //! an error of at most `d / 2` per value. The README states what that does to the logits.
 //!
