@@ -82,8 +82,9 @@
 //!   (row by row on the CPU, the identity elsewhere) and its reference; base weights as
 //!   [`ops::BaseWeight`]: a dense tensor or an [`ops::StoredMatrix`] (GGUF blocks or 16-bit
 //!   floats, dequantised on the fly: fast paths bit-equal to candle's `to_float`, on AVX-512
-//!   table lookups for the 4- and 5-bit formats and byte-lane unpacking for Q6_K, candle's
-//!   for the rest); the small-row f32
+//!   `dequant/strip.rs` for Q4_K, Q5_K, Q6_K and Q8_0 (a strip of rows' blocks per call,
+//!   scales worked out ahead, tables for the 4- and 5-bit values, byte lanes for Q6_K) and
+//!   `dequant/table.rs` for Q4_0–Q5_1, candle's for the rest); the small-row f32
 //!   matmul kernel for decode steps (AVX-512 register tiles, a portable version of the same
 //!   tiling, and on AVX-512 a transposed tiling for more rows: input rows packed in vector
 //!   lanes, weights broadcast), its stored-format forms (a fused one-row dot per block; for

@@ -283,6 +283,10 @@ impl StoredMatrix {
         assert!(r0 + n <= self.rows && c0 < c1 && c1 <= self.cols && c1 - c0 <= ld);
         assert!(c0.is_multiple_of(block) && c1.is_multiple_of(block));
         assert!(out.len() >= (n - 1) * ld + (c1 - c0));
+        if super::dequant::dequantize_cols(self.dtype, &self.rows_from(r0, n), n, (c0, c1), out, ld)
+        {
+            return;
+        }
         for i in 0..n {
             let row = &mut out[i * ld..i * ld + (c1 - c0)];
             dequantize(self.dtype, self.row_blocks(r0 + i, c0, c1), row);
@@ -318,8 +322,13 @@ impl StoredMatrix {
     pub(super) fn dot_rows(&self, r0: usize, x: &[f32], y: &mut [f32]) -> bool {
         let n = y.len();
         assert!(r0 + n <= self.rows && x.len() == self.cols);
+        super::dequant::dot_rows(self.dtype, &self.rows_from(r0, n), x, y)
+    }
+
+    /// Logical rows `r0..r0 + n` as the dequantisation kernels read them.
+    fn rows_from(&self, r0: usize, n: usize) -> super::dequant::Rows<'_> {
         let bytes = self.bytes.as_slice();
-        let rows = match &self.row_map {
+        match &self.row_map {
             None => super::dequant::Rows {
                 bytes: &bytes[r0 * self.row_bytes..(r0 + n) * self.row_bytes],
                 row_bytes: self.row_bytes,
@@ -330,8 +339,7 @@ impl StoredMatrix {
                 row_bytes: self.row_bytes,
                 map: Some(&map[r0..r0 + n]),
             },
-        };
-        super::dequant::dot_rows(self.dtype, &rows, x, y)
+        }
     }
 
     /// The whole matrix dequantised: `[rows, cols]` f32 on the CPU.
@@ -538,6 +546,48 @@ mod tests {
             &[0; 84],
             &mut [0f32; 256]
         ));
+    }
+
+    #[test]
+    fn strips_of_columns_equal_candles_values_bit_for_bit() {
+        // What the tiles dequantise: a block of columns of consecutive logical rows (read
+        // through a row map), into rows `ld` apart. Strips longer than a chunk of blocks and
+        // shorter, column ranges at and past the first block, and the gaps between the
+        // strip's rows left as they were.
+        let dev = Device::Cpu;
+        use GgmlDType::*;
+        for dtype in [Q8_0, Q4K, Q5K, Q6K, Q4_0, F16] {
+            let (rows, cols) = (37, 1024);
+            let t = Tensor::randn(0f32, 1.0, (rows, cols), &dev)
+                .unwrap()
+                .broadcast_mul(&Tensor::rand(0.01f32, 100.0, (rows, 1), &dev).unwrap())
+                .unwrap();
+            let map: Vec<u32> = (0..rows as u32).rev().collect();
+            let m = StoredMatrix::quantize(&t, dtype)
+                .unwrap()
+                .with_row_map(map)
+                .unwrap();
+            // candle's values, logical row r being stored row rows - 1 - r.
+            let q = candle_core::quantized::QTensor::quantize(&t, dtype).unwrap();
+            let mut all = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
+            all.reverse();
+            for (c0, c1) in [(0, 256), (256, 1024), (512, 768), (0, 1024)] {
+                for (r0, n) in [(0, rows), (5, 20), (36, 1)] {
+                    let ld = c1 - c0 + 16;
+                    let mut out = vec![f32::NAN; n * ld];
+                    m.dequantize_cols(r0, n, (c0, c1), &mut out, ld);
+                    for (i, row) in out.chunks(ld).enumerate() {
+                        let want = &all[r0 + i][c0..c1];
+                        let same = row[..c1 - c0]
+                            .iter()
+                            .zip(want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{dtype:?} rows {r0}+{n} cols {c0}..{c1}: row {i}");
+                        assert!(row[c1 - c0..].iter().all(|v| v.is_nan()));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn q4_k_input(x: &[f32], out: &mut Vec<f32>) {
 /// scales: [u8; 12]`), each the f32 product that `super::q4_k` forms.
 #[target_feature(enable = "avx512f,f16c")]
 #[inline]
-unsafe fn q4_k_scales(b: *const u8) -> __m512 {
+pub(super) unsafe fn q4_k_scales(b: *const u8) -> __m512 {
     let word = |i: usize| (b.add(i) as *const u32).read_unaligned();
     let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(word(0) as i32));
     let (sc, mn) = super::scales_mins_k4(std::slice::from_raw_parts(b.add(4), 12));

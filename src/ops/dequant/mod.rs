@@ -6,12 +6,13 @@
 //! every weight once. These are the same formulas, operation for operation (a product then a
 //! sum, never a fused multiply-add, so every value rounds as candle's does), written over
 //! fixed-size arrays that the compiler vectorises, and compiled for AVX-512 or AVX2 when the
-//! CPU has them (`simd_dispatch!`). On AVX-512 the 4- and 5-bit formats (Q4_K, Q5_K, Q4_0,
-//! Q4_1, Q5_0, Q5_1) take `table.rs` instead: the 16 (or 32) values a scale can give,
-//! computed once by the same formula, then one permute per 16 weights; and Q6_K takes
-//! `q6k.rs` (unpacked in byte lanes, then the same product per value). The block layouts are
-//! llama.cpp's (`ggml-common.h`); tests compare every format against candle's `to_float` for
-//! equality.
+//! CPU has them (`simd_dispatch!`). On AVX-512 the formats of Q4_K_M, Q5_K_M and Q8_0 files
+//! (Q4_K, Q5_K, Q6_K, Q8_0) take `strip.rs`, which also dequantises a strip of rows' blocks in
+//! one call for the tiles ([`dequantize_cols`]): scales worked out ahead for a chunk of
+//! blocks, tables of the 16 (or 32) values a k-quant scale can give and one permute per 16
+//! weights, Q6_K assembled 64 values at a time in byte lanes. Q4_0, Q4_1, Q5_0 and Q5_1 take
+//! `table.rs`'s tables. The block layouts are llama.cpp's (`ggml-common.h`); tests compare
+//! every format against candle's `to_float` for equality.
 //!
 //! One input row against Q4_K, Q5_K or Q6_K rows (decode at one sequence) takes `kdot.rs`,
 //! which sums each sub-block before scaling it: the exact dot product up to rounding, not bit
@@ -24,16 +25,29 @@ use half::f16;
 /// there is no fast path for `dtype`.
 pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
+    if strip::available() {
+        let row = Rows {
+            bytes,
+            row_bytes: bytes.len(),
+            map: None,
+        };
+        assert_eq!(
+            bytes.len() / dtype.type_size() * dtype.block_size(),
+            out.len()
+        );
+        // SAFETY: the CPU has what `strip` needs, and `out` holds the values of `bytes`.
+        if unsafe { strip::cols(dtype, &row, 1, (0, bytes.len()), out.as_mut_ptr(), 0) } {
+            return true;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY (each): the CPU has AVX-512F, checked just above.
         match dtype {
-            GgmlDType::Q4K => unsafe { table::q4_k(bytes, out) },
-            GgmlDType::Q5K => unsafe { table::q5_k(bytes, out) },
             GgmlDType::Q4_0 => unsafe { table::q4_0(bytes, out) },
             GgmlDType::Q4_1 => unsafe { table::q4_1(bytes, out) },
             GgmlDType::Q5_0 => unsafe { table::q5_0(bytes, out) },
             GgmlDType::Q5_1 => unsafe { table::q5_1(bytes, out) },
-            GgmlDType::Q6K => unsafe { q6k::q6_k(bytes, out) },
             _ => return dispatch(dtype, bytes, out),
         }
         return true;
@@ -42,7 +56,7 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
 }
 
 #[cfg(target_arch = "x86_64")]
-mod q6k;
+mod strip;
 #[cfg(target_arch = "x86_64")]
 mod table;
 #[cfg(target_arch = "x86_64")]
@@ -132,6 +146,38 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
         return true;
     }
     dot_dispatch(dtype, rows, x, y)
+}
+
+/// Columns `c0..c1` (on the format's block boundaries) of the rows `rows.row(i)`, `i` in
+/// `0..n`, dequantised into `out`, row `i` from `out[i * ld]` on, bit for bit as
+/// [`dequantize`]: a strip of a tile's weight rows in one call, each row's blocks dequantised
+/// where they lie (a call per row and block cost as much as the k-quant blocks' own work).
+/// `false` (nothing written) when there is no such path for `dtype`.
+pub(super) fn dequantize_cols(
+    dtype: GgmlDType,
+    rows: &Rows,
+    n: usize,
+    (c0, c1): (usize, usize),
+    out: &mut [f32],
+    ld: usize,
+) -> bool {
+    let block = dtype.block_size();
+    assert!(c0 <= c1 && c1 - c0 <= ld && c0.is_multiple_of(block) && c1.is_multiple_of(block));
+    assert!(n == 0 || out.len() >= (n - 1) * ld + (c1 - c0));
+    #[cfg(target_arch = "x86_64")]
+    if strip::available() {
+        let bytes = (
+            c0 / block * dtype.type_size(),
+            c1 / block * dtype.type_size(),
+        );
+        // SAFETY: the CPU has what `strip` needs (checked just above), and `out` holds the
+        // `n` rows of `c1 - c0` values `ld` apart (asserted above).
+        if unsafe { strip::cols(dtype, rows, n, bytes, out.as_mut_ptr(), ld) } {
+            return true;
+        }
+    }
+    let _ = (rows, n, out);
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
