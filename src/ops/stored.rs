@@ -271,6 +271,9 @@ impl StoredMatrix {
     /// Columns `c0..c1` of logical rows `r0..r0 + n` dequantised into `out`, row `i` from
     /// `out[i * ld]` on: a block of columns for a tile that keeps its dequantised weights in
     /// L1. `c0` and `c1` fall on the format's block boundaries (or `c1` is the row's end).
+    /// With `ahead` (a multiple of the block size; 0 for none), the same columns `ahead`
+    /// positions further on are prefetched meanwhile, as
+    /// [`prefetch_cols`](Self::prefetch_cols) would.
     pub(super) fn dequantize_cols(
         &self,
         r0: usize,
@@ -278,18 +281,23 @@ impl StoredMatrix {
         (c0, c1): (usize, usize),
         out: &mut [f32],
         ld: usize,
+        ahead: usize,
     ) {
         let block = self.dtype.block_size();
         assert!(r0 + n <= self.rows && c0 < c1 && c1 <= self.cols && c1 - c0 <= ld);
         assert!(c0.is_multiple_of(block) && c1.is_multiple_of(block));
-        assert!(out.len() >= (n - 1) * ld + (c1 - c0));
-        if super::dequant::dequantize_cols(self.dtype, &self.rows_from(r0, n), n, (c0, c1), out, ld)
-        {
+        assert!(out.len() >= (n - 1) * ld + (c1 - c0) && ahead.is_multiple_of(block));
+        let rows = self.rows_from(r0, n);
+        let ahead_bytes = ahead / block * self.dtype.type_size();
+        if super::dequant::dequantize_cols(self.dtype, &rows, n, (c0, c1), out, ld, ahead_bytes) {
             return;
         }
         for i in 0..n {
             let row = &mut out[i * ld..i * ld + (c1 - c0)];
             dequantize(self.dtype, self.row_blocks(r0 + i, c0, c1), row);
+        }
+        if ahead > 0 {
+            self.prefetch_cols(r0, n, c0 + ahead, c1 + ahead);
         }
     }
 
@@ -575,7 +583,7 @@ mod tests {
                 for (r0, n) in [(0, rows), (5, 20), (36, 1)] {
                     let ld = c1 - c0 + 16;
                     let mut out = vec![f32::NAN; n * ld];
-                    m.dequantize_cols(r0, n, (c0, c1), &mut out, ld);
+                    m.dequantize_cols(r0, n, (c0, c1), &mut out, ld, 256);
                     for (i, row) in out.chunks(ld).enumerate() {
                         let want = &all[r0 + i][c0..c1];
                         let same = row[..c1 - c0]

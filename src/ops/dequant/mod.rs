@@ -36,7 +36,7 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
             out.len()
         );
         // SAFETY: the CPU has what `strip` needs, and `out` holds the values of `bytes`.
-        if unsafe { strip::cols(dtype, &row, 1, (0, bytes.len()), out.as_mut_ptr(), 0) } {
+        if unsafe { strip::cols(dtype, &row, 1, (0, bytes.len()), out.as_mut_ptr(), 0, 0) } {
             return true;
         }
     }
@@ -152,7 +152,8 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
 /// `0..n`, dequantised into `out`, row `i` from `out[i * ld]` on, bit for bit as
 /// [`dequantize`]: a strip of a tile's weight rows in one call, each row's blocks dequantised
 /// where they lie (a call per row and block cost as much as the k-quant blocks' own work).
-/// `false` (nothing written) when there is no such path for `dtype`.
+/// Each block's bytes `ahead` bytes further on are prefetched meanwhile (none for 0). `false`
+/// (nothing written) when there is no such path for `dtype`.
 pub(super) fn dequantize_cols(
     dtype: GgmlDType,
     rows: &Rows,
@@ -160,6 +161,7 @@ pub(super) fn dequantize_cols(
     (c0, c1): (usize, usize),
     out: &mut [f32],
     ld: usize,
+    ahead: usize,
 ) -> bool {
     let block = dtype.block_size();
     assert!(c0 <= c1 && c1 - c0 <= ld && c0.is_multiple_of(block) && c1.is_multiple_of(block));
@@ -172,11 +174,11 @@ pub(super) fn dequantize_cols(
         );
         // SAFETY: the CPU has what `strip` needs (checked just above), and `out` holds the
         // `n` rows of `c1 - c0` values `ld` apart (asserted above).
-        if unsafe { strip::cols(dtype, rows, n, bytes, out.as_mut_ptr(), ld) } {
+        if unsafe { strip::cols(dtype, rows, n, bytes, out.as_mut_ptr(), ld, ahead) } {
             return true;
         }
     }
-    let _ = (rows, n, out);
+    let _ = (rows, n, out, ahead);
     false
 }
 

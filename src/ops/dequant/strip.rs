@@ -35,7 +35,8 @@ pub(super) fn available() -> bool {
 }
 
 /// Bytes `b0..b1` (whole blocks) of the rows `rows.row(i)`, `i` in `0..n`, dequantised into
-/// `out`, row `i` from `out.add(i * ld)` on; `false` (nothing written) for other formats.
+/// `out`, row `i` from `out.add(i * ld)` on, each block's bytes `ahead` bytes on prefetched
+/// meanwhile (none for 0); `false` (nothing written) for other formats.
 ///
 /// # Safety
 /// [`available`], and `out` holds `n` rows of the values of `b1 - b0` bytes, `ld` apart.
@@ -47,6 +48,7 @@ pub(super) unsafe fn cols(
     (b0, b1): (usize, usize),
     out: *mut f32,
     ld: usize,
+    ahead: usize,
 ) -> bool {
     let blocks = Blocks {
         rows,
@@ -55,6 +57,7 @@ pub(super) unsafe fn cols(
         b1,
         out,
         ld,
+        ahead,
     };
     match dtype {
         GgmlDType::Q4K => blocks.each_chunk::<144, 256>(|c| k4_or_k5::<false>(c)),
@@ -74,10 +77,13 @@ struct Blocks<'a, 'b> {
     b1: usize,
     out: *mut f32,
     ld: usize,
+    ahead: usize,
 }
 
-/// Up to [`CHUNK`] blocks: where each one's bytes are, and where its values go.
+/// Up to [`CHUNK`] blocks: where each one's bytes are, and where its values go; and how far
+/// on the bytes to prefetch are (0: none).
 struct Chunk {
+    ahead: usize,
     len: usize,
     src: [*const u8; CHUNK],
     dst: [*mut f32; CHUNK],
@@ -90,6 +96,7 @@ impl Blocks<'_, '_> {
     unsafe fn each_chunk<const SIZE: usize, const VALUES: usize>(&self, mut f: impl FnMut(&Chunk)) {
         let per_row = (self.b1 - self.b0) / SIZE;
         let mut c = Chunk {
+            ahead: self.ahead,
             len: 0,
             src: [std::ptr::null(); CHUNK],
             dst: [std::ptr::null_mut(); CHUNK],
@@ -114,6 +121,25 @@ impl Blocks<'_, '_> {
         if len > 0 {
             c.len = len;
             f(&c);
+        }
+    }
+}
+
+impl Chunk {
+    /// Prefetch the `size` bytes [`ahead`](Chunk::ahead) of `b` (every line of them).
+    #[inline(always)]
+    fn prefetch(&self, b: *const u8, size: usize) {
+        if self.ahead > 0 {
+            let p = b.wrapping_add(self.ahead);
+            let mut at = 0;
+            while at < size {
+                super::prefetch(p.wrapping_add(at));
+                at += 64;
+            }
+            // The last byte's line, where `at` stepped past it.
+            if (p as usize + size - 1) / 64 != (p as usize + at - 64) / 64 {
+                super::prefetch(p.wrapping_add(size - 1));
+            }
         }
     }
 }
@@ -148,6 +174,7 @@ unsafe fn k4_or_k5<const FIVE: bool>(c: &Chunk) {
     let (io, sixteen) = (iota(), _mm512_set1_ps(16.0));
     let (nibble, one) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(1));
     for ((&b, &y), s) in c.src.iter().zip(&c.dst).zip(&scales).take(c.len) {
+        c.prefetch(b, if FIVE { 176 } else { 144 });
         let s = s.as_ptr();
         // `d·sc · q − dmin·m` of sub-block j for q in 0..16 (and 16..32).
         let table = |j: usize, q: __m512| {
@@ -223,6 +250,7 @@ unsafe fn q6_k(c: &Chunk) {
     );
     let mut q = [0i8; 256];
     for ((&b, &y), s) in c.src.iter().zip(&c.dst).zip(&scales).take(c.len) {
+        c.prefetch(b, 210);
         let s = s.as_ptr();
         for h in 0..2 {
             let ql = _mm512_loadu_si512(b.add(64 * h) as *const _);
@@ -252,6 +280,7 @@ unsafe fn q6_k(c: &Chunk) {
 #[inline]
 unsafe fn q8_0(c: &Chunk) {
     for (&b, &y) in c.src.iter().zip(&c.dst).take(c.len) {
+        c.prefetch(b, 34);
         // `d` in every lane: a broadcast load of its 16 bits, converted.
         let d = _mm512_cvtph_ps(_mm256_set1_epi16((b as *const i16).read_unaligned()));
         for p in 0..2 {

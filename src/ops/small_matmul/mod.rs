@@ -298,10 +298,16 @@ unsafe fn blocked(
         let mut c0 = 0;
         while c0 < k {
             let c1 = (c0 + K_BLOCK).min(k);
-            w.dequantize_cols(o, rows, (c0, c1), buf, K_BLOCK);
-            // The strip's rows lie apart in memory; fetch a later block of each meanwhile.
+            // The strip's rows lie apart in memory: a later block of each is fetched while this
+            // one is dequantised, and past the rows' end, the next strip's first blocks.
             let ahead = PREFETCH_BLOCKS * K_BLOCK;
-            w.prefetch_cols(o, rows, c0 + ahead, c1 + ahead);
+            let ahead = if c0 + ahead < k { ahead } else { 0 };
+            w.dequantize_cols(o, rows, (c0, c1), buf, K_BLOCK, ahead);
+            if ahead == 0 && o + rows < o1 {
+                let (next, after) = (c0 + PREFETCH_BLOCKS * K_BLOCK - k, o + rows);
+                let rows = T_OUTPUTS.min(o1 - after);
+                w.prefetch_cols(after, rows, next, (next + K_BLOCK).min(k));
+            }
             transposed::accumulate(
                 xt.as_ptr(),
                 b,

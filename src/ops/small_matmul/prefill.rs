@@ -64,7 +64,7 @@ impl Weights<'_> {
                     dst[..c1 - c0].copy_from_slice(src);
                 }
             }
-            Weights::Stored(w) => w.dequantize_cols(o, rows, (c0, c1), buf, K_BLOCK),
+            Weights::Stored(w) => w.dequantize_cols(o, rows, (c0, c1), buf, K_BLOCK, 0),
         }
     }
 
