@@ -195,7 +195,6 @@ fn small_m_stored_with(
 ) -> Tensor {
     let (n, k) = (w.rows(), w.cols());
     let xt = panels(isa, x, m, k);
-    let prefetch = xt.is_none();
     let ro = if xt.is_some() {
         T_OUTPUTS
     } else {
@@ -231,11 +230,10 @@ fn small_m_stored_with(
             while o < o1 {
                 let rows = strip.min(o1 - o);
                 let wv = &mut buf[..rows * k];
-                w.dequantize_rows(o, rows, wv);
-                // The next strip's bytes travel from memory while this one is multiplied.
-                if prefetch {
-                    w.prefetch_rows(o + rows, strip.min(o1 - o - rows));
-                }
+                // The next strip's bytes travel from memory while this one is dequantised and
+                // multiplied.
+                let ahead = strip.min(o1 - o - rows);
+                w.dequantize_rows_ahead(o, rows, wv, ahead);
                 // SAFETY: `x` is `[m, k]`, `wv` is `[rows, k]`, and the output pointer is
                 // shifted to column `o` of the `[m, n]` buffer with `o + rows <= n`: this call
                 // writes columns `o..o + rows`, which no other strip or chunk writes.
