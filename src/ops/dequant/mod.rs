@@ -55,6 +55,34 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
     dispatch(dtype, bytes, out)
 }
 
+/// [`dequantize`], prefetching the bytes `ahead` bytes after each block as it goes, where
+/// the format has a strip path (`strip.rs`); `false` (nothing written) where it has not.
+pub(super) fn dequantize_ahead(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    out: &mut [f32],
+    ahead: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if strip::available() {
+        let row = Rows {
+            bytes,
+            row_bytes: bytes.len(),
+            map: None,
+        };
+        assert_eq!(
+            bytes.len() / dtype.type_size() * dtype.block_size(),
+            out.len()
+        );
+        // SAFETY: the CPU has what `strip` needs, and `out` holds the values of `bytes`.
+        return unsafe {
+            strip::cols(dtype, &row, 1, (0, bytes.len()), out.as_mut_ptr(), 0, ahead)
+        };
+    }
+    let _ = (dtype, bytes, out, ahead);
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 mod strip;
 #[cfg(target_arch = "x86_64")]

@@ -129,7 +129,11 @@ impl Chunk {
     /// Prefetch the `size` bytes [`ahead`](Chunk::ahead) of `b` (every line of them).
     #[inline(always)]
     fn prefetch(&self, b: *const u8, size: usize) {
-        if self.ahead > 0 {
+        if self.ahead > 0 && size <= 64 {
+            // The line of its last byte: every line of a run of such blocks holds a block's
+            // last byte, so one prefetch a block covers them all.
+            super::prefetch(b.wrapping_add(self.ahead + size - 1));
+        } else if self.ahead > 0 {
             let p = b.wrapping_add(self.ahead);
             let mut at = 0;
             while at < size {
