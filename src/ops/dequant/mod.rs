@@ -24,21 +24,8 @@ use half::f16;
 /// Dequantise whole blocks of `dtype` in `bytes` into `out`; `false` (nothing written) when
 /// there is no fast path for `dtype`.
 pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if strip::available() {
-        let row = Rows {
-            bytes,
-            row_bytes: bytes.len(),
-            map: None,
-        };
-        assert_eq!(
-            bytes.len() / dtype.type_size() * dtype.block_size(),
-            out.len()
-        );
-        // SAFETY: the CPU has what `strip` needs, and `out` holds the values of `bytes`.
-        if unsafe { strip::cols(dtype, &row, 1, (0, bytes.len()), out.as_mut_ptr(), 0, 0) } {
-            return true;
-        }
+    if dequantize_ahead(dtype, bytes, out, 0) {
+        return true;
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {

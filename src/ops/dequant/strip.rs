@@ -21,6 +21,7 @@
 
 use std::arch::x86_64::*;
 
+use super::table::{bytes16, iota};
 use super::Rows;
 use candle_core::quantized::GgmlDType;
 
@@ -146,22 +147,6 @@ impl Chunk {
             }
         }
     }
-}
-
-/// `[0, 1, …, 15]`.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn iota() -> __m512 {
-    _mm512_setr_ps(
-        0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
-    )
-}
-
-/// The 16 bytes at `p`, each widened to a 32-bit lane.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn bytes16(p: *const u8) -> __m512i {
-    _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
 }
 
 /// Q4_K (`d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`) or, when `FIVE`, Q5_K (the

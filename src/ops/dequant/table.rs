@@ -13,7 +13,7 @@ use super::half_at;
 /// `[0, 1, …, 15]`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn iota() -> __m512 {
+pub(super) unsafe fn iota() -> __m512 {
     _mm512_setr_ps(
         0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
     )
@@ -22,7 +22,7 @@ unsafe fn iota() -> __m512 {
 /// The 16 bytes at `p`, each widened to a 32-bit lane.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn bytes16(p: *const u8) -> __m512i {
+pub(super) unsafe fn bytes16(p: *const u8) -> __m512i {
     _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
 }
 
