@@ -7,7 +7,9 @@
 //! each scale by a broadcast load. A broadcast from memory costs a load, where the same value
 //! shuffled out of a register costs one or two shuffles on the port that the permutes and
 //! multiply-adds need (the compiler turned the table code's per-sub-block broadcasts into
-//! such shuffles: ~40% of its time).
+//! such shuffles, among the hottest instructions of its profile). A strip may also prefetch,
+//! block by block as it goes, the bytes a fixed distance on (the tiles' next block of
+//! positions, or the next strip), so that the requests do not queue up in one burst.
 //!
 //! - Q4_K and Q5_K: per sub-block, the table of the 16 (32) values its scale can give, by
 //!   the scalar formula's own operations (`d·sc · q − dmin·m`, a product then a difference),
