@@ -9,7 +9,7 @@ use std::fmt;
 use candle_core::{DType, Result, Tensor};
 
 use super::lora::{AdapterWeights, LoraModule, MergedWeights};
-use super::stored::BaseWeight;
+use super::BaseWeight;
 
 /// The projections of a decoder layer an adapter may target, named as in HF module paths:
 /// llama's seven, and Phi-3's fused `qkv_proj` and `gate_up_proj` (a model has either the

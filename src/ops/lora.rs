@@ -9,7 +9,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::small_matmul::matmul_t;
-use super::stored::BaseWeight;
+use super::BaseWeight;
 use super::ProjKind;
 
 /// One adapted module, ready for the unmerged path: `A` `[r, in]`, `s·Bᵀ` `[r, out]` (the

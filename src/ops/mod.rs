@@ -5,6 +5,7 @@
 mod cpu;
 mod activation;
 pub mod attention;
+mod base_weight;
 mod dequant;
 mod fused;
 pub mod kernels;
@@ -15,11 +16,12 @@ pub mod small_matmul;
 pub mod stored;
 
 pub use activation::silu_mul;
+pub use base_weight::BaseWeight;
 pub use linear::{AdaptedLinear, Apply, BaseLinears, ProjKind, RowGroup};
 pub use lora::{
     dora_norm, dora_norm_generic, dora_norm_reference, AdapterWeights, LoraModule, MergedWeights,
 };
-pub use stored::{BaseWeight, StoredMatrix};
+pub use stored::StoredMatrix;
 
 /// The largest absolute difference between two tensors of one shape (for the unit tests).
 #[cfg(test)]
