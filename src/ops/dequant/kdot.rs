@@ -32,21 +32,14 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
+// `iota`: `[0, 1, …, 15]`, the float of a lane's low 4 bits by permute.
+use super::table::iota;
 use super::Rows;
 
 thread_local! {
     /// The permuted input row (and, for Q4_K and Q5_K, the sub-block sums), reused across
     /// calls.
     static INPUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// `[0, 1, …, 15]`: the float of a lane's low 4 bits, by permute.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn iota() -> __m512 {
-    _mm512_setr_ps(
-        0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
-    )
 }
 
 /// `x` in the order the Q4_K and Q5_K kernel reads each 256-value block, then 16 values per block:
