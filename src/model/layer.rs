@@ -171,11 +171,11 @@ impl Attention {
                 q_proj,
                 k_proj,
                 v_proj,
-            } => (
-                q_proj.forward(x, apply)?,
-                k_proj.forward(x, apply)?,
-                v_proj.forward(x, apply)?,
-            ),
+            } => {
+                let ys = AdaptedLinear::forward_many(&[q_proj, k_proj, v_proj], x, apply)?;
+                let [q, k, v]: [Tensor; 3] = ys.try_into().expect("three products");
+                (q, k, v)
+            }
             Qkv::Fused(qkv) => {
                 let y = qkv.forward(x, apply)?;
                 (
@@ -362,7 +362,9 @@ impl Mlp {
     fn forward(&self, x: &Tensor, apply: Apply) -> Result<Tensor> {
         let (gate, up) = match &self.gate_up {
             GateUp::Separate { gate_proj, up_proj } => {
-                (gate_proj.forward(x, apply)?, up_proj.forward(x, apply)?)
+                let ys = AdaptedLinear::forward_many(&[gate_proj, up_proj], x, apply)?;
+                let [gate, up]: [Tensor; 2] = ys.try_into().expect("two products");
+                (gate, up)
             }
             GateUp::Fused(gu) => {
                 let y = gu.forward(x, apply)?;

@@ -25,6 +25,24 @@ impl BaseWeight {
         }
     }
 
+    /// `x` times each of `ws` transposed (weights of one input, e.g. a layer's q, k and v):
+    /// stored weights in one job of the kernels' threads
+    /// ([`matmul_t_stored_many`](super::small_matmul::matmul_t_stored_many)), the same
+    /// products as [`matmul_t`](Self::matmul_t) one at a time.
+    pub fn matmul_t_many(ws: &[&BaseWeight], x: &Tensor) -> Result<Vec<Tensor>> {
+        let stored: Option<Vec<&StoredMatrix>> = ws
+            .iter()
+            .map(|w| match w {
+                BaseWeight::Stored(s) => Some(&**s),
+                BaseWeight::Dense(_) => None,
+            })
+            .collect();
+        match stored {
+            Some(stored) => super::small_matmul::matmul_t_stored_many(x, &stored),
+            None => ws.iter().map(|w| w.matmul_t(x)).collect(),
+        }
+    }
+
     /// The rows `ids` (an embedding lookup), in `dtype`.
     pub fn rows(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
         match self {

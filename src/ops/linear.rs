@@ -164,37 +164,62 @@ impl AdaptedLinear {
     /// Unmerged, the base matmul runs once for all rows; each adapter group then adds its
     /// low-rank term and, for DoRA, scales by `g` (the bias is added last and never scaled).
     pub fn forward<'a>(&self, x: &Tensor, apply: Apply<'a>) -> Result<Tensor> {
-        match apply {
-            Apply::Base => self.add_bias(self.weight.matmul_t(x)?),
-            Apply::Merged(m) => match m.get(self.layer, self.kind) {
-                Some(w) => self.add_bias(w.matmul_t(x)?),
-                None => self.add_bias(self.weight.matmul_t(x)?),
-            },
-            Apply::Rows(groups) => {
-                let base = self.weight.matmul_t(x)?;
-                let (layer, kind) = (self.layer, self.kind);
-                let module = |g: &RowGroup<'a>| g.adapter.and_then(|a| a.get(layer, kind));
-                if !groups.iter().any(|g| module(g).is_some()) {
-                    return self.add_bias(base);
-                }
-                let fused: Vec<(usize, usize, &LoraModule)> = groups
-                    .iter()
-                    .filter_map(|g| module(g).map(|m| (g.start, g.len, m)))
-                    .collect();
-                if let Some(y) = super::fused::unmerged(x, &base, &fused)? {
-                    return self.add_bias(y);
-                }
-                let mut pieces = Vec::with_capacity(groups.len());
-                for g in groups {
-                    let rows = base.narrow(0, g.start, g.len)?;
-                    pieces.push(match module(g) {
-                        None => rows,
-                        Some(m) => apply_module(m, &rows, &x.narrow(0, g.start, g.len)?)?,
-                    });
-                }
-                self.add_bias(Tensor::cat(&pieces, 0)?)
+        if let Apply::Merged(m) = apply {
+            if let Some(w) = m.get(self.layer, self.kind) {
+                return self.add_bias(w.matmul_t(x)?);
             }
         }
+        self.finish(x, self.weight.matmul_t(x)?, apply)
+    }
+
+    /// [`forward`](Self::forward) for several projections of one input (a layer's q, k and
+    /// v; its gate and up): their base products run together
+    /// ([`BaseWeight::matmul_t_many`]), each then takes its adapter terms and bias as alone.
+    /// The same outputs as one at a time, bit for bit.
+    pub fn forward_many<'a>(
+        ls: &[&AdaptedLinear],
+        x: &Tensor,
+        apply: Apply<'a>,
+    ) -> Result<Vec<Tensor>> {
+        if matches!(apply, Apply::Merged(_)) {
+            // Merged weights stand in for some of the bases: one at a time.
+            return ls.iter().map(|l| l.forward(x, apply)).collect();
+        }
+        let weights: Vec<&BaseWeight> = ls.iter().map(|l| &l.weight).collect();
+        let bases = BaseWeight::matmul_t_many(&weights, x)?;
+        ls.iter()
+            .zip(bases)
+            .map(|(l, base)| l.finish(x, base, apply))
+            .collect()
+    }
+
+    /// The output from the base product `base` of `x`: the adapter terms of the rows (for
+    /// unmerged apply) and the bias.
+    fn finish<'a>(&self, x: &Tensor, base: Tensor, apply: Apply<'a>) -> Result<Tensor> {
+        let Apply::Rows(groups) = apply else {
+            return self.add_bias(base);
+        };
+        let (layer, kind) = (self.layer, self.kind);
+        let module = |g: &RowGroup<'a>| g.adapter.and_then(|a| a.get(layer, kind));
+        if !groups.iter().any(|g| module(g).is_some()) {
+            return self.add_bias(base);
+        }
+        let fused: Vec<(usize, usize, &LoraModule)> = groups
+            .iter()
+            .filter_map(|g| module(g).map(|m| (g.start, g.len, m)))
+            .collect();
+        if let Some(y) = super::fused::unmerged(x, &base, &fused)? {
+            return self.add_bias(y);
+        }
+        let mut pieces = Vec::with_capacity(groups.len());
+        for g in groups {
+            let rows = base.narrow(0, g.start, g.len)?;
+            pieces.push(match module(g) {
+                None => rows,
+                Some(m) => apply_module(m, &rows, &x.narrow(0, g.start, g.len)?)?,
+            });
+        }
+        self.add_bias(Tensor::cat(&pieces, 0)?)
     }
 
     /// The plain reference for unmerged [`forward`](Self::forward): one row at a time, each
@@ -276,5 +301,85 @@ fn apply_module(m: &LoraModule, base: &Tensor, x: &Tensor) -> Result<Tensor> {
     match m.g() {
         Some(g) => y.broadcast_mul(g),
         None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ops::StoredMatrix;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
+
+    /// Projections of one input run together exactly as alone: stored q, k and v with a
+    /// bias on one, unmerged with DoRA on q, plain LoRA on v, none on k and a base row
+    /// between the adapted runs; merged for one of them; and the base alone.
+    #[test]
+    fn projections_of_one_input_together_equal_each_alone_bit_for_bit() {
+        let dev = Device::Cpu;
+        let k = 256;
+        let stored = |n: usize, dtype: GgmlDType| {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            BaseWeight::Stored(Arc::new(StoredMatrix::quantize(&w, dtype).unwrap()))
+        };
+        let bias = Tensor::randn(0f32, 1.0, 32, &dev).unwrap();
+        let q = AdaptedLinear::with_base(stored(64, GgmlDType::Q4K), None, 0, ProjKind::Q);
+        let kp = AdaptedLinear::with_base(stored(32, GgmlDType::Q8_0), Some(bias), 0, ProjKind::K);
+        let v = AdaptedLinear::with_base(stored(32, GgmlDType::Q6K), None, 0, ProjKind::V);
+        let (q, kp, v) = (q.unwrap(), kp.unwrap(), v.unwrap());
+        let module = |n: usize, dora: bool| {
+            let a = Tensor::randn(0f32, 0.1, (8, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.1, (n, 8), &dev).unwrap();
+            let g = Tensor::rand(0.5f32, 1.5, n, &dev).unwrap();
+            LoraModule::new(&a, &b, 2.0, dora.then_some(&g), DType::F32).unwrap()
+        };
+        let mut adapter = AdapterWeights::new(1, 1);
+        adapter.insert(0, ProjKind::Q, module(64, true));
+        adapter.insert(0, ProjKind::V, module(32, false));
+        let mut merged = MergedWeights::new(1, 1);
+        merged.insert(
+            0,
+            ProjKind::V,
+            BaseWeight::Dense(v.weight().to_f32().unwrap()),
+        );
+        for m in [1, 5, 16] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let groups = [
+                RowGroup {
+                    start: 0,
+                    len: m / 2,
+                    adapter: Some(&adapter),
+                },
+                RowGroup {
+                    start: m / 2,
+                    len: 1,
+                    adapter: None,
+                },
+                RowGroup {
+                    start: m / 2 + 1,
+                    len: m - m / 2 - 1,
+                    adapter: Some(&adapter),
+                },
+            ];
+            let groups: Vec<RowGroup> = groups.into_iter().filter(|g| g.len > 0).collect();
+            for apply in [Apply::Base, Apply::Rows(&groups), Apply::Merged(&merged)] {
+                let together = AdaptedLinear::forward_many(&[&q, &kp, &v], &x, apply).unwrap();
+                for (l, y) in [&q, &kp, &v].into_iter().zip(&together) {
+                    let alone = l.forward(&x, apply).unwrap();
+                    let (a, b) = (
+                        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
+                    assert_eq!(a.len(), b.len());
+                    assert!(
+                        a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{:?} {m} rows, {apply:?}",
+                        l.kind()
+                    );
+                }
+            }
+        }
     }
 }

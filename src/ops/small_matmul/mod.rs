@@ -151,6 +151,35 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
     Ok(small_m_stored(xv.values(), m, w, best_isa()))
 }
 
+/// [`matmul_t_stored`] for several weights of one input (a layer's q, k and v; its gate
+/// and up): the input is packed once and every product runs as one job of the thread pool,
+/// so the threads meet once rather than once per weight (a decode step of SmolLM2 ran ~210
+/// jobs of ~100 µs, and each cost ~10 µs of packing and waiting). Each product is
+/// [`matmul_t_stored`]'s, bit for bit; inputs the one-job path does not take (prefill,
+/// int8 activations, rows of another length) run one weight at a time.
+pub fn matmul_t_stored_many(x: &Tensor, ws: &[&StoredMatrix]) -> Result<Vec<Tensor>> {
+    let (m, k) = x.dims2()?;
+    #[cfg(target_arch = "x86_64")]
+    let int8 = m >= int8::MIN_ROWS && ws.iter().any(|w| w.int8_activations() && int8::applies(w));
+    #[cfg(not(target_arch = "x86_64"))]
+    let int8 = false;
+    if ws.len() < 2 || m == 0 || m > MAX_ROWS || int8 || ws.iter().any(|w| w.cols() != k) {
+        return ws.iter().map(|w| matmul_t_stored(x, w)).collect();
+    }
+    let x = x
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()?;
+    let xv = view(&x).expect("a contiguous f32 CPU tensor");
+    Ok(small_m_stored_many(
+        xv.values(),
+        m,
+        ws,
+        best_isa(),
+        BLOCKED_MIN_K,
+    ))
+}
+
 // The accumulators of a tile run hold every panel of the most rows the kernel takes.
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(transposed::MAX_PANELS * 16 >= MAX_ROWS);
@@ -193,7 +222,22 @@ fn small_m_stored_with(
     isa: Isa,
     blocked_min_k: usize,
 ) -> Tensor {
-    let (n, k) = (w.rows(), w.cols());
+    let mut y = small_m_stored_many(x, m, &[w], isa, blocked_min_k);
+    y.pop().expect("one product")
+}
+
+/// `x` `[m, k]` times each of `ws` (all `[_, k]`) transposed, as one job: each weight's
+/// outputs split into runs as [`thread_chunk`] splits them, and the threads take runs of
+/// every weight as they come.
+fn small_m_stored_many(
+    x: &[f32],
+    m: usize,
+    ws: &[&StoredMatrix],
+    isa: Isa,
+    blocked_min_k: usize,
+) -> Vec<Tensor> {
+    let k = ws[0].cols();
+    debug_assert!(ws.iter().all(|w| w.cols() == k));
     let xt = panels(isa, x, m, k);
     let ro = if xt.is_some() {
         T_OUTPUTS
@@ -202,11 +246,18 @@ fn small_m_stored_with(
     };
     // A whole number of tiles per strip, so only a chunk's last strip may end in a tail.
     let strip = ro * (STRIP_VALUES / (ro * k)).max(1);
-    let mut y = vec![0f32; m * n];
-    let out = Out(y.as_mut_ptr());
-    let chunk = thread_chunk(n, k, ro);
-    super::pool::run(n.div_ceil(chunk), &|c| {
-        let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+    let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+    // (weight, first output, end) of every run.
+    let mut runs = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let n = w.rows();
+        let chunk = thread_chunk(n, k, ro);
+        runs.extend((0..n.div_ceil(chunk)).map(|c| (i, c * chunk, ((c + 1) * chunk).min(n))));
+    }
+    super::pool::run(runs.len(), &|r| {
+        let (i, o0, o1) = runs[r];
+        let (w, out, n) = (ws[i], outs[i], ws[i].rows());
         STRIP.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < strip * k {
@@ -214,13 +265,13 @@ fn small_m_stored_with(
             }
             #[cfg(target_arch = "x86_64")]
             if let (Some((xt, b)), true) = (&xt, k >= blocked_min_k) {
-                // SAFETY: `xt` is `x` packed with `b`, and the chunk alone writes
-                // columns `o0..o1` of the `[m, n]` output.
+                // SAFETY: `xt` is `x` packed with `b`, and the run alone writes
+                // columns `o0..o1` of weight `i`'s `[m, n]` output.
                 unsafe { blocked(xt, *b, m, w, o0, o1, &mut buf, out, n) };
                 return;
             }
             if m == 1 {
-                // SAFETY: this chunk alone writes outputs `o0..o1` of the single row.
+                // SAFETY: this run alone writes outputs `o0..o1` of the single row.
                 let y = unsafe { out.slice(o0, o1 - o0) };
                 if w.dot_rows(o0, x, y) {
                     return;
@@ -236,7 +287,7 @@ fn small_m_stored_with(
                 w.dequantize_rows_ahead(o, rows, wv, ahead);
                 // SAFETY: `x` is `[m, k]`, `wv` is `[rows, k]`, and the output pointer is
                 // shifted to column `o` of the `[m, n]` buffer with `o + rows <= n`: this call
-                // writes columns `o..o + rows`, which no other strip or chunk writes.
+                // writes columns `o..o + rows`, which no other strip or run writes.
                 unsafe {
                     columns(
                         isa,
@@ -255,7 +306,12 @@ fn small_m_stored_with(
             }
         });
     });
-    Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu).expect("m × n values")
+    ys.into_iter()
+        .zip(ws)
+        .map(|(y, w)| {
+            Tensor::from_vec(y, (m, w.rows()), &candle_core::Device::Cpu).expect("m × n values")
+        })
+        .collect()
 }
 
 /// Outputs `o0..o1` of all `m` rows by the transposed tiling over stored weights, a strip of

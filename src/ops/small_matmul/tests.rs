@@ -330,3 +330,42 @@ fn transpose_16x16_moves_every_lane() {
         }
     }
 }
+
+#[test]
+fn weights_of_one_input_in_one_job_equal_each_alone_bit_for_bit() {
+    // A layer's q, k and v (or gate and up) share their input: in one job each product must
+    // be what it is alone, for every row count the kernels take (1: dot rows; 2–8: dot
+    // tiles or 8-row panels; 9–64: 16-row panels; rows of 2048 read blocks of positions),
+    // mixed formats and output counts, and prefill (one weight at a time) as well.
+    use candle_core::quantized::GgmlDType::*;
+    let dev = Device::Cpu;
+    for k in [256, 2048] {
+        let ws: Vec<StoredMatrix> = [(Q4K, 50), (Q6K, 24), (Q8_0, 7), (Q5_0, 33)]
+            .into_iter()
+            .map(|(dtype, n)| {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                StoredMatrix::quantize(&w, dtype).unwrap()
+            })
+            .collect();
+        let refs: Vec<&StoredMatrix> = ws.iter().collect();
+        for m in [1, 2, 5, 8, 9, 16, 33, 64, 70] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let many = matmul_t_stored_many(&x, &refs).unwrap();
+            assert_eq!(many.len(), ws.len());
+            for (w, y) in ws.iter().zip(&many) {
+                let alone = matmul_t_stored(&x, w).unwrap();
+                assert_eq!(y.dims(), alone.dims());
+                let (a, b) = (
+                    y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                assert!(
+                    a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{:?} {m}x{k}x{}",
+                    w.dtype(),
+                    w.rows()
+                );
+            }
+        }
+    }
+}
