@@ -145,7 +145,7 @@ fn pack(x: &[f32], m: usize, k: usize, xt: &mut Vec<f32>) {
         let rows = (m - p * 16).min(16);
         // SAFETY: panel `p` is `16 * k` values of `xt`, written by this part alone; rows
         // `p * 16..p * 16 + rows` are in `x`; the CPU has AVX-512F (the caller's contract).
-        unsafe { transposed::pack_panel(&x[p * 16 * k..], rows, k, dst.slice(p * 16 * k, 16 * k)) };
+        unsafe { transposed::pack_panel(&x[p * 16 * k..], rows, k, dst.add(p * 16 * k).0) };
     });
 }
 

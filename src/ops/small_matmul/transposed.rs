@@ -33,14 +33,28 @@ pub(super) fn positions(m: usize, k: usize) -> Option<usize> {
 /// past row `m`.
 pub(super) fn pack(x: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
     let rows = LANES / b;
-    let mut xt = vec![0f32; m.div_ceil(rows) * k * rows];
+    let len = m.div_ceil(rows) * k * rows;
     if b == 1 && is_x86_feature_detected!("avx512f") {
-        for (p, panel) in xt.chunks_exact_mut(LANES * k).enumerate() {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            unsafe { pack_panel(&x[p * LANES * k..], (m - p * LANES).min(LANES), k, panel) };
+        // Every value is written below, the zeros past row `m` included: no zeroing first
+        // (it cost as much as the packing).
+        let mut xt: Vec<f32> = Vec::with_capacity(len);
+        for p in 0..m.div_ceil(LANES) {
+            // SAFETY: the CPU has AVX-512F (checked just above); panel `p` is the `16 * k`
+            // values of `xt`'s capacity from `p * 16 * k` on.
+            unsafe {
+                pack_panel(
+                    &x[p * LANES * k..],
+                    (m - p * LANES).min(LANES),
+                    k,
+                    xt.as_mut_ptr().add(p * LANES * k),
+                )
+            };
         }
+        // SAFETY: the panels wrote all `len` values.
+        unsafe { xt.set_len(len) };
         return xt;
     }
+    let mut xt = vec![0f32; len];
     for (r, row) in x.chunks_exact(k).take(m).enumerate() {
         let panel = &mut xt[r / rows * k * rows..];
         let lane = r % rows * b;
@@ -52,13 +66,14 @@ pub(super) fn pack(x: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
 }
 
 /// The first `rows` (≤ 16) rows of `x` as one panel of one position per vector (zero past
-/// them): 16 positions of 16 rows at a time, transposed in registers.
+/// them) at `panel`: 16 positions of 16 rows at a time, transposed in registers. Every one of
+/// the panel's `16 * k` values is written.
 ///
 /// # Safety
-/// The CPU has AVX-512F.
+/// The CPU has AVX-512F, and `panel` points to `16 * k` writable values.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn pack_panel(x: &[f32], rows: usize, k: usize, panel: &mut [f32]) {
-    assert!(x.len() >= rows * k && panel.len() == 16 * k);
+pub(super) unsafe fn pack_panel(x: &[f32], rows: usize, k: usize, panel: *mut f32) {
+    assert!(x.len() >= rows * k && rows <= 16);
     let whole = k / 16 * 16;
     for j in (0..whole).step_by(16) {
         let mut v = [_mm512_setzero_ps(); 16];
@@ -67,12 +82,12 @@ pub(super) unsafe fn pack_panel(x: &[f32], rows: usize, k: usize, panel: &mut [f
         }
         transpose(&mut v);
         for (c, v) in v.iter().enumerate() {
-            _mm512_storeu_ps(panel.as_mut_ptr().add((j + c) * 16), *v);
+            _mm512_storeu_ps(panel.add((j + c) * 16), *v);
         }
     }
     for j in whole..k {
         for r in 0..16 {
-            panel[j * 16 + r] = if r < rows { x[r * k + j] } else { 0.0 };
+            *panel.add(j * 16 + r) = if r < rows { x[r * k + j] } else { 0.0 };
         }
     }
 }
