@@ -234,10 +234,56 @@ def decode(vs, modes_list, fmts_list=()):
                 row += f" {span([x / mb for x in rss], '{:.2f}')} |"
             lines.append(row)
         lines.append("")
+    lines += PROFILE
     lines += ["## Through the server", "",
               "`benches/RESULTS.md` holds the HTTP scenarios (prefill, HTTP and the client included), with",
               "llama.cpp's `llama-server` as the HTTP peer on the same file."]
     return lines
+
+
+# Where the time goes in the stored-format targets still missed (issue #12): profiles taken by
+# hand (perf record), not regenerated with the tables above.
+PROFILE = [
+    "## Where the time goes in the targets missed",
+    "",
+    "Profiles taken by hand on 2026-12-06 (`perf record` of `generate --batch`, and a",
+    "microbenchmark outside the repo that runs `matmul_t_stored` over every layer matrix of a",
+    "file, medians of interleaved passes; cycles at the nominal 2.6 GHz, both cores).",
+    "",
+    "- **1B-shaped Q4_K_M at 16 sequences (0.86).** The 112 layer matrices take 13.0–14.5",
+    "  cycles per 16 weights. With the dequantisation skipped (the tile over a stale buffer) they",
+    "  take 10.2–10.9; the dequantisation alone takes 4.5–4.6, also with the weights in L3, so",
+    "  memory is not the limit and the two barely overlap. 16 rows × 16 weights are 16",
+    "  multiply-adds: 8 cycles on the two 512-bit units at 2.6 GHz, so the tile runs at their",
+    "  peak at the lower clock AVX-512 work gets. Each 16 Q4_K values cost about 5 vector",
+    "  operations (scales, tables, permutes) on the same two ports; overlapped perfectly, the",
+    "  matrices would run about 12% faster and the step reach about 0.96× llama.cpp. Two 8-row",
+    "  panels sharing",
+    "  each weight load (fewer loads, same multiply-adds) measured the same; prefetching into L1",
+    "  was slower. The exact path does one f32 multiply-add per weight and row; llama.cpp",
+    "  multiplies int8 (VNNI, 4 products a lane per instruction), as `--int8-activations` does",
+    "  (1.38× llama.cpp on this file at 16 sequences, table above).",
+    "- **SmolLM2 Q4_K_M at 8 sequences (1.00, a median ratio of 0.996).** The file is mostly",
+    "  Q5_0. A step: the f32 dot tiles 38%, Q5_0 dequantisation 11%, the other formats'",
+    "  (`lm_head`'s Q8_0, the k-quants of `ffn_down`) 10%, the threads waiting for each other",
+    "  10%, attention 5%. Tried and not kept: Q5_0 values built in byte lanes (25% slower on",
+    "  the dequantisation alone), two permutes per 16 values with the fifth bits as a mask",
+    "  (6–12% faster on the dequantisation, about 1% of a step), the 8-row transposed tiling",
+    "  (18% slower on these rows of 576 and 1536), one tree reducing 16 accumulators at once",
+    "  (bit for bit `_mm512_reduce_add_ps`; 1%, within the noise). What moved it from 0.94",
+    "  to 1.00: q, k, v (and gate, up) as one job, no zeroing of outputs and panels, and",
+    "  attention compiled for AVX-512.",
+    "- **RSS of the SmolLM2 files (1.15–1.22 of the file beside the KV cache).** At the peak",
+    "  (`/proc/PID/smaps`, Q4_K_M, 16 sequences): the mapped file 99 MiB (all of it), the KV",
+    "  cache ~90 MiB, and ~22 MB that does not grow with the model: the binary's code resident",
+    "  8–9 MiB (of 16.6 MB of `.text`; the kernel maps 64 KiB around each page fault) and",
+    "  read-only data 2–3 MiB, libc and libm 2 MiB, the heap 4.4 MiB (the tokenizer: 49,152",
+    "  tokens, 48,900 merges), buffers ~5 MiB (logits of 16 rows are 3 MiB). On the 1B-shaped",
+    "  files the same bytes are 1.05–1.09 of the file. Fat LTO shrank `.text` to 15.1 MB and the",
+    "  RSS by 1–2 MB at an 11-minute build; `malloc_trim` after loading changed nothing. Neither",
+    "  is in the build.",
+    "",
+]
 
 
 # ---------------------------------------------------------------- PREFILL.md (long prompts)
