@@ -472,16 +472,21 @@ mod tests {
     fn fast_dequantisation_equals_candles_bit_for_bit() {
         let dev = Device::Cpu;
         use GgmlDType::*;
-        for dtype in [F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K] {
+        // 3 × 672: rows of 21 blocks of 32, so that groups of blocks end part-way.
+        for (dtype, cols) in [F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K]
+            .into_iter()
+            .map(|d| (d, 1024))
+            .chain([(Q5_0, 672), (Q4_0, 672), (Q8_0, 672)])
+        {
             // Values over several magnitudes, so scales, mins and high bits all vary.
-            let t = Tensor::randn(0f32, 1.0, (3, 1024), &dev)
+            let t = Tensor::randn(0f32, 1.0, (3, cols), &dev)
                 .unwrap()
                 .broadcast_mul(&Tensor::rand(0.01f32, 100.0, (3, 1), &dev).unwrap())
                 .unwrap();
             let m = StoredMatrix::quantize(&t, dtype).unwrap();
             let bytes = m.bytes.as_slice();
-            let mut fast = vec![0f32; 3 * 1024];
-            let mut slow = vec![1f32; 3 * 1024];
+            let mut fast = vec![0f32; 3 * cols];
+            let mut slow = vec![1f32; 3 * cols];
             assert!(
                 super::super::dequant::dequantize(dtype, bytes, &mut fast),
                 "{dtype:?}"
