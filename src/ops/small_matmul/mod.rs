@@ -113,10 +113,7 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
             w.cols()
         );
     }
-    let x = x
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(candle_core::DType::F32)?
-        .contiguous()?;
+    let x = cpu_f32(x)?;
     if m == 0 {
         return Tensor::zeros(
             (0, w.rows()),
@@ -125,7 +122,7 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if m >= int8::MIN_ROWS && w.int8_activations() && int8::applies(w) {
+    if takes_int8(m, w) {
         let xv = view(&x).expect("a contiguous f32 CPU tensor");
         // Prefill in groups of MAX_ROWS rows, each its own rows of the output. Against the
         // exact prefill tiling, TTFT at 512 tokens through HTTP (3 interleaved rounds):
@@ -159,17 +156,11 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
 /// int8 activations, rows of another length) run one weight at a time.
 pub fn matmul_t_stored_many(x: &Tensor, ws: &[&StoredMatrix]) -> Result<Vec<Tensor>> {
     let (m, k) = x.dims2()?;
-    #[cfg(target_arch = "x86_64")]
-    let int8 = m >= int8::MIN_ROWS && ws.iter().any(|w| w.int8_activations() && int8::applies(w));
-    #[cfg(not(target_arch = "x86_64"))]
-    let int8 = false;
-    if ws.len() < 2 || m == 0 || m > MAX_ROWS || int8 || ws.iter().any(|w| w.cols() != k) {
+    let one_job = |w: &&StoredMatrix| w.cols() == k && !takes_int8(m, w);
+    if m == 0 || m > MAX_ROWS || !ws.iter().all(one_job) {
         return ws.iter().map(|w| matmul_t_stored(x, w)).collect();
     }
-    let x = x
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(candle_core::DType::F32)?
-        .contiguous()?;
+    let x = cpu_f32(x)?;
     let xv = view(&x).expect("a contiguous f32 CPU tensor");
     Ok(small_m_stored_many(
         xv.values(),
@@ -178,6 +169,25 @@ pub fn matmul_t_stored_many(x: &Tensor, ws: &[&StoredMatrix]) -> Result<Vec<Tens
         best_isa(),
         BLOCKED_MIN_K,
     ))
+}
+
+/// `x` as the kernels read it: on the CPU, f32, contiguous (as it is, when it is already).
+fn cpu_f32(x: &Tensor) -> Result<Tensor> {
+    x.to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()
+}
+
+/// Whether `m` input rows against `w` take the int8 kernel ([`matmul_t_stored`]'s choice,
+/// which [`matmul_t_stored_many`] follows so that its products stay the same).
+fn takes_int8(m: usize, w: &StoredMatrix) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return m >= int8::MIN_ROWS && w.int8_activations() && int8::applies(w);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, w);
+        false
+    }
 }
 
 // The accumulators of a tile run hold every panel of the most rows the kernel takes.
