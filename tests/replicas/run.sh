@@ -26,6 +26,13 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# On failure, say what the store saw: the first CI failure of this test was a 500 from every
+# PUT for 30 s with nothing else to go on.
+on_error() {
+  echo "--- failed; disk where SeaweedFS keeps its volumes:"; df -h "$work" || true
+  echo "--- the last 40 lines of weed.log:"; tail -40 "$work/weed.log" 2>/dev/null || true
+}
+trap on_error ERR
 
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -48,13 +55,16 @@ cat > "$work/s3.json" <<EOF
 EOF
 mkdir -p "$work/weed-data"
 # check.py stops and restarts it with the same command line (written here).
+# -volume.minFreeSpace: by default SeaweedFS makes every volume read-only below 1% free disk,
+# 2.5 GB of a 252 GB CI disk that a cargo target directory may have filled; this test stores
+# a few MB.
 cat > "$work/weed.sh" <<EOF
 #!/usr/bin/env bash
 exec "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$work/weed-data" \
   -master.port=${ports[1]} -volume.port=${ports[2]} -filer.port=${ports[3]} \
   -master.port.grpc=${ports[4]} -volume.port.grpc=${ports[5]} -filer.port.grpc=${ports[6]} \
   -s3 -s3.port=$s3_port -s3.port.grpc=${ports[7]} -s3.port.iceberg=0 -s3.port.lance=0 \
-  -s3.config="$work/s3.json" -volume.max=8 -metricsPort=0 \
+  -s3.config="$work/s3.json" -volume.max=8 -volume.minFreeSpace=256MiB -metricsPort=0 \
   >>"$work/weed.log" 2>&1
 EOF
 chmod +x "$work/weed.sh"
@@ -77,6 +87,15 @@ for _ in $(seq 1 60); do
   sleep 0.5
 done
 [ "$code" = 200 ] || [ "$code" = 409 ] || { echo "cannot create the bucket ($code)"; tail -20 "$work/weed.log"; exit 1; }
+# A bucket is only filer metadata; the first object needs a volume, which the master grows
+# once the volume server has registered. Write one before any test does.
+for _ in $(seq 1 120); do
+  code=$(s3 -X PUT --data-binary probe -o /dev/null -w '%{http_code}' "$AWS_ENDPOINT/dora-test/startup-probe" || true)
+  [ "$code" = 200 ] && break
+  sleep 0.5
+done
+[ "$code" = 200 ] || { echo "SeaweedFS takes no object ($code)"; false; }
+s3 -X DELETE -o /dev/null "$AWS_ENDPOINT/dora-test/startup-probe" || true
 
 # --- the replicas ------------------------------------------------------------------------
 start_replica() { # name, extra args...
