@@ -224,7 +224,9 @@ class Run:
         with open(f"{self.a.work}/weed.pid", "w") as f:
             f.write(str(weed.pid))
         recovered = wait_until("r1 /ready to recover", lambda: jget(f"{r1}/ready")[0] == 200, 90)
-        wait_until("uploads to work again", lambda: upload(r1, "after-outage", "lora-r8")[0] in (200, 201), 30)
+        # A restarted SeaweedFS takes writes only once its volume server has registered again
+        # (until then SeaweedFS answers a PUT with 500, after retrying inside for 30 s).
+        wait_until("uploads to work again", lambda: upload(r1, "after-outage", "lora-r8")[0] in (200, 201), 90)
         assert complete(r1, "cold")[0] == 200
         fams = metrics(r1)
         assert value(fams, "dora_adapter_store_up") == 1
