@@ -18,19 +18,34 @@ pub(super) const fn tile_outputs(rr: usize) -> usize {
     }
 }
 
-/// The loops shared by both implementations: output tiles of `RO` (chosen from the first row
+/// Rows per register tile at most on AVX2, and its outputs per tile: AVX2 has 16 vector
+/// registers, which must hold the `RO·RR` accumulators, the `RO` weight vectors and an input
+/// vector. (AVX-512's shapes, up to 16 accumulators, spilled there.) Each output's sum is the
+/// same whatever the tile's shape: lane by lane over its positions in order, then the lanes.
+pub(super) const MAX_RR_AVX2: usize = 4;
+
+pub(super) const fn tile_outputs_avx2(rr: usize) -> usize {
+    match rr {
+        1 => 7,
+        2 => 5,
+        _ => 3,
+    }
+}
+
+/// The loops shared by every implementation: output tiles of `RO` (chosen from the first row
 /// block, so a tile's weights stay in L1 while every row block uses them), row blocks of up to
-/// [`MAX_RR`] rows, and one-output tiles for what is left over.
+/// `$max_rr` rows, and one-output tiles for what is left over; `$outputs(rr)` is `RO` for
+/// `rr` rows.
 macro_rules! tile_loops {
-    ($micro:ident, $x:expr, $m:expr, $k:expr, $w:expr, $o0:expr, $o1:expr, $y:expr, $ldy:expr) => {{
+    ($micro:ident, $outputs:ident, $max_rr:expr, $x:expr, $m:expr, $k:expr, $w:expr, $o0:expr, $o1:expr, $y:expr, $ldy:expr) => {{
         let (x, m, k, w, o0, o1, y, ldy) = ($x, $m, $k, $w, $o0, $o1, $y, $ldy);
-        let ro = tile_outputs(m.min(MAX_RR));
+        let ro = $outputs(m.min($max_rr));
         let mut o = o0;
         while o < o1 {
             let width = if o + ro <= o1 { ro } else { 1 };
             let mut r = 0;
             while r < m {
-                let rr = (m - r).min(MAX_RR);
+                let rr = (m - r).min($max_rr);
                 let (xp, wp, yp) = (x.add(r * k), w.add(o * k), y.add(r * ldy + o));
                 macro_rules! rows {
                     ($ro:literal) => {
@@ -48,6 +63,7 @@ macro_rules! tile_loops {
                 }
                 match width {
                     8 => rows!(8),
+                    7 => rows!(7),
                     5 => rows!(5),
                     4 => rows!(4),
                     3 => rows!(3),
@@ -84,7 +100,7 @@ pub(super) mod avx512 {
         y: *mut f32,
         ldy: usize,
     ) {
-        tile_loops!(micro, x, m, k, w, o0, o1, y, ldy)
+        tile_loops!(micro, tile_outputs, MAX_RR, x, m, k, w, o0, o1, y, ldy)
     }
 
     /// `y[r * ldy + o] = x[r, ..] · w[o, ..]` for `RO` outputs and `RR` rows, 16 lanes at a
@@ -141,18 +157,15 @@ pub(super) mod avx512 {
     }
 }
 
-/// The same tiling in plain Rust over 8-lane arrays, which the compiler turns into the vector
-/// instructions of whatever it is compiled for.
-pub(super) mod portable {
-    use super::{tile_outputs, MAX_RR};
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use super::{tile_outputs_avx2, MAX_RR_AVX2};
+    use std::arch::x86_64::*;
 
-    const L: usize = 8;
-
-    /// See [`super::columns`]; compiled with AVX2 and FMA enabled.
-    #[cfg(target_arch = "x86_64")]
+    /// See [`super::columns`], with AVX2's tile shapes.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(in crate::ops::small_matmul) unsafe fn columns_avx2(
+    pub(in crate::ops::small_matmul) unsafe fn columns(
         x: *const f32,
         m: usize,
         k: usize,
@@ -162,8 +175,58 @@ pub(super) mod portable {
         y: *mut f32,
         ldy: usize,
     ) {
-        tile_loops!(micro, x, m, k, w, o0, o1, y, ldy)
+        tile_loops!(micro, tile_outputs_avx2, MAX_RR_AVX2, x, m, k, w, o0, o1, y, ldy)
     }
+
+    /// The portable tile's arithmetic, operation for operation (so its sums bit for bit):
+    /// 8 lanes, each a multiply-add chain over its positions, then the lanes added in order and
+    /// the tail's positions multiply-added one by one. Each position's `RO` weight vectors are
+    /// loaded once into registers for all `RR` rows.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // indexing two arrays by the same tile coordinates
+    unsafe fn micro<const RO: usize, const RR: usize>(
+        x: *const f32,
+        w: *const f32,
+        k: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); RR]; RO];
+        let mut kk = 0;
+        while kk + 8 <= k {
+            let mut wv = [_mm256_setzero_ps(); RO];
+            for (o, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(w.add(o * k + kk));
+            }
+            for r in 0..RR {
+                let xv = _mm256_loadu_ps(x.add(r * k + kk));
+                for o in 0..RO {
+                    acc[o][r] = _mm256_fmadd_ps(wv[o], xv, acc[o][r]);
+                }
+            }
+            kk += 8;
+        }
+        for o in 0..RO {
+            for r in 0..RR {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[o][r]);
+                let mut s = lanes.iter().sum::<f32>();
+                for t in kk..k {
+                    s = (*w.add(o * k + t)).mul_add(*x.add(r * k + t), s);
+                }
+                *y.add(r * ldy + o) = s;
+            }
+        }
+    }
+}
+
+/// The same tiling in plain Rust over 8-lane arrays, which the compiler turns into the vector
+/// instructions of whatever it is compiled for.
+pub(super) mod portable {
+    use super::{tile_outputs, MAX_RR};
+
+    const L: usize = 8;
 
     /// See [`super::columns`].
     #[allow(clippy::too_many_arguments)]
@@ -177,7 +240,7 @@ pub(super) mod portable {
         y: *mut f32,
         ldy: usize,
     ) {
-        tile_loops!(micro, x, m, k, w, o0, o1, y, ldy)
+        tile_loops!(micro, tile_outputs, MAX_RR, x, m, k, w, o0, o1, y, ldy)
     }
 
     #[inline(always)]

@@ -7,9 +7,9 @@
 //! `RR` rows and each input vector once for all `RO` outputs; the weight streams through once
 //! per step in `RO` sequential runs (what hardware prefetchers follow best). Output columns are
 //! split over the threads of [`super::pool`], which write disjoint columns, so no partial sums are combined.
-//! On x86-64 with AVX-512 the tile is written with intrinsics (32 vector registers hold up to
-//! 24 accumulators); elsewhere a portable version of the same tiling is compiled for the best
-//! vector extension present (`dot.rs`). For more rows, AVX-512 runs a transposed tiling instead
+//! On x86-64 the tile is written with intrinsics, its shape fitted to the registers: AVX-512's
+//! 32 hold up to 16 accumulators, AVX2's 16 up to 12 (`dot.rs`); elsewhere a portable version
+//! of the same tiling is compiled for the best vector extension present. For more rows, AVX-512 runs a transposed tiling instead
 //! (`transposed.rs`: input rows in vector lanes, weights broadcast). Prefill (more than
 //! [`MAX_ROWS`] rows) runs that tiling too on AVX-512, blocked for the caches (`prefill.rs`).
 //! Anything the kernels do not cover (other devices, dtypes, layouts; prefill without
@@ -252,7 +252,7 @@ fn small_m_stored_many(
     let ro = if xt.is_some() {
         T_OUTPUTS
     } else {
-        tile_outputs(m.min(MAX_RR))
+        tile_width(isa, m)
     };
     // A whole number of tiles per strip, so only a chunk's last strip may end in a tail.
     let strip = ro * (STRIP_VALUES / (ro * k)).max(1);
@@ -447,6 +447,15 @@ enum Isa {
     Portable,
 }
 
+/// Outputs per dot-product tile of `m` rows on `isa`.
+fn tile_width(isa: Isa, m: usize) -> usize {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => dot::tile_outputs_avx2(m.min(dot::MAX_RR_AVX2)),
+        _ => tile_outputs(m.min(MAX_RR)),
+    }
+}
+
 fn best_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
@@ -567,7 +576,7 @@ unsafe fn columns(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => dot::avx512::columns(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => dot::portable::columns_avx2(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
+        Isa::Avx2 => dot::avx2::columns(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
         Isa::Portable => dot::portable::columns(x.as_ptr(), m, k, w.as_ptr(), o0, o1, y.0, ldy),
     }
 }

@@ -40,6 +40,31 @@ fn equals_candle_matmul_for_every_small_shape_and_isa() {
     }
 }
 
+/// The AVX2 tiles (their own shapes, for 16 registers) sum each output as the portable tiles
+/// do, so a row's result does not depend on which of the two runs, nor on how many rows share
+/// the step.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_tiles_equal_the_portable_tiles_bit_for_bit() {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        return;
+    }
+    for m in 1..=MAX_ROWS {
+        for (k, n) in [(7, 3), (8, 15), (17, 25), (70, 50), (576, 23)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+            let avx2 = small_m(&x, &w, Some(Isa::Avx2)).unwrap().expect("kernel applies");
+            let portable = small_m(&x, &w, Some(Isa::Portable)).unwrap().expect("kernel applies");
+            let (a, p) = (avx2.to_vec2::<f32>().unwrap(), portable.to_vec2::<f32>().unwrap());
+            assert_eq!(a, p, "{m}x{k}x{n}");
+            // And one row alone gives that row's values.
+            let r = m / 2;
+            let alone = small_m(&x.narrow(0, r, 1).unwrap(), &w, Some(Isa::Avx2)).unwrap().unwrap();
+            assert_eq!(alone.to_vec2::<f32>().unwrap()[0], a[r], "{m}x{k}x{n} row {r} alone");
+        }
+    }
+}
+
 /// The transposed tiling at every panel shape (1, 2, 4 and 8 positions per row in a
 /// vector), every row count up to two panels and output counts with every tile tail, not
 /// only the shapes the row-count rule picks.
