@@ -19,7 +19,6 @@
 //! for bit the dequantised values' (its documentation says how, and its tests bound it).
 
 use candle_core::quantized::GgmlDType;
-use half::f16;
 
 /// Dequantise whole blocks of `dtype` in `bytes` into `out`; `false` (nothing written) when
 /// there is no fast path for `dtype`.
@@ -118,7 +117,7 @@ fn plain(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
         F16 => {
             assert_eq!(bytes.len(), 2 * out.len());
             for (b, y) in bytes.chunks_exact(2).zip(out.iter_mut()) {
-                *y = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                *y = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
             }
         }
         _ => return false,
@@ -307,7 +306,27 @@ fn dot_plain(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) -> bool {
 
 #[inline(always)]
 fn half_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// The f32 of the f16 with bits `h`, exactly `half`'s `to_f32` (NaNs quieted, as both its
+/// F16C and its software paths do), in plain integer and float operations that inline into
+/// the vectorised callers. `half` converts by calling a function chosen at run time (F16C's
+/// instruction is not compiled into code built without it): on AVX2, where each Q5_0 or Q8_0
+/// block of a one-row product made that call, the call took every accumulator to the stack
+/// and back.
+///
+/// The 15 bits of magnitude, shifted to an f32's place, are the value scaled by 2^-112
+/// (a subnormal f16 becomes an f32 subnormal): the product by 2^112 is exact.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let (sign, mag) = (((h & 0x8000) as u32) << 16, (h & 0x7fff) as u32);
+    if mag >= 0x7c00 {
+        // Infinity, or NaN with its payload and the quiet bit.
+        let quiet = if mag > 0x7c00 { 0x0040_0000 } else { 0 };
+        return f32::from_bits(sign | 0x7f80_0000 | quiet | ((mag & 0x3ff) << 13));
+    }
+    f32::from_bits(sign | (f32::from_bits(mag << 13) * f32::from_bits(0x7780_0000)).to_bits())
 }
 
 #[inline(always)]
@@ -583,4 +602,14 @@ fn exact_dot(dtype: GgmlDType, row: &[u8], x: &[f32]) -> (f64, f64) {
         _ => unimplemented!("{dtype:?}"),
     }
     (sum, size)
+}
+
+/// Every one of the 65,536 f16 bit patterns converts to `half`'s f32, bit for bit (NaNs
+/// included: both quiet them and keep their payloads).
+#[test]
+fn f16_conversion_equals_half_for_every_bit_pattern() {
+    for h in 0..=u16::MAX {
+        let (ours, theirs) = (f16_to_f32(h), half::f16::from_bits(h).to_f32());
+        assert_eq!(ours.to_bits(), theirs.to_bits(), "f16 bits {h:#06x}");
+    }
 }

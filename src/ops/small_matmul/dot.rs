@@ -175,7 +175,19 @@ pub(super) mod avx2 {
         y: *mut f32,
         ldy: usize,
     ) {
-        tile_loops!(micro, tile_outputs_avx2, MAX_RR_AVX2, x, m, k, w, o0, o1, y, ldy)
+        tile_loops!(
+            micro,
+            tile_outputs_avx2,
+            MAX_RR_AVX2,
+            x,
+            m,
+            k,
+            w,
+            o0,
+            o1,
+            y,
+            ldy
+        )
     }
 
     /// The portable tile's arithmetic, operation for operation (so its sums bit for bit):

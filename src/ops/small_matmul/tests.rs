@@ -53,14 +53,27 @@ fn avx2_tiles_equal_the_portable_tiles_bit_for_bit() {
         for (k, n) in [(7, 3), (8, 15), (17, 25), (70, 50), (576, 23)] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-            let avx2 = small_m(&x, &w, Some(Isa::Avx2)).unwrap().expect("kernel applies");
-            let portable = small_m(&x, &w, Some(Isa::Portable)).unwrap().expect("kernel applies");
-            let (a, p) = (avx2.to_vec2::<f32>().unwrap(), portable.to_vec2::<f32>().unwrap());
+            let avx2 = small_m(&x, &w, Some(Isa::Avx2))
+                .unwrap()
+                .expect("kernel applies");
+            let portable = small_m(&x, &w, Some(Isa::Portable))
+                .unwrap()
+                .expect("kernel applies");
+            let (a, p) = (
+                avx2.to_vec2::<f32>().unwrap(),
+                portable.to_vec2::<f32>().unwrap(),
+            );
             assert_eq!(a, p, "{m}x{k}x{n}");
             // And one row alone gives that row's values.
             let r = m / 2;
-            let alone = small_m(&x.narrow(0, r, 1).unwrap(), &w, Some(Isa::Avx2)).unwrap().unwrap();
-            assert_eq!(alone.to_vec2::<f32>().unwrap()[0], a[r], "{m}x{k}x{n} row {r} alone");
+            let alone = small_m(&x.narrow(0, r, 1).unwrap(), &w, Some(Isa::Avx2))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                alone.to_vec2::<f32>().unwrap()[0],
+                a[r],
+                "{m}x{k}x{n} row {r} alone"
+            );
         }
     }
 }
