@@ -38,6 +38,12 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
         }
         return true;
     }
+    #[cfg(target_arch = "x86_64")]
+    if dtype == GgmlDType::Q5_0 && avx2::available() {
+        // SAFETY: the CPU has what `avx2` needs, checked just above.
+        unsafe { avx2::q5_0(bytes, out) };
+        return true;
+    }
     dispatch(dtype, bytes, out)
 }
 
@@ -69,6 +75,8 @@ pub(super) fn dequantize_ahead(
     false
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod strip;
 #[cfg(target_arch = "x86_64")]
@@ -157,6 +165,12 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
             GgmlDType::Q5K => unsafe { kdot::q5_k(rows, x, y) },
             _ => unsafe { kdot::q6_k(rows, x, y) },
         }
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if dtype == GgmlDType::Q5_0 && !is_x86_feature_detected!("avx512f") && avx2::available() {
+        // SAFETY: the CPU has what `avx2` needs, checked just above.
+        unsafe { avx2::q5_0_dot(rows, x, y) };
         return true;
     }
     dot_dispatch(dtype, rows, x, y)
