@@ -64,48 +64,155 @@ unsafe fn times(q: __m128i, d: __m256) -> __m256 {
     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
 }
 
-/// Q5_0 blocks in `bytes` dequantised into `out`, bit for bit candle's values.
-///
-/// # Safety
-/// [`available`].
+/// A Q4_K block's 256 values, `d·sc · q − dmin·m` (a product, then a difference, as the
+/// portable formula), as 32 vectors of 8 in order.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn q5_0(bytes: &[u8], out: &mut [f32]) {
-    assert_eq!(bytes.len() / 22 * 32, out.len());
-    for (b, y) in bytes.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
-        let v = q5_0_block(b.try_into().expect("whole blocks"));
-        for (i, v) in v.iter().enumerate() {
-            _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), *v);
+#[inline]
+unsafe fn q4_k_block(b: &[u8; 144], out: &mut [__m256; 32]) {
+    let (d, min) = (
+        f16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        f16_to_f32(u16::from_le_bytes([b[2], b[3]])),
+    );
+    let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+    let low4 = _mm256_set1_epi8(0x0F);
+    for g in 0..4 {
+        let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * g) as *const __m256i);
+        let halves = [
+            _mm256_and_si256(q, low4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
+        ];
+        for (s, nib) in halves.iter().enumerate() {
+            let (sc, m) = super::scale_min_k4(2 * g + s, scales);
+            let (d1, m1) = (
+                _mm256_set1_ps(d * sc as f32),
+                _mm256_set1_ps(min * m as f32),
+            );
+            let (lo, hi) = (
+                _mm256_castsi256_si128(*nib),
+                _mm256_extracti128_si256::<1>(*nib),
+            );
+            for (i, part) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)]
+                .iter()
+                .enumerate()
+            {
+                let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(*part));
+                out[8 * g + 4 * s + i] = _mm256_sub_ps(_mm256_mul_ps(d1, v), m1);
+            }
         }
     }
 }
 
-/// `y[i] = x · rows.row(i)` for Q5_0 rows, summed exactly as the portable `dot_rows`.
-///
-/// # Safety
-/// [`available`].
+/// A Q6_K block's 256 values, `(d · sc) · (q − 32)` as the portable formula, as 32 vectors of
+/// 8 in order: in each half of the block, values `l`, `l + 32`, `l + 64` and `l + 96` take the
+/// low and high nibbles of `ql[l]` and `ql[l + 32]`, with two bits of `qh[l]` each on top.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn q5_0_dot(rows: &Rows, x: &[f32], y: &mut [f32]) {
-    assert_eq!(rows.row_bytes / 22 * 32, x.len());
-    for (i, out) in y.iter_mut().enumerate() {
-        let row = rows.row(i);
-        // The portable kernel's two 16-lane accumulators, as two vectors each: values 0–15 of
-        // each block into the first, 16–31 into the second.
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (b, xs) in row.chunks_exact(22).zip(x.chunks_exact(32)) {
-            prefetch_ahead(b);
-            let v = q5_0_block(b.try_into().expect("whole blocks"));
-            for (j, v) in v.iter().enumerate() {
-                acc[j] = _mm256_fmadd_ps(*v, _mm256_loadu_ps(xs.as_ptr().add(8 * j)), acc[j]);
+#[inline]
+unsafe fn q6_k_block(b: &[u8; 210], out: &mut [__m256; 32]) {
+    let d = f16_to_f32(u16::from_le_bytes([b[208], b[209]]));
+    let (low4, two, bias) = (
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8(0x03),
+        _mm256_set1_epi8(32),
+    );
+    for h in 0..2 {
+        let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * h) as *const __m256i);
+        let ql1 = _mm256_loadu_si256(b.as_ptr().add(64 * h + 32) as *const __m256i);
+        let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
+        let top = |shift: __m128i| {
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srl_epi16(qh, shift), two))
+        };
+        let quarters = [
+            _mm256_or_si256(_mm256_and_si256(ql0, low4), top(_mm_cvtsi32_si128(0))),
+            _mm256_or_si256(_mm256_and_si256(ql1, low4), top(_mm_cvtsi32_si128(2))),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
+                top(_mm_cvtsi32_si128(4)),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                top(_mm_cvtsi32_si128(6)),
+            ),
+        ];
+        for (j, q) in quarters.iter().enumerate() {
+            let q = _mm256_sub_epi8(*q, bias);
+            let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            // Values 32·j + 0..16 take scale 2·j, values 32·j + 16..32 scale 2·j + 1.
+            for (k, half) in [lo, hi].iter().enumerate() {
+                let s = _mm256_set1_ps(d * (b[192 + 8 * h + 2 * j + k] as i8) as f32);
+                for (i, part) in [*half, _mm_srli_si128::<8>(*half)].iter().enumerate() {
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(*part));
+                    out[16 * h + 4 * j + 2 * k + i] = _mm256_mul_ps(s, v);
+                }
             }
         }
-        let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
-        _mm256_storeu_ps(a.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(a.as_mut_ptr().add(8), acc[1]);
-        _mm256_storeu_ps(b.as_mut_ptr(), acc[2]);
-        _mm256_storeu_ps(b.as_mut_ptr().add(8), acc[3]);
-        *out = hsum(&a, &b);
     }
 }
+
+/// For a format with a block function above: `$deq`, its blocks in `bytes` dequantised into
+/// `out` (candle's values bit for bit), and `$dot`, `y[i] = x · rows.row(i)` summed exactly
+/// as the portable `dot_rows` (values 0–15 of every 32 into one 16-lane accumulator, 16–31
+/// into the other, here two vectors each; the lanes added by the same `hsum`).
+macro_rules! kernels {
+    ($deq:ident, $dot:ident, $block:ident, $b:literal, $vectors:literal) => {
+        /// See [`kernels`].
+        ///
+        /// # Safety
+        /// [`available`].
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn $deq(bytes: &[u8], out: &mut [f32]) {
+            assert_eq!(bytes.len() / $b * (8 * $vectors), out.len());
+            let mut v = [_mm256_setzero_ps(); $vectors];
+            for (b, y) in bytes
+                .chunks_exact($b)
+                .zip(out.chunks_exact_mut(8 * $vectors))
+            {
+                $block(b.try_into().expect("whole blocks"), &mut v);
+                for (i, v) in v.iter().enumerate() {
+                    _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), *v);
+                }
+            }
+        }
+
+        /// See [`kernels`].
+        ///
+        /// # Safety
+        /// [`available`].
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn $dot(rows: &Rows, x: &[f32], y: &mut [f32]) {
+            assert_eq!(rows.row_bytes / $b * (8 * $vectors), x.len());
+            let mut v = [_mm256_setzero_ps(); $vectors];
+            for (i, out) in y.iter_mut().enumerate() {
+                let row = rows.row(i);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (b, xs) in row.chunks_exact($b).zip(x.chunks_exact(8 * $vectors)) {
+                    prefetch_ahead(b);
+                    $block(b.try_into().expect("whole blocks"), &mut v);
+                    for (j, v) in v.iter().enumerate() {
+                        let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * j));
+                        acc[j % 4] = _mm256_fmadd_ps(*v, xv, acc[j % 4]);
+                    }
+                }
+                let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+                _mm256_storeu_ps(a.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(a.as_mut_ptr().add(8), acc[1]);
+                _mm256_storeu_ps(b.as_mut_ptr(), acc[2]);
+                _mm256_storeu_ps(b.as_mut_ptr().add(8), acc[3]);
+                *out = hsum(&a, &b);
+            }
+        }
+    };
+}
+
+/// [`q5_0_block`] writing into an array, as the other formats' blocks do.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q5_0_into(b: &[u8; 22], out: &mut [__m256; 4]) {
+    *out = q5_0_block(b);
+}
+
+kernels!(q5_0, q5_0_dot, q5_0_into, 22, 4);
+kernels!(q4_k, q4_k_dot, q4_k_block, 144, 32);
+kernels!(q6_k, q6_k_dot, q6_k_block, 210, 32);
 
 #[cfg(test)]
 mod tests {
@@ -113,59 +220,60 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    /// Values and one-row products of every kind of Q5_0 block (random weights at scales from
-    /// 1e-3 to 1e2, so every fifth-bit pattern occurs) equal the portable kernels' bit for bit.
+    type Dequantise = unsafe fn(&[u8], &mut [f32]);
+    type Dot = unsafe fn(&Rows, &[f32], &mut [f32]);
+
+    /// Values and one-row products of every format here (random weights at scales from 1e-3
+    /// to 1e2, so every bit pattern of the packed values occurs) equal candle's values and the
+    /// portable kernels' products bit for bit.
     #[test]
-    fn q5_0_equals_the_portable_kernels_bit_for_bit() {
+    fn formats_equal_the_portable_kernels_bit_for_bit() {
         if !available() {
             return;
         }
+        let cases: [(GgmlDType, Dequantise, Dot); 3] = [
+            (GgmlDType::Q5_0, q5_0, q5_0_dot),
+            (GgmlDType::Q4K, q4_k, q4_k_dot),
+            (GgmlDType::Q6K, q6_k, q6_k_dot),
+        ];
         let dev = Device::Cpu;
-        let (rows, k) = (9, 672);
-        let t = Tensor::randn(0f32, 1.0, (rows, k), &dev)
-            .unwrap()
-            .broadcast_mul(&Tensor::rand(1e-3f32, 100.0, (rows, 1), &dev).unwrap())
-            .unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
-        let bytes = q.data().unwrap();
-        let (mut ours, mut portable) = (vec![f32::NAN; rows * k], vec![f32::NAN; rows * k]);
-        // SAFETY: checked above.
-        unsafe { q5_0(&bytes, &mut ours) };
-        assert!(super::super::plain(GgmlDType::Q5_0, &bytes, &mut portable));
-        let candle = q
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(
-            ours.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            candle.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        );
-        assert_eq!(ours, portable);
-        let x = Tensor::randn(0f32, 1.0, k, &dev)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let map = [3u32, 8, 0, 5, 1];
-        let sel = Rows {
-            bytes: &bytes,
-            row_bytes: k / 32 * 22,
-            map: Some(&map),
-        };
-        let (mut got, mut want) = (vec![f32::NAN; map.len()], vec![f32::NAN; map.len()]);
-        // SAFETY: checked above.
-        unsafe { q5_0_dot(&sel, &x, &mut got) };
-        assert!(super::super::dot_plain(
-            GgmlDType::Q5_0,
-            &sel,
-            &x,
-            &mut want
-        ));
-        assert_eq!(
-            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        );
+        let (rows, k) = (9, 768);
+        for (dtype, deq, dot) in cases {
+            let t = Tensor::randn(0f32, 1.0, (rows, k), &dev)
+                .unwrap()
+                .broadcast_mul(&Tensor::rand(1e-3f32, 100.0, (rows, 1), &dev).unwrap())
+                .unwrap();
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let bytes = q.data().unwrap();
+            let (mut ours, mut portable) = (vec![f32::NAN; rows * k], vec![f32::NAN; rows * k]);
+            // SAFETY: checked above.
+            unsafe { deq(&bytes, &mut ours) };
+            assert!(super::super::plain(dtype, &bytes, &mut portable));
+            let candle = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&ours), bits(&candle), "{dtype:?} values");
+            assert_eq!(bits(&ours), bits(&portable), "{dtype:?} values");
+            let x = Tensor::randn(0f32, 1.0, k, &dev)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let map = [3u32, 8, 0, 5, 1];
+            let sel = Rows {
+                bytes: &bytes,
+                row_bytes: k / dtype.block_size() * dtype.type_size(),
+                map: Some(&map),
+            };
+            let (mut got, mut want) = (vec![f32::NAN; map.len()], vec![f32::NAN; map.len()]);
+            // SAFETY: checked above.
+            unsafe { dot(&sel, &x, &mut got) };
+            assert!(super::super::dot_plain(dtype, &sel, &x, &mut want));
+            assert_eq!(bits(&got), bits(&want), "{dtype:?} products");
+        }
     }
 }

@@ -39,9 +39,14 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
         return true;
     }
     #[cfg(target_arch = "x86_64")]
-    if dtype == GgmlDType::Q5_0 && avx2::available() {
-        // SAFETY: the CPU has what `avx2` needs, checked just above.
-        unsafe { avx2::q5_0(bytes, out) };
+    if avx2::available() {
+        // SAFETY (each): the CPU has what `avx2` needs, checked just above.
+        match dtype {
+            GgmlDType::Q5_0 => unsafe { avx2::q5_0(bytes, out) },
+            GgmlDType::Q4K => unsafe { avx2::q4_k(bytes, out) },
+            GgmlDType::Q6K => unsafe { avx2::q6_k(bytes, out) },
+            _ => return dispatch(dtype, bytes, out),
+        }
         return true;
     }
     dispatch(dtype, bytes, out)
@@ -168,9 +173,14 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
         return true;
     }
     #[cfg(target_arch = "x86_64")]
-    if dtype == GgmlDType::Q5_0 && !is_x86_feature_detected!("avx512f") && avx2::available() {
-        // SAFETY: the CPU has what `avx2` needs, checked just above.
-        unsafe { avx2::q5_0_dot(rows, x, y) };
+    if !is_x86_feature_detected!("avx512f") && avx2::available() {
+        // SAFETY (each): the CPU has what `avx2` needs, checked just above.
+        match dtype {
+            GgmlDType::Q5_0 => unsafe { avx2::q5_0_dot(rows, x, y) },
+            GgmlDType::Q4K => unsafe { avx2::q4_k_dot(rows, x, y) },
+            GgmlDType::Q6K => unsafe { avx2::q6_k_dot(rows, x, y) },
+            _ => return dot_dispatch(dtype, rows, x, y),
+        }
         return true;
     }
     dot_dispatch(dtype, rows, x, y)
