@@ -43,6 +43,7 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
         // SAFETY (each): the CPU has what `avx2` needs, checked just above.
         match dtype {
             GgmlDType::Q5_0 => unsafe { avx2::q5_0(bytes, out) },
+            GgmlDType::Q8_0 => unsafe { avx2::q8_0(bytes, out) },
             GgmlDType::Q4K => unsafe { avx2::q4_k(bytes, out) },
             GgmlDType::Q6K => unsafe { avx2::q6_k(bytes, out) },
             _ => return dispatch(dtype, bytes, out),
@@ -177,6 +178,7 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
         // SAFETY (each): the CPU has what `avx2` needs, checked just above.
         match dtype {
             GgmlDType::Q5_0 => unsafe { avx2::q5_0_dot(rows, x, y) },
+            GgmlDType::Q8_0 => unsafe { avx2::q8_0_dot(rows, x, y) },
             GgmlDType::Q4K => unsafe { avx2::q4_k_dot(rows, x, y) },
             GgmlDType::Q6K => unsafe { avx2::q6_k_dot(rows, x, y) },
             _ => return dot_dispatch(dtype, rows, x, y),
