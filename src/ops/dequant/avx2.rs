@@ -1,4 +1,4 @@
-//! Q5_0, Q8_0, Q4_K and Q6_K on AVX2 without AVX-512 (AMD's Zen 2 and 3, most desktop
+//! Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K on AVX2 without AVX-512 (AMD's Zen 2 and 3, most desktop
 //! CPUs), written with intrinsics: the formats of Q8_0 and Q4_K_M files, including the Q5_0
 //! that a Q4_K_M file holds where rows are not whole 256-value k-quant blocks (SmolLM2's 576).
 //! Each block's values are made in registers and are candle's bit for bit: integer steps are
@@ -231,6 +231,50 @@ unsafe fn q8_0_block(b: &[u8; 34], out: &mut [__m256; 4]) {
     }
 }
 
+/// A Q4_0 or Q4_1 block's 32 values: `(q − 8) · d` for Q4_0 (`MIN` false: `d`, then the
+/// nibbles), `q · d + m` for Q4_1 (`d`, `m`, then the nibbles), as four vectors of 8.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q4_block<const MIN: bool>(b: &[u8], out: &mut [__m256; 4]) {
+    let half = |at: usize| f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]));
+    let d = _mm256_set1_ps(half(0));
+    let qs = _mm_loadu_si128(b.as_ptr().add(if MIN { 4 } else { 2 }) as *const __m128i);
+    let low4 = _mm_set1_epi8(0x0F);
+    let (mut lo, mut hi) = (
+        _mm_and_si128(qs, low4),
+        _mm_and_si128(_mm_srli_epi16::<4>(qs), low4),
+    );
+    if !MIN {
+        (lo, hi) = (
+            _mm_sub_epi8(lo, _mm_set1_epi8(8)),
+            _mm_sub_epi8(hi, _mm_set1_epi8(8)),
+        );
+    }
+    for (i, part) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)]
+        .iter()
+        .enumerate()
+    {
+        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(*part)), d);
+        out[i] = if MIN {
+            _mm256_add_ps(v, _mm256_set1_ps(half(2)))
+        } else {
+            v
+        };
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q4_0_block(b: &[u8; 18], out: &mut [__m256; 4]) {
+    q4_block::<false>(b, out)
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q4_1_block(b: &[u8; 20], out: &mut [__m256; 4]) {
+    q4_block::<true>(b, out)
+}
+
 /// [`q5_0_block`] writing into an array, as the other formats' blocks do.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -240,6 +284,8 @@ unsafe fn q5_0_into(b: &[u8; 22], out: &mut [__m256; 4]) {
 
 kernels!(q5_0, q5_0_dot, q5_0_into, 22, 4);
 kernels!(q8_0, q8_0_dot, q8_0_block, 34, 4);
+kernels!(q4_0, q4_0_dot, q4_0_block, 18, 4);
+kernels!(q4_1, q4_1_dot, q4_1_block, 20, 4);
 kernels!(q4_k, q4_k_dot, q4_k_block, 144, 32);
 kernels!(q6_k, q6_k_dot, q6_k_block, 210, 32);
 
@@ -260,7 +306,9 @@ mod tests {
         if !available() {
             return;
         }
-        let cases: [(GgmlDType, Dequantise, Dot); 4] = [
+        let cases: [(GgmlDType, Dequantise, Dot); 6] = [
+            (GgmlDType::Q4_0, q4_0, q4_0_dot),
+            (GgmlDType::Q4_1, q4_1, q4_1_dot),
             (GgmlDType::Q5_0, q5_0, q5_0_dot),
             (GgmlDType::Q8_0, q8_0, q8_0_dot),
             (GgmlDType::Q4K, q4_k, q4_k_dot),

@@ -44,6 +44,8 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
         match dtype {
             GgmlDType::Q5_0 => unsafe { avx2::q5_0(bytes, out) },
             GgmlDType::Q8_0 => unsafe { avx2::q8_0(bytes, out) },
+            GgmlDType::Q4_0 => unsafe { avx2::q4_0(bytes, out) },
+            GgmlDType::Q4_1 => unsafe { avx2::q4_1(bytes, out) },
             GgmlDType::Q4K => unsafe { avx2::q4_k(bytes, out) },
             GgmlDType::Q6K => unsafe { avx2::q6_k(bytes, out) },
             _ => return dispatch(dtype, bytes, out),
@@ -179,6 +181,8 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
         match dtype {
             GgmlDType::Q5_0 => unsafe { avx2::q5_0_dot(rows, x, y) },
             GgmlDType::Q8_0 => unsafe { avx2::q8_0_dot(rows, x, y) },
+            GgmlDType::Q4_0 => unsafe { avx2::q4_0_dot(rows, x, y) },
+            GgmlDType::Q4_1 => unsafe { avx2::q4_1_dot(rows, x, y) },
             GgmlDType::Q4K => unsafe { avx2::q4_k_dot(rows, x, y) },
             GgmlDType::Q6K => unsafe { avx2::q6_k_dot(rows, x, y) },
             _ => return dot_dispatch(dtype, rows, x, y),
