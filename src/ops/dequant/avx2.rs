@@ -19,11 +19,51 @@
 
 use std::arch::x86_64::*;
 
+use candle_core::quantized::GgmlDType;
+
 use super::{f16_to_f32, prefetch_ahead, Rows};
 
 /// Whether the CPU has what these kernels need.
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// `dtype`'s blocks in `bytes` dequantised into `out` where this module has the format and
+/// the CPU what it needs; `false` (nothing written) where not.
+pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    if !available() {
+        return false;
+    }
+    // SAFETY (each): the CPU has what these kernels need, checked just above.
+    match dtype {
+        GgmlDType::Q4_0 => unsafe { q4_0(bytes, out) },
+        GgmlDType::Q4_1 => unsafe { q4_1(bytes, out) },
+        GgmlDType::Q5_0 => unsafe { q5_0(bytes, out) },
+        GgmlDType::Q8_0 => unsafe { q8_0(bytes, out) },
+        GgmlDType::Q4K => unsafe { q4_k(bytes, out) },
+        GgmlDType::Q6K => unsafe { q6_k(bytes, out) },
+        _ => return false,
+    }
+    true
+}
+
+/// `y[i] = x · rows.row(i)` where this module has `dtype` and the CPU what it needs;
+/// `false` (nothing written) where not.
+pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) -> bool {
+    if !available() {
+        return false;
+    }
+    // SAFETY (each): the CPU has what these kernels need, checked just above.
+    match dtype {
+        GgmlDType::Q4_0 => unsafe { q4_0_dot(rows, x, y) },
+        GgmlDType::Q4_1 => unsafe { q4_1_dot(rows, x, y) },
+        GgmlDType::Q5_0 => unsafe { q5_0_dot(rows, x, y) },
+        GgmlDType::Q8_0 => unsafe { q8_0_dot(rows, x, y) },
+        GgmlDType::Q4K => unsafe { q4_k_dot(rows, x, y) },
+        GgmlDType::Q6K => unsafe { q6_k_dot(rows, x, y) },
+        _ => return false,
+    }
+    true
 }
 
 /// A Q5_0 block's 32 values, `(q − 16) · d`, as four vectors of 8 (values 0–7, 8–15, 16–23,
@@ -292,7 +332,7 @@ kernels!(q6_k, q6_k_dot, q6_k_block, 210, 32);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
     type Dequantise = unsafe fn(&[u8], &mut [f32]);
