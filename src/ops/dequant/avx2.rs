@@ -346,6 +346,27 @@ mod tests {
     type Dequantise = unsafe fn(&[u8], &mut [f32]);
     type Dot = unsafe fn(&Rows, &[f32], &mut [f32]);
 
+    /// F16C's conversion equals the integer one for all 65,536 bit patterns (NaNs: both NaN),
+    /// in all eight lanes.
+    #[test]
+    fn f16c_scales_equal_the_integer_conversion() {
+        if !available() {
+            return;
+        }
+        for bits in 0..=u16::MAX {
+            let want = f16_to_f32(bits);
+            let mut got = [0f32; 8];
+            // SAFETY: the CPU has what `half` needs, checked above.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), half(&bits.to_le_bytes(), 0)) };
+            for g in got {
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "{bits:#06x}: {g:e} != {want:e}"
+                );
+            }
+        }
+    }
+
     /// Values and one-row products of every format here (random weights at scales from 1e-3
     /// to 1e2, so every bit pattern of the packed values occurs) equal candle's values and the
     /// portable kernels' products bit for bit.
