@@ -98,105 +98,83 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     )
 }
 
-/// Vector `a` of a 32-value block's bytes `q` (values 0–15 in the low half, 16–31 in the high
-/// half) in [split order](split_x): lane `i` of each half takes byte `4a + i` of that half,
-/// as the lane's low byte (`TOP` false: the unsigned value) or its top byte (`TOP` true: the
-/// signed value times 2^24).
+/// Byte-shuffle controls for [`lanes`] in split order: `[top][a]` puts byte `4a + i` of each
+/// 128-bit half in 32-bit lane `i` of that half, as the lane's top byte (`top` 1) or its low
+/// byte (0), the other bytes zero.
+const PICK: [[[i8; 32]; 4]; 2] = {
+    let mut p = [[[-1i8; 32]; 4]; 2];
+    let mut a = 0;
+    while a < 4 {
+        let mut i = 0;
+        while i < 8 {
+            let byte = (4 * a + i % 4) as i8;
+            p[0][a][4 * i] = byte;
+            p[1][a][4 * i + 3] = byte;
+            i += 1;
+        }
+        a += 1;
+    }
+    p
+};
+
+/// Vector `a` of a 32-value block's bytes `q` (values 0–15 in the low half, 16–31 in the
+/// high half), signed or not, converted to f32:
+/// - `SPLIT`: in [split order](split_x), by one byte shuffle: each lane takes its byte as
+///   its low byte (unsigned) or its top byte (signed, so the value comes times 2^24: see
+///   [`factor`]);
+/// - else values `8a..8a + 8` in order, widened from the half that holds them.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn split_lanes<const TOP: bool>(q: __m256i, a: usize) -> __m256i {
-    let (s, z) = ((4 * a) as i8, -1);
-    let pick = if TOP {
-        _mm256_setr_epi8(
-            z,
-            z,
-            z,
-            s,
-            z,
-            z,
-            z,
-            s + 1,
-            z,
-            z,
-            z,
-            s + 2,
-            z,
-            z,
-            z,
-            s + 3, //
-            z,
-            z,
-            z,
-            s,
-            z,
-            z,
-            z,
-            s + 1,
-            z,
-            z,
-            z,
-            s + 2,
-            z,
-            z,
-            z,
-            s + 3,
-        )
+unsafe fn lanes<const SPLIT: bool, const SIGNED: bool>(q: __m256i, a: usize) -> __m256 {
+    let i = if SPLIT {
+        let pick = _mm256_loadu_si256(PICK[SIGNED as usize][a].as_ptr() as *const __m256i);
+        _mm256_shuffle_epi8(q, pick)
     } else {
-        _mm256_setr_epi8(
-            s,
-            z,
-            z,
-            z,
-            s + 1,
-            z,
-            z,
-            z,
-            s + 2,
-            z,
-            z,
-            z,
-            s + 3,
-            z,
-            z,
-            z, //
-            s,
-            z,
-            z,
-            z,
-            s + 1,
-            z,
-            z,
-            z,
-            s + 2,
-            z,
-            z,
-            z,
-            s + 3,
-            z,
-            z,
-            z,
-        )
+        let half = if a < 2 {
+            _mm256_castsi256_si128(q)
+        } else {
+            _mm256_extracti128_si256::<1>(q)
+        };
+        let part = if a % 2 == 1 {
+            _mm_srli_si128::<8>(half)
+        } else {
+            half
+        };
+        if SIGNED {
+            _mm256_cvtepi8_epi32(part)
+        } else {
+            _mm256_cvtepu8_epi32(part)
+        }
     };
-    _mm256_shuffle_epi8(q, pick)
+    _mm256_cvtepi32_ps(i)
 }
 
-/// A block of signed byte values `q` (values 0–15 in the low half, 16–31 in the high half)
-/// made `q · d` as four vectors in [split order](split_x): each converted as `q · 2^24`
-/// ([`split_lanes`]) and multiplied by `d · 2^-24`, both exact, so the product is `q · d`'s
-/// own rounding (at most 16 significant bits: exact), zero's sign included.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn split_scaled(q: __m256i, d: __m256, out: &mut [__m256; 4]) {
-    let d = _mm256_mul_ps(d, _mm256_set1_ps(1.0 / 16_777_216.0));
-    for (a, v) in out.iter_mut().enumerate() {
-        *v = _mm256_mul_ps(_mm256_cvtepi32_ps(split_lanes::<true>(q, a)), d);
+/// The power of two that [`lanes`] values carry: 2^24 for signed values in split order, else 1.
+const fn factor(split: bool, signed: bool) -> f32 {
+    if split && signed {
+        16_777_216.0
+    } else {
+        1.0
     }
 }
 
-/// A Q5_0 block's 32 values, `(q − 16) · d`, in [split order](split_x).
+/// A block of signed byte values `q` (values 0–15 in the low half, 16–31 in the high half)
+/// made `q · d` as four vectors ([`lanes`]' order): a split-order value comes as `q · 2^24`
+/// and is multiplied by `d · 2^-24`, both exact, so each product is `q · d`'s own rounding
+/// (at most 16 significant bits: exact), zero's sign included.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q5_0_block(b: &[u8; 22], out: &mut [__m256; 4]) {
+unsafe fn scaled<const SPLIT: bool>(q: __m256i, d: __m256, out: &mut [__m256; 4]) {
+    let d = _mm256_mul_ps(d, _mm256_set1_ps(1.0 / factor(SPLIT, true)));
+    for (a, v) in out.iter_mut().enumerate() {
+        *v = _mm256_mul_ps(lanes::<SPLIT, true>(q, a), d);
+    }
+}
+
+/// A Q5_0 block's 32 values, `(q − 16) · d`, in [`lanes`]' order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q5_0_block<const SPLIT: bool>(b: &[u8; 22], out: &mut [__m256; 4]) {
     let d = half(b, 0);
     // Value j's fifth bit is bit j of qh: byte j takes byte j / 8 of qh and keeps bit j % 8,
     // and is all ones exactly when that bit is set. `q − 16` is then the nibble less 16
@@ -216,34 +194,34 @@ unsafe fn q5_0_block(b: &[u8; 22], out: &mut [__m256; 4]) {
         nibbles(b.as_ptr().add(6)),
         _mm256_andnot_si256(set, _mm256_set1_epi8(0x10)),
     );
-    split_scaled(q, d, out);
+    scaled::<SPLIT>(q, d, out);
 }
 
-/// A Q4_0 block's 32 values, `(q − 8) · d`, in [split order](split_x).
+/// A Q4_0 block's 32 values, `(q − 8) · d`, in [`lanes`]' order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_0_block(b: &[u8; 18], out: &mut [__m256; 4]) {
+unsafe fn q4_0_block<const SPLIT: bool>(b: &[u8; 18], out: &mut [__m256; 4]) {
     let q = _mm256_sub_epi8(nibbles(b.as_ptr().add(2)), _mm256_set1_epi8(8));
-    split_scaled(q, half(b, 0), out);
+    scaled::<SPLIT>(q, half(b, 0), out);
 }
 
-/// A Q4_1 block's 32 values, `q · d + m`, in [split order](split_x).
+/// A Q4_1 block's 32 values, `q · d + m`, in [`lanes`]' order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_1_block(b: &[u8; 20], out: &mut [__m256; 4]) {
+unsafe fn q4_1_block<const SPLIT: bool>(b: &[u8; 20], out: &mut [__m256; 4]) {
     // `q · d` is exact (at most 15 significant bits), so one multiply-add rounds as the
     // portable product-then-sum does, zero's sign included.
     let (q, d, m) = (nibbles(b.as_ptr().add(4)), half(b, 0), half(b, 2));
     for (a, v) in out.iter_mut().enumerate() {
-        *v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_lanes::<false>(q, a)), d, m);
+        *v = _mm256_fmadd_ps(lanes::<SPLIT, false>(q, a), d, m);
     }
 }
 
 /// A Q4_K block's 256 values, `d·sc · q − dmin·m` (a product, then a difference, as the
-/// portable formula), as 32 vectors of 8 in order.
+/// portable formula), as 32 vectors of 8, each 32 values in [`lanes`]' order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_k_block(b: &[u8; 144], out: &mut [__m256; 32]) {
+unsafe fn q4_k_block<const SPLIT: bool>(b: &[u8; 144], out: &mut [__m256; 32]) {
     let (d, min) = (
         f16_to_f32(u16::from_le_bytes([b[0], b[1]])),
         f16_to_f32(u16::from_le_bytes([b[2], b[3]])),
@@ -262,16 +240,9 @@ unsafe fn q4_k_block(b: &[u8; 144], out: &mut [__m256; 32]) {
                 _mm256_set1_ps(d * sc as f32),
                 _mm256_set1_ps(min * m as f32),
             );
-            let (lo, hi) = (
-                _mm256_castsi256_si128(*nib),
-                _mm256_extracti128_si256::<1>(*nib),
-            );
-            for (i, part) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)]
-                .iter()
-                .enumerate()
-            {
-                let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(*part));
-                out[8 * g + 4 * s + i] = _mm256_sub_ps(_mm256_mul_ps(d1, v), m1);
+            for a in 0..4 {
+                let v = lanes::<SPLIT, false>(*nib, a);
+                out[8 * g + 4 * s + a] = _mm256_sub_ps(_mm256_mul_ps(d1, v), m1);
             }
         }
     }
@@ -282,7 +253,7 @@ unsafe fn q4_k_block(b: &[u8; 144], out: &mut [__m256; 32]) {
 /// low and high nibbles of `ql[l]` and `ql[l + 32]`, with two bits of `qh[l]` each on top.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q6_k_block(b: &[u8; 210], out: &mut [__m256; 32]) {
+unsafe fn q6_k_block<const SPLIT: bool>(b: &[u8; 210], out: &mut [__m256; 32]) {
     let d = f16_to_f32(u16::from_le_bytes([b[208], b[209]]));
     let (low4, two, bias) = (
         _mm256_set1_epi8(0x0F),
@@ -310,14 +281,26 @@ unsafe fn q6_k_block(b: &[u8; 210], out: &mut [__m256; 32]) {
         ];
         for (j, q) in quarters.iter().enumerate() {
             let q = _mm256_sub_epi8(*q, bias);
-            let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-            // Values 32·j + 0..16 take scale 2·j, values 32·j + 16..32 scale 2·j + 1.
-            for (k, half) in [lo, hi].iter().enumerate() {
-                let s = _mm256_set1_ps(d * (b[192 + 8 * h + 2 * j + k] as i8) as f32);
-                for (i, part) in [*half, _mm_srli_si128::<8>(*half)].iter().enumerate() {
-                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(*part));
-                    out[16 * h + 4 * j + 2 * k + i] = _mm256_mul_ps(s, v);
-                }
+            // Values 32·j + 0..16 (the low halves) take scale 2·j, values 32·j + 16..32 scale
+            // 2·j + 1; `d·sc` is rounded as the portable formula rounds it, then scaled by
+            // the values' factor (exact).
+            let sc = |k: usize| {
+                _mm_set1_ps(d * (b[192 + 8 * h + 2 * j + k] as i8) as f32 / factor(SPLIT, true))
+            };
+            // Split order: each vector's low half takes the first 16 values' scale, its high
+            // half the last 16's; in order, vectors 0 and 1 the first, 2 and 3 the last.
+            let (s0, s1) = if SPLIT {
+                let s = _mm256_setr_m128(sc(0), sc(1));
+                (s, s)
+            } else {
+                (
+                    _mm256_setr_m128(sc(0), sc(0)),
+                    _mm256_setr_m128(sc(1), sc(1)),
+                )
+            };
+            for a in 0..4 {
+                let v = lanes::<SPLIT, true>(q, a);
+                out[16 * h + 4 * j + a] = _mm256_mul_ps(v, if a < 2 { s0 } else { s1 });
             }
         }
     }
@@ -327,10 +310,11 @@ unsafe fn q6_k_block(b: &[u8; 210], out: &mut [__m256; 32]) {
 /// `out` (candle's values bit for bit), and `$dot`, `y[i] = x · rows.row(i)` summed exactly
 /// as the portable `dot_rows` (values 0–15 of every 32 into one 16-lane accumulator, 16–31
 /// into the other, here two vectors each; the lanes added as `hsum` adds them: [`sum`]).
-/// `$split`: the block function gives its values in [split order](split_x), so `$deq` stores
-/// each vector's halves where they go, and `$dot` multiplies them by `x` in that order and
-/// puts its accumulators' lanes back in the natural order before summing them ([`unsplit`]):
-/// every lane adds the same products in the same order as the natural kernel's.
+/// `$deq` takes the block function's values in order (`::<false>`). With `$split`, `$dot`
+/// takes them in [split order](split_x), multiplies them by `x` in that order and puts its
+/// accumulators' lanes back in the natural order before summing them ([`unsplit`]): every
+/// lane adds the same products in the same order as in the natural order. (Storing split
+/// values' halves where they go made the dequantisation for several rows 7–10% slower.)
 macro_rules! kernels {
     ($deq:ident, $dot:ident, $block:ident, $b:literal, $vectors:literal, $split:literal) => {
         /// See [`kernels`].
@@ -345,15 +329,9 @@ macro_rules! kernels {
                 .chunks_exact($b)
                 .zip(out.chunks_exact_mut(8 * $vectors))
             {
-                $block(b.try_into().expect("whole blocks"), &mut v);
+                $block::<false>(b.try_into().expect("whole blocks"), &mut v);
                 for (i, v) in v.iter().enumerate() {
-                    if $split {
-                        let (lo, hi) = (_mm256_castps256_ps128(*v), _mm256_extractf128_ps::<1>(*v));
-                        _mm_storeu_ps(y.as_mut_ptr().add(4 * i), lo);
-                        _mm_storeu_ps(y.as_mut_ptr().add(16 + 4 * i), hi);
-                    } else {
-                        _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), *v);
-                    }
+                    _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), *v);
                 }
             }
         }
@@ -378,7 +356,7 @@ macro_rules! kernels {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for (b, xs) in row.chunks_exact($b).zip(x.chunks_exact(8 * $vectors)) {
                     prefetch_ahead(b);
-                    $block(b.try_into().expect("whole blocks"), &mut v);
+                    $block::<$split>(b.try_into().expect("whole blocks"), &mut v);
                     for (j, v) in v.iter().enumerate() {
                         let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * j));
                         acc[j % 4] = _mm256_fmadd_ps(*v, xv, acc[j % 4]);
@@ -390,7 +368,7 @@ macro_rules! kernels {
     };
 }
 
-/// `x` in the split order of 32-value blocks, in which [`split_lanes`] gives them: vector
+/// `x` in the split order of 32-value blocks, in which [`lanes`] gives them: vector
 /// `a` of a block holds values `4a..4a + 4` in its low half and `16 + 4a..16 + 4a + 4` in its
 /// high half. There a byte shuffle within each half puts each value in its lane; the natural
 /// order (values `8a..8a + 8`) takes a widening across halves and, for three of the four
@@ -443,7 +421,8 @@ unsafe fn sum(acc: &[__m256; 4]) -> f32 {
 /// A Q8_0 block's 32 values, `q · d`, as four vectors of 8.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q8_0_block(b: &[u8; 34], out: &mut [__m256; 4]) {
+unsafe fn q8_0_block<const SPLIT: bool>(b: &[u8; 34], out: &mut [__m256; 4]) {
+    const { assert!(!SPLIT, "Q8_0 blocks come in order only") };
     let d = half(b, 0);
     for (i, v) in out.iter_mut().enumerate() {
         let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * i) as *const __m128i);
@@ -455,8 +434,8 @@ kernels!(q5_0, q5_0_dot, q5_0_block, 22, 4, true);
 kernels!(q8_0, q8_0_dot, q8_0_block, 34, 4, false);
 kernels!(q4_0, q4_0_dot, q4_0_block, 18, 4, true);
 kernels!(q4_1, q4_1_dot, q4_1_block, 20, 4, true);
-kernels!(q4_k, q4_k_dot, q4_k_block, 144, 32, false);
-kernels!(q6_k, q6_k_dot, q6_k_block, 210, 32, false);
+kernels!(q4_k, q4_k_dot, q4_k_block, 144, 32, true);
+kernels!(q6_k, q6_k_dot, q6_k_block, 210, 32, true);
 
 #[cfg(test)]
 mod tests {
