@@ -98,6 +98,57 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     )
 }
 
+/// Input rows that [`dot_rows_many`] takes at most: one accumulator each, with the block's
+/// vector and the input's in AVX2's 16 registers.
+pub(super) const MANY_ROWS: usize = 8;
+
+/// `y[r * ldy + i] = x[r] · rows.row(i)` for `m` input rows (`x` is `[m, k]`), `i < n`, each
+/// weight block dequantised into registers once for all `m` rows: the sums of the AVX2 and
+/// portable decode tiles bit for bit (each an 8-lane multiply-add chain over the positions
+/// in order, then the lanes added in order), without their dequantised strip. `false`
+/// (nothing written) where this module lacks `dtype`, the CPU what it needs, or `m` is not
+/// in `2..=MANY_ROWS`.
+///
+/// # Safety
+/// `y` takes writes at `r * ldy + i` for `r < m`, `i < n`.
+pub(super) unsafe fn dot_rows_many(
+    dtype: GgmlDType,
+    rows: &Rows,
+    n: usize,
+    x: &[f32],
+    m: usize,
+    y: *mut f32,
+    ldy: usize,
+) -> bool {
+    if !available() || !(2..=MANY_ROWS).contains(&m) {
+        return false;
+    }
+    macro_rules! by_rows {
+        ($f:ident) => {
+            match m {
+                2 => $f::<2>(rows, n, x, y, ldy),
+                3 => $f::<3>(rows, n, x, y, ldy),
+                4 => $f::<4>(rows, n, x, y, ldy),
+                5 => $f::<5>(rows, n, x, y, ldy),
+                6 => $f::<6>(rows, n, x, y, ldy),
+                7 => $f::<7>(rows, n, x, y, ldy),
+                _ => $f::<8>(rows, n, x, y, ldy),
+            }
+        };
+    }
+    // The CPU has what these kernels need, checked above; the caller vouches for `y`.
+    match dtype {
+        GgmlDType::Q4_0 => by_rows!(q4_0_many),
+        GgmlDType::Q4_1 => by_rows!(q4_1_many),
+        GgmlDType::Q5_0 => by_rows!(q5_0_many),
+        GgmlDType::Q8_0 => by_rows!(q8_0_many),
+        GgmlDType::Q4K => by_rows!(q4_k_many),
+        GgmlDType::Q6K => by_rows!(q6_k_many),
+        _ => return false,
+    }
+    true
+}
+
 /// Byte-shuffle controls for [`lanes`] in split order: `[top][a]` puts byte `4a + i` of each
 /// 128-bit half in 32-bit lane `i` of that half, as the lane's top byte (`top` 1) or its low
 /// byte (0), the other bytes zero.
@@ -316,7 +367,7 @@ unsafe fn q6_k_block<const SPLIT: bool>(b: &[u8; 210], out: &mut [__m256; 32]) {
 /// lane adds the same products in the same order as in the natural order. (Storing split
 /// values' halves where they go made the dequantisation for several rows 7–10% slower.)
 macro_rules! kernels {
-    ($deq:ident, $dot:ident, $block:ident, $b:literal, $vectors:literal, $split:literal) => {
+    ($deq:ident, $dot:ident, $many:ident, $block:ident, $b:literal, $vectors:literal, $split:literal) => {
         /// See [`kernels`].
         ///
         /// # Safety
@@ -363,6 +414,42 @@ macro_rules! kernels {
                     }
                 }
                 *out = sum(&if $split { unsplit(&acc) } else { acc });
+            }
+        }
+
+        /// See [`kernels`]: `M` input rows.
+        ///
+        /// # Safety
+        /// [`available`], and `y` takes writes at `r * ldy + i` for `r < M`, `i < n`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn $many<const M: usize>(
+            rows: &Rows,
+            n: usize,
+            x: &[f32],
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            let k = rows.row_bytes / $b * (8 * $vectors);
+            assert_eq!(x.len(), M * k);
+            let mut v = [_mm256_setzero_ps(); $vectors];
+            for i in 0..n {
+                let mut acc = [_mm256_setzero_ps(); M];
+                for (c, b) in rows.row(i).chunks_exact($b).enumerate() {
+                    prefetch_ahead(b);
+                    $block::<false>(b.try_into().expect("whole blocks"), &mut v);
+                    let at = x.as_ptr().add(c * 8 * $vectors);
+                    for (j, v) in v.iter().enumerate() {
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let xv = _mm256_loadu_ps(at.add(r * k + 8 * j));
+                            *acc = _mm256_fmadd_ps(*v, xv, *acc);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+                    *y.add(r * ldy + i) = lanes.iter().sum::<f32>();
+                }
             }
         }
     };
@@ -430,12 +517,12 @@ unsafe fn q8_0_block<const SPLIT: bool>(b: &[u8; 34], out: &mut [__m256; 4]) {
     }
 }
 
-kernels!(q5_0, q5_0_dot, q5_0_block, 22, 4, true);
-kernels!(q8_0, q8_0_dot, q8_0_block, 34, 4, false);
-kernels!(q4_0, q4_0_dot, q4_0_block, 18, 4, true);
-kernels!(q4_1, q4_1_dot, q4_1_block, 20, 4, true);
-kernels!(q4_k, q4_k_dot, q4_k_block, 144, 32, true);
-kernels!(q6_k, q6_k_dot, q6_k_block, 210, 32, true);
+kernels!(q5_0, q5_0_dot, q5_0_many, q5_0_block, 22, 4, true);
+kernels!(q8_0, q8_0_dot, q8_0_many, q8_0_block, 34, 4, false);
+kernels!(q4_0, q4_0_dot, q4_0_many, q4_0_block, 18, 4, true);
+kernels!(q4_1, q4_1_dot, q4_1_many, q4_1_block, 20, 4, true);
+kernels!(q4_k, q4_k_dot, q4_k_many, q4_k_block, 144, 32, true);
+kernels!(q6_k, q6_k_dot, q6_k_many, q6_k_block, 210, 32, true);
 
 #[cfg(test)]
 mod tests {
@@ -521,6 +608,67 @@ mod tests {
             unsafe { dot(&sel, &x, &mut got) };
             assert!(super::super::dot_plain(dtype, &sel, &x, &mut want));
             assert_eq!(bits(&got), bits(&want), "{dtype:?} products");
+        }
+    }
+
+    /// The products of 2–8 input rows equal the decode tiles' sums (each output an 8-lane
+    /// multiply-add chain over the positions in order, then the lanes added in order: the
+    /// portable tile, which the AVX2 tile equals) on the dequantised rows, bit for bit.
+    #[test]
+    fn many_rows_equal_the_tiles_sums_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let (n, k) = (5, 768);
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let t = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let bytes = q.data().unwrap();
+            let w = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let sel = Rows {
+                bytes: &bytes,
+                row_bytes: k / dtype.block_size() * dtype.type_size(),
+                map: None,
+            };
+            for m in 2..=MANY_ROWS {
+                let x = Tensor::randn(0f32, 1.0, m * k, &dev)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let ldy = n + 3;
+                let mut got = vec![f32::NAN; m * ldy];
+                // SAFETY: checked above; `got` holds `m` rows of `ldy >= n`.
+                assert!(unsafe { dot_rows_many(dtype, &sel, n, &x, m, got.as_mut_ptr(), ldy) });
+                for r in 0..m {
+                    for i in 0..n {
+                        let mut lanes = [0f32; 8];
+                        for p in 0..k {
+                            lanes[p % 8] = w[i * k + p].mul_add(x[r * k + p], lanes[p % 8]);
+                        }
+                        let want: f32 = lanes.iter().sum();
+                        assert_eq!(
+                            got[r * ldy + i].to_bits(),
+                            want.to_bits(),
+                            "{dtype:?}, {m} rows: row {r} output {i}"
+                        );
+                    }
+                    assert!(got[r * ldy + n..(r + 1) * ldy].iter().all(|v| v.is_nan()));
+                }
+            }
         }
     }
 }

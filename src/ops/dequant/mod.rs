@@ -180,6 +180,31 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
     dot_dispatch(dtype, rows, x, y)
 }
 
+/// `y[r * ldy + i] = x[r] · rows.row(i)` for the `m` rows of `x` (`[m, k]`), `i < n`, each
+/// block dequantised into registers once for all rows, with the decode tiles' sums bit for
+/// bit (`avx2::dot_rows_many`): on CPUs with AVX2 but not AVX-512, for 2 to
+/// `avx2::MANY_ROWS` rows, where the dequantised strip and its reads cost a third more
+/// instructions than the products. `false` (nothing written) elsewhere.
+///
+/// # Safety
+/// `y` takes writes at `r * ldy + i` for `r < m`, `i < n`.
+pub(super) unsafe fn dot_rows_many(
+    dtype: GgmlDType,
+    rows: &Rows,
+    n: usize,
+    x: &[f32],
+    m: usize,
+    y: *mut f32,
+    ldy: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if !is_x86_feature_detected!("avx512f") {
+        return avx2::dot_rows_many(dtype, rows, n, x, m, y, ldy);
+    }
+    let _ = (dtype, rows, n, x, m, y, ldy);
+    false
+}
+
 /// Columns `c0..c1` (on the format's block boundaries) of the rows `rows.row(i)`, `i` in
 /// `0..n`, dequantised into `out`, row `i` from `out[i * ld]` on, bit for bit as
 /// [`dequantize`]: a strip of a tile's weight rows in one call, each row's blocks dequantised

@@ -297,6 +297,13 @@ fn small_m_stored_many(
                 if w.dot_rows(o0, x, y) {
                     return;
                 }
+            } else if isa.is_avx2() {
+                // The AVX2 tiles' sums with each block dequantised in registers for all rows.
+                // SAFETY: this run alone writes columns `o0..o1` of weight `i`'s `[m, n]`
+                // output, rows `n` apart.
+                if unsafe { w.dot_rows_many(o0, o1 - o0, x, m, out.add(o0).0, n) } {
+                    return;
+                }
             }
             let mut o = o0;
             while o < o1 {
@@ -445,6 +452,15 @@ enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
+}
+
+impl Isa {
+    fn is_avx2(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self == Isa::Avx2;
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
 }
 
 /// Outputs per dot-product tile of `m` rows on `isa`.
