@@ -84,7 +84,7 @@
 //!   floats, dequantised on the fly: fast paths bit-equal to candle's `to_float`, on AVX-512
 //!   `dequant/strip.rs` for Q4_K, Q5_K, Q6_K and Q8_0 (a strip of rows' blocks per call,
 //!   scales worked out ahead, tables for the 4- and 5-bit values, byte lanes for Q6_K) and
-//!   `dequant/table.rs` for Q4_0–Q5_1; on AVX2 without AVX-512 `dequant/avx2.rs` for Q4_0,
+//!   `dequant/table.rs` for Q4_0–Q5_1; on AVX2 without AVX-512 `dequant/avx2/` for Q4_0,
 //!   Q4_1, Q5_0, Q8_0, Q4_K and Q6_K, values and one-row dots bit for bit the portable ones
 //!   (the dots over an input in a split order that a byte shuffle reaches), and products of
 //!   2–8 rows equal to the AVX2 tiles' sums with no dequantised strip; candle's for the
