@@ -455,10 +455,12 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
     );
     let start = Instant::now();
-    let mut streams = Vec::with_capacity(reqs.len());
-    for r in &reqs {
-        streams.extend(engine.submit(engine.validate(r.clone())?)?);
-    }
+    // All rows in one command, so the first step prefills every prompt together.
+    let valid = reqs
+        .iter()
+        .map(|r| engine.validate(r.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let streams: Vec<_> = engine.submit_all(valid)?.into_iter().flatten().collect();
     let mut outs = Vec::with_capacity(streams.len());
     let mut first_token_at: Option<Instant> = None;
     // The KV cache's peak, sampled once a step (the first sequence's tokens).

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc::unbounded_channel;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::request::ValidRequest;
 use super::types::*;
@@ -51,8 +51,45 @@ impl Engine {
     /// with nothing queued, when the queue has no room for all of them (`Overloaded`);
     /// everything else (unknown adapter, load failure) arrives as an `Error` event.
     pub fn submit(&self, valid: ValidRequest) -> Result<Vec<EventStream>, EngineError> {
-        let choices = valid.choices();
-        // Reserve the queue slots, or refuse: memory stays bounded under any load.
+        self.reserve(valid.choices())?;
+        let (seqs, streams) = self.sequences(valid);
+        let n = seqs.len();
+        for (i, (seq, etx)) in seqs.into_iter().enumerate() {
+            if self.tx.send(Command::Submit(Box::new(seq), etx)).is_err() {
+                self.queued.fetch_sub(n - i, Ordering::AcqRel);
+                return Err(EngineError::ShuttingDown);
+            }
+        }
+        Ok(streams)
+    }
+
+    /// [`submit`](Self::submit) for several requests that the worker takes in together:
+    /// one command, so that all of them are queued before its next step, and the first step
+    /// prefills every prompt it has room for (`generate --batch`: sent one by one, a step
+    /// could start on the first rows and prefill the rest apart, which sums them in another
+    /// order). The streams come request by request; all or nothing is queued.
+    pub fn submit_all(
+        &self,
+        valid: Vec<ValidRequest>,
+    ) -> Result<Vec<Vec<EventStream>>, EngineError> {
+        self.reserve(valid.iter().map(|v| v.choices()).sum())?;
+        let mut all = Vec::new();
+        let mut streams = Vec::with_capacity(valid.len());
+        for v in valid {
+            let (seqs, s) = self.sequences(v);
+            all.extend(seqs);
+            streams.push(s);
+        }
+        let n = all.len();
+        if self.tx.send(Command::SubmitAll(all)).is_err() {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(streams)
+    }
+
+    /// Reserve `choices` queue slots, or refuse: memory stays bounded under any load.
+    fn reserve(&self, choices: usize) -> Result<(), EngineError> {
         let mut cur = self.queued.load(Ordering::Acquire);
         loop {
             if cur + choices > self.max_queued {
@@ -64,14 +101,23 @@ impl Engine {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => break,
+                Ok(_) => return Ok(()),
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// A validated request's sequences (prompt-major, as [`submit`](Self::submit) says), each
+    /// with the sender of its event stream, and the streams.
+    fn sequences(
+        &self,
+        valid: ValidRequest,
+    ) -> (Vec<(SeqRequest, UnboundedSender<Event>)>, Vec<EventStream>) {
         let ctx = self.model.config().max_context;
         let req = valid.req;
-        let mut streams = Vec::with_capacity(choices);
-        for (i, prompt) in req.prompts.iter().enumerate() {
+        let mut seqs = Vec::with_capacity(req.prompts.len() * req.n);
+        let mut streams = Vec::with_capacity(seqs.capacity());
+        for prompt in &req.prompts {
             for k in 0..req.n {
                 let mut sampling = req.sampling.clone();
                 sampling.seed = sampling.seed.wrapping_add(k as u64);
@@ -90,15 +136,11 @@ impl Engine {
                     prompt_logprobs: if req.prompt_logprobs { logprobs } else { None },
                 };
                 let (etx, erx) = unbounded_channel();
-                if self.tx.send(Command::Submit(Box::new(seq), etx)).is_err() {
-                    let unsent = choices - (i * req.n + k);
-                    self.queued.fetch_sub(unsent, Ordering::AcqRel);
-                    return Err(EngineError::ShuttingDown);
-                }
+                seqs.push((seq, etx));
                 streams.push(EventStream { rx: erx });
             }
         }
-        Ok(streams)
+        (seqs, streams)
     }
 
     /// Send the worker a command that answers `done`, and wait for the answer, so that what

@@ -210,6 +210,9 @@ pub struct EngineStats {
 
 pub(super) enum Command {
     Submit(Box<SeqRequest>, UnboundedSender<Event>),
+    /// Several sequences that arrive together: the worker queues all of them before it plans
+    /// its next step ([`Engine::submit_all`](super::Engine::submit_all)).
+    SubmitAll(Vec<(SeqRequest, UnboundedSender<Event>)>),
     /// A load the worker started has finished; `generation` is the name's catalog generation
     /// when its files were resolved.
     Loaded {

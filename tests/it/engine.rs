@@ -977,3 +977,45 @@ fn auto_keeps_adapters_unmerged_over_a_block_quantized_base() {
         }
     }
 }
+
+/// `submit_all` queues every request before the worker's next step, on an engine that steps
+/// as soon as it has work (no gate): all of them are prefilled in the first step (each wants
+/// one token, so that step finishes them all), the streams come back request by request, and
+/// a batch larger than the queue is refused whole, with nothing queued. (What it prevents,
+/// a step starting between single submits, depends on timing: `generate --batch` on SmolLM2
+/// showed it in 1 run of 20; this tiny model's worker never wins that race here, so the
+/// test holds the contract, not the race.)
+#[test]
+fn submit_all_prefills_every_request_in_one_step() {
+    let ps = prompts();
+    let s = store();
+    let e = engine(s.path(), AdapterMode::Unmerged, |c| {
+        c.max_step_tokens = 512;
+        c.max_queued = ps.len();
+    });
+    let valid = |p: &Vec<u32>| {
+        e.validate(request(p, None, 1, SamplingParams::default()))
+            .unwrap()
+    };
+    let too_many: Vec<_> = ps.iter().chain(&ps[..1]).map(valid).collect();
+    assert!(matches!(
+        e.submit_all(too_many),
+        Err(EngineError::Overloaded)
+    ));
+    let streams = e.submit_all(ps.iter().map(valid).collect()).unwrap();
+    assert_eq!(streams.len(), ps.len());
+    assert!(streams.iter().all(|s| s.len() == 1));
+    let st = stats_when(&e, "done", |st| {
+        steps(st) >= 1 && st.running == 0 && st.waiting == 0
+    });
+    assert_eq!(
+        (steps(&st), st.running, st.waiting),
+        (1, 0, 0),
+        "every request in the first step: {st:?}"
+    );
+    for s in streams.into_iter().flatten() {
+        let o = collect(s);
+        assert_eq!(o.tokens.len(), 1);
+        assert_eq!(o.finish, Ok(FinishReason::Length));
+    }
+}

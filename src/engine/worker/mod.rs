@@ -210,6 +210,11 @@ impl Worker {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit(req, events) => self.submit(*req, events),
+            Command::SubmitAll(seqs) => {
+                for (req, events) in seqs {
+                    self.submit(req, events);
+                }
+            }
             Command::Loaded {
                 name,
                 result,
