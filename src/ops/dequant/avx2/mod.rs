@@ -12,15 +12,18 @@
 //!   block's fifth bits become bytes with one shuffle, an and and a compare (each byte of `qh`
 //!   spread to eight lanes, each lane testing its own bit), joined to the nibbles in byte
 //!   lanes, less 16, then converted and multiplied by `d`.
-//! - Q4_0, Q4_1 and Q5_0 give their values in a [split order](split_x): each vector's lanes
-//!   take bytes from within one 128-bit half, by one byte shuffle, where the natural order
-//!   needs a widening across halves and more shuffles. The one-row products take `x` in the
-//!   same order and put the accumulators back before summing, so every lane adds the same
-//!   products in the same order. With the `d` below, SmolLM2 Q4_1 at one sequence went from
-//!   63 to 79 tok/s; a Q5_0 block costs 18% less.
 //! - Q4_K and Q6_K: the compiler left the block formulas partly scalar. Here 32 bytes of
-//!   nibbles (and for Q6_K two bits of `qh` each) are split in byte lanes, widened, converted
-//!   and scaled.
+//!   nibbles (and for Q6_K two bits of `qh` each) are split in byte lanes, converted and
+//!   scaled.
+//! - The one-row products of every format but Q8_0 take the block's values in a
+//!   [split order](split_x): each vector's lanes take bytes from within one 128-bit half, by
+//!   one byte shuffle, where the natural order needs a widening across halves and more
+//!   shuffles. They take `x` in the same order and put the accumulators back before summing,
+//!   so every lane adds the same products in the same order. SmolLM2 Q4_1 at one sequence
+//!   went from 63 to 79 tok/s; a Q5_0 block costs 18% less. Dequantisation into strips keeps
+//!   the natural order (block functions take the order as `SPLIT`).
+//! - Products of 2–8 input rows ([`dot_rows_many`]) dequantise each block in registers once
+//!   for all rows instead of into a strip that the tiles read back.
 //! - The accumulators' sum runs in registers ([`sum`]), not as a call over arrays.
 //! - A block's f16 scale is converted by F16C ([`half`]), not by integer steps: that was ~15
 //!   of a Q8_0 or Q5_0 block's ~50 instructions (Q4_K_M at one sequence 43 → 49 tok/s).
