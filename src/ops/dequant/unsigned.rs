@@ -10,7 +10,13 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::half_at;
+/// The f16 at `b[at..at + 2]` as f32, by F16C's conversion (exact; the AVX2 kernels'
+/// [`half`](super::avx2::half)).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn half(b: &[u8], at: usize) -> f32 {
+    _mm256_cvtss_f32(super::avx2::half(b, at))
+}
 
 /// Positions that share `a` and `b`: a Q6_K scale covers 16, a Q4_K or Q5_K scale or a Q8_0
 /// block 32.
@@ -32,9 +38,9 @@ pub fn subblock(dtype: GgmlDType) -> Option<usize> {
 /// (one per position) and one `a`, `b` per subblock.
 ///
 /// # Safety
-/// The CPU has AVX-512BW and VL; `u` has room for every position of the blocks, `a` and `b` for
-/// one value per subblock.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+/// The CPU has AVX2, FMA and F16C (every CPU the int8 kernels run on); `u` has room for every position of
+/// the blocks, `a` and `b` for one value per subblock.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b: *mut f32) {
     match dtype {
         GgmlDType::Q4K => {
@@ -70,7 +76,7 @@ pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b:
         GgmlDType::Q8_0 => {
             let flip = _mm256_set1_epi8(-128);
             for (i, blk) in bytes.chunks_exact(34).enumerate() {
-                let d = half_at(blk, 0);
+                let d = half(blk, 0);
                 *a.add(i) = d;
                 *b.add(i) = 128.0 * d;
                 let q = _mm256_loadu_si256(blk.as_ptr().add(2).cast());
@@ -89,7 +95,7 @@ pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b:
 /// `qh: u32`, bit `j` the fifth bit of position `j` (`HIGH`: Q5_0, Q5_1), then `qs: [u8; 16]`,
 /// positions 0..16 in the low nibbles. Without a min the values are centred: `b = 8·d` (Q4_0)
 /// or `16·d` (Q5_0); with one, `b = −m`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn small<const B: usize, const MIN: bool, const HIGH: bool>(
     bytes: &[u8],
     u: *mut u8,
@@ -98,10 +104,10 @@ unsafe fn small<const B: usize, const MIN: bool, const HIGH: bool>(
 ) {
     let low = _mm_set1_epi8(0x0F);
     for (i, blk) in bytes.chunks_exact(B).enumerate() {
-        let d = half_at(blk, 0);
+        let d = half(blk, 0);
         *a.add(i) = d;
         *b.add(i) = match (MIN, HIGH) {
-            (true, _) => -half_at(blk, 2),
+            (true, _) => -half(blk, 2),
             (false, false) => 8.0 * d,
             (false, true) => 16.0 * d,
         };
@@ -113,16 +119,29 @@ unsafe fn small<const B: usize, const MIN: bool, const HIGH: bool>(
         if HIGH {
             let at = if MIN { 4 } else { 2 };
             let qh = u32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
-            let fifth = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
-            v = _mm256_or_si256(v, fifth);
+            v = _mm256_or_si256(v, _mm256_and_si256(bits(qh), _mm256_set1_epi8(0x10)));
         }
         _mm256_storeu_si256(u.add(32 * i).cast(), v);
     }
 }
 
+/// Bit `j` of `qh` as byte `j` of the vector: all ones where set, zero where not.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn bits(qh: u32) -> __m256i {
+    // Byte j takes byte j / 8 of `qh`, then keeps only its bit j % 8.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), spread);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit)
+}
+
 /// Q4_K: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`; each 32 bytes of `qs` hold
 /// 64 positions, the first 32 in the low nibbles.
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
     k_scales(blk, a, b);
     let low = _mm256_set1_epi8(0x0F);
@@ -137,7 +156,7 @@ unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
 /// Q5_K: `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`: Q4_K's layout
 /// with each position's fifth bit in `qh` (bit `2g` of byte `l` for position `64g + l`, bit
 /// `2g + 1` for `64g + 32 + l`), as candle's `to_float` reads it.
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k(blk: &[u8; 176], u: *mut u8, a: *mut f32, b: *mut f32) {
     k_scales(blk, a, b);
     let low = _mm256_set1_epi8(0x0F);
@@ -161,10 +180,10 @@ unsafe fn q5_k(blk: &[u8; 176], u: *mut u8, a: *mut f32, b: *mut f32) {
 /// `a = d·scale` and `b = dmin·min` for the 8 subblocks of a Q4_K or Q5_K block (`d: f16,
 /// dmin: f16, scales: [u8; 12]` first), the 6-bit values out of 12 bytes at once (as
 /// `scale_min_k4`).
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn k_scales(blk: &[u8], a: *mut f32, b: *mut f32) {
-    let (d, min) = (half_at(blk, 0), half_at(blk, 2));
+    let (d, min) = (half(blk, 0), half(blk, 2));
     let (sc, mn) = super::scales_mins_k4(&blk[4..16]);
     let bytes = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(0, v as i64)));
     _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_set1_ps(d), bytes(sc)));
@@ -174,13 +193,15 @@ unsafe fn k_scales(blk: &[u8], a: *mut f32, b: *mut f32) {
 /// Q6_K: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`; each half of 128 positions
 /// takes its low 4 bits from 64 bytes of `ql` (low nibbles, then high) and its high 2 bits
 /// from 32 bytes of `qh` (2 bits per quarter).
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k(blk: &[u8; 210], u: *mut u8, a: *mut f32, b: *mut f32) {
-    let d = half_at(blk, 208);
-    let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(192).cast()));
-    let s = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sc));
-    _mm512_storeu_ps(a, s);
-    _mm512_storeu_ps(b, _mm512_mul_ps(_mm512_set1_ps(32.0), s));
+    let d = _mm256_set1_ps(half(blk, 208));
+    for h in 0..2 {
+        let sc = _mm_loadl_epi64(blk.as_ptr().add(192 + 8 * h).cast());
+        let s = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+        _mm256_storeu_ps(a.add(8 * h), s);
+        _mm256_storeu_ps(b.add(8 * h), _mm256_mul_ps(_mm256_set1_ps(32.0), s));
+    }
     let (low, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
     let p = blk.as_ptr();
     for h in 0..2 {
@@ -215,7 +236,7 @@ mod tests {
     /// out after the scale.
     #[test]
     fn unsigned_values_rebuild_the_dequantised_block() {
-        if !is_x86_feature_detected!("avx512bw") || !is_x86_feature_detected!("avx512vl") {
+        if !super::super::avx2::available() {
             return;
         }
         use GgmlDType::*;
@@ -234,7 +255,7 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap();
             let (mut u, mut a, mut b) = (vec![0u8; n], vec![0f32; n / sub], vec![0f32; n / sub]);
-            // SAFETY: AVX-512BW checked above; room for every position and subblock.
+            // SAFETY: AVX2, FMA and F16C checked above; room for every position and subblock.
             unsafe {
                 unpack(
                     dtype,

@@ -83,11 +83,12 @@ fn large_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     }
 }
 
-/// Whether the int8 kernel multiplies `w` on this machine (its formats, AVX-512 VNNI) when
-/// `w`'s int8 activations are on.
+/// Whether an int8 kernel multiplies `w` on this machine when `w`'s int8 activations are on:
+/// its formats, and AVX-512 VNNI (products of 2+ rows) or, without AVX-512, AVX2 (one-row
+/// products).
 pub fn int8_applies(w: &StoredMatrix) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return int8::applies(w);
+    return int8::applies(w) || (best_isa().is_avx2() && int8::row::applies(w));
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = w;
@@ -190,6 +191,12 @@ fn takes_int8(m: usize, w: &StoredMatrix) -> bool {
     }
 }
 
+/// Whether a one-row product over `w` on AVX2 takes the int8 kernel (`int8/row.rs`).
+#[cfg(target_arch = "x86_64")]
+fn takes_int8_row(w: &StoredMatrix) -> bool {
+    w.int8_activations() && int8::row::applies(w)
+}
+
 // The accumulators of a tile run hold every panel of the most rows the kernel takes.
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(transposed::MAX_PANELS * 16 >= MAX_ROWS);
@@ -249,6 +256,10 @@ fn small_m_stored_many(
     let k = ws[0].cols();
     debug_assert!(ws.iter().all(|w| w.cols() == k));
     let xt = panels(isa, x, m, k);
+    // One row, on AVX2, rounded to int8 once for every weight that takes it.
+    #[cfg(target_arch = "x86_64")]
+    let xq = (m == 1 && isa.is_avx2() && ws.iter().any(|w| takes_int8_row(w)))
+        .then(|| int8::row::quantize(x));
     let ro = if xt.is_some() {
         T_OUTPUTS
     } else {
@@ -294,6 +305,11 @@ fn small_m_stored_many(
             if m == 1 {
                 // SAFETY: this run alone writes outputs `o0..o1` of the single row.
                 let y = unsafe { out.slice(o0, o1 - o0) };
+                #[cfg(target_arch = "x86_64")]
+                if let (Some(xq), true) = (&xq, takes_int8_row(w)) {
+                    int8::row::dot_rows(w, xq, o0, y);
+                    return;
+                }
                 if w.dot_rows(o0, x, y) {
                     return;
                 }

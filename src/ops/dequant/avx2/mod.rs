@@ -46,7 +46,7 @@ pub(super) fn available() -> bool {
 /// per block (a third of a Q8_0 block's instructions).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn half(b: &[u8], at: usize) -> __m256 {
+pub(super) unsafe fn half(b: &[u8], at: usize) -> __m256 {
     _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([b[at], b[at + 1]])))
 }
 

@@ -21,6 +21,9 @@ use super::super::dequant::unsigned;
 use super::super::stored::StoredMatrix;
 use super::transposed::{self, MAX_PANELS};
 use super::BLOCKED_MIN_K;
+use row::quantize_row;
+
+pub(super) mod row;
 
 /// From this many rows on the int8 kernel runs; one row keeps the exact kernel, which is as
 /// fast: it waits on reading the weights either way. `generate --batch`, tok/s exact vs int8
@@ -49,6 +52,7 @@ pub(super) fn applies(w: &StoredMatrix) -> bool {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("f16c")
     });
     vnni && unsigned::subblock(w.dtype()).is_some() && w.cols().is_multiple_of(QBLOCK)
 }
@@ -124,33 +128,6 @@ fn pack(x: &[f32], m: usize, k: usize, sub: usize) -> Packed {
         }
     }
     p
-}
-
-/// One row rounded to int8 in blocks of [`QBLOCK`]: `q = round(x / d)` (ties to even),
-/// `d = max|x| / 127` (0 for a block of zeros).
-fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32]) {
-    assert!(x.len() == q.len() && x.len() == d.len() * QBLOCK);
-    // SAFETY: `pack`'s callers checked AVX-512 (`applies`); the lengths just above.
-    unsafe { quantize_row_avx512(x, q, d) }
-}
-
-#[target_feature(enable = "avx512f")]
-unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32]) {
-    for (b, d) in d.iter_mut().enumerate() {
-        let p = x.as_ptr().add(b * QBLOCK);
-        let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        *d = amax / 127.0;
-        let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
-        // The default rounding (to nearest, ties to even); |x · inv| ≤ 127 by construction.
-        for (h, v) in [v0, v1].into_iter().enumerate() {
-            let i = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
-            _mm_storeu_si128(
-                q.as_mut_ptr().add(b * QBLOCK + 16 * h).cast(),
-                _mm512_cvtsepi32_epi8(i),
-            );
-        }
-    }
 }
 
 /// `x` `[m, k]` (`m` ≤ 64) times `w` transposed, with `x` quantized to int8: `[m, n]`.
@@ -307,69 +284,98 @@ mod tests {
     use candle_core::quantized::GgmlDType;
     use candle_core::{Device, Tensor};
 
-    fn stored(n: usize, k: usize, dtype: GgmlDType) -> (StoredMatrix, Vec<f32>) {
+    /// The formats the int8 kernels take.
+    pub(super) const FORMATS: [GgmlDType; 8] = {
+        use GgmlDType::*;
+        [Q8_0, Q4K, Q5K, Q6K, Q4_0, Q4_1, Q5_0, Q5_1]
+    };
+
+    /// Shapes `(m, k, n)` for `dtype`: whole and odd numbers of blocks, outputs that leave
+    /// tails, and `m` up to 64.
+    pub(super) fn shapes(dtype: GgmlDType) -> Vec<(usize, usize, usize)> {
+        let kq = dtype.block_size();
+        let odd = if kq == 32 { 96 } else { 768 };
+        let mut shapes = vec![
+            (1, 2 * kq.max(256), 9),
+            (1, odd, 19),
+            (2, 256, 17),
+            (2, odd, 5),
+            (3, 512, 8),
+            (5, 256, 23),
+        ];
+        shapes.extend([4, 7, 8, 9, 16, 17, 33, 64].map(|m| (m, odd, 13)));
+        shapes
+    }
+
+    /// `product(x, m, w)` of a random `[n, k]` weight in `dtype` and `m` random rows computes
+    /// exactly what the int8 kernels say: the int8 rounding of `x` (its scales from
+    /// [`quantize_row`], each value recomputed here plainly) times the dequantised weights, up
+    /// to f32 summation order; and it stays within the rounding's own bound of the exact
+    /// product: `Σ_i |w_i| · d_i / 2`.
+    pub(super) fn check(
+        dtype: GgmlDType,
+        (m, k, n): (usize, usize, usize),
+        product: impl Fn(&[f32], usize, &StoredMatrix) -> Vec<f32>,
+    ) {
         let t = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
         let w = StoredMatrix::quantize(&t, dtype).unwrap();
         let mut dq = vec![0f32; n * k];
         w.dequantize_rows(0, n, &mut dq);
-        (w, dq)
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+        let x = (x.clone() * x.abs().unwrap().exp().unwrap()).unwrap();
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = product(&x, m, &w);
+        let (mut q, mut d) = (vec![0i8; k], vec![0f32; k / QBLOCK]);
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            quantize_row(xr, &mut q, &mut d);
+            for (i, (&q, &x)) in q.iter().zip(xr).enumerate() {
+                let d = d[i / QBLOCK];
+                let plain = if d > 0.0 {
+                    (x * (1.0 / d)).round()
+                } else {
+                    0.0
+                };
+                // `x / d` against `x · (127 / max|x|)`: they may round apart at a half.
+                assert!((q as f32 - plain).abs() <= 1.0, "{x} / {d}: {q}");
+                assert!((x - d * q as f32).abs() <= d * 0.5001, "{x} / {d}: {q}");
+            }
+            for o in 0..n {
+                let wr = &dq[o * k..(o + 1) * k];
+                let (mut rounded, mut exact, mut bound, mut mag) = (0f64, 0f64, 0f64, 0f64);
+                for i in 0..k {
+                    let xq = d[i / QBLOCK] as f64 * q[i] as f64;
+                    rounded += xq * wr[i] as f64;
+                    exact += xr[i] as f64 * wr[i] as f64;
+                    bound += wr[i].abs() as f64 * d[i / QBLOCK] as f64 / 2.0;
+                    mag += (xq * wr[i] as f64).abs();
+                }
+                let got = y[r * n + o] as f64;
+                assert!(
+                    (got - rounded).abs() <= 1e-5 * mag + 1e-6,
+                    "{dtype:?} {m}x{k}x{n} ({r}, {o}): {got} vs {rounded}"
+                );
+                assert!(
+                    (got - exact).abs() <= bound * 1.001 + 1e-5 * mag,
+                    "{dtype:?} {m}x{k}x{n} ({r}, {o}): {got} vs exact {exact}, bound {bound}"
+                );
+            }
+        }
     }
 
-    /// The kernel computes exactly what it says: the int8 rounding of `x` (recomputed here
-    /// plainly) times the dequantised weights, up to f32 summation order; and it stays within
-    /// the rounding's own bound of the exact product: `Σ_i |w_i| · d_i / 2`.
     #[test]
     fn int8_products_are_the_rounded_inputs_times_the_weights() {
-        let (probe, _) = stored(1, 32, GgmlDType::Q8_0);
+        let probe = StoredMatrix::quantize(
+            &Tensor::zeros((1, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
         if !applies(&probe) {
             return;
         }
-        use GgmlDType::*;
-        for dtype in [Q8_0, Q4K, Q5K, Q6K, Q4_0, Q4_1, Q5_0, Q5_1] {
-            let kq = dtype.block_size();
-            let odd = if kq == 32 { 96 } else { 768 };
-            let shapes = [
-                (1, 2 * kq.max(256), 9),
-                (1, odd, 19),
-                (2, 256, 17),
-                (2, odd, 5),
-                (3, 512, 8),
-                (5, 256, 23),
-            ];
-            let more: Vec<_> = [4, 7, 8, 9, 16, 17, 33, 64]
-                .into_iter()
-                .map(|m| (m, odd, 13))
-                .collect();
-            for &(m, k, n) in shapes.iter().chain(&more) {
-                let (w, dq) = stored(n, k, dtype);
-                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
-                let x = (x.clone() * x.abs().unwrap().exp().unwrap()).unwrap();
-                let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let y = matmul(&x, m, &w);
-                let (mut q, mut d) = (vec![0i8; k], vec![0f32; k / QBLOCK]);
-                for r in 0..m {
-                    quantize_row(&x[r * k..(r + 1) * k], &mut q, &mut d);
-                    for o in 0..n {
-                        let wr = &dq[o * k..(o + 1) * k];
-                        let (mut rounded, mut exact, mut bound, mut mag) = (0f64, 0f64, 0f64, 0f64);
-                        for i in 0..k {
-                            let xq = d[i / QBLOCK] as f64 * q[i] as f64;
-                            rounded += xq * wr[i] as f64;
-                            exact += x[r * k + i] as f64 * wr[i] as f64;
-                            bound += wr[i].abs() as f64 * d[i / QBLOCK] as f64 / 2.0;
-                            mag += (xq * wr[i] as f64).abs();
-                        }
-                        let got = y[r * n + o] as f64;
-                        assert!(
-                            (got - rounded).abs() <= 1e-5 * mag + 1e-6,
-                            "{dtype:?} {m}x{k}x{n} ({r}, {o}): {got} vs {rounded}"
-                        );
-                        assert!(
-                            (got - exact).abs() <= bound * 1.001 + 1e-5 * mag,
-                            "{dtype:?} {m}x{k}x{n} ({r}, {o}): {got} vs exact {exact}, bound {bound}"
-                        );
-                    }
-                }
+        for dtype in FORMATS {
+            for shape in shapes(dtype) {
+                check(dtype, shape, matmul);
             }
         }
     }
