@@ -411,9 +411,15 @@ macro_rules! kernels {
                 for (b, xs) in row.chunks_exact($b).zip(x.chunks_exact(8 * $vectors)) {
                     prefetch_ahead(b);
                     $block::<$split>(b.try_into().expect("whole blocks"), &mut v);
-                    for (j, v) in v.iter().enumerate() {
-                        let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * j));
-                        acc[j % 4] = _mm256_fmadd_ps(*v, xv, acc[j % 4]);
+                    // Vector j into accumulator j % 4, four at a time: indexed by `j % 4`
+                    // in a loop the compiler kept rolled (the K-quants' 32 vectors), the
+                    // accumulators went to the stack and each multiply-add waited on the last
+                    // one's store (1B-shaped Q4_K_M, 1 sequence: 5 tok/s).
+                    for (j, four) in v.chunks_exact(4).enumerate() {
+                        for (t, (v, acc)) in four.iter().zip(&mut acc).enumerate() {
+                            let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * (4 * j + t)));
+                            *acc = _mm256_fmadd_ps(*v, xv, *acc);
+                        }
                     }
                 }
                 *out = sum(&if $split { unsplit(&acc) } else { acc });
