@@ -227,6 +227,7 @@ impl StoredMatrix {
         matches!(self.bytes, Bytes::Mapped { .. })
     }
 
+    #[inline]
     fn stored_row(&self, r: usize) -> &[u8] {
         let s = match &self.row_map {
             Some(map) => map[r] as usize,
@@ -235,8 +236,9 @@ impl StoredMatrix {
         &self.bytes.as_slice()[s * self.row_bytes..(s + 1) * self.row_bytes]
     }
 
-    /// Round the input rows of products over this matrix to int8 where the int8 kernel
-    /// applies (2 or more rows, its formats, AVX-512 VNNI; the CLI's `--int8-activations`).
+    /// Round the input rows of products over this matrix to int8 where an int8 kernel
+    /// applies (its formats; 2 or more rows with AVX-512 VNNI, one row on CPUs with AVX2 and
+    /// no AVX-512; the CLI's `--int8-activations`).
     /// Faster, and not exact: the README gives the logit error it measured.
     pub fn set_int8_activations(&self, on: bool) {
         self.int8.store(on, std::sync::atomic::Ordering::Relaxed);
@@ -249,6 +251,7 @@ impl StoredMatrix {
 
     /// The stored bytes of columns `c0..c1` of logical row `r` (`c0` and `c1` on the format's
     /// block boundaries, or `c1` the row's end).
+    #[inline]
     pub(super) fn row_blocks(&self, r: usize, c0: usize, c1: usize) -> &[u8] {
         let (block, size) = (self.dtype.block_size(), self.dtype.type_size());
         debug_assert!(c0.is_multiple_of(block) && c1.is_multiple_of(block) && c1 <= self.cols);

@@ -1,16 +1,16 @@
-//! Opt-in int8 activations for one-row products on CPUs without AVX-512 (AVX2 and FMA):
+//! Opt-in int8 activations for one-row products on CPUs without AVX-512 (AVX2, FMA, F16C):
 //! one-sequence decode steps, where the exact one-row kernels (`dequant/avx2`) spend more
-//! instructions per block than reading its bytes costs; the products of several rows keep the
+//! instructions per block than reading its bytes costs. Products of several rows keep the
 //! exact kernels there (each block's dequantisation is shared by every row, and AVX2 has no
-//! VNNI to make int8 multiply-adds cheaper than f32 ones).
+//! VNNI to make int8 multiply-adds cheaper than f32 ones), and so does Q8_0 (its exact kernel
+//! was as fast).
 //!
 //! The input row is rounded once per product as the VNNI kernel rounds its rows
-//! ([`quantize_row`]). Each weight row is unpacked, [`CHUNK`] positions at a time, into bytes
-//! `u` with `value = a·u − b` per subblock (`dequant/unsigned.rs`, the same unpacking as the
-//! VNNI kernel's), and `vpmaddubsw` + `vpmaddwd` sum `u·q` over 32 positions in exact 32-bit
-//! integers (pairs of byte products stay within `i16`: `u ≤ 63`, `|q| ≤ 127`). Q8_0, whose
-//! unsigned bytes reach 255, multiplies its signed bytes instead (`|w|` times `q` with `w`'s
-//! sign, at most `2 · 128 · 127`). In f32 each 32-position sum is then scaled by `a·dx` and the
+//! ([`quantize_row`]). Each weight block becomes bytes `u` with `value = a·u − b` per subblock
+//! (`dequant/unsigned.rs`, the VNNI kernel's unpacking): Q4_0, Q4_1, Q5_0 and Q5_1 in
+//! registers, the K-quants a chunk of a row at a time into a buffer. `vpmaddubsw` + `vpmaddwd`
+//! sum `u·q` over 32 positions in exact 32-bit integers (pairs of byte products stay within
+//! `i16`: `u ≤ 63`, `|q| ≤ 127`). In f32 each 32-position sum is then scaled by `a·dx` and the
 //! subblock's `b · dx · Σq` taken off.
 
 use std::arch::x86_64::*;
@@ -38,7 +38,10 @@ pub(in super::super) fn applies(w: &StoredMatrix) -> bool {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
     });
-    avx2 && unsigned::subblock(w.dtype()).is_some() && w.cols().is_multiple_of(QBLOCK)
+    // Q8_0 stays exact: its exact one-row kernel was as fast (SmolLM2 Q8_0, 1 sequence, 5
+    // interleaved rounds: exact 80 tok/s, int8 through unpacked bytes 69).
+    let format = w.dtype() != GgmlDType::Q8_0 && unsigned::subblock(w.dtype()).is_some();
+    avx2 && format && w.cols().is_multiple_of(QBLOCK)
 }
 
 /// An input row rounded to int8, as the kernel reads it.
@@ -125,7 +128,23 @@ unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 /// Unless [`applies`] to `w`, `x` has `w.cols()` positions and `o0 + y.len() <= w.rows()`.
 pub(in super::super) fn dot_rows(w: &StoredMatrix, x: &Row, o0: usize, y: &mut [f32]) {
     assert!(applies(w) && x.q.len() == w.cols() && o0 + y.len() <= w.rows());
-    let signed = w.dtype() == GgmlDType::Q8_0;
+    // SAFETY (each): `applies` checked AVX2, FMA and F16C; the shapes just above.
+    unsafe {
+        match w.dtype() {
+            GgmlDType::Q4_0 => small_rows::<18, false, false>(w, x, o0, y),
+            GgmlDType::Q4_1 => small_rows::<20, true, false>(w, x, o0, y),
+            GgmlDType::Q5_0 => small_rows::<22, false, true>(w, x, o0, y),
+            GgmlDType::Q5_1 => small_rows::<24, true, true>(w, x, o0, y),
+            _ => unpacked_rows(w, x, o0, y),
+        }
+    }
+}
+
+/// [`dot_rows`] through the weight rows unpacked a chunk at a time: the K-quants.
+///
+/// # Safety
+/// As [`rows`], but for `y`'s length.
+unsafe fn unpacked_rows(w: &StoredMatrix, x: &Row, o0: usize, y: &mut [f32]) {
     let chunk = CHUNK.min(w.cols());
     let mut buf = Buffers {
         u: vec![0; R * chunk],
@@ -133,24 +152,77 @@ pub(in super::super) fn dot_rows(w: &StoredMatrix, x: &Row, o0: usize, y: &mut [
         b: vec![0.0; chunk / 16],
     };
     let mut o = 0;
-    // SAFETY (each): `applies` checked AVX2, FMA and F16C; the shapes just above.
     while o + R <= y.len() {
-        unsafe { rows::<R>(w, x, o0 + o, &mut y[o..o + R], signed, &mut buf) };
+        rows::<R>(w, x, o0 + o, &mut y[o..o + R], &mut buf);
         o += R;
     }
     let (y, o1) = (&mut y[o..], o0 + o);
     match y.len() {
         0 => {}
-        1 => unsafe { rows::<1>(w, x, o1, y, signed, &mut buf) },
-        2 => unsafe { rows::<2>(w, x, o1, y, signed, &mut buf) },
-        3 => unsafe { rows::<3>(w, x, o1, y, signed, &mut buf) },
+        1 => rows::<1>(w, x, o1, y, &mut buf),
+        2 => rows::<2>(w, x, o1, y, &mut buf),
+        3 => rows::<3>(w, x, o1, y, &mut buf),
         _ => unreachable!(),
+    }
+}
+
+/// [`dot_rows`] for Q4_0, Q4_1, Q5_0 and Q5_1 (`B` bytes a block, as
+/// [`unsigned::small_block`]), each block's bytes made in registers where they are multiplied:
+/// a chunk's store and reload cost a third more instructions per block.
+///
+/// # Safety
+/// As [`rows`], but for `y`'s length.
+unsafe fn small_rows<const B: usize, const MIN: bool, const HIGH: bool>(
+    w: &StoredMatrix,
+    x: &Row,
+    o0: usize,
+    y: &mut [f32],
+) {
+    let mut o = 0;
+    while o + R <= y.len() {
+        small_group::<R, B, MIN, HIGH>(w, x, o0 + o, &mut y[o..o + R]);
+        o += R;
+    }
+    for (i, y) in y[o..].chunks_exact_mut(1).enumerate() {
+        small_group::<1, B, MIN, HIGH>(w, x, o0 + o + i, y);
+    }
+}
+
+/// `N` rows of [`small_rows`].
+///
+/// # Safety
+/// As [`rows`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn small_group<const N: usize, const B: usize, const MIN: bool, const HIGH: bool>(
+    w: &StoredMatrix,
+    x: &Row,
+    o: usize,
+    y: &mut [f32],
+) {
+    let k = w.cols();
+    let rows: [*const u8; N] = std::array::from_fn(|r| w.row_blocks(o + r, 0, k).as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut off = [0f32; N];
+    let ones = _mm256_set1_epi16(1);
+    for j in 0..k / 32 {
+        let xv = _mm256_loadu_si256(x.q.as_ptr().add(32 * j).cast());
+        let (dx, ds) = (x.d[j], x.dsum32[j]);
+        for r in 0..N {
+            let blk = std::slice::from_raw_parts(rows[r].add(B * j), B);
+            let (v, a, b) = unsigned::small_block::<B, MIN, HIGH>(blk);
+            let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones));
+            acc[r] = _mm256_fmadd_ps(sum, _mm256_set1_ps(a * dx), acc[r]);
+            off[r] += b * ds;
+        }
+    }
+    for r in 0..N {
+        y[r] = hsum(acc[r]) - off[r];
     }
 }
 
 /// Room for [`R`] rows' chunks (of `chunk` positions) unpacked.
 struct Buffers {
-    /// `[R][chunk]`: the bytes (unused for Q8_0).
+    /// `[R][chunk]`: the bytes.
     u: Vec<u8>,
     /// `[R][chunk / 16]`: per subblock, `a`, then `a · dx`.
     s: Vec<f32>,
@@ -158,9 +230,9 @@ struct Buffers {
     b: Vec<f32>,
 }
 
-/// `N` weight rows from `o`, [`CHUNK`] positions at a time: each row's chunk unpacked (Q8_0's
-/// signed bytes read where they lie) with its subblocks' scales times the input's, then the
-/// integer sums of every 32 positions scaled and added.
+/// `N` weight rows from `o`, [`CHUNK`] positions at a time: each row's chunk unpacked, its
+/// subblocks' scales times the input's, then the integer sums of every 32 positions scaled and
+/// added.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `y.len() == N`, `x` as long as `w`'s rows, `o + N <= w.rows()`.
@@ -170,7 +242,6 @@ unsafe fn rows<const N: usize>(
     x: &Row,
     o: usize,
     y: &mut [f32],
-    signed: bool,
     buf: &mut Buffers,
 ) {
     let (k, dtype) = (w.cols(), w.dtype());
@@ -187,10 +258,6 @@ unsafe fn rows<const N: usize>(
     // `Σ b · dx · Σq` per row: 8 subblocks a lane, the rest one at a time.
     let (mut offv, mut off) = ([_mm256_setzero_ps(); N], [0f32; N]);
     let ones = _mm256_set1_epi16(1);
-    // Each row's 32-position groups of bytes: unpacked into `u`, 32 apart, or Q8_0's own
-    // bytes, a block (34) apart.
-    let mut wp = [std::ptr::null::<u8>(); N];
-    let step = if signed { 34 } else { 32 };
     let mut c0 = 0;
     while c0 < k {
         let c1 = (c0 + chunk).min(k);
@@ -201,30 +268,17 @@ unsafe fn rows<const N: usize>(
         );
         for r in 0..N {
             let bytes = w.row_blocks(o + r, c0, c1);
-            let (ur, sr) = (&mut u[r * us..(r + 1) * us], &mut s[r * ss..(r + 1) * ss]);
-            if signed {
-                for (j, blk) in bytes.chunks_exact(34).enumerate() {
-                    sr[j] = unsigned::half(blk, 0);
-                }
-                wp[r] = bytes.as_ptr().add(2);
-            } else {
-                unsigned::unpack(
-                    dtype,
-                    bytes,
-                    ur.as_mut_ptr(),
-                    sr.as_mut_ptr(),
-                    b.as_mut_ptr(),
-                );
-                let eights = subs / 8 * 8;
-                for i in (0..eights).step_by(8) {
-                    let (bv, dv) = (b.as_ptr().add(i), dsum.as_ptr().add(i));
-                    offv[r] = _mm256_fmadd_ps(_mm256_loadu_ps(bv), _mm256_loadu_ps(dv), offv[r]);
-                }
-                for (b, ds) in b[eights..subs].iter().zip(&dsum[eights..]) {
-                    off[r] += b * ds;
-                }
-                wp[r] = ur.as_ptr();
+            let (ur, sr) = (u.as_mut_ptr().add(r * us), s.as_mut_ptr().add(r * ss));
+            unsigned::unpack(dtype, bytes, ur, sr, b.as_mut_ptr());
+            let eights = subs / 8 * 8;
+            for i in (0..eights).step_by(8) {
+                let (bv, dv) = (b.as_ptr().add(i), dsum.as_ptr().add(i));
+                offv[r] = _mm256_fmadd_ps(_mm256_loadu_ps(bv), _mm256_loadu_ps(dv), offv[r]);
             }
+            for (b, ds) in b[eights..subs].iter().zip(&dsum[eights..]) {
+                off[r] += b * ds;
+            }
+            let sr = &mut s[r * ss..(r + 1) * ss];
             for (s, dx) in sr[..subs].iter_mut().zip(dx) {
                 *s *= dx;
             }
@@ -232,14 +286,9 @@ unsafe fn rows<const N: usize>(
         let q = x.q.as_ptr().add(c0);
         for j in 0..(c1 - c0) / 32 {
             let xv = _mm256_loadu_si256(q.add(32 * j).cast());
-            for r in 0..N {
-                let wv = _mm256_loadu_si256(wp[r].add(step * j).cast());
-                let prod = if signed {
-                    _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv))
-                } else {
-                    _mm256_maddubs_epi16(wv, xv)
-                };
-                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_si256(u.as_ptr().add(r * us + 32 * j).cast());
+                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
                 // Lanes 0-3 hold positions 0-15, lanes 4-7 16-31: with 16-position
                 // subblocks each half has its own scale.
                 let scale = if sub == 16 {
@@ -248,7 +297,7 @@ unsafe fn rows<const N: usize>(
                 } else {
                     _mm256_broadcast_ss(&*s.as_ptr().add(r * ss + j))
                 };
-                acc[r] = _mm256_fmadd_ps(sum, scale, acc[r]);
+                *acc = _mm256_fmadd_ps(sum, scale, *acc);
             }
         }
         c0 = c1;
@@ -270,6 +319,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 mod tests {
     use super::super::tests::{check, shapes, FORMATS};
     use super::*;
+    use candle_core::{Device, Tensor};
 
     /// As the VNNI kernel's test: the rounded input times the dequantised weights, up to
     /// summation order, for every format and the one-row shapes (and each row of the others).
@@ -281,7 +331,10 @@ mod tests {
         {
             return;
         }
-        for dtype in FORMATS {
+        let q8_0 = Tensor::zeros((1, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let q8_0 = StoredMatrix::quantize(&q8_0, GgmlDType::Q8_0).unwrap();
+        assert!(!applies(&q8_0), "Q8_0 keeps its exact one-row kernel");
+        for dtype in FORMATS.into_iter().filter(|&d| d != GgmlDType::Q8_0) {
             // Rows longer than a chunk, and one chunk exactly.
             let long = [(1, CHUNK + 9 * 256, 7), (1, CHUNK, 5)];
             for (m, k, n) in shapes(dtype).into_iter().chain(long) {
