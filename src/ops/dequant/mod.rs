@@ -79,7 +79,7 @@ mod blocks;
 use blocks::{f16_to_f32, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0};
 // For the x86-64 kernels beside this module, which read the same fields.
 #[cfg(target_arch = "x86_64")]
-use blocks::{half_at, scale_min_k4, scales_mins_k4};
+use blocks::{half_at, scales_mins_k4};
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -426,7 +426,7 @@ fn exact_dot(dtype: GgmlDType, row: &[u8], x: &[f32]) -> (f64, f64) {
                 let (d, min) = (half_at(b, 0), half_at(b, 2));
                 let scales: &[u8; 12] = b[4..16].try_into().unwrap();
                 for j in 0..8 {
-                    let (sc, m) = scale_min_k4(j, scales);
+                    let (sc, m) = blocks::scale_min_k4(j, scales);
                     for l in 0..32 {
                         let byte = b[qs + 32 * (j / 2) + l];
                         let low = if j % 2 == 0 { byte & 0xF } else { byte >> 4 };

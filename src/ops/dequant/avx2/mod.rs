@@ -228,7 +228,8 @@ unsafe fn scaled<const SPLIT: bool>(q: __m256i, d: __m256, out: &mut [__m256; 4]
 /// A Q5_0 block's 32 values, `(q − 16) · d`, in [`lanes`]' order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q5_0_block<const SPLIT: bool>(b: &[u8; 22], out: &mut [__m256; 4]) {
+unsafe fn q5_0_block<const SPLIT: bool>(b: &[u8; 22], mut f: impl FnMut(usize, [__m256; 4])) {
+    let mut out = [_mm256_setzero_ps(); 4];
     let d = half(b, 0);
     // Value j's fifth bit is bit j of qh: byte j takes byte j / 8 of qh and keeps bit j % 8,
     // and is all ones exactly when that bit is set. `q − 16` is then the nibble less 16
@@ -248,39 +249,43 @@ unsafe fn q5_0_block<const SPLIT: bool>(b: &[u8; 22], out: &mut [__m256; 4]) {
         nibbles(b.as_ptr().add(6)),
         _mm256_andnot_si256(set, _mm256_set1_epi8(0x10)),
     );
-    scaled::<SPLIT>(q, d, out);
+    scaled::<SPLIT>(q, d, &mut out);
+    f(0, out);
 }
 
 /// A Q4_0 block's 32 values, `(q − 8) · d`, in [`lanes`]' order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_0_block<const SPLIT: bool>(b: &[u8; 18], out: &mut [__m256; 4]) {
+unsafe fn q4_0_block<const SPLIT: bool>(b: &[u8; 18], mut f: impl FnMut(usize, [__m256; 4])) {
+    let mut out = [_mm256_setzero_ps(); 4];
     let q = _mm256_sub_epi8(nibbles(b.as_ptr().add(2)), _mm256_set1_epi8(8));
-    scaled::<SPLIT>(q, half(b, 0), out);
+    scaled::<SPLIT>(q, half(b, 0), &mut out);
+    f(0, out);
 }
 
 /// A Q4_1 block's 32 values, `q · d + m`, in [`lanes`]' order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_1_block<const SPLIT: bool>(b: &[u8; 20], out: &mut [__m256; 4]) {
+unsafe fn q4_1_block<const SPLIT: bool>(b: &[u8; 20], mut f: impl FnMut(usize, [__m256; 4])) {
+    let mut out = [_mm256_setzero_ps(); 4];
     // `q · d` is exact (at most 15 significant bits), so one multiply-add rounds as the
     // portable product-then-sum does, zero's sign included.
     let (q, d, m) = (nibbles(b.as_ptr().add(4)), half(b, 0), half(b, 2));
     for (a, v) in out.iter_mut().enumerate() {
         *v = _mm256_fmadd_ps(lanes::<SPLIT, false>(q, a), d, m);
     }
+    f(0, out);
 }
 
 /// A Q4_K block's 256 values, `d·sc · q − dmin·m` (a product, then a difference, as the
-/// portable formula), as 32 vectors of 8, each 32 values in [`lanes`]' order.
+/// portable formula), given to `f` as 8 groups of 4 vectors of 8, each 32 values in
+/// [`lanes`]' order. `d·sc` (an f16 times 6 bits) and its product by `q` (4 bits) are exact,
+/// so one multiply-subtract rounds as the product-then-difference does.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_k_block<const SPLIT: bool>(b: &[u8; 144], out: &mut [__m256; 32]) {
-    let (d, min) = (
-        f16_to_f32(u16::from_le_bytes([b[0], b[1]])),
-        f16_to_f32(u16::from_le_bytes([b[2], b[3]])),
-    );
-    let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+unsafe fn q4_k_block<const SPLIT: bool>(b: &[u8; 144], mut f: impl FnMut(usize, [__m256; 4])) {
+    let (d, min) = (half(b, 0), half(b, 2));
+    let (sc, mn) = super::scales_mins_k4(&b[4..16]);
     let low4 = _mm256_set1_epi8(0x0F);
     for g in 0..4 {
         let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * g) as *const __m256i);
@@ -289,25 +294,26 @@ unsafe fn q4_k_block<const SPLIT: bool>(b: &[u8; 144], out: &mut [__m256; 32]) {
             _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
         ];
         for (s, nib) in halves.iter().enumerate() {
-            let (sc, m) = super::scale_min_k4(2 * g + s, scales);
+            let j = 2 * g + s;
             let (d1, m1) = (
-                _mm256_set1_ps(d * sc as f32),
-                _mm256_set1_ps(min * m as f32),
+                _mm256_mul_ps(d, _mm256_set1_ps((sc >> (8 * j)) as u8 as f32)),
+                _mm256_mul_ps(min, _mm256_set1_ps((mn >> (8 * j)) as u8 as f32)),
             );
-            for a in 0..4 {
-                let v = lanes::<SPLIT, false>(*nib, a);
-                out[8 * g + 4 * s + a] = _mm256_sub_ps(_mm256_mul_ps(d1, v), m1);
-            }
+            f(
+                j,
+                std::array::from_fn(|a| _mm256_fmsub_ps(lanes::<SPLIT, false>(*nib, a), d1, m1)),
+            );
         }
     }
 }
 
-/// A Q6_K block's 256 values, `(d · sc) · (q − 32)` as the portable formula, as 32 vectors of
-/// 8 in order: in each half of the block, values `l`, `l + 32`, `l + 64` and `l + 96` take the
-/// low and high nibbles of `ql[l]` and `ql[l + 32]`, with two bits of `qh[l]` each on top.
+/// A Q6_K block's 256 values, `(d · sc) · (q − 32)` as the portable formula, given to `f` as 8
+/// groups of 4 vectors of 8 in order: in each half of the block, values `l`, `l + 32`,
+/// `l + 64` and `l + 96` take the low and high nibbles of `ql[l]` and `ql[l + 32]`, with two
+/// bits of `qh[l]` each on top.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q6_k_block<const SPLIT: bool>(b: &[u8; 210], out: &mut [__m256; 32]) {
+unsafe fn q6_k_block<const SPLIT: bool>(b: &[u8; 210], mut f: impl FnMut(usize, [__m256; 4])) {
     let d = f16_to_f32(u16::from_le_bytes([b[208], b[209]]));
     let (low4, two, bias) = (
         _mm256_set1_epi8(0x0F),
@@ -352,10 +358,12 @@ unsafe fn q6_k_block<const SPLIT: bool>(b: &[u8; 210], out: &mut [__m256; 32]) {
                     _mm256_setr_m128(sc(1), sc(1)),
                 )
             };
-            for a in 0..4 {
-                let v = lanes::<SPLIT, true>(q, a);
-                out[16 * h + 4 * j + a] = _mm256_mul_ps(v, if a < 2 { s0 } else { s1 });
-            }
+            f(
+                4 * h + j,
+                std::array::from_fn(|a| {
+                    _mm256_mul_ps(lanes::<SPLIT, true>(q, a), if a < 2 { s0 } else { s1 })
+                }),
+            );
         }
     }
 }
@@ -378,15 +386,15 @@ macro_rules! kernels {
         #[target_feature(enable = "avx2,fma,f16c")]
         pub(super) unsafe fn $deq(bytes: &[u8], out: &mut [f32]) {
             assert_eq!(bytes.len() / $b * (8 * $vectors), out.len());
-            let mut v = [_mm256_setzero_ps(); $vectors];
             for (b, y) in bytes
                 .chunks_exact($b)
                 .zip(out.chunks_exact_mut(8 * $vectors))
             {
-                $block::<false>(b.try_into().expect("whole blocks"), &mut v);
-                for (i, v) in v.iter().enumerate() {
-                    _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), *v);
-                }
+                $block::<false>(b.try_into().expect("whole blocks"), |g, vs| {
+                    for (t, v) in vs.iter().enumerate() {
+                        _mm256_storeu_ps(y.as_mut_ptr().add(8 * (4 * g + t)), *v);
+                    }
+                });
             }
         }
 
@@ -404,23 +412,21 @@ macro_rules! kernels {
             } else {
                 x
             };
-            let mut v = [_mm256_setzero_ps(); $vectors];
             for (i, out) in y.iter_mut().enumerate() {
                 let row = rows.row(i);
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for (b, xs) in row.chunks_exact($b).zip(x.chunks_exact(8 * $vectors)) {
                     prefetch_ahead(b);
-                    $block::<$split>(b.try_into().expect("whole blocks"), &mut v);
-                    // Vector j into accumulator j % 4, four at a time: indexed by `j % 4`
-                    // in a loop the compiler kept rolled (the K-quants' 32 vectors), the
-                    // accumulators went to the stack and each multiply-add waited on the last
-                    // one's store (1B-shaped Q4_K_M, 1 sequence: 5 tok/s).
-                    for (j, four) in v.chunks_exact(4).enumerate() {
-                        for (t, (v, acc)) in four.iter().zip(&mut acc).enumerate() {
-                            let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * (4 * j + t)));
+                    // Vector j of the block into accumulator j % 4: a group's 4 vectors into
+                    // the 4 accumulators, which stay in registers. (Indexed by `j % 4` in a
+                    // loop over a K-quant's 32 vectors, they went to the stack, and each
+                    // multiply-add waited on the last one's store.)
+                    $block::<$split>(b.try_into().expect("whole blocks"), |g, vs| {
+                        for (t, (v, acc)) in vs.iter().zip(&mut acc).enumerate() {
+                            let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * (4 * g + t)));
                             *acc = _mm256_fmadd_ps(*v, xv, *acc);
                         }
-                    }
+                    });
                 }
                 *out = sum(&if $split { unsplit(&acc) } else { acc });
             }
@@ -440,19 +446,19 @@ macro_rules! kernels {
         ) {
             let k = rows.row_bytes / $b * (8 * $vectors);
             assert_eq!(x.len(), M * k);
-            let mut v = [_mm256_setzero_ps(); $vectors];
             for i in 0..n {
                 let mut acc = [_mm256_setzero_ps(); M];
                 for (c, b) in rows.row(i).chunks_exact($b).enumerate() {
                     prefetch_ahead(b);
-                    $block::<false>(b.try_into().expect("whole blocks"), &mut v);
                     let at = x.as_ptr().add(c * 8 * $vectors);
-                    for (j, v) in v.iter().enumerate() {
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let xv = _mm256_loadu_ps(at.add(r * k + 8 * j));
-                            *acc = _mm256_fmadd_ps(*v, xv, *acc);
+                    $block::<false>(b.try_into().expect("whole blocks"), |g, vs| {
+                        for (t, v) in vs.iter().enumerate() {
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                let xv = _mm256_loadu_ps(at.add(r * k + 8 * (4 * g + t)));
+                                *acc = _mm256_fmadd_ps(*v, xv, *acc);
+                            }
                         }
-                    }
+                    });
                 }
                 for (r, acc) in acc.iter().enumerate() {
                     let mut lanes = [0f32; 8];
@@ -517,13 +523,15 @@ unsafe fn sum(acc: &[__m256; 4]) -> f32 {
 /// A Q8_0 block's 32 values, `q · d`, as four vectors of 8.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q8_0_block<const SPLIT: bool>(b: &[u8; 34], out: &mut [__m256; 4]) {
+unsafe fn q8_0_block<const SPLIT: bool>(b: &[u8; 34], mut f: impl FnMut(usize, [__m256; 4])) {
+    let mut out = [_mm256_setzero_ps(); 4];
     const { assert!(!SPLIT, "Q8_0 blocks come in order only") };
     let d = half(b, 0);
     for (i, v) in out.iter_mut().enumerate() {
         let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * i) as *const __m128i);
         *v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
     }
+    f(0, out);
 }
 
 kernels!(q5_0, q5_0_dot, q5_0_many, q5_0_block, 22, 4, true);

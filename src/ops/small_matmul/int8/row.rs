@@ -201,6 +201,8 @@ unsafe fn small_group<const N: usize, const B: usize, const MIN: bool, const HIG
 ) {
     let k = w.cols();
     let rows: [*const u8; N] = std::array::from_fn(|r| w.row_blocks(o + r, 0, k).as_ptr());
+    // As [`rows`]: the next rows travel from memory meanwhile.
+    w.prefetch_rows(o + N, N);
     let mut acc = [_mm256_setzero_ps(); N];
     let mut off = [0f32; N];
     let ones = _mm256_set1_epi16(1);
@@ -266,6 +268,9 @@ unsafe fn rows<const N: usize>(
             &dx[c0 / sub..c0 / sub + subs],
             &dsum[c0 / sub..c0 / sub + subs],
         );
+        // The next rows' chunk travels from memory while this one is multiplied (it stays
+        // within the run: its last group asks for rows past the run's outputs, a hint only).
+        w.prefetch_cols(o + N, N, c0, c1);
         for r in 0..N {
             let bytes = w.row_blocks(o + r, c0, c1);
             let (ur, sr) = (u.as_mut_ptr().add(r * us), s.as_mut_ptr().add(r * ss));
