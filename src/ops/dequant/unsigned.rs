@@ -38,8 +38,8 @@ pub fn subblock(dtype: GgmlDType) -> Option<usize> {
 /// (one per position) and one `a`, `b` per subblock.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C (every CPU the int8 kernels run on); `u` has room for every position of
-/// the blocks, `a` and `b` for one value per subblock.
+/// The CPU has AVX2, FMA and F16C (every CPU the int8 kernels run on); `u` has room for
+/// every position of the blocks, `a` and `b` for one value per subblock.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b: *mut f32) {
     match dtype {
@@ -113,7 +113,7 @@ unsafe fn small<const B: usize, const MIN: bool, const HIGH: bool>(
 /// One block of [`small`]'s formats: its 32 bytes `u`, `a` and `b`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub unsafe fn small_block<const B: usize, const MIN: bool, const HIGH: bool>(
+unsafe fn small_block<const B: usize, const MIN: bool, const HIGH: bool>(
     blk: &[u8],
 ) -> (__m256i, f32, f32) {
     let d = half(blk, 0);

@@ -1,17 +1,17 @@
 //! Opt-in int8 activations for one-row products on CPUs without AVX-512 (AVX2, FMA, F16C):
-//! one-sequence decode steps, where the exact one-row kernels (`dequant/avx2`) spend more
-//! instructions per block than reading its bytes costs. Products of several rows keep the
-//! exact kernels there (each block's dequantisation is shared by every row, and AVX2 has no
-//! VNNI to make int8 multiply-adds cheaper than f32 ones), and so does Q8_0 (its exact kernel
-//! was as fast).
+//! one-sequence decode steps over the K-quants (Q4_K, Q5_K, Q6_K), whose exact one-row
+//! kernels (`dequant/avx2`) spend more instructions per block than reading its bytes costs.
+//! Products of several rows keep the exact kernels there (each block's dequantisation is
+//! shared by every row, and AVX2 has no VNNI to make int8 multiply-adds cheaper than f32
+//! ones), and so do the 32-position formats (their exact kernels were as fast: see
+//! [`applies`]).
 //!
 //! The input row is rounded once per product as the VNNI kernel rounds its rows
-//! ([`quantize_row`]). Each weight block becomes bytes `u` with `value = a·u − b` per subblock
-//! (`dequant/unsigned.rs`, the VNNI kernel's unpacking): Q4_0, Q4_1, Q5_0 and Q5_1 in
-//! registers, the K-quants a chunk of a row at a time into a buffer. `vpmaddubsw` + `vpmaddwd`
-//! sum `u·q` over 32 positions in exact 32-bit integers (pairs of byte products stay within
-//! `i16`: `u ≤ 63`, `|q| ≤ 127`). In f32 each 32-position sum is then scaled by `a·dx` and the
-//! subblock's `b · dx · Σq` taken off.
+//! ([`quantize_row`]). Each weight row is unpacked, [`CHUNK`] positions at a time, into bytes
+//! `u` with `value = a·u − b` per subblock (`dequant/unsigned.rs`, the VNNI kernel's
+//! unpacking). `vpmaddubsw` + `vpmaddwd` sum `u·q` over 32 positions in exact 32-bit integers
+//! (pairs of byte products stay within `i16`: `u ≤ 63`, `|q| ≤ 127`). In f32 each 32-position
+//! sum is then scaled by `a·dx` and the subblock's `b · dx · Σq` taken off.
 
 use std::arch::x86_64::*;
 
@@ -29,8 +29,7 @@ const CHUNK: usize = 2048;
 /// in flight, where one row at a time waits on each add), and they share the input's loads.
 const R: usize = 4;
 
-/// Whether the one-row kernel multiplies `w` on this CPU: a format it unpacks, rows of whole
-/// [`QBLOCK`]s, AVX2, FMA and F16C.
+/// Whether the one-row kernel multiplies `w` on this CPU: a K-quant, AVX2, FMA and F16C.
 pub(in super::super) fn applies(w: &StoredMatrix) -> bool {
     static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let avx2 = *AVX2.get_or_init(|| {
@@ -38,9 +37,11 @@ pub(in super::super) fn applies(w: &StoredMatrix) -> bool {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
     });
-    // Q8_0 stays exact: its exact one-row kernel was as fast (SmolLM2 Q8_0, 1 sequence, 5
-    // interleaved rounds: exact 80 tok/s, int8 through unpacked bytes 69).
-    let format = w.dtype() != GgmlDType::Q8_0 && unsigned::subblock(w.dtype()).is_some();
+    // The K-quants only: the exact one-row kernels of the 32-position formats were as fast or
+    // faster (1 sequence, interleaved rounds: SmolLM2 Q8_0 80 vs 69 tok/s, 1B-shaped Q4_1 15
+    // vs 11, SmolLM2 Q4_K_M's Q5_0 even), those of the K-quants slower (1B-shaped Q4_K_M 8.3
+    // vs 12).
+    let format = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
     avx2 && format && w.cols().is_multiple_of(QBLOCK)
 }
 
@@ -128,23 +129,6 @@ unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 /// Unless [`applies`] to `w`, `x` has `w.cols()` positions and `o0 + y.len() <= w.rows()`.
 pub(in super::super) fn dot_rows(w: &StoredMatrix, x: &Row, o0: usize, y: &mut [f32]) {
     assert!(applies(w) && x.q.len() == w.cols() && o0 + y.len() <= w.rows());
-    // SAFETY (each): `applies` checked AVX2, FMA and F16C; the shapes just above.
-    unsafe {
-        match w.dtype() {
-            GgmlDType::Q4_0 => small_rows::<18, false, false>(w, x, o0, y),
-            GgmlDType::Q4_1 => small_rows::<20, true, false>(w, x, o0, y),
-            GgmlDType::Q5_0 => small_rows::<22, false, true>(w, x, o0, y),
-            GgmlDType::Q5_1 => small_rows::<24, true, true>(w, x, o0, y),
-            _ => unpacked_rows(w, x, o0, y),
-        }
-    }
-}
-
-/// [`dot_rows`] through the weight rows unpacked a chunk at a time: the K-quants.
-///
-/// # Safety
-/// As [`rows`], but for `y`'s length.
-unsafe fn unpacked_rows(w: &StoredMatrix, x: &Row, o0: usize, y: &mut [f32]) {
     let chunk = CHUNK.min(w.cols());
     let mut buf = Buffers {
         u: vec![0; R * chunk],
@@ -152,73 +136,18 @@ unsafe fn unpacked_rows(w: &StoredMatrix, x: &Row, o0: usize, y: &mut [f32]) {
         b: vec![0.0; chunk / 16],
     };
     let mut o = 0;
+    // SAFETY (each): `applies` checked AVX2, FMA and F16C; the shapes just above.
     while o + R <= y.len() {
-        rows::<R>(w, x, o0 + o, &mut y[o..o + R], &mut buf);
+        unsafe { rows::<R>(w, x, o0 + o, &mut y[o..o + R], &mut buf) };
         o += R;
     }
     let (y, o1) = (&mut y[o..], o0 + o);
     match y.len() {
         0 => {}
-        1 => rows::<1>(w, x, o1, y, &mut buf),
-        2 => rows::<2>(w, x, o1, y, &mut buf),
-        3 => rows::<3>(w, x, o1, y, &mut buf),
+        1 => unsafe { rows::<1>(w, x, o1, y, &mut buf) },
+        2 => unsafe { rows::<2>(w, x, o1, y, &mut buf) },
+        3 => unsafe { rows::<3>(w, x, o1, y, &mut buf) },
         _ => unreachable!(),
-    }
-}
-
-/// [`dot_rows`] for Q4_0, Q4_1, Q5_0 and Q5_1 (`B` bytes a block, as
-/// [`unsigned::small_block`]), each block's bytes made in registers where they are multiplied:
-/// a chunk's store and reload cost a third more instructions per block.
-///
-/// # Safety
-/// As [`rows`], but for `y`'s length.
-unsafe fn small_rows<const B: usize, const MIN: bool, const HIGH: bool>(
-    w: &StoredMatrix,
-    x: &Row,
-    o0: usize,
-    y: &mut [f32],
-) {
-    let mut o = 0;
-    while o + R <= y.len() {
-        small_group::<R, B, MIN, HIGH>(w, x, o0 + o, &mut y[o..o + R]);
-        o += R;
-    }
-    for (i, y) in y[o..].chunks_exact_mut(1).enumerate() {
-        small_group::<1, B, MIN, HIGH>(w, x, o0 + o + i, y);
-    }
-}
-
-/// `N` rows of [`small_rows`].
-///
-/// # Safety
-/// As [`rows`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn small_group<const N: usize, const B: usize, const MIN: bool, const HIGH: bool>(
-    w: &StoredMatrix,
-    x: &Row,
-    o: usize,
-    y: &mut [f32],
-) {
-    let k = w.cols();
-    let rows: [*const u8; N] = std::array::from_fn(|r| w.row_blocks(o + r, 0, k).as_ptr());
-    // As [`rows`]: the next rows travel from memory meanwhile.
-    w.prefetch_rows(o + N, N);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut off = [0f32; N];
-    let ones = _mm256_set1_epi16(1);
-    for j in 0..k / 32 {
-        let xv = _mm256_loadu_si256(x.q.as_ptr().add(32 * j).cast());
-        let (dx, ds) = (x.d[j], x.dsum32[j]);
-        for r in 0..N {
-            let blk = std::slice::from_raw_parts(rows[r].add(B * j), B);
-            let (v, a, b) = unsigned::small_block::<B, MIN, HIGH>(blk);
-            let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones));
-            acc[r] = _mm256_fmadd_ps(sum, _mm256_set1_ps(a * dx), acc[r]);
-            off[r] += b * ds;
-        }
-    }
-    for r in 0..N {
-        y[r] = hsum(acc[r]) - off[r];
     }
 }
 
@@ -327,7 +256,8 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// As the VNNI kernel's test: the rounded input times the dequantised weights, up to
-    /// summation order, for every format and the one-row shapes (and each row of the others).
+    /// summation order, for the K-quants and the one-row shapes (and each row of the others);
+    /// the other formats are not taken.
     #[test]
     fn one_row_int8_products_are_the_rounded_input_times_the_weights() {
         if !(is_x86_feature_detected!("avx2")
@@ -336,10 +266,14 @@ mod tests {
         {
             return;
         }
-        let q8_0 = Tensor::zeros((1, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let q8_0 = StoredMatrix::quantize(&q8_0, GgmlDType::Q8_0).unwrap();
-        assert!(!applies(&q8_0), "Q8_0 keeps its exact one-row kernel");
-        for dtype in FORMATS.into_iter().filter(|&d| d != GgmlDType::Q8_0) {
+        for dtype in FORMATS {
+            let zeros = Tensor::zeros((1, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let w = StoredMatrix::quantize(&zeros, dtype).unwrap();
+            let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+            assert_eq!(applies(&w), k_quant, "{dtype:?}");
+            if !k_quant {
+                continue;
+            }
             // Rows longer than a chunk, and one chunk exactly.
             let long = [(1, CHUNK + 9 * 256, 7), (1, CHUNK, 5)];
             for (m, k, n) in shapes(dtype).into_iter().chain(long) {
