@@ -454,10 +454,10 @@ pub struct ModelArgs {
     /// DORA_KERNELS, else cpu.
     #[arg(long, value_parser = ["cpu", "generic"])]
     pub kernels: Option<String>,
-    /// Round the input rows of decode steps of 2+ sequences and of prompts to int8 where they
-    /// multiply Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K or Q6_K weights, and multiply with AVX-512 VNNI, as
-    /// llama.cpp does: faster decode from 2 sequences on and faster prompts, not exact (the
-    /// README gives the measured logit error). Off: every product is exact.
+    /// Round input rows to int8 where they multiply Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K or Q6_K
+    /// weights, as llama.cpp does: with AVX-512 VNNI, decode steps of 2+ sequences and
+    /// prompts; on AVX2 CPUs without AVX-512, one-sequence decode steps (not Q8_0). Faster,
+    /// not exact (the README gives the measured logit error). Off: every product is exact.
     #[arg(long)]
     pub int8_activations: bool,
 }

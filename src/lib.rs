@@ -98,9 +98,10 @@
 //!   time into an L1 block), the prefill tiling (`small_matmul/prefill.rs`: the transposed
 //!   tile blocked GotoBLAS-style over row groups, output groups and 256-position blocks,
 //!   dense or stored weights alike; candle's gemm where there is no AVX-512), the opt-in
-//!   int8 kernel (`small_matmul/int8.rs`, `--int8-activations`: input rows rounded to
-//!   int8, weights unpacked to bytes by `dequant/unsigned.rs`, AVX-512 VNNI; not exact, a
-//!   setting of each stored matrix), the gated MLP's `silu(gate)·up` in one pass
+//!   int8 kernels (`small_matmul/int8/`, `--int8-activations`: input rows rounded to
+//!   int8, weights unpacked to bytes by `dequant/unsigned.rs`; AVX-512 VNNI for 2+ rows in
+//!   `mod.rs`, AVX2 for one row in `row.rs`; not exact, a setting of each stored matrix),
+//!   the gated MLP's `silu(gate)·up` in one pass
 //!   (`activation.rs`, candle's formula bit for bit) and the spinning helper pool they and
 //!   the unmerged rows run on;
 //!   [`ops::attention`]: decode attention (a decode step's sequences all at once, on the pool)
