@@ -121,7 +121,8 @@ fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, ApiErro
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
-    responses((status = 200, body = ChatResponse, description = "JSON, or server-sent ChatChunk events ending in [DONE] when stream is true"),
+    responses((status = 200, description = "JSON, or server-sent ChatChunk events ending in [DONE] when stream is true",
+                content((ChatResponse = "application/json"), (ServerSentEvent = "text/event-stream"))),
               (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 415, body = ErrorBody, description = "Wrong content type"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 408, body = ErrorBody, description = "The request ran past --request-timeout"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
 pub async fn chat(
     State(s): State<AppState>,

@@ -20,7 +20,8 @@ use crate::engine::{
 const MAX_COMPLETION_LOGPROBS: usize = 5;
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
-    responses((status = 200, body = CompletionResponse, description = "JSON, or server-sent events of the same objects ending in [DONE] when stream is true"),
+    responses((status = 200, description = "JSON, or server-sent events of the same objects ending in [DONE] when stream is true",
+                content((CompletionResponse = "application/json"), (ServerSentEvent = "text/event-stream"))),
               (status = 400, body = ErrorBody, description = "Invalid request"), (status = 404, body = ErrorBody, description = "Not found"), (status = 415, body = ErrorBody, description = "Wrong content type"), (status = 422, body = ErrorBody, description = "The adapter failed validation"), (status = 408, body = ErrorBody, description = "The request ran past --request-timeout"), (status = 429, body = ErrorBody, description = "Overloaded; retry after Retry-After seconds")))]
 pub async fn completions(
     State(s): State<AppState>,

@@ -464,3 +464,14 @@ pub struct StoreState {
     /// The last failure while down.
     pub error: Option<String>,
 }
+
+/// One server-sent event of a streamed completion (`stream: true`), as an SSE parser reads it:
+/// the OpenAPI document's `text/event-stream` schema, which fuzzers check each event against.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServerSentEvent {
+    /// One chunk as JSON (a `CompletionResponse` or `ChatChunk` object), or `[DONE]` last.
+    pub data: String,
+    /// The event's type where the stream names one (an SSE parser reads `message` otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+}
