@@ -83,9 +83,8 @@ fn large_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     }
 }
 
-/// Whether an int8 kernel multiplies `w` on this machine when `w`'s int8 activations are on:
-/// its formats, and AVX-512 VNNI (products of 2+ rows) or, without AVX-512, AVX2 (one-row
-/// products).
+/// Whether an int8 kernel multiplies `w` here when its int8 activations are on: AVX-512 VNNI
+/// (products of 2+ rows) or, without AVX-512, AVX2 (one-row products), and their formats.
 pub fn int8_applies(w: &StoredMatrix) -> bool {
     #[cfg(target_arch = "x86_64")]
     return int8::applies(w) || (best_isa().is_avx2() && int8::row::applies(w));
@@ -125,14 +124,7 @@ pub fn matmul_t_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
     if takes_int8(m, w) {
         let xv = view(&x).expect("a contiguous f32 CPU tensor");
-        // Prefill in groups of MAX_ROWS rows, each its own rows of the output. Against the
-        // exact prefill tiling, TTFT at 512 tokens through HTTP (3 interleaved rounds):
-        // 1B-shaped Q4_K_M 3.93 -> 2.83 s, SmolLM2 Q4_K_M 0.63 -> 0.53 s.
-        let k = w.cols();
-        let mut y = Vec::with_capacity(m * w.rows());
-        for rows in xv.values().chunks(MAX_ROWS * k) {
-            y.extend(int8::matmul(rows, rows.len() / k, w));
-        }
+        let y = int8::matmul_groups(xv.values(), w);
         return Tensor::from_vec(y, (m, w.rows()), &candle_core::Device::Cpu);
     }
     if m > MAX_ROWS {
@@ -189,12 +181,6 @@ fn takes_int8(m: usize, w: &StoredMatrix) -> bool {
         let _ = (m, w);
         false
     }
-}
-
-/// Whether a one-row product over `w` on AVX2 takes the int8 kernel (`int8/row.rs`).
-#[cfg(target_arch = "x86_64")]
-fn takes_int8_row(w: &StoredMatrix) -> bool {
-    w.int8_activations() && int8::row::applies(w)
 }
 
 // The accumulators of a tile run hold every panel of the most rows the kernel takes.
@@ -258,7 +244,7 @@ fn small_m_stored_many(
     let xt = panels(isa, x, m, k);
     // One row, on AVX2, rounded to int8 once for every weight that takes it.
     #[cfg(target_arch = "x86_64")]
-    let xq = (m == 1 && isa.is_avx2() && ws.iter().any(|w| takes_int8_row(w)))
+    let xq = (m == 1 && isa.is_avx2() && ws.iter().any(|w| int8::row::takes(w)))
         .then(|| int8::row::quantize(x));
     let ro = if xt.is_some() {
         T_OUTPUTS
@@ -306,7 +292,7 @@ fn small_m_stored_many(
                 // SAFETY: this run alone writes outputs `o0..o1` of the single row.
                 let y = unsafe { out.slice(o0, o1 - o0) };
                 #[cfg(target_arch = "x86_64")]
-                if let (Some(xq), true) = (&xq, takes_int8_row(w)) {
+                if let (Some(xq), true) = (&xq, int8::row::takes(w)) {
                     int8::row::dot_rows(w, xq, o0, y);
                     return;
                 }

@@ -130,6 +130,19 @@ fn pack(x: &[f32], m: usize, k: usize, sub: usize) -> Packed {
     p
 }
 
+/// `x` `[m, k]` (any `m`) times `w` transposed, with `x` quantized to int8, in groups of
+/// [`MAX_ROWS`](super::MAX_ROWS) rows (prompts), each its own rows of the output: `[m, n]`.
+/// Against the exact prefill tiling, TTFT at 512 tokens through HTTP (3 interleaved rounds):
+/// 1B-shaped Q4_K_M 3.93 -> 2.83 s, SmolLM2 Q4_K_M 0.63 -> 0.53 s.
+pub(super) fn matmul_groups(x: &[f32], w: &StoredMatrix) -> Vec<f32> {
+    let k = w.cols();
+    let mut y = Vec::with_capacity(x.len() / k * w.rows());
+    for rows in x.chunks(super::MAX_ROWS * k) {
+        y.extend(matmul(rows, rows.len() / k, w));
+    }
+    y
+}
+
 /// `x` `[m, k]` (`m` ≤ 64) times `w` transposed, with `x` quantized to int8: `[m, n]`.
 ///
 /// # Panics

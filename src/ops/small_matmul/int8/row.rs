@@ -45,6 +45,12 @@ pub(in super::super) fn applies(w: &StoredMatrix) -> bool {
     avx2 && format && w.cols().is_multiple_of(QBLOCK)
 }
 
+/// Whether a one-row product over `w` takes this kernel: its int8 activations are on and the
+/// kernel [`applies`] (on CPUs without AVX-512: the caller's choice).
+pub(in super::super) fn takes(w: &StoredMatrix) -> bool {
+    w.int8_activations() && applies(w)
+}
+
 /// An input row rounded to int8, as the kernel reads it.
 pub(in super::super) struct Row {
     /// The rounded values.
