@@ -387,7 +387,7 @@ PROFILE = [
     "  bytes (`dequant/unsigned.rs`, now AVX2, shared with the VNNI kernel) and multiplied by",
     "  `vpmaddubsw`, 4 rows at a time. Taken for the K-quants only: measured at one sequence,",
     "  1B-shaped Q4_K_M 11.0 against 8.6 tok/s exact, but SmolLM2 Q8_0 69 against 80 for the",
-    "  exact kernel of the session before (today's is faster still), 1B-shaped Q4_1 10.7",
+    "  exact kernel as at 786c586, before its F16C scales (today's is faster still), 1B-shaped Q4_1 10.7",
     "  against 15.1, and SmolLM2 Q4_K_M, whose rows are mostly Q5_0, 53.6 against 52.7 (5",
     "  rounds; the 32-value blocks made in registers where they were multiplied).",
     "",
