@@ -102,38 +102,27 @@ unsafe fn small<const B: usize, const MIN: bool, const HIGH: bool>(
     a: *mut f32,
     b: *mut f32,
 ) {
+    let low = _mm_set1_epi8(0x0F);
     for (i, blk) in bytes.chunks_exact(B).enumerate() {
-        let (v, d, off) = small_block::<B, MIN, HIGH>(blk);
+        let d = half(blk, 0);
         *a.add(i) = d;
-        *b.add(i) = off;
+        *b.add(i) = match (MIN, HIGH) {
+            (true, _) => -half(blk, 2),
+            (false, false) => 8.0 * d,
+            (false, true) => 16.0 * d,
+        };
+        let q = _mm_loadu_si128(blk.as_ptr().add(B - 16).cast());
+        let mut v = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16::<4>(q), low),
+            _mm_and_si128(q, low),
+        );
+        if HIGH {
+            let at = if MIN { 4 } else { 2 };
+            let qh = u32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
+            v = _mm256_or_si256(v, _mm256_and_si256(bits(qh), _mm256_set1_epi8(0x10)));
+        }
         _mm256_storeu_si256(u.add(32 * i).cast(), v);
     }
-}
-
-/// One block of [`small`]'s formats: its 32 bytes `u`, `a` and `b`.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn small_block<const B: usize, const MIN: bool, const HIGH: bool>(
-    blk: &[u8],
-) -> (__m256i, f32, f32) {
-    let d = half(blk, 0);
-    let off = match (MIN, HIGH) {
-        (true, _) => -half(blk, 2),
-        (false, false) => 8.0 * d,
-        (false, true) => 16.0 * d,
-    };
-    let low = _mm_set1_epi8(0x0F);
-    let q = _mm_loadu_si128(blk.as_ptr().add(B - 16).cast());
-    let mut v = _mm256_set_m128i(
-        _mm_and_si128(_mm_srli_epi16::<4>(q), low),
-        _mm_and_si128(q, low),
-    );
-    if HIGH {
-        let at = if MIN { 4 } else { 2 };
-        let qh = u32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
-        v = _mm256_or_si256(v, _mm256_and_si256(bits(qh), _mm256_set1_epi8(0x10)));
-    }
-    (v, d, off)
 }
 
 /// Bit `j` of `qh` as byte `j` of the vector: all ones where set, zero where not.
