@@ -1,10 +1,12 @@
-//! Blocks as small unsigned integers for the int8 kernels (`small_matmul/int8.rs`): every
+//! Blocks as small unsigned integers for the int8 kernels (`small_matmul/int8/`): every
 //! value of a block is `a · u − b`, with `u` a byte (`0..=255`) and `a`, `b` one pair per
 //! subblock (the positions that share a scale). Q4_K: `u` the 4-bit value, `a = d·scale`,
 //! `b = dmin·min` (candle's own `d1·q − m1`, so `a·u − b` is its dequantised value bit for
-//! bit); Q5_K: the same with `u` the 5-bit value; Q6_K: `u` the 6-bit value, `a = d·scale`, `b = 32·a`; Q8_0: `u = q + 128`, `a = d`,
-//! `b = 128·d`; Q4_0, Q4_1, Q5_0, Q5_1: `u` the 4- or 5-bit value, `a = d`, `b` the centre
-//! times `d`, or minus the min. The bytes come out in position order.
+//! bit); Q5_K: the same with `u` the 5-bit value; Q6_K: `u` the 6-bit value, `a = d·scale`,
+//! `b = 32·a`; Q8_0: `u = q + 128`, `a = d`, `b = 128·d`; Q4_0, Q4_1, Q5_0, Q5_1: `u` the 4- or
+//! 5-bit value, `a = d`, `b` the centre times `d`, or minus the min. The bytes come out in
+//! position order: stored by [`unpack`] (the VNNI kernel), or a K-quant block's 32 positions
+//! at a time in registers (`*_bytes`, the AVX2 one-row kernel, which reads the block directly).
 
 use std::arch::x86_64::*;
 
@@ -143,22 +145,66 @@ unsafe fn bits(qh: u32) -> __m256i {
 /// 64 positions, the first 32 in the low nibbles.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
-    k_scales(blk, a, b);
+    let (sa, sb) = k_scales(blk);
+    _mm256_storeu_ps(a, sa);
+    _mm256_storeu_ps(b, sb);
+    q4_k_bytes(blk, |j, v| _mm256_storeu_si256(u.add(32 * j).cast(), v));
+}
+
+/// Q5_K: `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k(blk: &[u8; 176], u: *mut u8, a: *mut f32, b: *mut f32) {
+    let (sa, sb) = k_scales(blk);
+    _mm256_storeu_ps(a, sa);
+    _mm256_storeu_ps(b, sb);
+    q5_k_bytes(blk, |j, v| _mm256_storeu_si256(u.add(32 * j).cast(), v));
+}
+
+/// Q6_K: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k(blk: &[u8; 210], u: *mut u8, a: *mut f32, b: *mut f32) {
+    for (h, s) in q6_k_scales(blk).into_iter().enumerate() {
+        _mm256_storeu_ps(a.add(8 * h), s);
+        _mm256_storeu_ps(b.add(8 * h), _mm256_mul_ps(_mm256_set1_ps(32.0), s));
+    }
+    q6_k_bytes(blk, |j, v| _mm256_storeu_si256(u.add(32 * j).cast(), v));
+}
+
+/// `a = d·scale` and `b = dmin·min` for the 8 subblocks of a Q4_K or Q5_K block (`d: f16,
+/// dmin: f16, scales: [u8; 12]` first), the 6-bit values out of 12 bytes at once (as
+/// `scale_min_k4`).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn k_scales(blk: &[u8]) -> (__m256, __m256) {
+    let (d, min) = (half(blk, 0), half(blk, 2));
+    let (sc, mn) = super::scales_mins_k4(&blk[4..16]);
+    let bytes = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(0, v as i64)));
+    (
+        _mm256_mul_ps(_mm256_set1_ps(d), bytes(sc)),
+        _mm256_mul_ps(_mm256_set1_ps(min), bytes(mn)),
+    )
+}
+
+/// A Q4_K block's bytes `u` (the 4-bit values), 32 positions (one subblock) at a time:
+/// `f(j, u)` for positions `32j..32j + 32`, `j` in order. Each 32 bytes of `qs` hold 64
+/// positions, the first 32 in the low nibbles.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn q4_k_bytes(blk: &[u8; 144], mut f: impl FnMut(usize, __m256i)) {
     let low = _mm256_set1_epi8(0x0F);
     for g in 0..4 {
         let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast());
-        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
-        _mm256_storeu_si256(u.add(64 * g).cast(), _mm256_and_si256(q, low));
-        _mm256_storeu_si256(u.add(64 * g + 32).cast(), hi);
+        f(2 * g, _mm256_and_si256(q, low));
+        f(2 * g + 1, _mm256_and_si256(_mm256_srli_epi16::<4>(q), low));
     }
 }
 
-/// Q5_K: `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`: Q4_K's layout
-/// with each position's fifth bit in `qh` (bit `2g` of byte `l` for position `64g + l`, bit
-/// `2g + 1` for `64g + 32 + l`), as candle's `to_float` reads it.
+/// A Q5_K block's bytes `u` (the 5-bit values), as [`q4_k_bytes`]: Q4_K's layout with each
+/// position's fifth bit in `qh` (bit `2g` of byte `l` for position `64g + l`, bit `2g + 1`
+/// for `64g + 32 + l`), as candle's `to_float` reads it.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_k(blk: &[u8; 176], u: *mut u8, a: *mut f32, b: *mut f32) {
-    k_scales(blk, a, b);
+#[inline]
+pub unsafe fn q5_k_bytes(blk: &[u8; 176], mut f: impl FnMut(usize, __m256i)) {
     let low = _mm256_set1_epi8(0x0F);
     let sixteen = _mm256_set1_epi8(16);
     let qh = _mm256_loadu_si256(blk.as_ptr().add(16).cast());
@@ -171,37 +217,29 @@ unsafe fn q5_k(blk: &[u8; 176], u: *mut u8, a: *mut f32, b: *mut f32) {
         let q = _mm256_loadu_si256(blk.as_ptr().add(48 + 32 * g).cast());
         let lo = _mm256_or_si256(_mm256_and_si256(q, low), fifth(2 * g as u32));
         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
-        let hi = _mm256_or_si256(hi, fifth(2 * g as u32 + 1));
-        _mm256_storeu_si256(u.add(64 * g).cast(), lo);
-        _mm256_storeu_si256(u.add(64 * g + 32).cast(), hi);
+        f(2 * g, lo);
+        f(2 * g + 1, _mm256_or_si256(hi, fifth(2 * g as u32 + 1)));
     }
 }
 
-/// `a = d·scale` and `b = dmin·min` for the 8 subblocks of a Q4_K or Q5_K block (`d: f16,
-/// dmin: f16, scales: [u8; 12]` first), the 6-bit values out of 12 bytes at once (as
-/// `scale_min_k4`).
+/// `a = d·scale` of a Q6_K block's 16 subblocks (of 16 positions), 8 a vector (its
+/// `b = 32·a`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn k_scales(blk: &[u8], a: *mut f32, b: *mut f32) {
-    let (d, min) = (half(blk, 0), half(blk, 2));
-    let (sc, mn) = super::scales_mins_k4(&blk[4..16]);
-    let bytes = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(0, v as i64)));
-    _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_set1_ps(d), bytes(sc)));
-    _mm256_storeu_ps(b, _mm256_mul_ps(_mm256_set1_ps(min), bytes(mn)));
+pub unsafe fn q6_k_scales(blk: &[u8; 210]) -> [__m256; 2] {
+    let d = _mm256_set1_ps(half(blk, 208));
+    [0, 1].map(|h| {
+        let sc = _mm_loadl_epi64(blk.as_ptr().add(192 + 8 * h).cast());
+        _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)))
+    })
 }
 
-/// Q6_K: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`; each half of 128 positions
-/// takes its low 4 bits from 64 bytes of `ql` (low nibbles, then high) and its high 2 bits
-/// from 32 bytes of `qh` (2 bits per quarter).
+/// A Q6_K block's bytes `u` (the 6-bit values), as [`q4_k_bytes`]: each half of 128
+/// positions takes its low 4 bits from 64 bytes of `ql` (low nibbles, then high) and its high
+/// 2 bits from 32 bytes of `qh` (2 bits per quarter).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k(blk: &[u8; 210], u: *mut u8, a: *mut f32, b: *mut f32) {
-    let d = _mm256_set1_ps(half(blk, 208));
-    for h in 0..2 {
-        let sc = _mm_loadl_epi64(blk.as_ptr().add(192 + 8 * h).cast());
-        let s = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-        _mm256_storeu_ps(a.add(8 * h), s);
-        _mm256_storeu_ps(b.add(8 * h), _mm256_mul_ps(_mm256_set1_ps(32.0), s));
-    }
+#[inline]
+pub unsafe fn q6_k_bytes(blk: &[u8; 210], mut f: impl FnMut(usize, __m256i)) {
     let (low, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
     let p = blk.as_ptr();
     for h in 0..2 {
@@ -213,15 +251,12 @@ unsafe fn q6_k(blk: &[u8; 210], u: *mut u8, a: *mut f32, b: *mut f32) {
         let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(two)));
         let h2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(two));
         let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(two)));
-        let v = [
-            _mm256_or_si256(_mm256_and_si256(ql0, low), h0),
-            _mm256_or_si256(_mm256_and_si256(ql1, low), h1),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), h2),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low), h3),
-        ];
-        for (q, v) in v.iter().enumerate() {
-            _mm256_storeu_si256(u.add(128 * h + 32 * q).cast(), *v);
-        }
+        f(4 * h, _mm256_or_si256(_mm256_and_si256(ql0, low), h0));
+        f(4 * h + 1, _mm256_or_si256(_mm256_and_si256(ql1, low), h1));
+        let hi0 = _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low);
+        f(4 * h + 2, _mm256_or_si256(hi0, h2));
+        let hi1 = _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low);
+        f(4 * h + 3, _mm256_or_si256(hi1, h3));
     }
 }
 
