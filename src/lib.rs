@@ -87,8 +87,9 @@
 //!   `dequant/table.rs` for Q4_0–Q5_1; on AVX2 without AVX-512 `dequant/avx2/` for Q4_0,
 //!   Q4_1, Q5_0, Q8_0, Q4_K and Q6_K, values and one-row dots bit for bit the portable ones
 //!   (the dots over an input in a split order that a byte shuffle reaches), and products of
-//!   2–8 rows equal to the AVX2 tiles' sums with no dequantised strip; candle's for the
-//!   rest); the small-row f32 matmul kernel for decode steps (register tiles in AVX-512
+//!   2–8 rows equal to the AVX2 tiles' sums with no dequantised strip (`avx2/many.rs`: the
+//!   input rows interleaved, a tile of weight rows a pass of positions at a time); candle's
+//!   for the rest); the small-row f32 matmul kernel for decode steps (register tiles in AVX-512
 //!   and in AVX2 intrinsics, each shaped for its registers, a portable version of the same
 //!   tiling, and on AVX-512 a transposed tiling for more rows: input rows packed in vector
 //!   lanes, weights broadcast), its stored-format forms (a fused one-row dot per block; for
@@ -99,8 +100,9 @@
 //!   tile blocked GotoBLAS-style over row groups, output groups and 256-position blocks,
 //!   dense or stored weights alike; candle's gemm where there is no AVX-512), the opt-in
 //!   int8 kernels (`small_matmul/int8/`, `--int8-activations`: input rows rounded to
-//!   int8, weights unpacked to bytes by `dequant/unsigned.rs`; AVX-512 VNNI for 2+ rows in
-//!   `mod.rs`, AVX2 for one row in `row.rs`; not exact, a setting of each stored matrix),
+//!   int8, weights as bytes by `dequant/unsigned.rs`; AVX-512 VNNI for 2+ rows in
+//!   `mod.rs`, AVX2 for one row in `row.rs`, each K-quant block read straight into
+//!   registers; not exact, a setting of each stored matrix),
 //!   the gated MLP's `silu(gate)·up` in one pass
 //!   (`activation.rs`, candle's formula bit for bit) and the spinning helper pool they and
 //!   the unmerged rows run on;

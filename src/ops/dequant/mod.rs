@@ -303,14 +303,20 @@ const PREFETCH_BYTES: usize = 2048;
 /// Q8_0 lost ~3% when its 34-byte blocks were given two.
 #[inline(always)]
 pub(super) fn prefetch_ahead(block: &[u8]) {
-    let p = block.as_ptr().wrapping_add(PREFETCH_BYTES);
-    if block.len() <= 64 {
+    prefetch_block(block.as_ptr().wrapping_add(PREFETCH_BYTES), block.len());
+}
+
+/// Prefetches the `len` bytes from `p`: one prefetch for up to a line, every line of more
+/// (see [`prefetch_ahead`]).
+#[inline(always)]
+pub(super) fn prefetch_block(p: *const u8, len: usize) {
+    if len <= 64 {
         prefetch(p);
         return;
     }
     // Each line from the first byte's to the last byte's.
     let first = p as usize & !63;
-    let last = (p as usize + block.len() - 1) & !63;
+    let last = (p as usize + len - 1) & !63;
     let mut line = first;
     while line <= last {
         prefetch(p.wrapping_add(line.wrapping_sub(p as usize)));

@@ -23,7 +23,8 @@
 //!   went from 63 to 79 tok/s; a Q5_0 block costs 18% less. Dequantisation into strips keeps
 //!   the natural order (block functions take the order as `SPLIT`).
 //! - Products of 2–8 input rows ([`dot_rows_many`]) dequantise each block in registers once
-//!   for all rows instead of into a strip that the tiles read back.
+//!   for all rows instead of into a strip that the tiles read back. They read the input rows
+//!   interleaved, a tile of weight rows a pass of positions at a time (`many.rs`).
 //! - The accumulators' sum runs in registers ([`sum`]), not as a call over arrays.
 //! - A block's f16 scale is converted by F16C ([`half`]), not by integer steps: that was ~15
 //!   of a Q8_0 or Q5_0 block's ~50 instructions (Q4_K_M at one sequence 43 → 49 tok/s).
@@ -32,7 +33,13 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::{f16_to_f32, prefetch_ahead, Rows};
+use super::{f16_to_f32, prefetch_ahead, prefetch_block, Rows};
+pub(super) use many::dot_rows_many;
+#[cfg(test)]
+use many::MANY_ROWS;
+use many::{PASS, TILE};
+
+mod many;
 
 /// Whether the CPU has what these kernels need.
 pub(super) fn available() -> bool {
@@ -99,57 +106,6 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
         _mm256_srlv_epi32(both, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
         _mm256_set1_epi8(0x0F),
     )
-}
-
-/// Input rows that [`dot_rows_many`] takes at most: one accumulator each, with the block's
-/// vector and the input's in AVX2's 16 registers.
-pub(super) const MANY_ROWS: usize = 8;
-
-/// `y[r * ldy + i] = x[r] · rows.row(i)` for `m` input rows (`x` is `[m, k]`), `i < n`, each
-/// weight block dequantised into registers once for all `m` rows: the sums of the AVX2 and
-/// portable decode tiles bit for bit (each an 8-lane multiply-add chain over the positions
-/// in order, then the lanes added in order), without their dequantised strip. `false`
-/// (nothing written) where this module lacks `dtype`, the CPU what it needs, or `m` is not
-/// in `2..=MANY_ROWS`.
-///
-/// # Safety
-/// `y` takes writes at `r * ldy + i` for `r < m`, `i < n`.
-pub(super) unsafe fn dot_rows_many(
-    dtype: GgmlDType,
-    rows: &Rows,
-    n: usize,
-    x: &[f32],
-    m: usize,
-    y: *mut f32,
-    ldy: usize,
-) -> bool {
-    if !available() || !(2..=MANY_ROWS).contains(&m) {
-        return false;
-    }
-    macro_rules! by_rows {
-        ($f:ident) => {
-            match m {
-                2 => $f::<2>(rows, n, x, y, ldy),
-                3 => $f::<3>(rows, n, x, y, ldy),
-                4 => $f::<4>(rows, n, x, y, ldy),
-                5 => $f::<5>(rows, n, x, y, ldy),
-                6 => $f::<6>(rows, n, x, y, ldy),
-                7 => $f::<7>(rows, n, x, y, ldy),
-                _ => $f::<8>(rows, n, x, y, ldy),
-            }
-        };
-    }
-    // The CPU has what these kernels need, checked above; the caller vouches for `y`.
-    match dtype {
-        GgmlDType::Q4_0 => by_rows!(q4_0_many),
-        GgmlDType::Q4_1 => by_rows!(q4_1_many),
-        GgmlDType::Q5_0 => by_rows!(q5_0_many),
-        GgmlDType::Q8_0 => by_rows!(q8_0_many),
-        GgmlDType::Q4K => by_rows!(q4_k_many),
-        GgmlDType::Q6K => by_rows!(q6_k_many),
-        _ => return false,
-    }
-    true
 }
 
 /// Byte-shuffle controls for [`lanes`] in split order: `[top][a]` puts byte `4a + i` of each
@@ -432,7 +388,8 @@ macro_rules! kernels {
             }
         }
 
-        /// See [`kernels`]: `M` input rows.
+        /// See [`kernels`]: `M` input rows, [interleaved](interleave) in `x`, as
+        /// [`dot_rows_many`] multiplies them.
         ///
         /// # Safety
         /// [`available`], and `y` takes writes at `r * ldy + i` for `r < M`, `i < n`.
@@ -446,25 +403,51 @@ macro_rules! kernels {
         ) {
             let k = rows.row_bytes / $b * (8 * $vectors);
             assert_eq!(x.len(), M * k);
-            for i in 0..n {
-                let mut acc = [_mm256_setzero_ps(); M];
-                for (c, b) in rows.row(i).chunks_exact($b).enumerate() {
-                    prefetch_ahead(b);
-                    let at = x.as_ptr().add(c * 8 * $vectors);
-                    $block::<false>(b.try_into().expect("whole blocks"), |g, vs| {
-                        for (t, v) in vs.iter().enumerate() {
-                            for (r, acc) in acc.iter_mut().enumerate() {
-                                let xv = _mm256_loadu_ps(at.add(r * k + 8 * (4 * g + t)));
-                                *acc = _mm256_fmadd_ps(*v, xv, *acc);
+            // Blocks of positions per pass over a tile of weight rows.
+            let per_pass = (PASS / (8 * $vectors)).max(1);
+            let blocks = k / (8 * $vectors);
+            let mut i0 = 0;
+            while i0 < n {
+                let tile = TILE.min(n - i0);
+                let mut accs = [[_mm256_setzero_ps(); M]; TILE];
+                let mut c0 = 0;
+                while c0 < blocks {
+                    let c1 = (c0 + per_pass).min(blocks);
+                    for (i, carried) in accs[..tile].iter_mut().enumerate() {
+                        // In registers for the pass.
+                        let mut acc = *carried;
+                        let row = &rows.row(i0 + i)[c0 * $b..c1 * $b];
+                        // The same blocks of the next tile's row, else the next bytes of
+                        // this one.
+                        let next = i0 + i + TILE;
+                        let next = (next < n).then(|| rows.row(next)[c0 * $b..].as_ptr());
+                        for (c, b) in row.chunks_exact($b).enumerate() {
+                            match next {
+                                Some(p) => prefetch_block(p.add(c * $b), $b),
+                                None => prefetch_ahead(b),
                             }
+                            let at = x.as_ptr().add((c0 + c) * 8 * $vectors * M);
+                            $block::<false>(b.try_into().expect("whole blocks"), |g, vs| {
+                                for (t, v) in vs.iter().enumerate() {
+                                    for (r, acc) in acc.iter_mut().enumerate() {
+                                        let xv = _mm256_loadu_ps(at.add((g * M + r) * 32 + 8 * t));
+                                        *acc = _mm256_fmadd_ps(*v, xv, *acc);
+                                    }
+                                }
+                            });
                         }
-                    });
+                        *carried = acc;
+                    }
+                    c0 = c1;
                 }
-                for (r, acc) in acc.iter().enumerate() {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
-                    *y.add(r * ldy + i) = lanes.iter().sum::<f32>();
+                for (i, acc) in accs[..tile].iter().enumerate() {
+                    for (r, acc) in acc.iter().enumerate() {
+                        let mut lanes = [0f32; 8];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+                        *y.add(r * ldy + i0 + i) = lanes.iter().sum::<f32>();
+                    }
                 }
+                i0 += tile;
             }
         }
     };

@@ -108,45 +108,59 @@ fn formats_equal_the_portable_kernels_bit_for_bit() {
 /// The products of 2–8 input rows equal the decode tiles' sums (each output an 8-lane
 /// multiply-add chain over the positions in order, then the lanes added in order: the
 /// portable tile, which the AVX2 tile equals) on the dequantised rows, bit for bit, through
-/// a row map, and write nothing past their outputs.
+/// a row map, and write nothing past their outputs. Without a map, more rows than a tile
+/// (and a tail) over several passes of positions (and a short last one).
 #[test]
 fn many_rows_equal_the_tiles_sums_bit_for_bit() {
     if !available() {
         return;
     }
-    let k = 768;
     let map = [3u32, 8, 0, 5, 1];
+    let tiles: Vec<u32> = (0..2 * TILE as u32 + 3).collect();
     for dtype in FORMATS {
-        let (bytes, w) = quantized(dtype, 9, k);
-        let sel = Rows {
-            bytes: &bytes,
-            row_bytes: k / dtype.block_size() * dtype.type_size(),
-            map: Some(&map),
-        };
-        let n = map.len();
-        for m in 2..=MANY_ROWS {
-            let x = random(m * k);
-            let ldy = n + 3;
-            let mut got = vec![f32::NAN; m * ldy];
-            // SAFETY: checked above; `got` holds `m` rows of `ldy >= n`.
-            assert!(unsafe { dot_rows_many(dtype, &sel, n, &x, m, got.as_mut_ptr(), ldy) });
-            for r in 0..m {
-                for (i, &row) in map.iter().enumerate() {
-                    let mut lanes = [0f32; 8];
-                    for p in 0..k {
-                        let wv = w[row as usize * k + p];
-                        lanes[p % 8] = wv.mul_add(x[r * k + p], lanes[p % 8]);
+        for (k, stored, map) in [
+            (768, 9, Some(&map[..])),
+            (2 * PASS + 256, tiles.len(), None),
+        ] {
+            let (bytes, w) = quantized(dtype, stored, k);
+            let sel = Rows {
+                bytes: &bytes,
+                row_bytes: k / dtype.block_size() * dtype.type_size(),
+                map,
+            };
+            let rows = map.map_or_else(|| tiles.clone(), <[u32]>::to_vec);
+            let n = rows.len();
+            for m in 2..=MANY_ROWS {
+                let x = random(m * k);
+                let ldy = n + 3;
+                let mut got = vec![f32::NAN; m * ldy];
+                // SAFETY: checked above; `got` holds `m` rows of `ldy >= n`.
+                assert!(unsafe { dot_rows_many(dtype, &sel, n, &x, m, got.as_mut_ptr(), ldy) });
+                for r in 0..m {
+                    for (i, &row) in rows.iter().enumerate() {
+                        let mut lanes = [0f32; 8];
+                        for p in 0..k {
+                            let wv = w[row as usize * k + p];
+                            lanes[p % 8] = wv.mul_add(x[r * k + p], lanes[p % 8]);
+                        }
+                        let want: f32 = lanes.iter().sum();
+                        assert_eq!(
+                            got[r * ldy + i].to_bits(),
+                            want.to_bits(),
+                            "{dtype:?}, {m} rows of {k}: row {r} output {i}"
+                        );
                     }
-                    let want: f32 = lanes.iter().sum();
-                    assert_eq!(
-                        got[r * ldy + i].to_bits(),
-                        want.to_bits(),
-                        "{dtype:?}, {m} rows: row {r} output {i}"
-                    );
+                    assert!(got[r * ldy + n..(r + 1) * ldy].iter().all(|v| v.is_nan()));
                 }
-                assert!(got[r * ldy + n..(r + 1) * ldy].iter().all(|v| v.is_nan()));
             }
         }
+        let (bytes, _) = quantized(dtype, 9, 768);
+        let sel = Rows {
+            bytes: &bytes,
+            row_bytes: 768 / dtype.block_size() * dtype.type_size(),
+            map: Some(&map),
+        };
+        let k = 768;
         // One row and more than `MANY_ROWS` are not this kernel's.
         let mut y = [0f32; 1];
         // SAFETY: nothing is written when the call declines.

@@ -187,7 +187,11 @@ unsafe fn k_row<const B: usize>(bytes: &[u8], x: &Row) -> f32 {
         let q = x.q.as_ptr().add(256 * i);
         let mut f = |j: usize, u| {
             let scale = _mm256_permutevar8x32_ps(s, _mm256_set1_epi32(j as i32));
-            let acc = if j.is_multiple_of(2) { &mut even } else { &mut odd };
+            let acc = if j.is_multiple_of(2) {
+                &mut even
+            } else {
+                &mut odd
+            };
             *acc = _mm256_fmadd_ps(sums(u, q.add(32 * j)), scale, *acc);
         };
         match B {
@@ -224,7 +228,11 @@ unsafe fn q6_k_row(bytes: &[u8], x: &Row) -> f32 {
         let q = x.q.as_ptr().add(256 * i);
         unsigned::q6_k_bytes(blk, |j, u| {
             let scale = _mm256_permutevar8x32_ps(sx[j / 4], pairs[j % 4]);
-            let acc = if j.is_multiple_of(2) { &mut even } else { &mut odd };
+            let acc = if j.is_multiple_of(2) {
+                &mut even
+            } else {
+                &mut odd
+            };
             *acc = _mm256_fmadd_ps(sums(u, q.add(32 * j)), scale, *acc);
         });
     }
