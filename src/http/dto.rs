@@ -78,14 +78,14 @@ pub struct CompletionRequest {
     /// The base model's id, or an adapter's name (vLLM style).
     pub model: Option<String>,
     pub prompt: Prompt,
-    #[schema(minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
     pub max_tokens: Option<u32>,
     #[schema(minimum = 0)]
     pub temperature: Option<f64>,
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
     /// dora-serve: sample among the k most likely tokens.
-    #[schema(minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
     pub top_k: Option<u32>,
     #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u32>,
@@ -196,15 +196,15 @@ pub struct ChatRequest {
     pub model: Option<String>,
     #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
-    #[schema(minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
     pub max_tokens: Option<u32>,
-    #[schema(minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
     pub max_completion_tokens: Option<u32>,
     #[schema(minimum = 0)]
     pub temperature: Option<f64>,
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
-    #[schema(minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
     pub top_k: Option<u32>,
     #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u32>,
