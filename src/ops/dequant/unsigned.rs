@@ -45,26 +45,8 @@ pub fn subblock(dtype: GgmlDType) -> Option<usize> {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn unpack(dtype: GgmlDType, bytes: &[u8], u: *mut u8, a: *mut f32, b: *mut f32) {
     match dtype {
-        GgmlDType::Q4K => {
-            for (i, blk) in bytes.chunks_exact(144).enumerate() {
-                q4_k(
-                    blk.try_into().unwrap(),
-                    u.add(256 * i),
-                    a.add(8 * i),
-                    b.add(8 * i),
-                );
-            }
-        }
-        GgmlDType::Q5K => {
-            for (i, blk) in bytes.chunks_exact(176).enumerate() {
-                q5_k(
-                    blk.try_into().unwrap(),
-                    u.add(256 * i),
-                    a.add(8 * i),
-                    b.add(8 * i),
-                );
-            }
-        }
+        GgmlDType::Q4K => k4s::<144>(bytes, u, a, b),
+        GgmlDType::Q5K => k4s::<176>(bytes, u, a, b),
         GgmlDType::Q6K => {
             for (i, blk) in bytes.chunks_exact(210).enumerate() {
                 q6_k(
@@ -141,23 +123,38 @@ unsafe fn bits(qh: u32) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit)
 }
 
-/// Q4_K: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`; each 32 bytes of `qs` hold
-/// 64 positions, the first 32 in the low nibbles.
+/// Every Q4_K or Q5_K block of `bytes` (see [`k4`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k(blk: &[u8; 144], u: *mut u8, a: *mut f32, b: *mut f32) {
-    let (sa, sb) = k_scales(blk);
-    _mm256_storeu_ps(a, sa);
-    _mm256_storeu_ps(b, sb);
-    q4_k_bytes(blk, |j, v| _mm256_storeu_si256(u.add(32 * j).cast(), v));
+unsafe fn k4s<const B: usize>(bytes: &[u8], u: *mut u8, a: *mut f32, b: *mut f32) {
+    for (i, blk) in bytes.chunks_exact(B).enumerate() {
+        k4::<B>(
+            blk.try_into().unwrap(),
+            u.add(256 * i),
+            a.add(8 * i),
+            b.add(8 * i),
+        );
+    }
 }
 
-/// Q5_K: `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`.
+/// Q4_K (`B = 144`: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`) or Q5_K (`B = 176`,
+/// `qh: [u8; 32]` before `qs`).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_k(blk: &[u8; 176], u: *mut u8, a: *mut f32, b: *mut f32) {
+unsafe fn k4<const B: usize>(blk: &[u8; B], u: *mut u8, a: *mut f32, b: *mut f32) {
     let (sa, sb) = k_scales(blk);
     _mm256_storeu_ps(a, sa);
     _mm256_storeu_ps(b, sb);
-    q5_k_bytes(blk, |j, v| _mm256_storeu_si256(u.add(32 * j).cast(), v));
+    k_bytes(blk, |j, v| _mm256_storeu_si256(u.add(32 * j).cast(), v));
+}
+
+/// A Q4_K (`B = 144`) or Q5_K (`B = 176`) block's bytes: [`q4_k_bytes`] or [`q5_k_bytes`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn k_bytes<const B: usize>(blk: &[u8; B], f: impl FnMut(usize, __m256i)) {
+    match B {
+        144 => q4_k_bytes(blk[..].try_into().unwrap(), f),
+        176 => q5_k_bytes(blk[..].try_into().unwrap(), f),
+        _ => unreachable!("Q4_K or Q5_K blocks"),
+    }
 }
 
 /// Q6_K: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`.

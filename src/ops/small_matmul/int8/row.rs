@@ -194,10 +194,7 @@ unsafe fn k_row<const B: usize>(bytes: &[u8], x: &Row) -> f32 {
             };
             *acc = _mm256_fmadd_ps(sums(u, q.add(32 * j)), scale, *acc);
         };
-        match B {
-            144 => unsigned::q4_k_bytes(blk[..].try_into().unwrap(), &mut f),
-            _ => unsigned::q5_k_bytes(blk[..].try_into().unwrap(), &mut f),
-        }
+        unsigned::k_bytes(blk, &mut f);
     }
     hsum(_mm256_add_ps(even, odd)) - hsum(off)
 }
