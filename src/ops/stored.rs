@@ -375,22 +375,21 @@ impl StoredMatrix {
         super::dequant::dot_rows(self.dtype, &self.rows_from(r0, n), x, y)
     }
 
-    /// `y[r * ldy + i] = x[r] · (logical row r0 + i)` for the `m` rows of `x` and `n` weight
+    /// `y[r * ldy + i] = x[r] · (logical row r0 + i)` for the rows of `x` and `n` weight
     /// rows, fused; `false` where there is no such path (then nothing was written).
     ///
     /// # Safety
-    /// `y` takes writes at `r * ldy + i` for `r < m`, `i < n`.
+    /// `y` takes writes at `r * ldy + i` for each row `r` of `x`, `i < n`.
     pub(super) unsafe fn dot_rows_many(
         &self,
         r0: usize,
         n: usize,
-        x: &[f32],
-        m: usize,
+        x: &super::dequant::Interleaved,
         y: *mut f32,
         ldy: usize,
     ) -> bool {
-        assert!(r0 + n <= self.rows && x.len() == m * self.cols && n <= ldy);
-        super::dequant::dot_rows_many(self.dtype, &self.rows_from(r0, n), n, x, m, y, ldy)
+        assert!(r0 + n <= self.rows && x.cols() == self.cols && n <= ldy);
+        super::dequant::dot_rows_many(self.dtype, &self.rows_from(r0, n), n, x, y, ldy)
     }
 
     /// Logical rows `r0..r0 + n` as the dequantisation kernels read them.

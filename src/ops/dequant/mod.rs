@@ -180,28 +180,63 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
     dot_dispatch(dtype, rows, x, y)
 }
 
-/// `y[r * ldy + i] = x[r] · rows.row(i)` for the `m` rows of `x` (`[m, k]`), `i < n`, each
-/// block dequantised into registers once for all rows, with the decode tiles' sums bit for
-/// bit (`avx2::dot_rows_many`): on CPUs with AVX2 but not AVX-512, for 2 to
-/// `avx2::MANY_ROWS` rows, where the dequantised strip and its reads cost a third more
-/// instructions than the products. `false` (nothing written) elsewhere.
+/// Input rows as [`dot_rows_many`] reads them: `m` rows of `k` positions (`k` a multiple of
+/// 32) as `[k / 32][m][32]`, positions `32c..32c + 32` of row `r` at `(c·m + r)·32`. Rows `k`
+/// apart (8 or 32 KiB) fell in the same few L1 sets and evicted each other (`avx2/many.rs`
+/// has the figures). Built once per product, for every weight and thread run that takes it.
+pub(super) struct Interleaved {
+    values: Vec<f32>,
+    m: usize,
+}
+
+impl Interleaved {
+    /// `x` (`[m, k]`) interleaved, for 2 to [`MANY_ROWS`] rows and `k` a multiple of 32; `None`
+    /// for other shapes, which [`dot_rows_many`] does not take.
+    pub(super) fn new(x: &[f32], m: usize) -> Option<Self> {
+        if !(2..=MANY_ROWS).contains(&m) || !x.len().is_multiple_of(32 * m) {
+            return None;
+        }
+        let k = x.len() / m;
+        let mut values = Vec::with_capacity(x.len());
+        for c in 0..k / 32 {
+            for r in 0..m {
+                values.extend_from_slice(&x[r * k + 32 * c..r * k + 32 * c + 32]);
+            }
+        }
+        Some(Self { values, m })
+    }
+
+    /// Positions per row.
+    pub(super) fn cols(&self) -> usize {
+        self.values.len() / self.m
+    }
+}
+
+/// Input rows that [`dot_rows_many`] takes at most: one accumulator each, with the block's
+/// vector and the input's in AVX2's 16 registers.
+pub(super) const MANY_ROWS: usize = 8;
+
+/// `y[r * ldy + i] = x[r] · rows.row(i)` for the rows of `x`, `i < n`, each block dequantised
+/// into registers once for all rows, with the decode tiles' sums bit for bit
+/// (`avx2::dot_rows_many`): on CPUs with AVX2 but not AVX-512, where the dequantised strip
+/// and its reads cost a third more instructions than the products. `false` (nothing
+/// written) elsewhere.
 ///
 /// # Safety
-/// `y` takes writes at `r * ldy + i` for `r < m`, `i < n`.
+/// `y` takes writes at `r * ldy + i` for each row `r` of `x`, `i < n`.
 pub(super) unsafe fn dot_rows_many(
     dtype: GgmlDType,
     rows: &Rows,
     n: usize,
-    x: &[f32],
-    m: usize,
+    x: &Interleaved,
     y: *mut f32,
     ldy: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if !is_x86_feature_detected!("avx512f") {
-        return avx2::dot_rows_many(dtype, rows, n, x, m, y, ldy);
+        return avx2::dot_rows_many(dtype, rows, n, &x.values, x.m, y, ldy);
     }
-    let _ = (dtype, rows, n, x, m, y, ldy);
+    let _ = (dtype, rows, n, x, y, ldy);
     false
 }
 

@@ -18,6 +18,7 @@
 use candle_core::{Result, Tensor};
 
 use super::cpu::{view, Out};
+use super::dequant::Interleaved;
 use super::stored::StoredMatrix;
 use dot::{tile_outputs, MAX_RR};
 #[cfg(target_arch = "x86_64")]
@@ -246,6 +247,8 @@ fn small_m_stored_many(
     #[cfg(target_arch = "x86_64")]
     let xq = (m == 1 && isa.is_avx2() && ws.iter().any(|w| int8::row::takes(w)))
         .then(|| int8::row::quantize(x));
+    // 2–8 rows, on AVX2, interleaved once for every weight and run that takes them.
+    let xi = isa.is_avx2().then(|| Interleaved::new(x, m)).flatten();
     let ro = if xt.is_some() {
         T_OUTPUTS
     } else {
@@ -299,11 +302,11 @@ fn small_m_stored_many(
                 if w.dot_rows(o0, x, y) {
                     return;
                 }
-            } else if isa.is_avx2() {
+            } else if let Some(xi) = &xi {
                 // The AVX2 tiles' sums with each block dequantised in registers for all rows.
                 // SAFETY: this run alone writes columns `o0..o1` of weight `i`'s `[m, n]`
                 // output, rows `n` apart.
-                if unsafe { w.dot_rows_many(o0, o1 - o0, x, m, out.add(o0).0, n) } {
+                if unsafe { w.dot_rows_many(o0, o1 - o0, xi, out.add(o0).0, n) } {
                     return;
                 }
             }

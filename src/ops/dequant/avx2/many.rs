@@ -1,14 +1,11 @@
-//! Products of 2–[`MANY_ROWS`] input rows (decode steps of several sequences) on AVX2: the
-//! input rows interleaved, then the format's many-row kernel (`kernels!`'s `*_many`).
+//! Products of 2–[`MANY_ROWS`] input rows (decode steps of several sequences) on AVX2, their
+//! rows [`Interleaved`](super::super::Interleaved): the format's many-row kernel
+//! (`kernels!`'s `*_many`).
 
 use candle_core::quantized::GgmlDType;
 
-use super::super::Rows;
+use super::super::{Rows, MANY_ROWS};
 use super::{available, q4_0_many, q4_1_many, q4_k_many, q5_0_many, q6_k_many, q8_0_many};
-
-/// Input rows that [`dot_rows_many`] takes at most: one accumulator each, with the block's
-/// vector and the input's in AVX2's 16 registers.
-pub(in super::super) const MANY_ROWS: usize = 8;
 
 /// Positions per pass of the many-row kernels over a tile of [`TILE`] weight rows: 8 input
 /// rows' 512 positions are 16 KiB, which stay in L1 while the tile's rows take them.
@@ -18,15 +15,15 @@ pub(super) const PASS: usize = 512;
 /// same positions of the next tile's rows are prefetched.
 pub(super) const TILE: usize = 16;
 
-/// `y[r * ldy + i] = x[r] · rows.row(i)` for `m` input rows (`x` is `[m, k]`), `i < n`, each
+/// `y[r * ldy + i] = x[r] · rows.row(i)` for `m` input rows (`x` [`Interleaved`]), `i < n`, each
 /// weight block dequantised into registers once for all `m` rows: the sums of the AVX2 and
 /// portable decode tiles bit for bit (each an 8-lane multiply-add chain over the positions
 /// in order, then the lanes added in order), without their dequantised strip. `false`
 /// (nothing written) where this module lacks `dtype`, the CPU what it needs, or `m` is not
 /// in `2..=MANY_ROWS`.
 ///
-/// The kernels read `x` [interleaved](interleave) (each 32 positions of every row, one row
-/// after the other), [`PASS`] positions at a time over a tile of [`TILE`] weight rows, with
+/// The kernels read `x` interleaved (each 32 positions of every row, one row after the
+/// other), [`PASS`] positions at a time over a tile of [`TILE`] weight rows, with
 /// each row's sums carried from pass to pass. 1B-shaped model at 8 sequences, 3 interleaved
 /// rounds, tok/s: Q8_0 30 → 36 (interleaved) → 40 (passes) → 48 (next tile prefetched),
 /// Q4_K_M 28 → 37 → 36 → 38. Rows `k` apart (8 or 32 KiB) fell in the same few sets of L1 and
@@ -49,29 +46,8 @@ pub(in super::super) unsafe fn dot_rows_many(
     if !available() || !(2..=MANY_ROWS).contains(&m) || !format {
         return false;
     }
-    thread_local! {
-        static INTERLEAVED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    INTERLEAVED.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        interleave(x, m, &mut buf);
-        many(dtype, rows, n, &buf, m, y, ldy);
-    });
+    many(dtype, rows, n, x, m, y, ldy);
     true
-}
-
-/// `x`'s `m` rows (`[m, k]`, `k` a multiple of 32) as `out[c][r][32]`: positions
-/// `32c..32c + 32` of row `r` at `(c·m + r)·32`.
-fn interleave(x: &[f32], m: usize, out: &mut Vec<f32>) {
-    let k = x.len() / m;
-    assert!(x.len() == m * k && k.is_multiple_of(32));
-    out.clear();
-    out.reserve(x.len());
-    for c in 0..k / 32 {
-        for r in 0..m {
-            out.extend_from_slice(&x[r * k + 32 * c..r * k + 32 * c + 32]);
-        }
-    }
 }
 
 /// [`dot_rows_many`] with `x` interleaved, for a format it has and `m` in `2..=MANY_ROWS`.

@@ -35,8 +35,6 @@ use candle_core::quantized::GgmlDType;
 
 use super::{f16_to_f32, prefetch_ahead, prefetch_block, Rows};
 pub(super) use many::dot_rows_many;
-#[cfg(test)]
-use many::MANY_ROWS;
 use many::{PASS, TILE};
 
 mod many;
@@ -388,7 +386,7 @@ macro_rules! kernels {
             }
         }
 
-        /// See [`kernels`]: `M` input rows, [interleaved](interleave) in `x`, as
+        /// See [`kernels`]: `M` input rows, [interleaved](super::Interleaved) in `x`, as
         /// [`dot_rows_many`] multiplies them.
         ///
         /// # Safety

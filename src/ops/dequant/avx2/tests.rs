@@ -1,5 +1,6 @@
 //! The AVX2 kernels against candle's values and the portable kernels' sums, bit for bit.
 
+use super::super::{Interleaved, MANY_ROWS};
 use super::*;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
@@ -135,7 +136,10 @@ fn many_rows_equal_the_tiles_sums_bit_for_bit() {
                 let ldy = n + 3;
                 let mut got = vec![f32::NAN; m * ldy];
                 // SAFETY: checked above; `got` holds `m` rows of `ldy >= n`.
-                assert!(unsafe { dot_rows_many(dtype, &sel, n, &x, m, got.as_mut_ptr(), ldy) });
+                let xi = Interleaved::new(&x, m).expect("2–8 rows of whole blocks");
+                assert!(unsafe {
+                    super::super::dot_rows_many(dtype, &sel, n, &xi, got.as_mut_ptr(), ldy)
+                });
                 for r in 0..m {
                     for (i, &row) in rows.iter().enumerate() {
                         let mut lanes = [0f32; 8];
@@ -165,5 +169,8 @@ fn many_rows_equal_the_tiles_sums_bit_for_bit() {
         let mut y = [0f32; 1];
         // SAFETY: nothing is written when the call declines.
         assert!(!unsafe { dot_rows_many(dtype, &sel, 1, &random(k), 1, y.as_mut_ptr(), 1) });
+        for m in [1, MANY_ROWS + 1] {
+            assert!(Interleaved::new(&random(m * k), m).is_none());
+        }
     }
 }
