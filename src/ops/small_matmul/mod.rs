@@ -176,7 +176,7 @@ fn cpu_f32(x: &Tensor) -> Result<Tensor> {
 /// which [`matmul_t_stored_many`] follows so that its products stay the same).
 fn takes_int8(m: usize, w: &StoredMatrix) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return m >= int8::MIN_ROWS && w.int8_activations() && int8::applies(w);
+    return w.int8_activations() && int8::takes(m, w);
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (m, w);

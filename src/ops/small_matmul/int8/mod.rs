@@ -23,13 +23,17 @@ use super::transposed::{self, MAX_PANELS};
 use super::BLOCKED_MIN_K;
 use row::quantize_row;
 
+mod avx2;
 pub(super) mod row;
 
-/// From this many rows on the int8 kernel runs; one row keeps the exact kernel, which is as
+/// From this many rows on the VNNI kernel runs; one row keeps the exact kernel, which is as
 /// fast: it waits on reading the weights either way. `generate --batch`, tok/s exact vs int8
 /// at one row: 1B-shaped Q4_K_M 17.6 vs 17.0 and 7B-shaped 2.85 vs 2.7 with a kernel that
 /// put positions in the lanes (removed), SmolLM2 Q8_0 108 vs 78 with this tiling.
 pub(super) const MIN_ROWS: usize = 2;
+
+/// From this many rows on the AVX2 kernel runs (below it the exact products of 2-8 rows).
+pub(super) const AVX2_MIN_ROWS: usize = 9;
 
 /// Input positions per int8 scale (llama.cpp's Q8_0 block).
 const QBLOCK: usize = 32;
@@ -43,9 +47,24 @@ const CHUNK: usize = 256;
 /// Subblocks per [`CHUNK`], at most (Q6_K's 16 positions each).
 const SUBS: usize = CHUNK / 16;
 
-/// Whether the int8 kernel multiplies `w`: a format it unpacks, on a CPU with AVX-512 VNNI
-/// (and BW, VL).
+/// Whether an int8 kernel multiplies products of several rows over `w`: the VNNI kernel's
+/// formats on a CPU with it, else [`avx2`]'s.
 pub(super) fn applies(w: &StoredMatrix) -> bool {
+    vnni(w) || avx2::applies(w)
+}
+
+/// Whether `m` rows over `w` take an int8 kernel (when its int8 activations are on).
+pub(super) fn takes(m: usize, w: &StoredMatrix) -> bool {
+    if vnni(w) {
+        m >= MIN_ROWS
+    } else {
+        m >= AVX2_MIN_ROWS && avx2::applies(w)
+    }
+}
+
+/// Whether the VNNI kernel multiplies `w`: a format it unpacks, on a CPU with AVX-512 VNNI
+/// (and BW, VL).
+fn vnni(w: &StoredMatrix) -> bool {
     static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let vnni = *VNNI.get_or_init(|| {
         is_x86_feature_detected!("avx512f")
@@ -85,9 +104,9 @@ fn groups(m: usize, sub: usize) -> usize {
     g.min(sub / 4)
 }
 
-/// `x` `[m, k]` rounded to int8, `d = max|x| / 127` per 32 positions, and packed.
-fn pack(x: &[f32], m: usize, k: usize, sub: usize) -> Packed {
-    let g = groups(m, sub);
+/// `x` `[m, k]` rounded to int8, `d = max|x| / 127` per 32 positions, and packed with steps
+/// of `4g` positions.
+fn pack(x: &[f32], m: usize, k: usize, sub: usize, g: usize) -> Packed {
     let (rows, step) = (16 / g, 4 * g);
     let panels = m.div_ceil(rows);
     let (nq, nsub) = (k / QBLOCK, k / sub);
@@ -153,12 +172,22 @@ pub(super) fn matmul(x: &[f32], m: usize, w: &StoredMatrix) -> Vec<f32> {
     let sub = unsigned::subblock(w.dtype()).expect("applies");
     let mut y = vec![0f32; m * n];
     let out = Out(y.as_mut_ptr());
+    let vnni = vnni(w);
+    // The AVX2 kernel reads one row per lane.
+    let g = if vnni { groups(m, sub) } else { 1 };
+    let pk = pack(x, m, k, sub, g);
     let chunk = super::thread_chunk(n, k, T);
-    let pk = pack(x, m, k, sub);
     super::super::pool::run(n.div_ceil(chunk), &|c| {
         let (o0, o1) = (c * chunk, ((c + 1) * chunk).min(n));
-        // SAFETY: `applies` checked the CPU; this chunk alone writes columns `o0..o1`.
-        unsafe { part(&pk, m, w, o0, o1, out, n) };
+        // SAFETY: `applies` checked the CPU (`vnni`: which kernel); `pk` is packed for it; this
+        // chunk alone writes columns `o0..o1`.
+        unsafe {
+            if vnni {
+                part(&pk, m, w, o0, o1, out, n)
+            } else {
+                avx2::part(&pk, m, w, o0, o1, out, n)
+            }
+        };
     });
     y
 }
@@ -331,13 +360,25 @@ mod tests {
         product: impl Fn(&[f32], usize, &StoredMatrix) -> Vec<f32>,
     ) {
         let t = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-        let w = StoredMatrix::quantize(&t, dtype).unwrap();
-        let mut dq = vec![0f32; n * k];
-        w.dequantize_rows(0, n, &mut dq);
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
         let x = (x.clone() * x.abs().unwrap().exp().unwrap()).unwrap();
         let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let y = product(&x, m, &w);
+        compare(dtype, &t, &x, product);
+    }
+
+    /// [`check`] of the weight `t` (`[n, k]`, quantized to `dtype`) and the input `x`.
+    pub(super) fn compare(
+        dtype: GgmlDType,
+        t: &Tensor,
+        x: &[f32],
+        product: impl Fn(&[f32], usize, &StoredMatrix) -> Vec<f32>,
+    ) {
+        let (n, k) = t.dims2().unwrap();
+        let m = x.len() / k;
+        let w = StoredMatrix::quantize(t, dtype).unwrap();
+        let mut dq = vec![0f32; n * k];
+        w.dequantize_rows(0, n, &mut dq);
+        let y = product(x, m, &w);
         let (mut q, mut d) = (vec![0i8; k], vec![0f32; k / QBLOCK]);
         for r in 0..m {
             let xr = &x[r * k..(r + 1) * k];
@@ -376,19 +417,65 @@ mod tests {
         }
     }
 
+    /// The kernel this CPU has (VNNI, else AVX2: every format but Q8_0), at every shape
+    /// (the AVX2 kernel's too, below the rows from which it is taken).
     #[test]
     fn int8_products_are_the_rounded_inputs_times_the_weights() {
-        let probe = StoredMatrix::quantize(
-            &Tensor::zeros((1, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
-            GgmlDType::Q8_0,
-        )
-        .unwrap();
-        if !applies(&probe) {
+        for dtype in FORMATS {
+            let probe = StoredMatrix::quantize(
+                &Tensor::zeros((1, 256), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                dtype,
+            )
+            .unwrap();
+            if !applies(&probe) {
+                continue;
+            }
+            for shape in shapes(dtype) {
+                check(dtype, shape, matmul);
+            }
+        }
+    }
+
+    /// The largest sums the kernels' integers hold: every input byte 127 (a constant row)
+    /// against weights whose every byte but one per 16 is its format's largest (-1 then +1s:
+    /// the -1 sets the scale, or the min, and each +1 is the top value). A 16-bit sum of more
+    /// steps than [`avx2`]'s would wrap here.
+    #[test]
+    fn int8_sums_hold_the_largest_bytes() {
+        let (m, k, n) = (16, 512, 9);
+        let pattern: Vec<f32> = (0..n * k)
+            .map(|i| if i % 16 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let t = Tensor::from_vec(pattern, (n, k), &Device::Cpu).unwrap();
+        for dtype in FORMATS {
+            let w = StoredMatrix::quantize(&t, dtype).unwrap();
+            if applies(&w) {
+                compare(dtype, &t, &vec![0.5f32; m * k], matmul);
+            }
+        }
+    }
+
+    /// Where AVX2 runs the int8 kernel: every format it unpacks but Q8_0, from
+    /// [`AVX2_MIN_ROWS`] rows.
+    #[test]
+    fn avx2_takes_the_formats_whose_bytes_stay_below_64() {
+        if !(is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        {
             return;
         }
         for dtype in FORMATS {
-            for shape in shapes(dtype) {
-                check(dtype, shape, matmul);
+            let w = StoredMatrix::quantize(
+                &Tensor::zeros((1, 256), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                dtype,
+            )
+            .unwrap();
+            assert_eq!(avx2::applies(&w), dtype != GgmlDType::Q8_0, "{dtype:?}");
+            if !vnni(&w) {
+                assert!(
+                    !takes(AVX2_MIN_ROWS - 1, &w) && takes(AVX2_MIN_ROWS, &w) == avx2::applies(&w)
+                );
             }
         }
     }
