@@ -399,7 +399,8 @@ fn merged_weights_over_a_stored_base_are_f32_unless_asked_and_never_its_format()
 /// `--int8-activations` (`Decoder::set_int8_activations`) on every format it covers: packed
 /// batches and a prompt past 64 rows move within the rounding's reach of the exact logits and
 /// not beyond, with a DoRA adapter unmerged beside the base too; one row stays bit for bit
-/// exact; turned off, everything is exact again.
+/// exact (but for the K-quants on AVX2, whose one-row kernel rounds too); turned off,
+/// everything is exact again.
 #[test]
 fn int8_activations_round_every_product_of_several_rows_and_turn_off_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -419,10 +420,10 @@ fn int8_activations_round_every_product_of_several_rows_and_turn_off_exactly() {
         let n = m.model.set_int8_activations(true);
         if n == 0 {
             eprintln!(
-                "{f:?}: the int8 kernel applies to no matrix here (no AVX-512 VNNI, or weights \
-                 dequantised at load by --kernels generic)"
+                "{f:?}: the int8 kernel applies to no matrix here (not this format on this CPU, \
+                 or weights dequantised at load by --kernels generic)"
             );
-            return;
+            continue;
         }
         assert_eq!(n, 7 * LAYERS + 1, "{f:?}");
         let rounded = forward(&m, &batch, None);
@@ -434,12 +435,20 @@ fn int8_activations_round_every_product_of_several_rows_and_turn_off_exactly() {
             );
             assert!(diff < 0.05 * scale, "{f:?} sequence {i}: {diff} of {scale}");
         }
+        // One row is rounded only by AVX2's one-row kernel (the K-quants, without VNNI).
         let one_row = forward(&m, &[(&one[..], None)], None);
-        assert_eq!(
+        let (diff, scale) = (
             max_abs_diff(&one_row[0], &exact_one[0]),
-            0.0,
-            "{f:?} one row"
+            max_abs(&exact_one[0]),
         );
+        if !is_x86_feature_detected!("avx512vnni") && matches!(f, Q4K | Q5K | Q6K) {
+            assert!(
+                diff > 0.0 && diff < 0.05 * scale,
+                "{f:?} one row: {diff} of {scale}"
+            );
+        } else {
+            assert_eq!(diff, 0.0, "{f:?} one row");
+        }
         // A prompt past 64 rows: rounded too, 64 rows at a time.
         let long_rows = forward(&m, &[(&long[..], Some(a))], None);
         let (diff, scale) = (

@@ -243,10 +243,15 @@ fn small_m_stored_many(
     let k = ws[0].cols();
     debug_assert!(ws.iter().all(|w| w.cols() == k));
     let xt = panels(isa, x, m, k);
-    // One row, on AVX2, rounded to int8 once for every weight that takes it.
+    // Up to `int8::row::MAX_ROWS` rows, on AVX2, rounded to int8 once for every weight that
+    // takes them.
     #[cfg(target_arch = "x86_64")]
-    let xq = (m == 1 && isa.is_avx2() && ws.iter().any(|w| int8::row::takes(w)))
-        .then(|| int8::row::quantize(x));
+    let xq = (m <= int8::row::MAX_ROWS && isa.is_avx2() && ws.iter().any(|w| int8::row::takes(w)))
+        .then(|| {
+            x.chunks_exact(k)
+                .map(int8::row::quantize)
+                .collect::<Vec<_>>()
+        });
     // 2–8 rows, on AVX2, interleaved once for every weight and run that takes them.
     let xi = isa.is_avx2().then(|| Interleaved::new(x, m)).flatten();
     let ro = if xt.is_some() {
@@ -291,12 +296,19 @@ fn small_m_stored_many(
                 unsafe { blocked(xt, *b, m, w, o0, o1, &mut buf, out, n) };
                 return;
             }
+            #[cfg(target_arch = "x86_64")]
+            if let (Some(xq), true, true) = (&xq, m > 1, int8::row::takes(w)) {
+                // SAFETY: this run alone writes columns `o0..o1` of weight `i`'s `[m, n]`
+                // output, rows `n` apart.
+                unsafe { int8::row::dot_rows_many(w, xq, o0, o1 - o0, out.add(o0).0, n) };
+                return;
+            }
             if m == 1 {
                 // SAFETY: this run alone writes outputs `o0..o1` of the single row.
                 let y = unsafe { out.slice(o0, o1 - o0) };
                 #[cfg(target_arch = "x86_64")]
                 if let (Some(xq), true) = (&xq, int8::row::takes(w)) {
-                    int8::row::dot_rows(w, xq, o0, y);
+                    int8::row::dot_rows(w, &xq[0], o0, y);
                     return;
                 }
                 if w.dot_rows(o0, x, y) {

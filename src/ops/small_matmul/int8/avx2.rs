@@ -105,14 +105,15 @@ pub(super) unsafe fn part(
             }
             c0 = c1;
         }
-        for r in 0..m {
-            let mut lanes = [0f32; 8];
-            for (i, lane) in lanes[..rows].iter_mut().enumerate() {
-                let mut v = [0f32; 8];
-                _mm256_storeu_ps(v.as_mut_ptr(), acc[(r / 8) * T + i]);
-                *lane = v[r % 8];
+        // Lane `l` of half `h`'s sum of output `i` is row `8h + l`'s.
+        for h in 0..m.div_ceil(8) {
+            for i in 0..rows {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[h * T + i]);
+                for (l, v) in lanes[..(m - 8 * h).min(8)].iter().enumerate() {
+                    *y.add((8 * h + l) * ldy + o + i).0 = *v;
+                }
             }
-            std::ptr::copy_nonoverlapping(lanes.as_ptr(), y.add(r * ldy + o).0, rows);
         }
         o += rows;
     }

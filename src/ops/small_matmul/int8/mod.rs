@@ -33,7 +33,7 @@ pub(super) mod row;
 pub(super) const MIN_ROWS: usize = 2;
 
 /// From this many rows on the AVX2 kernel runs (below it the exact products of 2-8 rows).
-pub(super) const AVX2_MIN_ROWS: usize = 9;
+pub(super) const AVX2_MIN_ROWS: usize = 5;
 
 /// Input positions per int8 scale (llama.cpp's Q8_0 block).
 const QBLOCK: usize = 32;

@@ -131,22 +131,63 @@ unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 /// # Panics
 /// Unless [`applies`] to `w`, `x` has `w.cols()` positions and `o0 + y.len() <= w.rows()`.
 pub(in super::super) fn dot_rows(w: &StoredMatrix, x: &Row, o0: usize, y: &mut [f32]) {
-    assert!(applies(w) && x.q.len() == w.cols() && o0 + y.len() <= w.rows());
+    assert!(o0 + y.len() <= w.rows());
+    // SAFETY: `y` has room for outputs `0..y.len()` of the one row.
+    unsafe { dot_rows_many(w, std::slice::from_ref(x), o0, y.len(), y.as_mut_ptr(), 0) }
+}
+
+/// Rows `xs` (each from [`quantize`], at most [`MAX_ROWS`]) times rows `o0..o0 + n` of `w`:
+/// row `r`'s product with weight row `o0 + i` at `y[r * ldy + i]`. Each weight block's bytes
+/// are made once for all the rows.
+///
+/// # Safety
+/// `y` takes writes at `r * ldy + i` for `r < xs.len()`, `i < n`.
+///
+/// # Panics
+/// Unless [`applies`] to `w`, 1 to [`MAX_ROWS`] rows of `w.cols()` positions, and
+/// `o0 + n <= w.rows()`.
+pub(in super::super) unsafe fn dot_rows_many(
+    w: &StoredMatrix,
+    xs: &[Row],
+    o0: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
     let k = w.cols();
-    for (i, y) in y.iter_mut().enumerate() {
-        let bytes = w.row_blocks(o0 + i, 0, k);
-        // SAFETY (each): `applies` checked AVX2, FMA and F16C; the row has `k` positions, as
-        // `x`.
-        *y = unsafe {
-            match w.dtype() {
-                GgmlDType::Q4K => k_row::<144>(bytes, x),
-                GgmlDType::Q5K => k_row::<176>(bytes, x),
-                GgmlDType::Q6K => q6_k_row(bytes, x),
-                _ => unreachable!("applies"),
+    assert!(applies(w) && (1..=MAX_ROWS).contains(&xs.len()) && o0 + n <= w.rows());
+    assert!(xs.iter().all(|x| x.q.len() == k));
+    macro_rules! rows {
+        ($m:literal) => {{
+            let xs: &[Row; $m] = xs.try_into().unwrap();
+            for i in 0..n {
+                let bytes = w.row_blocks(o0 + i, 0, k);
+                // SAFETY (each): `applies` checked AVX2, FMA and F16C; the row has `k`
+                // positions, as each of `xs`.
+                let sums = match w.dtype() {
+                    GgmlDType::Q4K => k_row::<144, $m>(bytes, xs),
+                    GgmlDType::Q5K => k_row::<176, $m>(bytes, xs),
+                    GgmlDType::Q6K => q6_k_row::<$m>(bytes, xs),
+                    _ => unreachable!("applies"),
+                };
+                for (r, v) in sums.iter().enumerate() {
+                    *y.add(r * ldy + i) = *v;
+                }
             }
-        };
+        }};
+    }
+    match xs.len() {
+        1 => rows!(1),
+        2 => rows!(2),
+        3 => rows!(3),
+        4 => rows!(4),
+        m => unreachable!("{m} rows"),
     }
 }
+
+/// The most rows [`dot_rows_many`] takes at once: each row's sums, offsets and scales stay in
+/// registers.
+pub(in super::super) const MAX_ROWS: usize = 4;
 
 /// Lanes 0-3 of `s`'s lane `2m`, lanes 4-7 of its lane `2m + 1`, for `m` 0..4: the scales of
 /// a 32-position vector's two 16-position subblocks.
@@ -167,73 +208,80 @@ unsafe fn sums(u: __m256i, q: *const i8) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
-/// A Q4_K (blocks of `B = 144` bytes) or Q5_K (176) row times `x`: per subblock the integer
-/// sums scaled by `a · dx`, less `b · dx · Σq`.
+/// A Q4_K (blocks of `B = 144` bytes) or Q5_K (176) row times each of `xs`: per subblock the
+/// integer sums scaled by `a · dx`, less `b · dx · Σq`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_row<const B: usize>(bytes: &[u8], x: &Row) -> f32 {
-    // Two chains of multiply-adds (even and odd subblocks), and the offsets.
-    let (mut even, mut odd, mut off) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
+unsafe fn k_row<const B: usize, const M: usize>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
+    // One chain of multiply-adds per row (two for one row: even and odd subblocks), and the
+    // offsets.
+    let mut even = [_mm256_setzero_ps(); M];
+    let mut odd = [_mm256_setzero_ps(); M];
+    let mut off = [_mm256_setzero_ps(); M];
     for (i, blk) in bytes.chunks_exact(B).enumerate() {
         prefetch_ahead(blk);
         let blk: &[u8; B] = blk.try_into().unwrap();
         let (a, b) = unsigned::k_scales(blk);
-        let dx = _mm256_loadu_ps(x.d.as_ptr().add(8 * i));
-        off = _mm256_fmadd_ps(b, _mm256_loadu_ps(x.dsum32.as_ptr().add(8 * i)), off);
-        let s = _mm256_mul_ps(a, dx);
-        let q = x.q.as_ptr().add(256 * i);
+        let mut s = [_mm256_setzero_ps(); M];
+        for (r, x) in xs.iter().enumerate() {
+            let dsum = _mm256_loadu_ps(x.dsum32.as_ptr().add(8 * i));
+            off[r] = _mm256_fmadd_ps(b, dsum, off[r]);
+            s[r] = _mm256_mul_ps(a, _mm256_loadu_ps(x.d.as_ptr().add(8 * i)));
+        }
         let mut f = |j: usize, u| {
-            let scale = _mm256_permutevar8x32_ps(s, _mm256_set1_epi32(j as i32));
-            let acc = if j.is_multiple_of(2) {
-                &mut even
-            } else {
-                &mut odd
-            };
-            *acc = _mm256_fmadd_ps(sums(u, q.add(32 * j)), scale, *acc);
+            let pick = _mm256_set1_epi32(j as i32);
+            for (r, x) in xs.iter().enumerate() {
+                let scale = _mm256_permutevar8x32_ps(s[r], pick);
+                let acc = if M > 1 || j.is_multiple_of(2) {
+                    &mut even[r]
+                } else {
+                    &mut odd[r]
+                };
+                let q = x.q.as_ptr().add(256 * i + 32 * j);
+                *acc = _mm256_fmadd_ps(sums(u, q), scale, *acc);
+            }
         };
         unsigned::k_bytes(blk, &mut f);
     }
-    hsum(_mm256_add_ps(even, odd)) - hsum(off)
+    std::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])) - hsum(off[r]))
 }
 
-/// A Q6_K row times `x`: per 16-position subblock the integer sums scaled by `a · dx`, less
-/// `32a · dx · Σq`.
+/// A Q6_K row times each of `xs`: per 16-position subblock the integer sums scaled by
+/// `a · dx`, less `32a · dx · Σq`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_row(bytes: &[u8], x: &Row) -> f32 {
-    let (mut even, mut odd, mut off) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
+unsafe fn q6_k_row<const M: usize>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
+    let mut even = [_mm256_setzero_ps(); M];
+    let mut odd = [_mm256_setzero_ps(); M];
+    let mut off = [_mm256_setzero_ps(); M];
     let pairs = PAIRS.map(|p| _mm256_loadu_si256(p.as_ptr().cast()));
     let thirty_two = _mm256_set1_ps(32.0);
     for (i, blk) in bytes.chunks_exact(210).enumerate() {
         prefetch_ahead(blk);
         let blk: &[u8; 210] = blk.try_into().unwrap();
         let s = unsigned::q6_k_scales(blk);
-        let mut sx = [_mm256_setzero_ps(); 2];
-        for h in 0..2 {
-            let at = 16 * i + 8 * h;
-            let dx = _mm256_loadu_ps(x.d16.as_ptr().add(at));
-            let b = _mm256_mul_ps(thirty_two, s[h]);
-            off = _mm256_fmadd_ps(b, _mm256_loadu_ps(x.dsum16.as_ptr().add(at)), off);
-            sx[h] = _mm256_mul_ps(s[h], dx);
+        let b = s.map(|s| _mm256_mul_ps(thirty_two, s));
+        let mut sx = [[_mm256_setzero_ps(); 2]; M];
+        for (r, x) in xs.iter().enumerate() {
+            for h in 0..2 {
+                let at = 16 * i + 8 * h;
+                let dsum = _mm256_loadu_ps(x.dsum16.as_ptr().add(at));
+                off[r] = _mm256_fmadd_ps(b[h], dsum, off[r]);
+                sx[r][h] = _mm256_mul_ps(s[h], _mm256_loadu_ps(x.d16.as_ptr().add(at)));
+            }
         }
-        let q = x.q.as_ptr().add(256 * i);
         unsigned::q6_k_bytes(blk, |j, u| {
-            let scale = _mm256_permutevar8x32_ps(sx[j / 4], pairs[j % 4]);
-            let acc = if j.is_multiple_of(2) {
-                &mut even
-            } else {
-                &mut odd
-            };
-            *acc = _mm256_fmadd_ps(sums(u, q.add(32 * j)), scale, *acc);
+            for (r, x) in xs.iter().enumerate() {
+                let scale = _mm256_permutevar8x32_ps(sx[r][j / 4], pairs[j % 4]);
+                let acc = if M > 1 || j.is_multiple_of(2) {
+                    &mut even[r]
+                } else {
+                    &mut odd[r]
+                };
+                let q = x.q.as_ptr().add(256 * i + 32 * j);
+                *acc = _mm256_fmadd_ps(sums(u, q), scale, *acc);
+            }
         });
     }
-    hsum(_mm256_add_ps(even, odd)) - hsum(off)
+    std::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])) - hsum(off[r]))
 }
 
 #[target_feature(enable = "avx2")]
@@ -251,8 +299,9 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// As the VNNI kernel's test: the rounded input times the dequantised weights, up to
-    /// summation order, for the K-quants and the one-row shapes (and each row of the others);
-    /// the other formats are not taken.
+    /// summation order, for the K-quants: one row at a time (shapes of an odd number of rows
+    /// from 5), else in groups of up to [`MAX_ROWS`] (1 to 4 rows); the other formats are not
+    /// taken.
     #[test]
     fn one_row_int8_products_are_the_rounded_input_times_the_weights() {
         if !(is_x86_feature_detected!("avx2")
@@ -271,15 +320,29 @@ mod tests {
             }
             // Long rows (the 1B-shaped model's MLP has 8192 positions).
             let long = [(1, 8192 + 9 * 256, 7), (1, 2048, 5)];
-            for (m, k, n) in shapes(dtype).into_iter().chain(long) {
+            let few = [(2, 2048, 5), (3, 768, 9), (4, 8192 + 256, 6)];
+            for (m, k, n) in shapes(dtype).into_iter().chain(long).chain(few) {
                 check(dtype, (m, k, n), |x, m, w| {
                     let mut y = vec![0f32; m * n];
-                    for (x, y) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-                        // Outputs from a row past the first, as a thread's run starts.
-                        let (a, b) = y.split_at_mut(n / 3);
-                        let x = quantize(x);
-                        dot_rows(w, &x, 0, a);
-                        dot_rows(w, &x, n / 3, b);
+                    // Groups of up to `MAX_ROWS` rows (one at a time once, through
+                    // `dot_rows`), their outputs from a row past the first too, as a thread's
+                    // run starts.
+                    let group = if m % 2 == 1 && m > 3 { 1 } else { MAX_ROWS };
+                    for (g, x) in x.chunks(group * k).enumerate() {
+                        let xs: Vec<Row> = x.chunks_exact(k).map(quantize).collect();
+                        let y = &mut y[g * group * n..];
+                        if xs.len() == 1 {
+                            let (a, b) = y[..n].split_at_mut(n / 3);
+                            dot_rows(w, &xs[0], 0, a);
+                            dot_rows(w, &xs[0], n / 3, b);
+                            continue;
+                        }
+                        let p = y.as_mut_ptr();
+                        // SAFETY: `y` holds `xs.len()` rows of `n` outputs.
+                        unsafe {
+                            dot_rows_many(w, &xs, 0, n / 3, p, n);
+                            dot_rows_many(w, &xs, n / 3, n - n / 3, p.add(n / 3), n);
+                        }
                     }
                     y
                 });
