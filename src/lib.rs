@@ -101,8 +101,9 @@
 //!   dense or stored weights alike; candle's gemm where there is no AVX-512), the opt-in
 //!   int8 kernels (`small_matmul/int8/`, `--int8-activations`: input rows rounded to
 //!   int8, weights as bytes by `dequant/unsigned.rs`; AVX-512 VNNI for 2+ rows in
-//!   `mod.rs`, AVX2 for one row in `row.rs`, each K-quant block read straight into
-//!   registers; not exact, a setting of each stored matrix),
+//!   `mod.rs`, its tiling on AVX2 for 5+ rows in `avx2.rs`, AVX2 for 1-4 rows in `row.rs`,
+//!   each K-quant block read straight into registers; not exact, a setting of each stored
+//!   matrix),
 //!   the gated MLP's `silu(gate)·up` in one pass
 //!   (`activation.rs`, candle's formula bit for bit) and the spinning helper pool they and
 //!   the unmerged rows run on;

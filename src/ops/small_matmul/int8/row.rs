@@ -1,14 +1,14 @@
-//! Opt-in int8 activations for one-row products on CPUs without AVX-512 (AVX2, FMA, F16C):
-//! one-sequence decode steps over the K-quants (Q4_K, Q5_K, Q6_K), whose exact one-row
-//! kernels (`dequant/avx2`) spend more instructions per block than reading its bytes costs.
-//! Products of several rows keep the exact kernels there (each block's dequantisation is
-//! shared by every row, and AVX2 has no VNNI to make int8 multiply-adds cheaper than f32
-//! ones), and so do the 32-position formats (their exact kernels were as fast: see
-//! [`applies`]).
+//! Opt-in int8 activations for products of 1 to [`MAX_ROWS`] rows on CPUs without AVX-512
+//! (AVX2, FMA, F16C): decode steps of 1-4 sequences over the K-quants (Q4_K, Q5_K, Q6_K),
+//! whose exact kernels (`dequant/avx2`) spend more instructions per block than reading its
+//! bytes costs. The 32-position formats keep their exact kernels at 1-4 rows (at one row
+//! they were as fast: see [`applies`]); from 5 rows every format but Q8_0 takes the tiling
+//! of `avx2.rs`.
 //!
-//! The input row is rounded once per product as the VNNI kernel rounds its rows
+//! Each input row is rounded once per product as the VNNI kernel rounds its rows
 //! ([`quantize_row`]). Each weight row is then read once, a block at a time, straight from its
-//! stored bytes: each 32 positions' values become bytes `u` in a register, with
+//! stored bytes: each 32 positions' values become bytes `u` in a register (once for all the
+//! input rows), with
 //! `value = a·u − b` per subblock (`dequant/unsigned.rs`'s `*_bytes`, which the VNNI kernel's
 //! unpacking also uses). `vpmaddubsw` + `vpmaddwd` sum `u·q` over 32 positions in exact 32-bit
 //! integers (pairs of byte products stay within `i16`: `u ≤ 63`, `|q| ≤ 127`). In f32 each
@@ -16,7 +16,10 @@
 //!
 //! An earlier version unpacked 4 rows' bytes into buffers, 2048 positions at a time, and then
 //! multiplied them: the 1B-shaped Q4_K_M decoded at 15 tok/s at one sequence against this
-//! kernel's 28 (3 interleaved rounds; llama.cpp 22).
+//! kernel's 28 (3 interleaved rounds; llama.cpp 22). At 2 and 4 sequences this kernel made
+//! 26-33 and 37-41 tok/s where the tiling (rows in lanes, 2 or 4 of each vector's 8 used)
+//! made 11-13 and 22 (2 rounds; llama.cpp 24-26, 30-33); at 6 and 8 the tiling was a little
+//! faster (30/31 vs 28/28, 36/34 vs 34/34), hence 4.
 
 use std::arch::x86_64::*;
 
@@ -36,8 +39,8 @@ pub(in super::super) fn applies(w: &StoredMatrix) -> bool {
     });
     // The K-quants only: the exact one-row kernels of the 32-position formats were as fast or
     // faster (1 sequence, interleaved rounds: SmolLM2 Q8_0 80 vs 69 tok/s, 1B-shaped Q4_1 15
-    // vs 11, SmolLM2 Q4_K_M's Q5_0 even), those of the K-quants slower (1B-shaped Q4_K_M 8.3
-    // vs 12).
+    // vs 11, SmolLM2 Q4_K_M's Q5_0 even), those of the K-quants slower (1B-shaped Q4_K_M
+    // 12.9 exact vs 30.3 with this kernel).
     let format = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
     avx2 && format && w.cols().is_multiple_of(QBLOCK)
 }
