@@ -18,9 +18,7 @@ use std::arch::x86_64::*;
 use candle_core::quantized::GgmlDType;
 
 use super::super::super::cpu::Out;
-use super::super::super::dequant::unsigned;
 use super::super::super::stored::StoredMatrix;
-use super::super::BLOCKED_MIN_K;
 use super::{Packed, CHUNK, QBLOCK, SUBS};
 
 /// Outputs per tile: a 16-bit, a 32-bit and an f32 sum each in registers (16 of them).
@@ -66,7 +64,6 @@ pub(super) unsafe fn part(
     ldy: usize,
 ) {
     debug_assert_eq!(pk.g, 1);
-    let k = w.cols();
     let mut u = [0u8; T * CHUNK];
     let (mut a, mut b) = ([0f32; T * SUBS], [0f32; T * SUBS]);
     // `[panel][half][T]`.
@@ -74,37 +71,30 @@ pub(super) unsafe fn part(
     let mut o = o0;
     while o < o1 {
         let rows = T.min(o1 - o);
-        // Outputs past the last multiply by zero.
-        a[rows * SUBS..].fill(0.0);
-        b[rows * SUBS..].fill(0.0);
         acc.fill(_mm256_setzero_ps());
-        if k < BLOCKED_MIN_K {
-            w.prefetch_rows(o + rows, T.min(o1 - o - rows));
-        }
-        let mut c0 = 0;
-        while c0 < k {
-            let c1 = (c0 + CHUNK).min(k);
-            for i in 0..rows {
-                unsigned::unpack(
-                    w.dtype(),
-                    w.row_blocks(o + i, c0, c1),
-                    u.as_mut_ptr().add(i * CHUNK),
-                    a.as_mut_ptr().add(i * SUBS),
-                    b.as_mut_ptr().add(i * SUBS),
-                );
-            }
-            if k >= BLOCKED_MIN_K {
-                w.prefetch_cols(o, rows, c0 + CHUNK, c1 + CHUNK);
-            }
-            let (u, a, b, acc) = (u.as_ptr(), a.as_ptr(), b.as_ptr(), acc.as_mut_ptr());
-            match (pk.sub, steps(w.dtype())) {
-                (32, Some(8)) => tile::<32, 8>(pk, m, c0, c1 - c0, u, a, b, acc),
-                (32, Some(4)) => tile::<32, 4>(pk, m, c0, c1 - c0, u, a, b, acc),
-                (16, Some(2)) => tile::<16, 2>(pk, m, c0, c1 - c0, u, a, b, acc),
-                (s, n) => unreachable!("subblocks of {s}, {n:?} steps"),
-            }
-            c0 = c1;
-        }
+        let next = T.min(o1 - o - rows);
+        let steps = steps(w.dtype());
+        super::strip(
+            w,
+            o,
+            rows,
+            next,
+            &mut u,
+            &mut a,
+            &mut b,
+            |c0, c1, u, a, b| {
+                let acc = acc.as_mut_ptr();
+                // SAFETY: as this function's; the strip's bytes and factors are unpacked.
+                unsafe {
+                    match (pk.sub, steps) {
+                        (32, Some(8)) => tile::<32, 8>(pk, m, c0, c1 - c0, u, a, b, acc),
+                        (32, Some(4)) => tile::<32, 4>(pk, m, c0, c1 - c0, u, a, b, acc),
+                        (16, Some(2)) => tile::<16, 2>(pk, m, c0, c1 - c0, u, a, b, acc),
+                        (s, n) => unreachable!("subblocks of {s}, {n:?} steps"),
+                    }
+                }
+            },
+        );
         // Lane `l` of half `h`'s sum of output `i` is row `8h + l`'s.
         for h in 0..m.div_ceil(8) {
             for i in 0..rows {

@@ -202,7 +202,6 @@ pub(super) fn matmul(x: &[f32], m: usize, w: &StoredMatrix) -> Vec<f32> {
 /// writes columns `o0..o1` meanwhile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn part(pk: &Packed, m: usize, w: &StoredMatrix, o0: usize, o1: usize, y: Out, ldy: usize) {
-    let k = w.cols();
     let mut u = [0u8; T * CHUNK];
     let (mut a, mut b) = ([0f32; T * SUBS], [0f32; T * SUBS]);
     let mut acc = [_mm512_setzero_ps(); MAX_PANELS * T];
@@ -210,43 +209,33 @@ unsafe fn part(pk: &Packed, m: usize, w: &StoredMatrix, o0: usize, o1: usize, y:
     let mut o = o0;
     while o < o1 {
         let rows = T.min(o1 - o);
-        // Outputs past the last multiply by zero.
-        a[rows * SUBS..].fill(0.0);
-        b[rows * SUBS..].fill(0.0);
         acc.fill(_mm512_setzero_ps());
-        // Short rows: the next strip's bytes travel from memory while this one is multiplied
-        // (as the exact kernel's strips); long ones a chunk ahead in each row.
-        if k < BLOCKED_MIN_K {
-            w.prefetch_rows(o + rows, T.min(o1 - o - rows));
-        }
-        let mut c0 = 0;
-        while c0 < k {
-            let c1 = (c0 + CHUNK).min(k);
-            for i in 0..rows {
-                unsigned::unpack(
-                    w.dtype(),
-                    w.row_blocks(o + i, c0, c1),
-                    u.as_mut_ptr().add(i * CHUNK),
-                    a.as_mut_ptr().add(i * SUBS),
-                    b.as_mut_ptr().add(i * SUBS),
-                );
-            }
-            if k >= BLOCKED_MIN_K {
-                w.prefetch_cols(o, rows, c0 + CHUNK, c1 + CHUNK);
-            }
-            let (u, a, b, acc) = (u.as_ptr(), a.as_ptr(), b.as_ptr(), acc.as_mut_ptr());
-            match (pk.g, pk.sub) {
-                (1, 32) => tile::<1, 32>(pk, c0, c1 - c0, u, a, b, acc),
-                (2, 32) => tile::<2, 32>(pk, c0, c1 - c0, u, a, b, acc),
-                (4, 32) => tile::<4, 32>(pk, c0, c1 - c0, u, a, b, acc),
-                (8, 32) => tile::<8, 32>(pk, c0, c1 - c0, u, a, b, acc),
-                (1, 16) => tile::<1, 16>(pk, c0, c1 - c0, u, a, b, acc),
-                (2, 16) => tile::<2, 16>(pk, c0, c1 - c0, u, a, b, acc),
-                (4, 16) => tile::<4, 16>(pk, c0, c1 - c0, u, a, b, acc),
-                (g, s) => unreachable!("{g} groups over subblocks of {s}"),
-            }
-            c0 = c1;
-        }
+        let next = T.min(o1 - o - rows);
+        strip(
+            w,
+            o,
+            rows,
+            next,
+            &mut u,
+            &mut a,
+            &mut b,
+            |c0, c1, u, a, b| {
+                let acc = acc.as_mut_ptr();
+                // SAFETY: as this function's; the strip's bytes and factors are unpacked.
+                unsafe {
+                    match (pk.g, pk.sub) {
+                        (1, 32) => tile::<1, 32>(pk, c0, c1 - c0, u, a, b, acc),
+                        (2, 32) => tile::<2, 32>(pk, c0, c1 - c0, u, a, b, acc),
+                        (4, 32) => tile::<4, 32>(pk, c0, c1 - c0, u, a, b, acc),
+                        (8, 32) => tile::<8, 32>(pk, c0, c1 - c0, u, a, b, acc),
+                        (1, 16) => tile::<1, 16>(pk, c0, c1 - c0, u, a, b, acc),
+                        (2, 16) => tile::<2, 16>(pk, c0, c1 - c0, u, a, b, acc),
+                        (4, 16) => tile::<4, 16>(pk, c0, c1 - c0, u, a, b, acc),
+                        (g, s) => unreachable!("{g} groups over subblocks of {s}"),
+                    }
+                }
+            },
+        );
         // `finish` reads the sums as `[panel][rows]`.
         for p in 0..pk.panels {
             for i in 0..rows {
@@ -255,6 +244,54 @@ unsafe fn part(pk: &Packed, m: usize, w: &StoredMatrix, o0: usize, o1: usize, y:
         }
         transposed::finish(sums.as_ptr(), pk.g, m, rows, y.add(o).0, ldy);
         o += rows;
+    }
+}
+
+/// A strip of `rows` outputs from `o` of `w`, a [`CHUNK`] of positions at a time: each
+/// chunk's bytes and subblock factors unpacked into `u` (`[outputs][CHUNK]`), `a` and `b`
+/// (`[outputs][SUBS]`), then `tile(c0, c1, u, a, b)` over them. Outputs past `rows` get zero
+/// factors (they multiply by zero). Short rows prefetch the `next` outputs' bytes, to travel
+/// from memory while this strip is multiplied (as the exact kernel's strips); long ones a
+/// chunk ahead in each row. Both int8 tilings (VNNI's and AVX2's) run their strips through it.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `w` is in a format [`unsigned::unpack`] takes and `u`,
+/// `a`, `b` hold at least `rows` outputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn strip(
+    w: &StoredMatrix,
+    o: usize,
+    rows: usize,
+    next: usize,
+    u: &mut [u8],
+    a: &mut [f32],
+    b: &mut [f32],
+    mut tile: impl FnMut(usize, usize, *const u8, *const f32, *const f32),
+) {
+    let k = w.cols();
+    assert!(u.len() >= rows * CHUNK && a.len() >= rows * SUBS && b.len() >= rows * SUBS);
+    a[rows * SUBS..].fill(0.0);
+    b[rows * SUBS..].fill(0.0);
+    if k < BLOCKED_MIN_K {
+        w.prefetch_rows(o + rows, next);
+    }
+    let mut c0 = 0;
+    while c0 < k {
+        let c1 = (c0 + CHUNK).min(k);
+        for i in 0..rows {
+            unsigned::unpack(
+                w.dtype(),
+                w.row_blocks(o + i, c0, c1),
+                u.as_mut_ptr().add(i * CHUNK),
+                a.as_mut_ptr().add(i * SUBS),
+                b.as_mut_ptr().add(i * SUBS),
+            );
+        }
+        if k >= BLOCKED_MIN_K {
+            w.prefetch_cols(o, rows, c0 + CHUNK, c1 + CHUNK);
+        }
+        tile(c0, c1, u.as_ptr(), a.as_ptr(), b.as_ptr());
+        c0 = c1;
     }
 }
 
