@@ -1,7 +1,7 @@
 //! The dot-product tiles: a register tile of `RO` weight rows × `RR` input rows, each output a
 //! dot product over a contiguous weight row, reduced across lanes at the end (the module
-//! documentation of `small_matmul` describes them). AVX-512 intrinsics, and a portable version
-//! of the same tiling.
+//! documentation of `small_matmul` describes them). AVX-512 and AVX2 intrinsics, a portable
+//! version of the same tiling, and which of them this CPU runs ([`best_isa`]).
 
 /// Rows per register tile at most, and the outputs per tile for a given number of rows: at
 /// most 16 accumulators (`RO·RR`), so with the `RO` weight vectors and the input vector they
@@ -288,4 +288,51 @@ pub(super) mod portable {
             }
         }
     }
+}
+
+/// Which implementation of the tile runs (tests force each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub(super) fn is_avx2(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self == Isa::Avx2;
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+}
+
+/// Outputs per dot-product tile of `m` rows on `isa`.
+pub(super) fn tile_width(isa: Isa, m: usize) -> usize {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => tile_outputs_avx2(m.min(MAX_RR_AVX2)),
+        _ => tile_outputs(m.min(MAX_RR)),
+    }
+}
+
+/// The best tile implementation this CPU runs.
+pub(super) fn best_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f") {
+                Isa::Avx512
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Isa::Portable
 }

@@ -20,7 +20,7 @@ use candle_core::{Result, Tensor};
 use super::cpu::{view, Out};
 use super::dequant::Interleaved;
 use super::stored::StoredMatrix;
-use dot::{tile_outputs, MAX_RR};
+use dot::{best_isa, tile_width, Isa};
 #[cfg(target_arch = "x86_64")]
 use transposed::T_OUTPUTS;
 #[cfg(not(target_arch = "x86_64"))]
@@ -460,52 +460,6 @@ fn prefill_stored(x: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
 
 /// Weight values dequantised per prefill tile, at most (8 MiB of f32).
 const PREFILL_TILE_VALUES: usize = 1 << 21;
-
-/// Which implementation of the tile runs (tests force each one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
-impl Isa {
-    fn is_avx2(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        return self == Isa::Avx2;
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-}
-
-/// Outputs per dot-product tile of `m` rows on `isa`.
-fn tile_width(isa: Isa, m: usize) -> usize {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => dot::tile_outputs_avx2(m.min(dot::MAX_RR_AVX2)),
-        _ => tile_outputs(m.min(MAX_RR)),
-    }
-}
-
-fn best_isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") {
-                Isa::Avx512
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                Isa::Avx2
-            } else {
-                Isa::Portable
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    Isa::Portable
-}
 
 fn small_m(x: &Tensor, w: &Tensor, isa: Option<Isa>) -> Result<Option<Tensor>> {
     let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
