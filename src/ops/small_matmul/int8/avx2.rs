@@ -68,12 +68,12 @@ pub(super) unsafe fn part(
     let (mut a, mut b) = ([0f32; T * SUBS], [0f32; T * SUBS]);
     // `[panel][half][T]`.
     let mut acc = [_mm256_setzero_ps(); super::super::transposed::MAX_PANELS * 2 * T];
+    let steps = steps(w.dtype());
     let mut o = o0;
     while o < o1 {
         let rows = T.min(o1 - o);
         acc.fill(_mm256_setzero_ps());
         let next = T.min(o1 - o - rows);
-        let steps = steps(w.dtype());
         super::strip(
             w,
             o,
