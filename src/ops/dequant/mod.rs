@@ -7,8 +7,8 @@
 //! sum, never a fused multiply-add, so every value rounds as candle's does), written over
 //! fixed-size arrays that the compiler vectorises (`blocks.rs`), and compiled for AVX-512 or
 //! AVX2 when the CPU has them (`simd_dispatch!`). On AVX2 without AVX-512, Q4_0, Q4_1, Q5_0,
-//! Q8_0, Q4_K and Q6_K take `avx2/`'s intrinsics instead, values bit for bit the portable
-//! ones (and one-row dots too, but Q4_K's and Q6_K's: below). On AVX-512 the formats of Q4_K_M, Q5_K_M and Q8_0 files
+//! Q8_0, Q4_K, Q5_K and Q6_K take `avx2/`'s intrinsics instead, values bit for bit the
+//! portable ones (and one-row dots too, but the k-quants': below). On AVX-512 the formats of Q4_K_M, Q5_K_M and Q8_0 files
 //! (Q4_K, Q5_K, Q6_K, Q8_0) take `strip.rs`, which also dequantises a strip of rows' blocks in
 //! one call for the tiles ([`dequantize_cols`]): scales worked out ahead for a chunk of
 //! blocks, tables of the 16 (or 32) values a k-quant scale can give and one permute per 16
@@ -17,7 +17,7 @@
 //! every format against candle's `to_float` for equality.
 //!
 //! One input row against Q4_K, Q5_K or Q6_K rows (decode at one sequence) takes `kdot.rs`
-//! (on AVX2: `avx2/kdot.rs`, Q4_K and Q6_K), which sums each sub-block before scaling it: the
+//! (on AVX2: `avx2/kdot.rs`), which sums each sub-block before scaling it: the
 //! exact dot product up to rounding, not bit for bit the dequantised values' (its
 //! documentation says how, and its tests bound it).
 

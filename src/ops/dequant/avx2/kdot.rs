@@ -1,6 +1,6 @@
-//! One input row against Q4_K and Q6_K rows on AVX2 (decode at one sequence over a Q4_K_M
-//! file, where these two formats hold nearly every weight), each sub-block summed before it
-//! is scaled, as `../kdot.rs` does on AVX-512:
+//! One input row against Q4_K, Q5_K and Q6_K rows on AVX2 (decode at one sequence over a
+//! Q4_K_M or Q5_K_M file, where these formats hold nearly every weight), each sub-block summed
+//! before it is scaled, as `../kdot.rs` does on AVX-512:
 //!
 //! `x · row = Σ_sub (d·sc) · Σ q·x − Σ_sub (dmin·m) · Σ x`
 //!
@@ -70,7 +70,25 @@ unsafe fn bytes8<const SIGNED: bool>(v: u64) -> __m256 {
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn q4_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
-    assert_eq!(rows.row_bytes / 144 * 256, x.len());
+    k4_or_k5::<false>(rows, x, y)
+}
+
+/// `y[i] = x · rows.row(i)` over Q5_K rows (`d: f16, dmin: f16, scales: [u8; 12], qh: [u8;
+/// 32], qs: [u8; 128]`): Q4_K's values with a fifth bit each from `qh`, worth 16.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q5_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
+    k4_or_k5::<true>(rows, x, y)
+}
+
+/// [`q4_k`], or [`q5_k`] when `FIVE`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k4_or_k5<const FIVE: bool>(rows: &Rows, x: &[f32], y: &mut [f32]) {
+    let (block, qs_at) = if FIVE { (176, 48) } else { (144, 16) };
+    assert_eq!(rows.row_bytes / block * 256, x.len());
     INPUT.with(|input| {
         let mut input = input.borrow_mut();
         let blocks = x.len() / 256;
@@ -90,7 +108,7 @@ pub(super) unsafe fn q4_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
                 _mm256_setzero_ps(),
                 _mm256_setzero_ps(),
             );
-            for (bi, b) in row.chunks_exact(144).enumerate() {
+            for (bi, b) in row.chunks_exact(block).enumerate() {
                 prefetch_ahead(b);
                 let p = b.as_ptr();
                 let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
@@ -104,10 +122,19 @@ pub(super) unsafe fn q4_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
                 let m = _mm256_mul_ps(dmin, bytes8::<false>(mn));
                 mins = _mm256_fmadd_ps(m, _mm256_loadu_ps(sums.as_ptr().add(8 * bi)), mins);
                 let xb = xs.as_ptr().add(256 * bi);
+                let qh = if FIVE {
+                    _mm256_loadu_si256(p.add(16) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                };
                 for g in 0..4 {
-                    let q = _mm256_loadu_si256(p.add(16 + 32 * g) as *const __m256i);
-                    let lo = _mm256_and_si256(q, low4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                    let q = _mm256_loadu_si256(p.add(qs_at + 32 * g) as *const __m256i);
+                    let mut lo = _mm256_and_si256(q, low4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                    if FIVE {
+                        lo = _mm256_or_si256(lo, super::fifth_bit(qh, 2 * g));
+                        hi = _mm256_or_si256(hi, super::fifth_bit(qh, 2 * g + 1));
+                    }
                     let scale =
                         |j: usize| _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(j as i32));
                     let (t0, t1) = (
@@ -184,6 +211,13 @@ mod tests {
     fn q4_k_rows_are_the_dequantised_dot_up_to_rounding() {
         if super::super::available() {
             super::super::super::assert_dot_is_the_dequantised_one(GgmlDType::Q4K, super::q4_k);
+        }
+    }
+
+    #[test]
+    fn q5_k_rows_are_the_dequantised_dot_up_to_rounding() {
+        if super::super::available() {
+            super::super::super::assert_dot_is_the_dequantised_one(GgmlDType::Q5K, super::q5_k);
         }
     }
 

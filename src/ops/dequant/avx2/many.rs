@@ -5,7 +5,9 @@
 use candle_core::quantized::GgmlDType;
 
 use super::super::{Rows, MANY_ROWS};
-use super::{available, q4_0_many, q4_1_many, q4_k_many, q5_0_many, q6_k_many, q8_0_many};
+use super::{
+    available, q4_0_many, q4_1_many, q4_k_many, q5_0_many, q5_k_many, q6_k_many, q8_0_many,
+};
 
 /// Positions per pass of the many-row kernels over a tile of [`TILE`] weight rows: 8 input
 /// rows' 512 positions are 16 KiB, which stay in L1 while the tile's rows take them.
@@ -42,7 +44,7 @@ pub(in super::super) unsafe fn dot_rows_many(
     ldy: usize,
 ) -> bool {
     use GgmlDType::*;
-    let format = matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q8_0 | Q4K | Q6K);
+    let format = matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q8_0 | Q4K | Q5K | Q6K);
     if !available() || !(2..=MANY_ROWS).contains(&m) || !format {
         return false;
     }
@@ -84,6 +86,7 @@ unsafe fn many(
         GgmlDType::Q5_0 => by_rows!(q5_0_many),
         GgmlDType::Q8_0 => by_rows!(q8_0_many),
         GgmlDType::Q4K => by_rows!(q4_k_many),
+        GgmlDType::Q5K => by_rows!(q5_k_many),
         GgmlDType::Q6K => by_rows!(q6_k_many),
         _ => unreachable!("checked by the caller"),
     }

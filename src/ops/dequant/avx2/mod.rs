@@ -1,13 +1,15 @@
-//! Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K on AVX2 without AVX-512 (AMD's Zen 2 and 3, most desktop
-//! CPUs), written with intrinsics: the formats of Q8_0 and Q4_K_M files, including the Q5_0
-//! that a Q4_K_M file holds where rows are not whole 256-value k-quant blocks (SmolLM2's 576).
+//! Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K on AVX2 without AVX-512 (AMD's Zen 2 and 3,
+//! most desktop CPUs), written with intrinsics: the formats of Q8_0, Q4_K_M and Q5_K_M files,
+//! including the Q5_0 that a Q4_K_M file holds where rows are not whole 256-value k-quant
+//! blocks (SmolLM2's 576). (Q5_K took the portable kernels until it was measured at a third
+//! of Q4_K's speed at 1–4 rows: 8192×8192, two Zen 3 cores, 1 row 4.1 → 14 G values/s.)
 //! Each block's values are made in registers and are candle's bit for bit: integer steps are
 //! exact and each product (and difference) is the portable formula's own. The one-row dot
 //! products of Q4_0, Q4_1, Q5_0 and Q8_0 add them in the portable kernel's order and sum its
 //! accumulators as it does, so they equal its products bit for bit too (the tests check
-//! both). One row of Q4_K or Q6_K takes `kdot.rs`, which sums each sub-block before scaling
-//! it, as the AVX-512 kernels do: the exact dot product up to rounding, 1.7× (Q4_K) and 1.2×
-//! (Q6_K) the bit-exact kernels' speed.
+//! both). One row of Q4_K, Q5_K or Q6_K takes `kdot.rs`, which sums each sub-block before
+//! scaling it, as the AVX-512 kernels do: the exact dot product up to rounding, 1.7× (Q4_K)
+//! and 1.2× (Q6_K) the bit-exact kernels' speed.
 //!
 //! Measured on an AMD EPYC (Zen 3), where the portable versions compiled for AVX2 ran a
 //! one-sequence decode of SmolLM2 Q4_K_M at a third of llama.cpp's speed:
@@ -72,6 +74,7 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
         GgmlDType::Q5_0 => unsafe { q5_0(bytes, out) },
         GgmlDType::Q8_0 => unsafe { q8_0(bytes, out) },
         GgmlDType::Q4K => unsafe { q4_k(bytes, out) },
+        GgmlDType::Q5K => unsafe { q5_k(bytes, out) },
         GgmlDType::Q6K => unsafe { q6_k(bytes, out) },
         _ => return false,
     }
@@ -91,6 +94,7 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
         GgmlDType::Q5_0 => unsafe { q5_0_dot(rows, x, y) },
         GgmlDType::Q8_0 => unsafe { q8_0_dot(rows, x, y) },
         GgmlDType::Q4K => unsafe { kdot::q4_k(rows, x, y) },
+        GgmlDType::Q5K => unsafe { kdot::q5_k(rows, x, y) },
         GgmlDType::Q6K => unsafe { kdot::q6_k(rows, x, y) },
         _ => return false,
     }
@@ -263,6 +267,51 @@ unsafe fn q4_k_block<const SPLIT: bool>(b: &[u8; 144], mut f: impl FnMut(usize, 
             );
         }
     }
+}
+
+/// A Q5_K block's 256 values, `d·sc · (q + 16·h) − dmin·m`: [`q4_k_block`]'s, each nibble
+/// with its fifth bit from `qh` ([`fifth_bit`]). `q + 16·h` has 5 bits, so the product is
+/// exact and one multiply-subtract rounds as the portable formula does.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q5_k_block<const SPLIT: bool>(b: &[u8; 176], mut f: impl FnMut(usize, [__m256; 4])) {
+    let (d, min) = (half(b, 0), half(b, 2));
+    let (sc, mn) = super::scales_mins_k4(&b[4..16]);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+    for g in 0..4 {
+        let q = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * g) as *const __m256i);
+        let halves = [
+            _mm256_and_si256(q, low4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
+        ];
+        for (s, nib) in halves.iter().enumerate() {
+            let j = 2 * g + s;
+            let nib = _mm256_or_si256(*nib, fifth_bit(qh, j));
+            let (d1, m1) = (
+                _mm256_mul_ps(d, _mm256_set1_ps((sc >> (8 * j)) as u8 as f32)),
+                _mm256_mul_ps(min, _mm256_set1_ps((mn >> (8 * j)) as u8 as f32)),
+            );
+            f(
+                j,
+                std::array::from_fn(|a| _mm256_fmsub_ps(lanes::<SPLIT, false>(nib, a), d1, m1)),
+            );
+        }
+    }
+}
+
+/// 16 in byte `l` where bit `j` of `qh`'s byte `l` is set, else 0: the fifth bit of a Q5_K
+/// block's sub-block `j` (value `32j + l`), moved to bit 4 by a 16-bit shift (bits crossing
+/// into the other byte land below bit 4 or above it, and the mask drops them).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn fifth_bit(qh: __m256i, j: usize) -> __m256i {
+    let moved = if j <= 4 {
+        _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - j as i32))
+    } else {
+        _mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32 - 4))
+    };
+    _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
 }
 
 /// Half `h` of a Q6_K block as four vectors of 32 signed bytes `q − 32`: quarter `j` holds
@@ -541,8 +590,9 @@ kernels!(q5_0, q5_0_many, q5_0_block, 22, 4, true, q5_0_dot);
 kernels!(q8_0, q8_0_many, q8_0_block, 34, 4, false, q8_0_dot);
 kernels!(q4_0, q4_0_many, q4_0_block, 18, 4, true, q4_0_dot);
 kernels!(q4_1, q4_1_many, q4_1_block, 20, 4, true, q4_1_dot);
-// One row of Q4_K or Q6_K takes `kdot.rs`, which scales each sub-block's sum.
+// One row of Q4_K, Q5_K or Q6_K takes `kdot.rs`, which scales each sub-block's sum.
 kernels!(q4_k, q4_k_many, q4_k_block, 144, 32, true);
+kernels!(q5_k, q5_k_many, q5_k_block, 176, 32, true);
 kernels!(q6_k, q6_k_many, q6_k_block, 210, 32, true);
 
 #[cfg(test)]
