@@ -85,8 +85,10 @@
 //!   `dequant/strip.rs` for Q4_K, Q5_K, Q6_K and Q8_0 (a strip of rows' blocks per call,
 //!   scales worked out ahead, tables for the 4- and 5-bit values, byte lanes for Q6_K) and
 //!   `dequant/table.rs` for Q4_0–Q5_1; on AVX2 without AVX-512 `dequant/avx2/` for Q4_0,
-//!   Q4_1, Q5_0, Q8_0, Q4_K and Q6_K, values and one-row dots bit for bit the portable ones
-//!   (the dots over an input in a split order that a byte shuffle reaches), and products of
+//!   Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, values bit for bit the portable ones, as are
+//!   the one-row dots of the 32-value formats (over an input in a split order that a byte
+//!   shuffle reaches; the k-quants' one-row dots `avx2/kdot.rs`, sub-block sums scaled in
+//!   the same order, exact up to rounding), and products of
 //!   2–8 rows equal to the AVX2 tiles' sums with no dequantised strip (`avx2/many.rs`: the
 //!   input rows interleaved, a tile of weight rows a pass of positions at a time); candle's
 //!   for the rest); the small-row f32 matmul kernel for decode steps (register tiles in AVX-512

@@ -7,7 +7,7 @@
 //! sum, never a fused multiply-add, so every value rounds as candle's does), written over
 //! fixed-size arrays that the compiler vectorises (`blocks.rs`), and compiled for AVX-512 or
 //! AVX2 when the CPU has them (`simd_dispatch!`). On AVX2 without AVX-512, Q4_0, Q4_1, Q5_0,
-//! Q8_0, Q4_K, Q5_K and Q6_K take `avx2/`'s intrinsics instead, values bit for bit the
+//! Q5_1, Q8_0, Q4_K, Q5_K and Q6_K take `avx2/`'s intrinsics instead, values bit for bit the
 //! portable ones (and one-row dots too, but the k-quants': below). On AVX-512 the formats of Q4_K_M, Q5_K_M and Q8_0 files
 //! (Q4_K, Q5_K, Q6_K, Q8_0) take `strip.rs`, which also dequantises a strip of rows' blocks in
 //! one call for the tiles ([`dequantize_cols`]): scales worked out ahead for a chunk of

@@ -6,7 +6,8 @@ use candle_core::quantized::GgmlDType;
 
 use super::super::{Rows, MANY_ROWS};
 use super::{
-    available, q4_0_many, q4_1_many, q4_k_many, q5_0_many, q5_k_many, q6_k_many, q8_0_many,
+    available, q4_0_many, q4_1_many, q4_k_many, q5_0_many, q5_1_many, q5_k_many, q6_k_many,
+    q8_0_many,
 };
 
 /// Positions per pass of the many-row kernels over a tile of [`TILE`] weight rows: 8 input
@@ -44,7 +45,7 @@ pub(in super::super) unsafe fn dot_rows_many(
     ldy: usize,
 ) -> bool {
     use GgmlDType::*;
-    let format = matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q8_0 | Q4K | Q5K | Q6K);
+    let format = matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K);
     if !available() || !(2..=MANY_ROWS).contains(&m) || !format {
         return false;
     }
@@ -84,6 +85,7 @@ unsafe fn many(
         GgmlDType::Q4_0 => by_rows!(q4_0_many),
         GgmlDType::Q4_1 => by_rows!(q4_1_many),
         GgmlDType::Q5_0 => by_rows!(q5_0_many),
+        GgmlDType::Q5_1 => by_rows!(q5_1_many),
         GgmlDType::Q8_0 => by_rows!(q8_0_many),
         GgmlDType::Q4K => by_rows!(q4_k_many),
         GgmlDType::Q5K => by_rows!(q5_k_many),

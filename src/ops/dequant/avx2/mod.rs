@@ -1,8 +1,9 @@
-//! Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K on AVX2 without AVX-512 (AMD's Zen 2 and 3,
-//! most desktop CPUs), written with intrinsics: the formats of Q8_0, Q4_K_M and Q5_K_M files,
-//! including the Q5_0 that a Q4_K_M file holds where rows are not whole 256-value k-quant
-//! blocks (SmolLM2's 576). (Q5_K took the portable kernels until it was measured at a third
-//! of Q4_K's speed at 1–4 rows: 8192×8192, two Zen 3 cores, 1 row 4.1 → 14 G values/s.)
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K on AVX2 without AVX-512 (AMD's Zen 2 and
+//! 3, most desktop CPUs), written with intrinsics: the formats of Q8_0, Q4_K_M and Q5_K_M
+//! files, including the Q5_0 (Q5_1) that a Q4_K_M (Q5_K_M) file holds where rows are not
+//! whole 256-value k-quant blocks (SmolLM2's 576). (Q5_K and Q5_1 took the portable kernels
+//! until they were measured at a third of Q4_K's speed at 1–4 rows; 8192×8192, two Zen 3
+//! cores, 1 row: Q5_K 4.1 → 14 G values/s, Q5_1 5.4 → 13.4.)
 //! Each block's values are made in registers and are candle's bit for bit: integer steps are
 //! exact and each product (and difference) is the portable formula's own. The one-row dot
 //! products of Q4_0, Q4_1, Q5_0 and Q8_0 add them in the portable kernel's order and sum its
@@ -72,6 +73,7 @@ pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> boo
         GgmlDType::Q4_0 => unsafe { q4_0(bytes, out) },
         GgmlDType::Q4_1 => unsafe { q4_1(bytes, out) },
         GgmlDType::Q5_0 => unsafe { q5_0(bytes, out) },
+        GgmlDType::Q5_1 => unsafe { q5_1(bytes, out) },
         GgmlDType::Q8_0 => unsafe { q8_0(bytes, out) },
         GgmlDType::Q4K => unsafe { q4_k(bytes, out) },
         GgmlDType::Q5K => unsafe { q5_k(bytes, out) },
@@ -92,6 +94,7 @@ pub(super) fn dot_rows(dtype: GgmlDType, rows: &Rows, x: &[f32], y: &mut [f32]) 
         GgmlDType::Q4_0 => unsafe { q4_0_dot(rows, x, y) },
         GgmlDType::Q4_1 => unsafe { q4_1_dot(rows, x, y) },
         GgmlDType::Q5_0 => unsafe { q5_0_dot(rows, x, y) },
+        GgmlDType::Q5_1 => unsafe { q5_1_dot(rows, x, y) },
         GgmlDType::Q8_0 => unsafe { q8_0_dot(rows, x, y) },
         GgmlDType::Q4K => unsafe { kdot::q4_k(rows, x, y) },
         GgmlDType::Q5K => unsafe { kdot::q5_k(rows, x, y) },
@@ -193,11 +196,23 @@ unsafe fn scaled<const SPLIT: bool>(q: __m256i, d: __m256, out: &mut [__m256; 4]
 unsafe fn q5_0_block<const SPLIT: bool>(b: &[u8; 22], mut f: impl FnMut(usize, [__m256; 4])) {
     let mut out = [_mm256_setzero_ps(); 4];
     let d = half(b, 0);
-    // Value j's fifth bit is bit j of qh: byte j takes byte j / 8 of qh and keeps bit j % 8,
-    // and is all ones exactly when that bit is set. `q − 16` is then the nibble less 16
-    // where the bit is clear.
+    // `q − 16` is the nibble less 16 where the fifth bit is clear.
+    let set = fifth_bits([b[2], b[3], b[4], b[5]]);
+    let q = _mm256_sub_epi8(
+        nibbles(b.as_ptr().add(6)),
+        _mm256_andnot_si256(set, _mm256_set1_epi8(0x10)),
+    );
+    scaled::<SPLIT>(q, d, &mut out);
+    f(0, out);
+}
+
+/// All ones in byte `j` where bit `j` of `qh` (a Q5_0 or Q5_1 block's fifth bits, value `j`'s)
+/// is set, else zero: byte `j` takes byte `j / 8` of `qh` and keeps bit `j % 8`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn fifth_bits(qh: [u8; 4]) -> __m256i {
     let spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(i32::from_le_bytes([b[2], b[3], b[4], b[5]])),
+        _mm256_set1_epi32(i32::from_le_bytes(qh)),
         _mm256_set_epi64x(
             0x0303_0303_0303_0303,
             0x0202_0202_0202_0202,
@@ -206,12 +221,25 @@ unsafe fn q5_0_block<const SPLIT: bool>(b: &[u8; 22], mut f: impl FnMut(usize, [
         ),
     );
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-    let q = _mm256_sub_epi8(
-        nibbles(b.as_ptr().add(6)),
-        _mm256_andnot_si256(set, _mm256_set1_epi8(0x10)),
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+}
+
+/// A Q5_1 block's 32 values, `q · d + m` (`q` the nibble with its fifth bit, worth 16), in
+/// [`lanes`]' order. `q · d` is exact (at most 16 significant bits), so one multiply-add
+/// rounds as the portable product-then-sum does.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q5_1_block<const SPLIT: bool>(b: &[u8; 24], mut f: impl FnMut(usize, [__m256; 4])) {
+    let mut out = [_mm256_setzero_ps(); 4];
+    let set = fifth_bits([b[4], b[5], b[6], b[7]]);
+    let q = _mm256_or_si256(
+        nibbles(b.as_ptr().add(8)),
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10)),
     );
-    scaled::<SPLIT>(q, d, &mut out);
+    let (d, m) = (half(b, 0), half(b, 2));
+    for (a, v) in out.iter_mut().enumerate() {
+        *v = _mm256_fmadd_ps(lanes::<SPLIT, false>(q, a), d, m);
+    }
     f(0, out);
 }
 
@@ -587,6 +615,7 @@ unsafe fn q8_0_block<const SPLIT: bool>(b: &[u8; 34], mut f: impl FnMut(usize, [
 }
 
 kernels!(q5_0, q5_0_many, q5_0_block, 22, 4, true, q5_0_dot);
+kernels!(q5_1, q5_1_many, q5_1_block, 24, 4, true, q5_1_dot);
 kernels!(q8_0, q8_0_many, q8_0_block, 34, 4, false, q8_0_dot);
 kernels!(q4_0, q4_0_many, q4_0_block, 18, 4, true, q4_0_dot);
 kernels!(q4_1, q4_1_many, q4_1_block, 20, 4, true, q4_1_dot);

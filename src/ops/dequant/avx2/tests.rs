@@ -9,10 +9,11 @@ type Dequantise = unsafe fn(&[u8], &mut [f32]);
 type Dot = unsafe fn(&Rows, &[f32], &mut [f32]);
 
 /// The formats this module has.
-const FORMATS: [GgmlDType; 7] = [
+const FORMATS: [GgmlDType; 8] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
     GgmlDType::Q8_0,
     GgmlDType::Q4K,
     GgmlDType::Q5K,
@@ -75,10 +76,11 @@ fn formats_equal_the_portable_kernels_bit_for_bit() {
         return;
     }
     // One row of Q4_K, Q5_K or Q6_K scales each sub-block's sum (`kdot.rs`, tested there).
-    let kernels: [(Dequantise, Option<Dot>); 7] = [
+    let kernels: [(Dequantise, Option<Dot>); 8] = [
         (q4_0, Some(q4_0_dot)),
         (q4_1, Some(q4_1_dot)),
         (q5_0, Some(q5_0_dot)),
+        (q5_1, Some(q5_1_dot)),
         (q8_0, Some(q8_0_dot)),
         (q4_k, None),
         (q5_k, None),
