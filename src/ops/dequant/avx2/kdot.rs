@@ -132,8 +132,8 @@ unsafe fn k4_or_k5<const FIVE: bool>(rows: &Rows, x: &[f32], y: &mut [f32]) {
                     let mut lo = _mm256_and_si256(q, low4);
                     let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
                     if FIVE {
-                        lo = _mm256_or_si256(lo, super::fifth_bit(qh, 2 * g));
-                        hi = _mm256_or_si256(hi, super::fifth_bit(qh, 2 * g + 1));
+                        lo = _mm256_or_si256(lo, super::kblocks::fifth_bit(qh, 2 * g));
+                        hi = _mm256_or_si256(hi, super::kblocks::fifth_bit(qh, 2 * g + 1));
                     }
                     let scale =
                         |j: usize| _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(j as i32));
@@ -185,7 +185,7 @@ pub(super) unsafe fn q6_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
                     // `d·sc` of the half's 8 sub-blocks of 16, the products candle forms.
                     let sc = (p.add(192 + 8 * h) as *const u64).read_unaligned();
                     let scales = _mm256_mul_ps(d, bytes8::<true>(sc));
-                    let quarters = super::q6_k_quarters(b.try_into().expect("a block"), h);
+                    let quarters = super::kblocks::q6_k_quarters(b.try_into().expect("a block"), h);
                     for (j, q) in quarters.iter().enumerate() {
                         let t = products::<true>(*q, xb.add(128 * h + 32 * j));
                         let scale = _mm256_permutevar8x32_ps(scales, pairs[j]);

@@ -1,6 +1,6 @@
 //! The AVX2 kernels against candle's values and the portable kernels' sums, bit for bit.
 
-use super::super::{Interleaved, MANY_ROWS};
+use super::super::{f16_to_f32, Interleaved, MANY_ROWS};
 use super::*;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
