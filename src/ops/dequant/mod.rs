@@ -84,6 +84,8 @@ use blocks::{half_at, scales_mins_k4};
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+pub(super) use avx2::hsum8;
+#[cfg(target_arch = "x86_64")]
 mod strip;
 #[cfg(target_arch = "x86_64")]
 mod table;

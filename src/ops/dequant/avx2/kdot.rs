@@ -21,21 +21,12 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::super::{prefetch_ahead, scales_mins_k4, Rows};
-use super::{factor, lanes, split_into};
+use super::{factor, hsum8, lanes, split_into};
 
 thread_local! {
-    /// `x` in split order (and, for Q4_K, each sub-block's `Σ x` after it), reused across
-    /// calls.
+    /// `x` in split order (and, for Q4_K and Q5_K, each sub-block's `Σ x` after it), reused
+    /// across calls.
     static INPUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The 8 lanes' sum.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn hsum(v: __m256) -> f32 {
-    let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let y = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps::<1>(y, y)))
 }
 
 /// `Σ_a lanes(q, a) · x[8a..8a + 8]` lane by lane: one 32-value sub-block's products in
@@ -145,7 +136,7 @@ unsafe fn k4_or_k5<const FIVE: bool>(rows: &Rows, x: &[f32], y: &mut [f32]) {
                     acc1 = _mm256_fmadd_ps(t1, scale(2 * g + 1), acc1);
                 }
             }
-            *out = hsum(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), mins));
+            *out = hsum8(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), mins));
         }
     })
 }
@@ -198,7 +189,7 @@ pub(super) unsafe fn q6_k(rows: &Rows, x: &[f32], y: &mut [f32]) {
                 }
             }
             // Signed split-order lanes carry their value times 2^24 (exact: a power of two).
-            *out = hsum(_mm256_add_ps(acc0, acc1)) / factor(true, true);
+            *out = hsum8(_mm256_add_ps(acc0, acc1)) / factor(true, true);
         }
     })
 }

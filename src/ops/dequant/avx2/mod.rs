@@ -64,6 +64,15 @@ pub(super) unsafe fn half(b: &[u8], at: usize) -> __m256 {
     _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([b[at], b[at + 1]])))
 }
 
+/// The 8 lanes' sum (for the kernels here and the int8 one-row kernel).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(in crate::ops) unsafe fn hsum8(v: __m256) -> f32 {
+    let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let y = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps::<1>(y, y)))
+}
+
 /// `dtype`'s blocks in `bytes` dequantised into `out` where this module has the format and
 /// the CPU what it needs; `false` (nothing written) where not.
 pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {

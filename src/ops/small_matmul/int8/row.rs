@@ -25,7 +25,7 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::super::super::dequant::{prefetch_ahead, unsigned};
+use super::super::super::dequant::{hsum8, prefetch_ahead, unsigned};
 use super::super::super::stored::StoredMatrix;
 use super::QBLOCK;
 
@@ -245,7 +245,7 @@ unsafe fn k_row<const B: usize, const M: usize>(bytes: &[u8], xs: &[Row; M]) -> 
         };
         unsigned::k_bytes(blk, &mut f);
     }
-    std::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])) - hsum(off[r]))
+    std::array::from_fn(|r| hsum8(_mm256_add_ps(even[r], odd[r])) - hsum8(off[r]))
 }
 
 /// A Q6_K row times each of `xs`: per 16-position subblock the integer sums scaled by
@@ -284,15 +284,7 @@ unsafe fn q6_k_row<const M: usize>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
             }
         });
     }
-    std::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])) - hsum(off[r]))
-}
-
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    std::array::from_fn(|r| hsum8(_mm256_add_ps(even[r], odd[r])) - hsum8(off[r]))
 }
 
 #[cfg(test)]
