@@ -196,7 +196,9 @@ def decode(vs, modes_list, fmts_list=()):
                f"`{args}`: decode rows rounded to int8 over the formats it covers, not exact (README)")
         lines += [f"## Stored formats against llama.cpp, same files: {', '.join(f['name'] for f in fmts['files'].values())}"
                   + (f", dora-serve with `{args}`" if args else ""), "",
-                  f"`{fmts['command']}` on {fmts['date']} at commit {fmts['commit']}: {len(rounds)} interleaved rounds; in",
+                  f"`{fmts['command']}` on {fmts['date']} at commit {fmts['commit']}"
+                  + (f" (a CPU with {fmts['cpu']}, {fmts.get('threads', 2)} threads)" if "cpu" in fmts else "")
+                  + f": {len(rounds)} interleaved rounds; in",
                   f"each, for every file, llama.cpp's `llama-batched-bench` ({fmts['llamacpp']}; 2 threads; 16 prompt",
                   f"tokens, {fmts.get('tokens', 64)} generated; S_TG) and then `dora-serve generate --batch --dtype auto` ({how};",
                   f"{fmts.get('tokens', 64)} generated). Targets (issue #12): ≥ 0.9× llama.cpp at 1",
@@ -726,7 +728,8 @@ def main():
                            load("peft.json"))
     fmts = [f for f in (load("formats_vs_llamacpp.json"), load("formats_gemma3_vs_llamacpp.json"), load("formats_1b_vs_llamacpp.json"),
                         load("formats_7b_vs_llamacpp.json"), load("formats_int8_vs_llamacpp.json"),
-                        load("formats_1b_int8_vs_llamacpp.json"), load("formats_7b_int8_vs_llamacpp.json")) if f]
+                        load("formats_1b_int8_vs_llamacpp.json"), load("formats_7b_int8_vs_llamacpp.json"),
+                        load("formats_7b_avx2_vs_llamacpp.json"), load("formats_7b_avx2_int8_vs_llamacpp.json")) if f]
     if sc:
         open(os.path.join(ROOT, "benches", "RESULTS.md"), "w").write("\n".join(results(sc, peft)) + "\n")
     modes_list = [m for m in (modes, load("decode_modes_1b.json")) if m]

@@ -78,6 +78,8 @@ data = {
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "date": subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip(),
     "llamacpp": open(os.path.join(build, "bin", "VERSION")).read().strip(),
+    "cpu": "AVX-512" if " avx512f " in open("/proc/cpuinfo").read().replace("\n", " ") else "AVX2 without AVX-512",
+    "threads": os.cpu_count(),
     "files": {os.path.basename(f)[:-5]: {"name": os.path.basename(f), "bytes": os.path.getsize(f)} for f in files},
     "rounds": [json.loads(l) for l in open(path)],
 }
