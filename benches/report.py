@@ -647,6 +647,15 @@ PROFILE = [
     "  - The one-row Q4_K kernel over two weight rows at once, the input's loads shared",
     "    (each row's operations unchanged): 12-15 G values/s against 12-18 (two threads,",
     "    8192×8192, 3 interleaved runs), slower on one thread too (5.8-9.3 against 7.6-10.1).",
+    "  - The one-row Q4_K kernel without byte shuffles: each value taken from its byte by an and",
+    "    in place (value `4i + k` of 32 in lane `i` of vector `k`, as `q · 2^(8k)`), multiplied",
+    "    by a copy of `x` prepared once with the matching power of two (exact while `x` stays",
+    "    normal). `llvm-mca -mcpu=znver3` on the split-order kernel's loop puts its bound on the",
+    "    two vector pipes that run both the shuffles and the conversions (~50 cycles per",
+    "    256-value block, against ~57 measured on one thread); without the shuffles it predicts",
+    "    less, but one thread measured even (11.3-11.7 against 11.2-11.6 G values/s on 512×2048,",
+    "    in cache; 10.0-10.1 against 10.4-11.0 on 8192×8192) and two threads within noise",
+    "    (3 interleaved runs). What bounds this kernel on this CPU is still not known.",
     "",
 ]
 
