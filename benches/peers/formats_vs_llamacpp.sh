@@ -71,6 +71,21 @@ env = "" if (os.environ.get("COUNTS"), os.environ.get("TOKENS")) == (None, None)
 dora_args = os.environ.get("DORA_ARGS", "").strip()
 env = (f"DORA_ARGS='{dora_args}' " if dora_args else "") + env
 args = "" if name == "formats_vs_llamacpp" and all(os.path.dirname(f) == build for f in files) else f" {name} " + " ".join(files)
+def cpu_name():
+    """The vector extension the kernels take, and the CPU's vendor, family and model (the same
+    extension runs at different widths: Intel's AVX-512 has two 512-bit FMA units, AMD Zen 4
+    splits each 512-bit operation into two 256-bit halves)."""
+    info = open("/proc/cpuinfo").read()
+    first = dict(l.split(":", 1) for l in info.split("\n\n")[0].splitlines() if ":" in l)
+    fields = {k.strip(): v.strip() for k, v in first.items()}
+    isa = "AVX-512" if " avx512f " in info.replace("\n", " ") else "AVX2 without AVX-512"
+    vendor = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(fields.get("vendor_id"), fields.get("vendor_id", "?"))
+    zen = {(25, 17): "Zen 4", (25, 1): "Zen 3", (25, 33): "Zen 3", (25, 97): "Zen 4", (26, 2): "Zen 5"}
+    fam, model = int(fields.get("cpu family", 0)), int(fields.get("model", 0))
+    name = zen.get((fam, model)) if vendor == "AMD" else None
+    return f"{isa}, {vendor} family {fam} model {model}" + (f" ({name})" if name else "")
+
+
 data = {
     "command": f"{env}benches/peers/formats_vs_llamacpp.sh {rounds}{args}",
     "tokens": int(os.environ.get("TOKENS", "64")),
@@ -78,7 +93,7 @@ data = {
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "date": subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip(),
     "llamacpp": open(os.path.join(build, "bin", "VERSION")).read().strip(),
-    "cpu": "AVX-512" if " avx512f " in open("/proc/cpuinfo").read().replace("\n", " ") else "AVX2 without AVX-512",
+    "cpu": cpu_name(),
     "threads": os.cpu_count(),
     "files": {os.path.basename(f)[:-5]: {"name": os.path.basename(f), "bytes": os.path.getsize(f)} for f in files},
     "rounds": [json.loads(l) for l in open(path)],
