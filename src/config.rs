@@ -456,7 +456,8 @@ pub struct ModelArgs {
     pub kernels: Option<String>,
     /// Round input rows to int8 where they multiply Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K or Q6_K
     /// weights, as llama.cpp does: with AVX-512 VNNI, decode steps of 2+ sequences and
-    /// prompts; on AVX2 CPUs without AVX-512, every decode step and prompt over the K-quants
+    /// prompts, and one-sequence steps over the K-quants; on AVX2 CPUs without AVX-512,
+    /// every decode step and prompt over the K-quants
     /// and 5+ rows over the other formats but Q8_0. Faster, not exact (the README gives the
     /// measured logit error). Off: every product is exact.
     #[arg(long)]

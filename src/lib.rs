@@ -103,8 +103,9 @@
 //!   dense or stored weights alike; candle's gemm where there is no AVX-512), the opt-in
 //!   int8 kernels (`small_matmul/int8/`, `--int8-activations`: input rows rounded to
 //!   int8, weights as bytes by `dequant/unsigned.rs`; AVX-512 VNNI for 2+ rows in
-//!   `mod.rs`, its tiling on AVX2 for 5+ rows in `avx2.rs`, AVX2 for 1-4 rows in `row.rs`,
-//!   each K-quant block read straight into registers; not exact, a setting of each stored
+//!   `mod.rs`, its tiling on AVX2 for 5+ rows in `avx2.rs`, the K-quants' one-row kernel
+//!   in `row.rs` (1-4 rows on AVX2; one row with VNNI's `vpdpbusd`), each block read straight
+//!   into registers; not exact, a setting of each stored
 //!   matrix),
 //!   the gated MLP's `silu(gate)·up` in one pass
 //!   (`activation.rs`, candle's formula bit for bit) and the spinning helper pool they and

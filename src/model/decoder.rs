@@ -377,7 +377,8 @@ impl Decoder {
     /// Round the input rows of products over the base's stored matrices to int8 where an int8
     /// kernel applies (`--int8-activations`; see
     /// [`StoredMatrix::set_int8_activations`](crate::ops::stored::StoredMatrix::set_int8_activations):
-    /// 2 or more rows with AVX-512 VNNI, one row on AVX2 CPUs without AVX-512). Returns how
+    /// 2 or more rows with AVX-512 VNNI, one row over the K-quants there and on AVX2 CPUs
+    /// without AVX-512). Returns how
     /// many matrices it applies to. Dense weights and merged adapter weights stay exact.
     pub fn set_int8_activations(&self, on: bool) -> usize {
         let mut n = 0;

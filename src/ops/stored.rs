@@ -237,8 +237,8 @@ impl StoredMatrix {
     }
 
     /// Round the input rows of products over this matrix to int8 where an int8 kernel
-    /// applies (its formats; 2 or more rows with AVX-512 VNNI, one row on CPUs with AVX2 and
-    /// no AVX-512; the CLI's `--int8-activations`).
+    /// applies (its formats; 2 or more rows with AVX-512 VNNI; one row over the K-quants with
+    /// AVX-512 VNNI or on CPUs with AVX2 and no AVX-512; the CLI's `--int8-activations`).
     /// Faster, and not exact: the README gives the logit error it measured.
     pub fn set_int8_activations(&self, on: bool) {
         self.int8.store(on, std::sync::atomic::Ordering::Relaxed);

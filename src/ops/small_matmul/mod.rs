@@ -85,10 +85,11 @@ fn large_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 }
 
 /// Whether an int8 kernel multiplies `w` here when its int8 activations are on: AVX-512 VNNI
-/// (products of 2+ rows) or, without AVX-512, AVX2 (one-row products), and their formats.
+/// (products of 2+ rows, and one-row products over the K-quants) or, without AVX-512, AVX2
+/// (one-row products), and their formats.
 pub fn int8_applies(w: &StoredMatrix) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return int8::applies(w) || (best_isa().is_avx2() && int8::row::applies(w));
+    return int8::applies(w) || int8::row::applies(w);
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = w;
@@ -243,15 +244,16 @@ fn small_m_stored_many(
     let k = ws[0].cols();
     debug_assert!(ws.iter().all(|w| w.cols() == k));
     let xt = panels(isa, x, m, k);
-    // Up to `int8::row::MAX_ROWS` rows, on AVX2, rounded to int8 once for every weight that
-    // takes them.
+    // One row (up to `int8::row::MAX_ROWS` on AVX2) rounded to int8 once for every weight that
+    // takes the one-row int8 kernel.
     #[cfg(target_arch = "x86_64")]
-    let xq = (m <= int8::row::MAX_ROWS && isa.is_avx2() && ws.iter().any(|w| int8::row::takes(w)))
-        .then(|| {
-            x.chunks_exact(k)
-                .map(int8::row::quantize)
-                .collect::<Vec<_>>()
-        });
+    let rows_ok = m == 1 || (m <= int8::row::MAX_ROWS && int8::row::takes_several());
+    #[cfg(target_arch = "x86_64")]
+    let xq = (rows_ok && ws.iter().any(|w| int8::row::takes(w))).then(|| {
+        x.chunks_exact(k)
+            .map(int8::row::quantize)
+            .collect::<Vec<_>>()
+    });
     // 2–8 rows, on AVX2, interleaved once for every weight and run that takes them.
     let xi = isa.is_avx2().then(|| Interleaved::new(x, m)).flatten();
     let ro = if xt.is_some() {

@@ -5,6 +5,15 @@
 //! they were as fast: see [`applies`]); from 5 rows every format but Q8_0 takes the tiling
 //! of `avx2.rs`.
 //!
+//! With AVX-512 VNNI (and VL) the same kernel takes one-row products (one-sequence decode),
+//! each 32 positions summed by one `vpdpbusd` on 256-bit vectors; 2+ rows take the VNNI
+//! tiling there. On AMD Zen 4, whose 512-bit operations take two passes, the exact one-row
+//! kernels (`dequant/kdot.rs`, ~3 operations per 16 weights) were bound by arithmetic and read
+//! 17-21 GB/s of the 31 GB/s that two cores read: the 1B-shaped Q4_K_M at one sequence made
+//! 24.0 tok/s exact and 29.5 with this kernel (3 interleaved rounds; llama.cpp ~45). Summing
+//! with `vpdpbusd` or with `vpmaddubsw` + `vpmaddwd` measured the same there (39-48 G weights
+//! a second each, 11008×4096 Q4_K rows, interleaved): the unpacking and scales bound it.
+//!
 //! Each input row is rounded once per product as the VNNI kernel rounds its rows
 //! ([`quantize_row`]). Each weight row is then read once, a block at a time, straight from its
 //! stored bytes: each 32 positions' values become bytes `u` in a register (once for all the
@@ -29,26 +38,58 @@ use super::super::super::dequant::{hsum8, prefetch_ahead, unsigned};
 use super::super::super::stored::StoredMatrix;
 use super::QBLOCK;
 
-/// Whether the one-row kernel multiplies `w` on this CPU: a K-quant, AVX2, FMA and F16C.
-pub(in super::super) fn applies(w: &StoredMatrix) -> bool {
-    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let avx2 = *AVX2.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
+/// How this CPU sums a subblock's byte products: AVX2's `vpmaddubsw` + `vpmaddwd`, or AVX-512
+/// VNNI's `vpdpbusd` (one instruction) on its 256-bit vectors.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Cpu {
+    /// Neither: the kernel does not run here.
+    None,
+    /// AVX2, FMA and F16C, and no AVX-512.
+    Avx2,
+    /// AVX-512 with VNNI and VL (and AVX2, FMA, F16C).
+    Vnni,
+}
+
+fn cpu() -> Cpu {
+    static CPU: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
+    *CPU.get_or_init(|| {
+        let avx2 = is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    });
+            && is_x86_feature_detected!("f16c");
+        let avx512 = is_x86_feature_detected!("avx512f");
+        let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+        if avx2 && avx512 && vnni {
+            Cpu::Vnni
+        } else if avx2 && !avx512 {
+            Cpu::Avx2
+        } else {
+            // AVX-512 without VNNI: the exact one-row kernels (`dequant/kdot.rs`) keep the row.
+            Cpu::None
+        }
+    })
+}
+
+/// Whether the one-row kernel multiplies `w` on this CPU: a K-quant, on a CPU with AVX-512
+/// VNNI, or with AVX2, FMA and F16C and no AVX-512.
+pub(in super::super) fn applies(w: &StoredMatrix) -> bool {
     // The K-quants only: the exact one-row kernels of the 32-position formats were as fast or
-    // faster (1 sequence, interleaved rounds: SmolLM2 Q8_0 80 vs 69 tok/s, 1B-shaped Q4_1 15
-    // vs 11, SmolLM2 Q4_K_M's Q5_0 even), those of the K-quants slower (1B-shaped Q4_K_M
-    // 12.9 exact vs 30.3 with this kernel).
+    // faster (AVX2, 1 sequence, interleaved rounds: SmolLM2 Q8_0 80 vs 69 tok/s, 1B-shaped
+    // Q4_1 15 vs 11, SmolLM2 Q4_K_M's Q5_0 even), those of the K-quants slower (1B-shaped
+    // Q4_K_M 12.9 exact vs 30.3 with this kernel).
     let format = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
-    avx2 && format && w.cols().is_multiple_of(QBLOCK)
+    cpu() != Cpu::None && format && w.cols().is_multiple_of(QBLOCK)
 }
 
 /// Whether a one-row product over `w` takes this kernel: its int8 activations are on and the
-/// kernel [`applies`] (on CPUs without AVX-512: the caller's choice).
+/// kernel [`applies`].
 pub(in super::super) fn takes(w: &StoredMatrix) -> bool {
     w.int8_activations() && applies(w)
+}
+
+/// Whether products of 2 to [`MAX_ROWS`] rows take this kernel on this CPU (where it
+/// applies): on AVX2 without AVX-512; with VNNI they take the VNNI tiling (`int8/mod.rs`).
+pub(in super::super) fn takes_several() -> bool {
+    cpu() == Cpu::Avx2
 }
 
 /// An input row rounded to int8, as the kernel reads it.
@@ -157,25 +198,42 @@ pub(in super::super) unsafe fn dot_rows_many(
     y: *mut f32,
     ldy: usize,
 ) {
+    assert!(applies(w));
+    dot_rows_on(cpu(), w, xs, o0, n, y, ldy)
+}
+
+/// [`dot_rows_many`] with the sums of `on` (for the tests: both where the CPU has VNNI).
+///
+/// # Safety
+/// As [`dot_rows_many`].
+///
+/// # Panics
+/// As [`dot_rows_many`], and unless the CPU has what `on` needs.
+unsafe fn dot_rows_on(
+    on: Cpu,
+    w: &StoredMatrix,
+    xs: &[Row],
+    o0: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
     let k = w.cols();
-    assert!(applies(w) && (1..=MAX_ROWS).contains(&xs.len()) && o0 + n <= w.rows());
-    assert!(xs.iter().all(|x| x.q.len() == k));
+    let format = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+    assert!(format && k.is_multiple_of(QBLOCK) && o0 + n <= w.rows());
+    assert!((1..=MAX_ROWS).contains(&xs.len()) && xs.iter().all(|x| x.q.len() == k));
+    let avx2 = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
+    assert!(avx2 && (on == Cpu::Avx2 || (on == Cpu::Vnni && cpu() == Cpu::Vnni)));
     macro_rules! rows {
         ($m:literal) => {{
             let xs: &[Row; $m] = xs.try_into().unwrap();
-            for i in 0..n {
-                let bytes = w.row_blocks(o0 + i, 0, k);
-                // SAFETY (each): `applies` checked AVX2, FMA and F16C; the row has `k`
-                // positions, as each of `xs`.
-                let sums = match w.dtype() {
-                    GgmlDType::Q4K => k_row::<144, $m>(bytes, xs),
-                    GgmlDType::Q5K => k_row::<176, $m>(bytes, xs),
-                    GgmlDType::Q6K => q6_k_row::<$m>(bytes, xs),
-                    _ => unreachable!("applies"),
-                };
-                for (r, v) in sums.iter().enumerate() {
-                    *y.add(r * ldy + i) = *v;
-                }
+            // SAFETY (each): the CPU's features checked just above; the caller, `y`.
+            if on == Cpu::Vnni {
+                rows_vnni(w, xs, o0, n, y, ldy)
+            } else {
+                rows_avx2(w, xs, o0, n, y, ldy)
             }
         }};
     }
@@ -185,6 +243,58 @@ pub(in super::super) unsafe fn dot_rows_many(
         3 => rows!(3),
         4 => rows!(4),
         m => unreachable!("{m} rows"),
+    }
+}
+
+/// [`dot_rows_many`]'s rows on AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2<const M: usize>(
+    w: &StoredMatrix,
+    xs: &[Row; M],
+    o0: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    rows::<M, false>(w, xs, o0, n, y, ldy)
+}
+
+/// [`dot_rows_many`]'s rows with AVX-512 VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+unsafe fn rows_vnni<const M: usize>(
+    w: &StoredMatrix,
+    xs: &[Row; M],
+    o0: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    rows::<M, true>(w, xs, o0, n, y, ldy)
+}
+
+/// Rows `o0..o0 + n` of `w` times each of `xs`, compiled into [`rows_avx2`] or
+/// [`rows_vnni`] (`VNNI`) with their features (it has none of its own: it is always inlined).
+#[inline(always)]
+unsafe fn rows<const M: usize, const VNNI: bool>(
+    w: &StoredMatrix,
+    xs: &[Row; M],
+    o0: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let k = w.cols();
+    for i in 0..n {
+        let bytes = w.row_blocks(o0 + i, 0, k);
+        let sums = match w.dtype() {
+            GgmlDType::Q4K => k_row::<144, M, VNNI>(bytes, xs),
+            GgmlDType::Q5K => k_row::<176, M, VNNI>(bytes, xs),
+            GgmlDType::Q6K => q6_k_row::<M, VNNI>(bytes, xs),
+            _ => unreachable!("applies"),
+        };
+        for (r, v) in sums.iter().enumerate() {
+            *y.add(r * ldy + i) = *v;
+        }
     }
 }
 
@@ -202,19 +312,26 @@ const PAIRS: [[i32; 8]; 4] = [
 ];
 
 /// `Σ u·q` over 32 positions as 8 exact 32-bit sums in f32, lanes 0-3 positions 0-15, lanes
-/// 4-7 16-31 (`u ≤ 63` and `|q| ≤ 127`: the pairs of byte products stay within `i16`).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn sums(u: __m256i, q: *const i8) -> __m256 {
+/// 4-7 16-31: by `vpdpbusd` (`VNNI`), else `vpmaddubsw` + `vpmaddwd` (`u ≤ 63` and
+/// `|q| ≤ 127`: the pairs of byte products stay within `i16`). Both sums are exact.
+#[inline(always)]
+unsafe fn sums<const VNNI: bool>(u: __m256i, q: *const i8) -> __m256 {
     let q = _mm256_loadu_si256(q.cast());
-    let pairs = _mm256_maddubs_epi16(u, q);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    let s = if VNNI {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q)
+    } else {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1))
+    };
+    _mm256_cvtepi32_ps(s)
 }
 
 /// A Q4_K (blocks of `B = 144` bytes) or Q5_K (176) row times each of `xs`: per subblock the
 /// integer sums scaled by `a · dx`, less `b · dx · Σq`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_row<const B: usize, const M: usize>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
+#[inline(always)]
+unsafe fn k_row<const B: usize, const M: usize, const VNNI: bool>(
+    bytes: &[u8],
+    xs: &[Row; M],
+) -> [f32; M] {
     // One chain of multiply-adds per row (two for one row: even and odd subblocks), and the
     // offsets.
     let mut even = [_mm256_setzero_ps(); M];
@@ -240,7 +357,7 @@ unsafe fn k_row<const B: usize, const M: usize>(bytes: &[u8], xs: &[Row; M]) -> 
                     &mut odd[r]
                 };
                 let q = x.q.as_ptr().add(256 * i + 32 * j);
-                *acc = _mm256_fmadd_ps(sums(u, q), scale, *acc);
+                *acc = _mm256_fmadd_ps(sums::<VNNI>(u, q), scale, *acc);
             }
         };
         unsigned::k_bytes(blk, &mut f);
@@ -250,8 +367,8 @@ unsafe fn k_row<const B: usize, const M: usize>(bytes: &[u8], xs: &[Row; M]) -> 
 
 /// A Q6_K row times each of `xs`: per 16-position subblock the integer sums scaled by
 /// `a · dx`, less `32a · dx · Σq`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_row<const M: usize>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
+#[inline(always)]
+unsafe fn q6_k_row<const M: usize, const VNNI: bool>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
     let mut even = [_mm256_setzero_ps(); M];
     let mut odd = [_mm256_setzero_ps(); M];
     let mut off = [_mm256_setzero_ps(); M];
@@ -280,7 +397,7 @@ unsafe fn q6_k_row<const M: usize>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
                     &mut odd[r]
                 };
                 let q = x.q.as_ptr().add(256 * i + 32 * j);
-                *acc = _mm256_fmadd_ps(sums(u, q), scale, *acc);
+                *acc = _mm256_fmadd_ps(sums::<VNNI>(u, q), scale, *acc);
             }
         });
     }
@@ -305,40 +422,52 @@ mod tests {
         {
             return;
         }
+        // Each way of summing the CPU has (AVX2's everywhere, VNNI's where it is), whichever
+        // `dot_rows_many` takes here.
+        let ons: &[Cpu] = if cpu() == Cpu::Vnni {
+            &[Cpu::Avx2, Cpu::Vnni]
+        } else {
+            &[Cpu::Avx2]
+        };
         for dtype in FORMATS {
             let zeros = Tensor::zeros((1, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
             let w = StoredMatrix::quantize(&zeros, dtype).unwrap();
             let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
-            assert_eq!(applies(&w), k_quant, "{dtype:?}");
+            assert_eq!(applies(&w), k_quant && cpu() != Cpu::None, "{dtype:?}");
             if !k_quant {
                 continue;
             }
             // Long rows (the 1B-shaped model's MLP has 8192 positions).
             let long = [(1, 8192 + 9 * 256, 7), (1, 2048, 5)];
             let few = [(2, 2048, 5), (3, 768, 9), (4, 8192 + 256, 6)];
-            for (m, k, n) in shapes(dtype).into_iter().chain(long).chain(few) {
-                check(dtype, (m, k, n), |x, m, w| {
-                    let mut y = vec![0f32; m * n];
-                    // Groups of up to `MAX_ROWS` rows (one at a time once, through
-                    // `dot_rows`), their outputs from a row past the first too, as a thread's
-                    // run starts.
-                    let group = if m % 2 == 1 && m > 3 { 1 } else { MAX_ROWS };
-                    for (g, x) in x.chunks(group * k).enumerate() {
-                        let xs: Vec<Row> = x.chunks_exact(k).map(quantize).collect();
-                        let y = &mut y[g * group * n..];
-                        if xs.len() == 1 {
-                            let (a, b) = y[..n].split_at_mut(n / 3);
-                            dot_rows(w, &xs[0], 0, a);
-                            dot_rows(w, &xs[0], n / 3, b);
-                            continue;
+            for &on in ons {
+                for (m, k, n) in shapes(dtype).into_iter().chain(long).chain(few) {
+                    check(dtype, (m, k, n), |x, m, w| {
+                        let mut y = vec![0f32; m * n];
+                        // Groups of up to `MAX_ROWS` rows (one at a time once), their outputs
+                        // from a row past the first too, as a thread's run starts.
+                        let group = if m % 2 == 1 && m > 3 { 1 } else { MAX_ROWS };
+                        for (g, x) in x.chunks(group * k).enumerate() {
+                            let xs: Vec<Row> = x.chunks_exact(k).map(quantize).collect();
+                            let y = &mut y[g * group * n..];
+                            let p = y.as_mut_ptr();
+                            let ldy = if xs.len() == 1 { 0 } else { n };
+                            // SAFETY: `y` holds `xs.len()` rows of `n` outputs.
+                            unsafe {
+                                dot_rows_on(on, w, &xs, 0, n / 3, p, ldy);
+                                dot_rows_on(on, w, &xs, n / 3, n - n / 3, p.add(n / 3), ldy);
+                            }
                         }
-                        let p = y.as_mut_ptr();
-                        // SAFETY: `y` holds `xs.len()` rows of `n` outputs.
-                        unsafe {
-                            dot_rows_many(w, &xs, 0, n / 3, p, n);
-                            dot_rows_many(w, &xs, n / 3, n - n / 3, p.add(n / 3), n);
-                        }
-                    }
+                        y
+                    });
+                }
+            }
+            // The public entry points, where the kernel runs here.
+            if cpu() != Cpu::None {
+                let (m, k, n) = (1, 2048, 5);
+                check(dtype, (m, k, n), |x, _, w| {
+                    let mut y = vec![0f32; n];
+                    dot_rows(w, &quantize(x), 0, &mut y);
                     y
                 });
             }
