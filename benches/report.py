@@ -366,7 +366,8 @@ def main():
                         load("formats_7b_vs_llamacpp.json"), load("formats_int8_vs_llamacpp.json"),
                         load("formats_1b_int8_vs_llamacpp.json"), load("formats_7b_int8_vs_llamacpp.json"),
                         load("formats_7b_avx2_vs_llamacpp.json"), load("formats_7b_avx2_int8_vs_llamacpp.json"),
-                        load("formats_1b_zen4_vs_llamacpp.json"), load("formats_1b_zen4_int8_vs_llamacpp.json"),
+                        load("formats_zen4_vs_llamacpp.json"), load("formats_1b_zen4_vs_llamacpp.json"),
+                        load("formats_1b_zen4_int8_vs_llamacpp.json"),
                         load("formats_7b_zen4_vs_llamacpp.json"), load("formats_7b_zen4_int8_vs_llamacpp.json")) if f]
     if sc:
         open(os.path.join(ROOT, "benches", "RESULTS.md"), "w").write("\n".join(results(sc, peft)) + "\n")
