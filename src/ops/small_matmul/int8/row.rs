@@ -246,58 +246,6 @@ unsafe fn dot_rows_on(
     }
 }
 
-/// [`dot_rows_many`]'s rows on AVX2.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_avx2<const M: usize>(
-    w: &StoredMatrix,
-    xs: &[Row; M],
-    o0: usize,
-    n: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    rows::<M, false>(w, xs, o0, n, y, ldy)
-}
-
-/// [`dot_rows_many`]'s rows with AVX-512 VNNI.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
-unsafe fn rows_vnni<const M: usize>(
-    w: &StoredMatrix,
-    xs: &[Row; M],
-    o0: usize,
-    n: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    rows::<M, true>(w, xs, o0, n, y, ldy)
-}
-
-/// Rows `o0..o0 + n` of `w` times each of `xs`, compiled into [`rows_avx2`] or
-/// [`rows_vnni`] (`VNNI`) with their features (it has none of its own: it is always inlined).
-#[inline(always)]
-unsafe fn rows<const M: usize, const VNNI: bool>(
-    w: &StoredMatrix,
-    xs: &[Row; M],
-    o0: usize,
-    n: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    let k = w.cols();
-    for i in 0..n {
-        let bytes = w.row_blocks(o0 + i, 0, k);
-        let sums = match w.dtype() {
-            GgmlDType::Q4K => k_row::<144, M, VNNI>(bytes, xs),
-            GgmlDType::Q5K => k_row::<176, M, VNNI>(bytes, xs),
-            GgmlDType::Q6K => q6_k_row::<M, VNNI>(bytes, xs),
-            _ => unreachable!("applies"),
-        };
-        for (r, v) in sums.iter().enumerate() {
-            *y.add(r * ldy + i) = *v;
-        }
-    }
-}
-
 /// The most rows [`dot_rows_many`] takes at once: each row's sums, offsets and scales stay in
 /// registers.
 pub(in super::super) const MAX_ROWS: usize = 4;
@@ -325,84 +273,123 @@ unsafe fn sums<const VNNI: bool>(u: __m256i, q: *const i8) -> __m256 {
     _mm256_cvtepi32_ps(s)
 }
 
-/// A Q4_K (blocks of `B = 144` bytes) or Q5_K (176) row times each of `xs`: per subblock the
-/// integer sums scaled by `a · dx`, less `b · dx · Σq`.
-#[inline(always)]
-unsafe fn k_row<const B: usize, const M: usize, const VNNI: bool>(
-    bytes: &[u8],
-    xs: &[Row; M],
-) -> [f32; M] {
-    // One chain of multiply-adds per row (two for one row: even and odd subblocks), and the
-    // offsets.
-    let mut even = [_mm256_setzero_ps(); M];
-    let mut odd = [_mm256_setzero_ps(); M];
-    let mut off = [_mm256_setzero_ps(); M];
-    for (i, blk) in bytes.chunks_exact(B).enumerate() {
-        prefetch_ahead(blk);
-        let blk: &[u8; B] = blk.try_into().unwrap();
-        let (a, b) = unsigned::k_scales(blk);
-        let mut s = [_mm256_setzero_ps(); M];
-        for (r, x) in xs.iter().enumerate() {
-            let dsum = _mm256_loadu_ps(x.dsum32.as_ptr().add(8 * i));
-            off[r] = _mm256_fmadd_ps(b, dsum, off[r]);
-            s[r] = _mm256_mul_ps(a, _mm256_loadu_ps(x.d.as_ptr().add(8 * i)));
-        }
-        let mut f = |j: usize, u| {
-            let pick = _mm256_set1_epi32(j as i32);
-            for (r, x) in xs.iter().enumerate() {
-                let scale = _mm256_permutevar8x32_ps(s[r], pick);
-                let acc = if M > 1 || j.is_multiple_of(2) {
-                    &mut even[r]
-                } else {
-                    &mut odd[r]
+/// The row kernels, compiled once per way of summing: `$features` for every function, so
+/// that the closures inside (which take their function's features) and the intrinsics they
+/// call are inlined. (An `#[inline(always)]` body without features of its own, called from
+/// two feature-enabled wrappers, left its closures as calls: ~20 a block.)
+macro_rules! row_kernels {
+    ($features:literal, $vnni:literal, $rows:ident, $k_row:ident, $q6_k_row:ident) => {
+        /// Rows `o0..o0 + n` of `w` times each of `xs` (see [`dot_rows_many`]).
+        #[target_feature(enable = $features)]
+        unsafe fn $rows<const M: usize>(
+            w: &StoredMatrix,
+            xs: &[Row; M],
+            o0: usize,
+            n: usize,
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            let k = w.cols();
+            for i in 0..n {
+                let bytes = w.row_blocks(o0 + i, 0, k);
+                let sums = match w.dtype() {
+                    GgmlDType::Q4K => $k_row::<144, M>(bytes, xs),
+                    GgmlDType::Q5K => $k_row::<176, M>(bytes, xs),
+                    GgmlDType::Q6K => $q6_k_row::<M>(bytes, xs),
+                    _ => unreachable!("applies"),
                 };
-                let q = x.q.as_ptr().add(256 * i + 32 * j);
-                *acc = _mm256_fmadd_ps(sums::<VNNI>(u, q), scale, *acc);
+                for (r, v) in sums.iter().enumerate() {
+                    *y.add(r * ldy + i) = *v;
+                }
             }
-        };
-        unsigned::k_bytes(blk, &mut f);
-    }
-    std::array::from_fn(|r| hsum8(_mm256_add_ps(even[r], odd[r])) - hsum8(off[r]))
+        }
+
+        /// A Q4_K (blocks of `B = 144` bytes) or Q5_K (176) row times each of `xs`: per subblock the
+        /// integer sums scaled by `a · dx`, less `b · dx · Σq`.
+        #[target_feature(enable = $features)]
+        unsafe fn $k_row<const B: usize, const M: usize>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
+            // One chain of multiply-adds per row (two for one row: even and odd subblocks), and the
+            // offsets.
+            let mut even = [_mm256_setzero_ps(); M];
+            let mut odd = [_mm256_setzero_ps(); M];
+            let mut off = [_mm256_setzero_ps(); M];
+            for (i, blk) in bytes.chunks_exact(B).enumerate() {
+                prefetch_ahead(blk);
+                let blk: &[u8; B] = blk.try_into().unwrap();
+                let (a, b) = unsigned::k_scales(blk);
+                let mut s = [_mm256_setzero_ps(); M];
+                for (r, x) in xs.iter().enumerate() {
+                    let dsum = _mm256_loadu_ps(x.dsum32.as_ptr().add(8 * i));
+                    off[r] = _mm256_fmadd_ps(b, dsum, off[r]);
+                    s[r] = _mm256_mul_ps(a, _mm256_loadu_ps(x.d.as_ptr().add(8 * i)));
+                }
+                let mut f = |j: usize, u| {
+                    let pick = _mm256_set1_epi32(j as i32);
+                    for (r, x) in xs.iter().enumerate() {
+                        let scale = _mm256_permutevar8x32_ps(s[r], pick);
+                        let acc = if M > 1 || j.is_multiple_of(2) {
+                            &mut even[r]
+                        } else {
+                            &mut odd[r]
+                        };
+                        let q = x.q.as_ptr().add(256 * i + 32 * j);
+                        *acc = _mm256_fmadd_ps(sums::<$vnni>(u, q), scale, *acc);
+                    }
+                };
+                unsigned::k_bytes(blk, &mut f);
+            }
+            std::array::from_fn(|r| hsum8(_mm256_add_ps(even[r], odd[r])) - hsum8(off[r]))
+        }
+
+        /// A Q6_K row times each of `xs`: per 16-position subblock the integer sums scaled by
+        /// `a · dx`, less `32a · dx · Σq`.
+        #[target_feature(enable = $features)]
+        unsafe fn $q6_k_row<const M: usize>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
+            let mut even = [_mm256_setzero_ps(); M];
+            let mut odd = [_mm256_setzero_ps(); M];
+            let mut off = [_mm256_setzero_ps(); M];
+            let pairs = PAIRS.map(|p| _mm256_loadu_si256(p.as_ptr().cast()));
+            let thirty_two = _mm256_set1_ps(32.0);
+            for (i, blk) in bytes.chunks_exact(210).enumerate() {
+                prefetch_ahead(blk);
+                let blk: &[u8; 210] = blk.try_into().unwrap();
+                let s = unsigned::q6_k_scales(blk);
+                let b = s.map(|s| _mm256_mul_ps(thirty_two, s));
+                let mut sx = [[_mm256_setzero_ps(); 2]; M];
+                for (r, x) in xs.iter().enumerate() {
+                    for h in 0..2 {
+                        let at = 16 * i + 8 * h;
+                        let dsum = _mm256_loadu_ps(x.dsum16.as_ptr().add(at));
+                        off[r] = _mm256_fmadd_ps(b[h], dsum, off[r]);
+                        sx[r][h] = _mm256_mul_ps(s[h], _mm256_loadu_ps(x.d16.as_ptr().add(at)));
+                    }
+                }
+                unsigned::q6_k_bytes(blk, |j, u| {
+                    for (r, x) in xs.iter().enumerate() {
+                        let scale = _mm256_permutevar8x32_ps(sx[r][j / 4], pairs[j % 4]);
+                        let acc = if M > 1 || j.is_multiple_of(2) {
+                            &mut even[r]
+                        } else {
+                            &mut odd[r]
+                        };
+                        let q = x.q.as_ptr().add(256 * i + 32 * j);
+                        *acc = _mm256_fmadd_ps(sums::<$vnni>(u, q), scale, *acc);
+                    }
+                });
+            }
+            std::array::from_fn(|r| hsum8(_mm256_add_ps(even[r], odd[r])) - hsum8(off[r]))
+        }
+    };
 }
 
-/// A Q6_K row times each of `xs`: per 16-position subblock the integer sums scaled by
-/// `a · dx`, less `32a · dx · Σq`.
-#[inline(always)]
-unsafe fn q6_k_row<const M: usize, const VNNI: bool>(bytes: &[u8], xs: &[Row; M]) -> [f32; M] {
-    let mut even = [_mm256_setzero_ps(); M];
-    let mut odd = [_mm256_setzero_ps(); M];
-    let mut off = [_mm256_setzero_ps(); M];
-    let pairs = PAIRS.map(|p| _mm256_loadu_si256(p.as_ptr().cast()));
-    let thirty_two = _mm256_set1_ps(32.0);
-    for (i, blk) in bytes.chunks_exact(210).enumerate() {
-        prefetch_ahead(blk);
-        let blk: &[u8; 210] = blk.try_into().unwrap();
-        let s = unsigned::q6_k_scales(blk);
-        let b = s.map(|s| _mm256_mul_ps(thirty_two, s));
-        let mut sx = [[_mm256_setzero_ps(); 2]; M];
-        for (r, x) in xs.iter().enumerate() {
-            for h in 0..2 {
-                let at = 16 * i + 8 * h;
-                let dsum = _mm256_loadu_ps(x.dsum16.as_ptr().add(at));
-                off[r] = _mm256_fmadd_ps(b[h], dsum, off[r]);
-                sx[r][h] = _mm256_mul_ps(s[h], _mm256_loadu_ps(x.d16.as_ptr().add(at)));
-            }
-        }
-        unsigned::q6_k_bytes(blk, |j, u| {
-            for (r, x) in xs.iter().enumerate() {
-                let scale = _mm256_permutevar8x32_ps(sx[r][j / 4], pairs[j % 4]);
-                let acc = if M > 1 || j.is_multiple_of(2) {
-                    &mut even[r]
-                } else {
-                    &mut odd[r]
-                };
-                let q = x.q.as_ptr().add(256 * i + 32 * j);
-                *acc = _mm256_fmadd_ps(sums::<VNNI>(u, q), scale, *acc);
-            }
-        });
-    }
-    std::array::from_fn(|r| hsum8(_mm256_add_ps(even[r], odd[r])) - hsum8(off[r]))
-}
+row_kernels!("avx2,fma,f16c", false, rows_avx2, k_row_avx2, q6_k_row_avx2);
+row_kernels!(
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    true,
+    rows_vnni,
+    k_row_vnni,
+    q6_k_row_vnni
+);
 
 #[cfg(test)]
 mod tests {
