@@ -50,12 +50,22 @@ enum Cpu {
     Vnni,
 }
 
+/// AVX2, FMA and F16C: what either way of summing needs besides VNNI.
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// The formats the kernel multiplies.
+fn k_quant(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K)
+}
+
 fn cpu() -> Cpu {
     static CPU: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
     *CPU.get_or_init(|| {
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
+        let avx2 = has_avx2();
         let avx512 = is_x86_feature_detected!("avx512f");
         let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
         if avx2 && avx512 && vnni {
@@ -76,8 +86,7 @@ pub(in super::super) fn applies(w: &StoredMatrix) -> bool {
     // faster (AVX2, 1 sequence, interleaved rounds: SmolLM2 Q8_0 80 vs 69 tok/s, 1B-shaped
     // Q4_1 15 vs 11, SmolLM2 Q4_K_M's Q5_0 even), those of the K-quants slower (1B-shaped
     // Q4_K_M 12.9 exact vs 30.3 with this kernel).
-    let format = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
-    cpu() != Cpu::None && format && w.cols().is_multiple_of(QBLOCK)
+    cpu() != Cpu::None && k_quant(w.dtype()) && w.cols().is_multiple_of(QBLOCK)
 }
 
 /// Whether a one-row product over `w` takes this kernel: its int8 activations are on and the
@@ -219,13 +228,9 @@ unsafe fn dot_rows_on(
     ldy: usize,
 ) {
     let k = w.cols();
-    let format = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
-    assert!(format && k.is_multiple_of(QBLOCK) && o0 + n <= w.rows());
+    assert!(k_quant(w.dtype()) && k.is_multiple_of(QBLOCK) && o0 + n <= w.rows());
     assert!((1..=MAX_ROWS).contains(&xs.len()) && xs.iter().all(|x| x.q.len() == k));
-    let avx2 = is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c");
-    assert!(avx2 && (on == Cpu::Avx2 || (on == Cpu::Vnni && cpu() == Cpu::Vnni)));
+    assert!(has_avx2() && (on == Cpu::Avx2 || (on == Cpu::Vnni && cpu() == Cpu::Vnni)));
     macro_rules! rows {
         ($m:literal) => {{
             let xs: &[Row; $m] = xs.try_into().unwrap();
@@ -403,10 +408,7 @@ mod tests {
     /// taken.
     #[test]
     fn one_row_int8_products_are_the_rounded_input_times_the_weights() {
-        if !(is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c"))
-        {
+        if !has_avx2() {
             return;
         }
         // Each way of summing the CPU has (AVX2's everywhere, VNNI's where it is), whichever
@@ -419,7 +421,7 @@ mod tests {
         for dtype in FORMATS {
             let zeros = Tensor::zeros((1, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
             let w = StoredMatrix::quantize(&zeros, dtype).unwrap();
-            let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+            let k_quant = k_quant(dtype);
             assert_eq!(applies(&w), k_quant && cpu() != Cpu::None, "{dtype:?}");
             if !k_quant {
                 continue;
